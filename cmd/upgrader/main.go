@@ -1,0 +1,206 @@
+// Command upgrader holds a server's listening sockets and runs the server as
+// generations of workers that inherit them (sd_listen_fds(3)); kill -USR2
+// upgrades to what is on disk now with no refused connection and no failed
+// request. See README.md and docs/.
+package main
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"strings"
+	"time"
+
+	flag "github.com/spf13/pflag"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+
+	"github.com/seed6cb0314a/upgrader/internal/sockets"
+	"github.com/seed6cb0314a/upgrader/internal/spawn"
+	"github.com/seed6cb0314a/upgrader/supervise"
+)
+
+// version is set at build time with -ldflags "-X main.version=…".
+var version = "dev"
+
+// errUsage marks an error caused by the command line: exit status 2.
+var errUsage = errors.New("usage")
+
+func main() {
+	// A worker is started as a re-exec of this binary: become the command.
+	spawn.RunShimIfRequested()
+
+	args := os.Args[1:]
+	cmd := "run"
+	if len(args) > 0 {
+		switch args[0] {
+		case "run", "upgrade", "status", "version", "help":
+			cmd, args = args[0], args[1:]
+		}
+	}
+	var err error
+	switch cmd {
+	case "run":
+		err = run(args)
+	case "upgrade":
+		err = upgradeCmd(args)
+	case "status":
+		err = statusCmd(args)
+	case "version":
+		fmt.Println("upgrader", version)
+	case "help":
+		fmt.Print(usage)
+	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "upgrader:", strings.TrimPrefix(err.Error(), "usage: "))
+		if errors.Is(err, errUsage) {
+			os.Exit(2)
+		}
+		os.Exit(1)
+	}
+}
+
+const usage = `usage:
+  upgrader [run] [flags] -- COMMAND [ARG...]
+  upgrader upgrade [--pid-file PATH] [--timeout DUR]
+  upgrader version
+
+Run 'upgrader run --help' for the flags.
+`
+
+type runFlags struct {
+	listen        []string
+	workers       int
+	ready         string
+	readyTimeout  time.Duration
+	drainTimeout  time.Duration
+	drainSignal   string
+	shutdownDelay time.Duration
+	pidFile       string
+	maxRestarts   int
+	restartWindow time.Duration
+	logFormat     string
+	logLevel      string
+}
+
+func run(args []string) error {
+	var f runFlags
+	fs := flag.NewFlagSet("upgrader run", flag.ContinueOnError)
+	fs.SetInterspersed(false) // everything after COMMAND belongs to COMMAND
+	fs.StringArrayVarP(&f.listen, "listen", "l", nil, "listener `[NAME=]ADDR`: tcp://HOST:PORT, tcp4://, tcp6://, unix:///PATH, udp://HOST:PORT, unixgram:///PATH, or HOST:PORT (repeatable)")
+	fs.IntVarP(&f.workers, "workers", "w", 1, "workers per generation")
+	fs.StringVar(&f.ready, "ready", "notify", "readiness `MODE`: notify (READY=1 on NOTIFY_SOCKET), fd:N (newline on fd N), delay:DURATION")
+	fs.DurationVar(&f.readyTimeout, "ready-timeout", 60*time.Second, "fail an upgrade whose workers are not ready within this")
+	fs.DurationVar(&f.drainTimeout, "drain-timeout", 30*time.Second, "SIGKILL a draining worker after this")
+	fs.StringVar(&f.drainSignal, "drain-signal", "TERM", "signal that asks a worker to drain")
+	fs.DurationVar(&f.shutdownDelay, "shutdown-delay", 0, "on TERM/INT, report not-ready this long before draining")
+	fs.StringVar(&f.pidFile, "pid-file", "", "write the supervisor's pid to this file")
+	fs.IntVar(&f.maxRestarts, "max-restarts", 5, "crash restarts within --restart-window, with no ready worker left, before giving up")
+	fs.DurationVar(&f.restartWindow, "restart-window", 60*time.Second, "window for --max-restarts")
+	fs.StringVar(&f.logFormat, "log-format", "console", "log format: console or json")
+	fs.StringVar(&f.logLevel, "log-level", "info", "log level: debug, info, warn, error")
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return nil
+		}
+		return fmt.Errorf("%w: %v", errUsage, err)
+	}
+	command := fs.Args()
+	if len(command) == 0 {
+		return fmt.Errorf("%w: no COMMAND: upgrader [flags] -- COMMAND [ARG...]", errUsage)
+	}
+	// Fds we were started with (but for socket activation, adopted below
+	// with their own checks) must not leak into workers.
+	if err := spawn.CloseOnExecFrom(3); err != nil {
+		return err
+	}
+	log, err := newLogger(f.logFormat, f.logLevel)
+	if err != nil {
+		return fmt.Errorf("%w: %v", errUsage, err)
+	}
+	defer log.Sync()
+
+	cfg := supervise.Config{
+		Command:       command,
+		Workers:       f.workers,
+		ReadyTimeout:  f.readyTimeout,
+		DrainTimeout:  f.drainTimeout,
+		ShutdownDelay: f.shutdownDelay,
+		MaxRestarts:   f.maxRestarts,
+		RestartWindow: f.restartWindow,
+		RuntimeDir:    runtimeDir(),
+		Log:           log,
+	}
+	if f.workers < 1 {
+		return fmt.Errorf("%w: --workers %d: want at least 1", errUsage, f.workers)
+	}
+	if cfg.Ready, err = supervise.ParseReadyMode(f.ready); err != nil {
+		return fmt.Errorf("%w: %v", errUsage, err)
+	}
+	if cfg.DrainSignal, err = supervise.ParseSignal(f.drainSignal); err != nil {
+		return fmt.Errorf("%w: --drain-signal: %v", errUsage, err)
+	}
+	specs := make([]sockets.Spec, 0, len(f.listen))
+	for _, v := range f.listen {
+		spec, err := sockets.ParseSpec(v)
+		if err != nil {
+			return fmt.Errorf("%w: %v", errUsage, err)
+		}
+		specs = append(specs, spec)
+	}
+	for _, spec := range specs {
+		sock, err := sockets.Bind(spec)
+		if err != nil {
+			return err
+		}
+		defer sock.Close()
+		cfg.Sockets = append(cfg.Sockets, sock)
+		log.Info("listening", zap.String("name", spec.Name), zap.String("network", spec.Network), zap.String("address", sock.Addr()))
+	}
+	sup, err := supervise.New(cfg)
+	if err != nil {
+		return err
+	}
+	if f.pidFile != "" {
+		if err := os.WriteFile(f.pidFile, fmt.Appendf(nil, "%d\n", os.Getpid()), 0o644); err != nil {
+			return fmt.Errorf("--pid-file: %w", err)
+		}
+		defer os.Remove(f.pidFile)
+	}
+	return sup.Run()
+}
+
+// runtimeDir is where the notify socket goes: systemd's RuntimeDirectory=,
+// then the user's XDG_RUNTIME_DIR, then the temporary directory.
+func runtimeDir() string {
+	for _, k := range []string{"RUNTIME_DIRECTORY", "XDG_RUNTIME_DIR"} {
+		if d := os.Getenv(k); d != "" {
+			if fi, err := os.Stat(d); err == nil && fi.IsDir() {
+				return strings.SplitN(d, ":", 2)[0]
+			}
+		}
+	}
+	return os.TempDir()
+}
+
+func newLogger(format, level string) (*zap.Logger, error) {
+	lvl, err := zapcore.ParseLevel(level)
+	if err != nil {
+		return nil, fmt.Errorf("--log-level %q: want debug, info, warn or error", level)
+	}
+	var cfg zap.Config
+	switch format {
+	case "json":
+		cfg = zap.NewProductionConfig()
+	case "console":
+		cfg = zap.NewDevelopmentConfig()
+		cfg.DisableStacktrace = true
+		cfg.DisableCaller = true
+	default:
+		return nil, fmt.Errorf("--log-format %q: want json or console", format)
+	}
+	cfg.Level = zap.NewAtomicLevelAt(lvl)
+	cfg.Sampling = nil
+	cfg.OutputPaths, cfg.ErrorOutputPaths = []string{"stderr"}, []string{"stderr"}
+	return cfg.Build(zap.Fields(zap.Int("supervisor_pid", os.Getpid())))
+}

@@ -1,0 +1,71 @@
+// Command hello is the example worker: an HTTP server on inherit and drain.
+// Every response names the worker's pid and generation in its body and in
+// the X-Pid and X-Generation headers. ?sleep=DURATION holds the request that
+// long, so that a test can keep a request in flight across an upgrade.
+//
+// Under upgrader it serves the inherited listener; on its own it binds -addr.
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"io"
+	"log"
+	"net"
+	"net/http"
+	"os"
+	"strconv"
+	"time"
+
+	"github.com/seed6cb0314a/upgrader/drain"
+	"github.com/seed6cb0314a/upgrader/inherit"
+)
+
+func main() {
+	addr := flag.String("addr", "127.0.0.1:8080", "address to bind when no listener is inherited")
+	name := flag.String("listener", "", "name of the inherited listener to serve (default: every inherited stream listener)")
+	drainTimeout := flag.Duration("drain-timeout", 25*time.Second, "close what is left of the connections after this")
+	flag.Parse()
+	log.SetPrefix(fmt.Sprintf("hello[%d] ", os.Getpid()))
+
+	fds, err := inherit.New()
+	if err != nil {
+		log.Fatal(err)
+	}
+	var listeners []net.Listener
+	for {
+		l, err := fds.Listen(*name, "tcp", *addr)
+		if err != nil {
+			log.Fatal(err)
+		}
+		listeners = append(listeners, l)
+		// Without a name, serve every inherited stream listener; a fresh
+		// bind happens only once.
+		if *name != "" || len(listeners) >= fds.Inherited() {
+			break
+		}
+	}
+
+	pid, gen := strconv.Itoa(os.Getpid()), strconv.Itoa(inherit.Generation())
+	mux := http.NewServeMux()
+	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		io.Copy(io.Discard, r.Body)
+		if v := r.URL.Query().Get("sleep"); v != "" {
+			d, err := time.ParseDuration(v)
+			if err != nil {
+				http.Error(w, "sleep: "+err.Error(), http.StatusBadRequest)
+				return
+			}
+			time.Sleep(d)
+		}
+		w.Header().Set("X-Pid", pid)
+		w.Header().Set("X-Generation", gen)
+		fmt.Fprintf(w, "hello from pid %s generation %s\n", pid, gen)
+	})
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	err = drain.Serve(context.Background(), srv, listeners, drain.Options{Timeout: *drainTimeout})
+	if err != nil {
+		log.Fatal(err)
+	}
+}

@@ -1,0 +1,109 @@
+package sdnotify
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"os"
+
+	"golang.org/x/sys/unix"
+)
+
+// maxFDsPerMessage bounds the SCM_RIGHTS fds read from one datagram; it is the
+// kernel's SCM_MAX_FD.
+const maxFDsPerMessage = 253
+
+// Server is the receiving end of $NOTIFY_SOCKET: a SOCK_DGRAM Unix socket
+// with SO_PASSCRED set, so that every datagram carries its sender's
+// credentials (unix(7), SCM_CREDENTIALS).
+type Server struct {
+	conn *net.UnixConn
+	path string
+}
+
+// Datagram is one message received by a Server.
+type Datagram struct {
+	// Pid, UID and GID of the sender, as the kernel vouches for them; Pid is
+	// -1 when no credentials came with the datagram.
+	Pid int
+	UID uint32
+	GID uint32
+	// Message is the parsed payload; nil when Err is set.
+	Message Message
+	// Err is the parse error of a malformed payload.
+	Err error
+	// Files are the fds that came with the datagram (FDSTORE=1). The caller
+	// owns them and must close those it does not keep.
+	Files []*os.File
+}
+
+// Listen creates a notify socket bound to path, a filesystem path that must
+// not exist yet. Access is governed by the directory that holds it.
+func Listen(path string) (*Server, error) {
+	conn, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: path, Net: "unixgram"})
+	if err != nil {
+		return nil, fmt.Errorf("notify socket %s: %w", path, err)
+	}
+	rc, err := conn.SyscallConn()
+	if err == nil {
+		cerr := rc.Control(func(fd uintptr) {
+			err = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_PASSCRED, 1)
+			// Generous receive buffer: many workers send READY=1 at once.
+			_ = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUF, 1<<20)
+		})
+		if err == nil {
+			err = cerr
+		}
+	}
+	if err != nil {
+		conn.Close()
+		return nil, fmt.Errorf("notify socket %s: SO_PASSCRED: %w", path, err)
+	}
+	return &Server{conn: conn, path: path}, nil
+}
+
+// Path is the address to put in NOTIFY_SOCKET.
+func (s *Server) Path() string { return s.path }
+
+// Recv blocks until a datagram arrives. A malformed payload is returned as a
+// Datagram with Err set, not as an error, so that the caller can name the
+// sender. The error is non-nil only when the socket fails or was closed
+// (then it wraps net.ErrClosed).
+func (s *Server) Recv() (Datagram, error) {
+	buf := make([]byte, MaxMessageSize+1)
+	oob := make([]byte, unix.CmsgSpace(unix.SizeofUcred)+unix.CmsgSpace(4*maxFDsPerMessage))
+	n, oobn, flags, _, err := s.conn.ReadMsgUnix(buf, oob)
+	if err != nil {
+		return Datagram{}, fmt.Errorf("notify socket %s: %w", s.path, err)
+	}
+	d := Datagram{Pid: -1}
+	if cmsgs, err := unix.ParseSocketControlMessage(oob[:oobn]); err == nil {
+		for _, c := range cmsgs {
+			if cred, err := unix.ParseUnixCredentials(&c); err == nil {
+				d.Pid, d.UID, d.GID = int(cred.Pid), cred.Uid, cred.Gid
+			} else if fds, err := unix.ParseUnixRights(&c); err == nil {
+				for _, fd := range fds {
+					unix.CloseOnExec(fd)
+					d.Files = append(d.Files, os.NewFile(uintptr(fd), "fdstore"))
+				}
+			}
+		}
+	}
+	switch {
+	case flags&unix.MSG_TRUNC != 0 || n > MaxMessageSize:
+		d.Err = fmt.Errorf("notify message larger than %d bytes", MaxMessageSize)
+	case flags&unix.MSG_CTRUNC != 0:
+		d.Err = errors.New("notify message carried more fds than accepted")
+	default:
+		d.Message, d.Err = Parse(buf[:n])
+	}
+	return d, nil
+}
+
+// Close closes the socket, which makes a blocked Recv return, and removes
+// its file.
+func (s *Server) Close() error {
+	err := s.conn.Close()
+	os.Remove(s.path) // unixgram sockets, unlike listeners, are not unlinked by net
+	return err
+}

@@ -1,0 +1,169 @@
+package sockets
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+)
+
+// Socket is a listener held by the supervisor as a plain fd: close-on-exec,
+// non-blocking, and never accepted from. Workers get it dup2'ed to fd 3+i.
+type Socket struct {
+	Spec Spec
+	// FD is the supervisor's copy. It stays open for the supervisor's life.
+	FD int
+	// unlink is the filesystem path to remove on Close (Unix sockets we bound).
+	unlink string
+}
+
+// Bind creates the listener for spec. A Unix socket path that exists but has
+// no listener behind it (left by a crash) is replaced; one that answers is an
+// error, as is a TCP or UDP address in use. Errors name the address.
+func Bind(spec Spec) (*Socket, error) {
+	var lc net.ListenConfig
+	ctx := context.Background()
+	if spec.Network == "unix" || spec.Network == "unixgram" {
+		if err := removeStale(spec); err != nil {
+			return nil, err
+		}
+	}
+	var sc syscall.Conn
+	var closer interface{ Close() error }
+	if spec.Stream() {
+		l, err := lc.Listen(ctx, spec.Network, spec.Address)
+		if err != nil {
+			return nil, fmt.Errorf("listen on %s: %w", spec, err)
+		}
+		if ul, ok := l.(*net.UnixListener); ok {
+			ul.SetUnlinkOnClose(false) // the supervisor's dup lives on
+		}
+		sc, closer = l.(syscall.Conn), l
+	} else {
+		pc, err := lc.ListenPacket(ctx, spec.Network, spec.Address)
+		if err != nil {
+			return nil, fmt.Errorf("listen on %s: %w", spec, err)
+		}
+		sc, closer = pc.(syscall.Conn), pc
+	}
+	defer closer.Close()
+	fd, err := dupFD(sc)
+	if err != nil {
+		return nil, fmt.Errorf("listen on %s: %w", spec, err)
+	}
+	s := &Socket{Spec: spec, FD: fd}
+	if (spec.Network == "unix" || spec.Network == "unixgram") && spec.Address[0] == '/' {
+		s.unlink = spec.Address
+	}
+	return s, nil
+}
+
+// dupFD returns a close-on-exec duplicate of c's fd, taken through
+// SyscallConn so that the original stays in non-blocking mode ((*os.File).Fd
+// would switch the shared file description to blocking).
+func dupFD(c syscall.Conn) (int, error) {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return -1, err
+	}
+	nfd := -1
+	var derr error
+	if err := rc.Control(func(fd uintptr) {
+		nfd, derr = unix.FcntlInt(fd, unix.F_DUPFD_CLOEXEC, 0)
+	}); err != nil {
+		return -1, err
+	}
+	if derr != nil {
+		return -1, fmt.Errorf("F_DUPFD_CLOEXEC: %w", derr)
+	}
+	return nfd, nil
+}
+
+// Adopt wraps an fd received from outside (systemd's LISTEN_FDS) as a Socket
+// named name, after checking that it is a socket; it is made close-on-exec and
+// non-blocking. The error names the fd.
+func Adopt(fd int, name string) (*Socket, error) {
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		return nil, fmt.Errorf("inherited fd %d (%s): %w", fd, name, err)
+	}
+	if st.Mode&unix.S_IFMT != unix.S_IFSOCK {
+		return nil, fmt.Errorf("inherited fd %d (%s) is not a socket", fd, name)
+	}
+	unix.CloseOnExec(fd)
+	if err := unix.SetNonblock(fd, true); err != nil {
+		return nil, fmt.Errorf("inherited fd %d (%s): %w", fd, name, err)
+	}
+	spec := Spec{Name: name}
+	if sa, err := unix.Getsockname(fd); err == nil {
+		typ, _ := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_TYPE)
+		spec.Network, spec.Address = describe(sa, typ)
+	}
+	return &Socket{Spec: spec, FD: fd}, nil
+}
+
+func describe(sa unix.Sockaddr, typ int) (network, address string) {
+	dgram := typ == unix.SOCK_DGRAM
+	switch a := sa.(type) {
+	case *unix.SockaddrInet4:
+		network = map[bool]string{false: "tcp4", true: "udp4"}[dgram]
+		address = net.JoinHostPort(net.IP(a.Addr[:]).String(), fmt.Sprint(a.Port))
+	case *unix.SockaddrInet6:
+		network = map[bool]string{false: "tcp6", true: "udp6"}[dgram]
+		address = net.JoinHostPort(net.IP(a.Addr[:]).String(), fmt.Sprint(a.Port))
+	case *unix.SockaddrUnix:
+		network = map[bool]string{false: "unix", true: "unixgram"}[dgram]
+		address = a.Name
+	}
+	return network, address
+}
+
+// Addr is the address the socket is bound to now (useful after port 0).
+func (s *Socket) Addr() string {
+	sa, err := unix.Getsockname(s.FD)
+	if err != nil {
+		return s.Spec.Address
+	}
+	_, a := describe(sa, 0)
+	return a
+}
+
+// Close closes the supervisor's copy and removes a Unix socket file it bound.
+func (s *Socket) Close() error {
+	err := unix.Close(s.FD)
+	if s.unlink != "" {
+		os.Remove(s.unlink)
+	}
+	return err
+}
+
+func removeStale(spec Spec) error {
+	p := spec.Address
+	if p[0] != '/' {
+		return nil
+	}
+	fi, err := os.Lstat(p)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("listen on %s: %w", spec, err)
+	}
+	if fi.Mode()&os.ModeSocket == 0 {
+		return fmt.Errorf("listen on %s: %s exists and is not a socket", spec, p)
+	}
+	if spec.Network == "unix" {
+		if c, err := net.Dial("unix", p); err == nil {
+			c.Close()
+			return fmt.Errorf("listen on %s: address already in use: a server answers there", spec)
+		}
+	}
+	if err := os.Remove(p); err != nil {
+		return fmt.Errorf("listen on %s: removing stale socket: %w", spec, err)
+	}
+	return nil
+}

@@ -1,0 +1,151 @@
+// Package spawn starts worker processes the way socket activation requires.
+//
+// Go cannot run code between fork and exec, yet LISTEN_PID must be the
+// worker's own pid (sd_listen_fds(3)). So a worker is started as a re-exec of
+// the supervisor's own binary in "shim" mode: the shim, now running as the
+// worker's pid, sets LISTEN_PID (and WATCHDOG_PID) to os.Getpid() and execve()s
+// the real command in place. The binary's main must call RunShimIfRequested
+// first thing.
+//
+// Processes are forked from one goroutine locked to its OS thread for the
+// life of the process, because PR_SET_PDEATHSIG fires when the forking thread
+// exits, not the process.
+package spawn
+
+import (
+	"fmt"
+	"os"
+	"runtime"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+)
+
+// shimArg is argv[1] of a shim; argv[2] is the resolved path to exec and
+// argv[3:] the command's argv.
+const shimArg = "__upgrader-exec-shim"
+
+// pidVars are set to the shim's pid, when present, before exec.
+var pidVars = [...]string{"LISTEN_PID", "WATCHDOG_PID"}
+
+// RunShimIfRequested turns the process into the requested command when it was
+// started as a shim, and returns otherwise. On exec failure it prints the
+// reason to stderr and exits 127, as a shell does for a missing command.
+func RunShimIfRequested() {
+	if len(os.Args) < 4 || os.Args[1] != shimArg {
+		return
+	}
+	path, argv := os.Args[2], os.Args[3:]
+	env := os.Environ()
+	pid := fmt.Sprint(os.Getpid())
+	for i, kv := range env {
+		for _, k := range pidVars {
+			if len(kv) > len(k) && kv[:len(k)+1] == k+"=" {
+				env[i] = k + "=" + pid
+			}
+		}
+	}
+	err := unix.Exec(path, argv, env)
+	fmt.Fprintf(os.Stderr, "upgrader: exec %s: %v\n", path, err)
+	os.Exit(127)
+}
+
+// Spec describes one process to start.
+type Spec struct {
+	// Path is the resolved executable, Args its argv (Args[0] included).
+	Path string
+	Args []string
+	// Env is the complete environment. LISTEN_PID and WATCHDOG_PID, if
+	// present, are replaced by the process's own pid.
+	Env []string
+	// Files are the fds of the child: Files[i] becomes fd i. -1 leaves the
+	// slot closed. Every other fd is close-on-exec and does not leak.
+	Files []int
+	// Pdeathsig is sent to the child if the supervisor dies (0: none).
+	Pdeathsig syscall.Signal
+}
+
+// Spawner forks processes from one locked OS thread.
+type Spawner struct {
+	self string
+	reqs chan request
+}
+
+type request struct {
+	spec  Spec
+	reply chan result
+}
+
+type result struct {
+	pid int
+	err error
+}
+
+// NewSpawner starts the forking goroutine. self is the supervisor's own
+// executable; "/proc/self/exe" works even after the file was replaced.
+func NewSpawner(self string) *Spawner {
+	s := &Spawner{self: self, reqs: make(chan request)}
+	go s.loop()
+	return s
+}
+
+func (s *Spawner) loop() {
+	// Never unlocked: the thread must outlive every child it forks.
+	runtime.LockOSThread()
+	for r := range s.reqs {
+		pid, err := s.start(r.spec)
+		r.reply <- result{pid, err}
+	}
+}
+
+// Start starts spec through the shim and returns the child's pid. The error
+// names the command.
+func (s *Spawner) Start(spec Spec) (int, error) {
+	reply := make(chan result, 1)
+	s.reqs <- request{spec, reply}
+	r := <-reply
+	return r.pid, r.err
+}
+
+func (s *Spawner) start(spec Spec) (int, error) {
+	files := make([]uintptr, len(spec.Files))
+	for i, fd := range spec.Files {
+		files[i] = uintptr(fd) // -1 becomes ^uintptr(0): syscall closes that slot
+	}
+	argv := append([]string{s.self, shimArg, spec.Path}, spec.Args...)
+	pid, _, err := syscall.StartProcess(s.self, argv, &syscall.ProcAttr{
+		Env:   spec.Env,
+		Files: files,
+		Sys: &syscall.SysProcAttr{
+			// Own process group: a terminal's Ctrl-C reaches the supervisor
+			// only, which then drains the workers in order.
+			Setpgid:   true,
+			Pdeathsig: spec.Pdeathsig,
+		},
+	})
+	if err != nil {
+		return 0, fmt.Errorf("start %s: %w", spec.Path, err)
+	}
+	return pid, nil
+}
+
+// CloseOnExecFrom marks every fd ≥ lowfd close-on-exec, so that fds the
+// supervisor inherited by accident (a shell's, a test runner's) never reach a
+// worker. It uses close_range(2) with CLOSE_RANGE_CLOEXEC, and walks
+// /proc/self/fd on kernels older than 5.11.
+func CloseOnExecFrom(lowfd int) error {
+	if err := unix.CloseRange(uint(lowfd), ^uint(0), unix.CLOSE_RANGE_CLOEXEC); err == nil {
+		return nil
+	}
+	ents, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		return fmt.Errorf("close-on-exec: %w", err)
+	}
+	for _, e := range ents {
+		var fd int
+		if _, err := fmt.Sscan(e.Name(), &fd); err == nil && fd >= lowfd {
+			unix.CloseOnExec(fd)
+		}
+	}
+	return nil
+}

@@ -1,0 +1,158 @@
+// Package supervise runs a server's processes as generations of workers that
+// inherit the supervisor's listeners through socket activation
+// (sd_listen_fds(3)), upgrades them generation by generation, and replaces
+// crashed workers.
+//
+// One goroutine, Supervisor.Run, owns all generation and worker state and
+// loops over a channel of events (signals, child exits, sd_notify messages,
+// timers, control requests), as cloudflare/tableflip's upgrader does; no
+// lock guards that state. OS calls go through the env interface so that the
+// state machine is tested in-process as well as end to end.
+package supervise
+
+import (
+	"fmt"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"go.uber.org/zap"
+	"golang.org/x/sys/unix"
+
+	"github.com/seed6cb0314a/upgrader/internal/sockets"
+)
+
+// ReadyMode is how a worker says it is ready (--ready).
+type ReadyMode struct {
+	// Kind is "notify" (READY=1 on NOTIFY_SOCKET, sd_notify(3)), "fd" (the
+	// worker writes a newline to fd FD, as s6 does) or "delay" (alive for
+	// Delay counts as ready, as Server::Starter does).
+	Kind  string
+	FD    int
+	Delay time.Duration
+}
+
+func (m ReadyMode) String() string {
+	switch m.Kind {
+	case "fd":
+		return "fd:" + strconv.Itoa(m.FD)
+	case "delay":
+		return "delay:" + m.Delay.String()
+	}
+	return m.Kind
+}
+
+// ParseReadyMode parses a --ready value: notify, fd:N (N ≥ 3) or
+// delay:DURATION (a time.ParseDuration string, > 0).
+func ParseReadyMode(v string) (ReadyMode, error) {
+	kind, arg, _ := strings.Cut(v, ":")
+	switch kind {
+	case "notify":
+		if arg == "" {
+			return ReadyMode{Kind: "notify"}, nil
+		}
+	case "fd":
+		n, err := strconv.Atoi(arg)
+		if err != nil || n < 3 || n > 1023 {
+			return ReadyMode{}, fmt.Errorf("--ready %q: fd:N needs N from 3 to 1023 (0-2 are stdio)", v)
+		}
+		return ReadyMode{Kind: "fd", FD: n}, nil
+	case "delay":
+		d, err := time.ParseDuration(arg)
+		if err != nil || d <= 0 {
+			return ReadyMode{}, fmt.Errorf("--ready %q: delay:DURATION needs a positive duration such as 500ms", v)
+		}
+		return ReadyMode{Kind: "delay", Delay: d}, nil
+	}
+	return ReadyMode{}, fmt.Errorf("--ready %q: want notify, fd:N or delay:DURATION", v)
+}
+
+// ParseSignal parses a signal name with or without "SIG" (TERM, SIGQUIT) or
+// a number. The error names the value.
+func ParseSignal(v string) (syscall.Signal, error) {
+	if n, err := strconv.Atoi(v); err == nil && n > 0 && n < 65 {
+		return syscall.Signal(n), nil
+	}
+	name := strings.ToUpper(v)
+	if !strings.HasPrefix(name, "SIG") {
+		name = "SIG" + name
+	}
+	if s := unix.SignalNum(name); s != 0 {
+		return s, nil
+	}
+	return 0, fmt.Errorf("signal %q: not a signal name (TERM, QUIT, INT, …) or number", v)
+}
+
+// Config is what a Supervisor runs.
+type Config struct {
+	// Command is the worker's argv; Command[0] is looked up in PATH again at
+	// every generation, so that an upgrade runs what is on disk now.
+	Command []string
+	// Workers per generation (≥ 1).
+	Workers int
+	Ready   ReadyMode
+	// ReadyTimeout bounds the wait for a new worker to be ready.
+	ReadyTimeout time.Duration
+	// DrainTimeout is how long a draining worker has before SIGKILL.
+	DrainTimeout time.Duration
+	// DrainSignal asks a worker to drain (SIGTERM by default).
+	DrainSignal syscall.Signal
+	// ShutdownDelay is how long a graceful stop reports not-ready before
+	// any worker is asked to drain.
+	ShutdownDelay time.Duration
+	// MaxRestarts crash restarts within RestartWindow, with no ready worker
+	// left, make the supervisor give up.
+	MaxRestarts   int
+	RestartWindow time.Duration
+	// MaxDraining is how many generations may drain at once; beyond it the
+	// oldest is killed (0: 4).
+	MaxDraining int
+	// Sockets are passed to every worker as fds 3, 4, … in this order.
+	Sockets []*sockets.Socket
+	// RuntimeDir holds the notify socket (a private directory is made in it).
+	RuntimeDir string
+	Log        *zap.Logger
+}
+
+func (c *Config) setDefaults() {
+	if c.Workers < 1 {
+		c.Workers = 1
+	}
+	if c.Ready.Kind == "" {
+		c.Ready.Kind = "notify"
+	}
+	if c.ReadyTimeout <= 0 {
+		c.ReadyTimeout = 60 * time.Second
+	}
+	if c.DrainTimeout <= 0 {
+		c.DrainTimeout = 30 * time.Second
+	}
+	if c.DrainSignal == 0 {
+		c.DrainSignal = syscall.SIGTERM
+	}
+	if c.MaxRestarts <= 0 {
+		c.MaxRestarts = 5
+	}
+	if c.RestartWindow <= 0 {
+		c.RestartWindow = 60 * time.Second
+	}
+	if c.MaxDraining <= 0 {
+		c.MaxDraining = 4
+	}
+	if c.Log == nil {
+		c.Log = zap.NewNop()
+	}
+}
+
+// validate checks what a bad flag combination would break at run time.
+func (c *Config) validate() error {
+	if len(c.Command) == 0 {
+		return fmt.Errorf("no COMMAND given after --")
+	}
+	if c.Ready.Kind == "fd" && c.Ready.FD < 3+len(c.Sockets) {
+		return fmt.Errorf("--ready fd:%d collides with the listeners at fds 3 to %d; pick fd:%d or higher",
+			c.Ready.FD, 2+len(c.Sockets), 3+len(c.Sockets))
+	}
+	return nil
+}

@@ -1,0 +1,175 @@
+package supervise
+
+import (
+	"bufio"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"syscall"
+
+	"github.com/coreos/go-systemd/v22/daemon"
+	"golang.org/x/sys/unix"
+
+	"github.com/seed6cb0314a/upgrader/internal/sdnotify"
+	"github.com/seed6cb0314a/upgrader/internal/spawn"
+)
+
+// env is the supervisor's window on the operating system. Its methods are
+// called from the loop goroutine only; the event sources it starts post into
+// the loop with post.
+type env interface {
+	// sources starts the OS event sources (signals, child exits, the notify
+	// socket in dir) and returns the NOTIFY_SOCKET path for workers.
+	sources(dir string, post func(event)) (notifyPath string, err error)
+	// lookPath resolves the command, as exec.LookPath.
+	lookPath(file string) (string, error)
+	// start starts a worker. When readyFD ≥ 0 the worker gets the write end
+	// of a pipe at that fd, and ready(pid) is called (from another goroutine)
+	// when it writes a newline.
+	start(spec spawn.Spec, readyFD int, ready func(pid int)) (pid int, err error)
+	kill(pid int, sig syscall.Signal) error
+	// notifyManager sends state to our own service manager (sd_notify(3));
+	// a no-op when not run by one.
+	notifyManager(state string)
+	close()
+}
+
+// osEnv is the real env.
+type osEnv struct {
+	spawner *spawn.Spawner
+	devnull *os.File
+	sigs    chan os.Signal
+	notify  *sdnotify.Server
+	dir     string
+}
+
+func newOSEnv() (*osEnv, error) {
+	devnull, err := os.Open(os.DevNull)
+	if err != nil {
+		return nil, err
+	}
+	// Orphans of our workers (daemonising grandchildren) are reparented to
+	// us and reaped, instead of to init.
+	_ = unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+	return &osEnv{spawner: spawn.NewSpawner("/proc/self/exe"), devnull: devnull}, nil
+}
+
+func (e *osEnv) sources(dir string, post func(event)) (string, error) {
+	d, err := os.MkdirTemp(dir, fmt.Sprintf("upgrader-%d-", os.Getpid()))
+	if err != nil {
+		return "", fmt.Errorf("runtime directory %s: %w", dir, err)
+	}
+	e.dir = d
+	ns, err := sdnotify.Listen(filepath.Join(d, "notify.sock"))
+	if err != nil {
+		os.RemoveAll(d)
+		return "", err
+	}
+	e.notify = ns
+	go func() {
+		for {
+			dg, err := ns.Recv()
+			if err != nil {
+				return // closed
+			}
+			post(evNotify{dg})
+		}
+	}()
+
+	e.sigs = make(chan os.Signal, 16)
+	signal.Notify(e.sigs, unix.SIGCHLD, unix.SIGUSR1, unix.SIGUSR2, unix.SIGHUP,
+		unix.SIGTERM, unix.SIGINT, unix.SIGQUIT)
+	go func() {
+		for sig := range e.sigs {
+			if sig == unix.SIGCHLD {
+				reap(post)
+				continue
+			}
+			post(evSignal{sig.(syscall.Signal)})
+		}
+	}()
+	return ns.Path(), nil
+}
+
+// reap collects every exited child without blocking, so no zombie stays.
+func reap(post func(event)) {
+	for {
+		var ws unix.WaitStatus
+		pid, err := unix.Wait4(-1, &ws, unix.WNOHANG, nil)
+		if errors.Is(err, unix.EINTR) {
+			continue
+		}
+		if pid <= 0 || err != nil {
+			return
+		}
+		post(evExit{pid: pid, status: ws})
+	}
+}
+
+func (e *osEnv) lookPath(file string) (string, error) {
+	p, err := exec.LookPath(file)
+	if err != nil {
+		return "", fmt.Errorf("COMMAND %q: %w", file, err)
+	}
+	return filepath.Abs(p)
+}
+
+func (e *osEnv) start(spec spawn.Spec, readyFD int, ready func(int)) (int, error) {
+	spec.Files[0] = int(e.devnull.Fd())
+	var r, w *os.File
+	if readyFD >= 0 {
+		var err error
+		if r, w, err = os.Pipe(); err != nil {
+			return 0, fmt.Errorf("ready pipe: %w", err)
+		}
+		for len(spec.Files) <= readyFD {
+			spec.Files = append(spec.Files, -1)
+		}
+		spec.Files[readyFD] = int(w.Fd())
+	}
+	pid, err := e.spawner.Start(spec)
+	if w != nil {
+		w.Close()
+	}
+	if err != nil {
+		if r != nil {
+			r.Close()
+		}
+		return 0, err
+	}
+	if r != nil {
+		go func() {
+			defer r.Close()
+			// s6 readiness: a newline written to the fd. EOF first means
+			// the worker closed it (or died) without saying so.
+			if _, err := bufio.NewReader(r).ReadString('\n'); err == nil {
+				ready(pid)
+			}
+		}()
+	}
+	return pid, nil
+}
+
+func (e *osEnv) kill(pid int, sig syscall.Signal) error {
+	return unix.Kill(pid, sig)
+}
+
+func (e *osEnv) notifyManager(state string) {
+	_, _ = daemon.SdNotify(false, state)
+}
+
+func (e *osEnv) close() {
+	if e.sigs != nil {
+		signal.Stop(e.sigs)
+	}
+	if e.notify != nil {
+		e.notify.Close()
+	}
+	if e.dir != "" {
+		os.RemoveAll(e.dir)
+	}
+	e.devnull.Close()
+}

@@ -1,0 +1,98 @@
+package supervise
+
+import (
+	"fmt"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// WorkerState is where a worker is in its life. Transitions:
+// starting → ready → draining → exited; starting → draining (failed or
+// stopped generation); any → exited.
+type WorkerState string
+
+const (
+	WorkerStarting WorkerState = "starting"
+	WorkerReady    WorkerState = "ready"
+	WorkerDraining WorkerState = "draining"
+	WorkerExited   WorkerState = "exited"
+)
+
+// GenerationState is where a generation is. Transitions: starting → active
+// (all workers ready) → draining (a newer one became active, or stop) →
+// exited; starting → failed (a worker exited or timed out before ready) →
+// exited.
+type GenerationState string
+
+const (
+	GenStarting GenerationState = "starting"
+	GenActive   GenerationState = "active"
+	GenDraining GenerationState = "draining"
+	GenFailed   GenerationState = "failed"
+	GenExited   GenerationState = "exited"
+)
+
+type worker struct {
+	gen       *generation
+	slot      int
+	pid       int
+	state     WorkerState
+	started   time.Time
+	readyAt   time.Time
+	status    string // last STATUS= line
+	asked     bool   // we asked it to stop: its exit is not a crash
+	stopTimer func() bool
+	readyStop func() bool
+}
+
+type generation struct {
+	n       int
+	state   GenerationState
+	started time.Time
+	readyAt time.Time
+	// slots holds the worker serving each slot; nil while a crashed
+	// worker's replacement waits out its backoff.
+	slots []*worker
+	// live is every process of this generation still running, including
+	// workers that left their slot (self-stopped, replaced).
+	live     map[*worker]struct{}
+	failures []int // consecutive crash count per slot, for the backoff
+	restarts int
+	reason   string // why it failed
+}
+
+func (g *generation) allReady() bool {
+	for _, w := range g.slots {
+		if w == nil || w.state != WorkerReady {
+			return false
+		}
+	}
+	return true
+}
+
+func (g *generation) readyCount() int {
+	n := 0
+	for _, w := range g.slots {
+		if w != nil && w.state == WorkerReady {
+			n++
+		}
+	}
+	return n
+}
+
+// describeExit renders a wait status as "exited with status 1" or "killed by
+// signal KILL".
+func describeExit(ws unix.WaitStatus) string {
+	switch {
+	case ws.Exited():
+		return fmt.Sprintf("exited with status %d", ws.ExitStatus())
+	case ws.Signaled():
+		name := unix.SignalName(ws.Signal())
+		if name == "" {
+			name = fmt.Sprint(int(ws.Signal()))
+		}
+		return "killed by signal " + name
+	}
+	return fmt.Sprintf("ended with wait status %#x", uint32(ws))
+}

@@ -1,0 +1,646 @@
+package supervise
+
+import (
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"go.uber.org/zap"
+	"golang.org/x/sys/unix"
+
+	"github.com/seed6cb0314a/upgrader/internal/sdnotify"
+	"github.com/seed6cb0314a/upgrader/internal/spawn"
+)
+
+// Events the loop consumes. Only the loop goroutine reads or writes the
+// supervisor's state; everything else talks to it through these.
+type event interface{}
+
+type (
+	evSignal struct{ sig syscall.Signal }
+	evExit   struct {
+		pid    int
+		status unix.WaitStatus
+	}
+	evNotify struct{ dg sdnotify.Datagram }
+	evReady  struct {
+		pid int
+		w   *worker
+	} // w is nil when it came by pid (fd readiness)
+	evReadyTimeout struct{ w *worker }
+	evDrainTimeout struct{ w *worker }
+	evRestart      struct {
+		g    *generation
+		slot int
+	}
+	evShutdown struct{} // --shutdown-delay is over
+	evFunc     struct{ f func() }
+)
+
+// Backoff for crash restarts: base·2^k with ±20% jitter, capped; reset after
+// a worker stayed up for stableAfter.
+const (
+	backoffBase = 100 * time.Millisecond
+	backoffMax  = 10 * time.Second
+	stableAfter = 10 * time.Second
+)
+
+// Supervisor runs generations of workers. Create it with New, then call Run.
+type Supervisor struct {
+	cfg    Config
+	env    env
+	log    *zap.Logger
+	events chan event
+	done   chan struct{}
+
+	// State below is owned by the Run goroutine.
+	notifyPath string
+	baseEnv    []string
+	nextGen    int
+	current    *generation   // the active generation, serving
+	pending    *generation   // the generation an upgrade is starting
+	gens       []*generation // every generation with live processes, oldest first
+	workers    map[int]*worker
+	queued     bool // one more upgrade asked for during this one
+	restarts   []time.Time
+	stopping   bool
+	stopErr    error
+	hooks      Hooks
+	lastUp     UpgradeResult
+}
+
+// Hooks are called from the loop goroutine on state transitions, as
+// net/http's ConnState is; they must not block.
+type Hooks struct {
+	// Upgrade is called when an upgrade ends, with its result.
+	Upgrade func(UpgradeResult)
+}
+
+// UpgradeResult describes one finished upgrade.
+type UpgradeResult struct {
+	Generation int
+	OK         bool
+	Reason     string // why it failed
+	Started    time.Time
+	// ReadyAfter is from the start of the new generation until all its
+	// workers were ready.
+	ReadyAfter time.Duration
+}
+
+// New checks cfg and returns a Supervisor that runs it on the real OS.
+func New(cfg Config) (*Supervisor, error) {
+	e, err := newOSEnv()
+	if err != nil {
+		return nil, err
+	}
+	return newSupervisor(cfg, e)
+}
+
+func newSupervisor(cfg Config, e env) (*Supervisor, error) {
+	cfg.setDefaults()
+	if err := cfg.validate(); err != nil {
+		return nil, err
+	}
+	if _, err := e.lookPath(cfg.Command[0]); err != nil {
+		return nil, err
+	}
+	return &Supervisor{
+		cfg:     cfg,
+		env:     e,
+		log:     cfg.Log,
+		events:  make(chan event, 256),
+		done:    make(chan struct{}),
+		workers: make(map[int]*worker),
+		baseEnv: workerBaseEnv(os.Environ()),
+	}, nil
+}
+
+// SetHooks installs hooks; call it before Run.
+func (s *Supervisor) SetHooks(h Hooks) { s.hooks = h }
+
+// post hands an event to the loop. It never blocks once the loop is gone.
+func (s *Supervisor) post(ev event) {
+	select {
+	case s.events <- ev:
+	case <-s.done:
+	}
+}
+
+// Run starts generation 1 and supervises until a stop: it returns nil after
+// a graceful or fast stop, and an error when generation 1 fails or the
+// supervisor gives up on crashing workers. Every child has been reaped when
+// it returns.
+func (s *Supervisor) Run() error {
+	defer close(s.done)
+	defer s.env.close()
+	dir := s.cfg.RuntimeDir
+	if dir == "" {
+		dir = os.TempDir()
+	}
+	path, err := s.env.sources(dir, s.post)
+	if err != nil {
+		return err
+	}
+	s.notifyPath = path
+	s.startGeneration()
+	for !(s.stopping && len(s.workers) == 0) {
+		s.handle(<-s.events)
+	}
+	s.env.notifyManager("STOPPING=1")
+	return s.stopErr
+}
+
+func (s *Supervisor) handle(ev event) {
+	switch ev := ev.(type) {
+	case evSignal:
+		s.onSignal(ev.sig)
+	case evExit:
+		s.onExit(ev.pid, ev.status)
+	case evNotify:
+		s.onNotify(ev.dg)
+	case evReady:
+		w := ev.w
+		if w == nil {
+			w = s.workers[ev.pid]
+		}
+		if w != nil && s.workers[w.pid] == w {
+			s.onReady(w)
+		}
+	case evReadyTimeout:
+		s.onReadyTimeout(ev.w)
+	case evDrainTimeout:
+		if s.workers[ev.w.pid] == ev.w {
+			s.log.Warn("worker did not drain in time, killing it",
+				zap.Int("generation", ev.w.gen.n), zap.Int("pid", ev.w.pid),
+				zap.Duration("drain_timeout", s.cfg.DrainTimeout))
+			s.env.kill(ev.w.pid, unix.SIGKILL)
+		}
+	case evRestart:
+		if ev.g == s.current && ev.g.slots[ev.slot] == nil && !s.stopping {
+			s.startWorker(ev.g, ev.slot)
+		}
+	case evShutdown:
+		s.drainAll()
+	case evFunc:
+		ev.f()
+	}
+}
+
+func (s *Supervisor) onSignal(sig syscall.Signal) {
+	switch sig {
+	case unix.SIGUSR2, unix.SIGHUP:
+		s.requestUpgrade()
+	case unix.SIGTERM, unix.SIGINT:
+		if s.stopping {
+			s.log.Warn("second stop signal: stopping fast", zap.String("signal", unix.SignalName(sig)))
+			s.killAll()
+			return
+		}
+		s.log.Info("graceful stop", zap.String("signal", unix.SignalName(sig)),
+			zap.Duration("shutdown_delay", s.cfg.ShutdownDelay))
+		s.beginStop(nil)
+	case unix.SIGQUIT:
+		s.log.Info("fast stop", zap.String("signal", "SIGQUIT"))
+		s.stopping = true
+		s.killAll()
+	case unix.SIGUSR1:
+		if g := s.current; g != nil {
+			for w := range g.live {
+				s.env.kill(w.pid, unix.SIGUSR1)
+			}
+		}
+	}
+}
+
+// requestUpgrade starts an upgrade, or queues exactly one more when one is
+// under way.
+func (s *Supervisor) requestUpgrade() {
+	switch {
+	case s.stopping:
+		s.log.Warn("upgrade ignored: stopping")
+	case s.pending != nil:
+		if !s.queued {
+			s.log.Info("upgrade queued: one is under way", zap.Int("generation", s.pending.n))
+		}
+		s.queued = true
+	default:
+		s.startGeneration()
+	}
+}
+
+// startGeneration starts generation N+1; it becomes active when every worker
+// in it is ready.
+func (s *Supervisor) startGeneration() {
+	s.nextGen++
+	g := &generation{
+		n:        s.nextGen,
+		state:    GenStarting,
+		started:  time.Now(),
+		slots:    make([]*worker, s.cfg.Workers),
+		live:     make(map[*worker]struct{}),
+		failures: make([]int, s.cfg.Workers),
+	}
+	s.pending = g
+	s.gens = append(s.gens, g)
+	if s.current != nil {
+		s.env.notifyManager(fmt.Sprintf("RELOADING=1\nMONOTONIC_USEC=%d\nSTATUS=upgrading to generation %d", monotonicUsec(), g.n))
+	}
+	s.log.Info("starting generation", zap.Int("generation", g.n), zap.Int("workers", s.cfg.Workers))
+	for i := range g.slots {
+		if err := s.startWorker(g, i); err != nil {
+			s.failGeneration(g, err.Error())
+			return
+		}
+	}
+}
+
+// startWorker starts the worker for slot i of g. This is where every worker
+// process is started.
+func (s *Supervisor) startWorker(g *generation, slot int) error {
+	path, err := s.env.lookPath(s.cfg.Command[0])
+	if err != nil {
+		if g.state != GenStarting {
+			s.log.Error("cannot restart worker", zap.Int("generation", g.n), zap.Int("worker", slot), zap.Error(err))
+			s.scheduleRestart(g, slot)
+		}
+		return err
+	}
+	files := []int{0, 1, 2} // stdin is replaced by /dev/null in env.start
+	names := make([]string, len(s.cfg.Sockets))
+	for i, sock := range s.cfg.Sockets {
+		files = append(files, sock.FD)
+		names[i] = sock.Spec.Name
+	}
+	env := append([]string(nil), s.baseEnv...)
+	if len(s.cfg.Sockets) > 0 {
+		env = append(env,
+			"LISTEN_FDS="+strconv.Itoa(len(s.cfg.Sockets)),
+			"LISTEN_FDNAMES="+strings.Join(names, ":"),
+			"LISTEN_PID=0") // the shim replaces it with the worker's pid
+	}
+	env = append(env,
+		"NOTIFY_SOCKET="+s.notifyPath,
+		"UPGRADER_GENERATION="+strconv.Itoa(g.n),
+		"UPGRADER_WORKER="+strconv.Itoa(slot))
+	readyFD := -1
+	if s.cfg.Ready.Kind == "fd" {
+		readyFD = s.cfg.Ready.FD
+	}
+	spec := spawn.Spec{
+		Path:      path,
+		Args:      s.cfg.Command,
+		Env:       env,
+		Files:     files,
+		Pdeathsig: s.cfg.DrainSignal,
+	}
+	pid, err := s.env.start(spec, readyFD, func(pid int) { s.post(evReady{pid: pid}) })
+	if err != nil {
+		if g.state != GenStarting {
+			s.log.Error("cannot restart worker", zap.Int("generation", g.n), zap.Int("worker", slot), zap.Error(err))
+			s.scheduleRestart(g, slot)
+		}
+		return err
+	}
+	w := &worker{gen: g, slot: slot, pid: pid, state: WorkerStarting, started: time.Now()}
+	g.slots[slot] = w
+	g.live[w] = struct{}{}
+	s.workers[pid] = w
+	w.readyStop = time.AfterFunc(s.cfg.ReadyTimeout, func() { s.post(evReadyTimeout{w}) }).Stop
+	if s.cfg.Ready.Kind == "delay" {
+		time.AfterFunc(s.cfg.Ready.Delay, func() { s.post(evReady{w: w}) })
+	}
+	s.log.Info("worker started", zap.Int("generation", g.n), zap.Int("worker", slot), zap.Int("pid", pid))
+	return nil
+}
+
+func (s *Supervisor) onReady(w *worker) {
+	if w.state != WorkerStarting {
+		return
+	}
+	w.state = WorkerReady
+	w.readyAt = time.Now()
+	w.readyStop()
+	g := w.gen
+	s.log.Info("worker ready", zap.Int("generation", g.n), zap.Int("worker", w.slot), zap.Int("pid", w.pid),
+		zap.Duration("after", w.readyAt.Sub(w.started)))
+	if g.state == GenStarting && g.allReady() {
+		s.promote(g)
+	}
+}
+
+// promote makes g the active generation and drains the one it replaces.
+func (s *Supervisor) promote(g *generation) {
+	g.state = GenActive
+	g.readyAt = time.Now()
+	old := s.current
+	s.current, s.pending = g, nil
+	s.log.Info("generation ready", zap.Int("generation", g.n), zap.Duration("after", g.readyAt.Sub(g.started)))
+	s.env.notifyManager(fmt.Sprintf("READY=1\nSTATUS=generation %d serving with %d workers", g.n, len(g.slots)))
+	if old != nil {
+		s.drainGeneration(old)
+		s.finishUpgrade(UpgradeResult{Generation: g.n, OK: true, Started: g.started, ReadyAfter: g.readyAt.Sub(g.started)})
+	}
+}
+
+func (s *Supervisor) finishUpgrade(r UpgradeResult) {
+	s.lastUp = r
+	if s.hooks.Upgrade != nil {
+		s.hooks.Upgrade(r)
+	}
+	if s.queued && !s.stopping {
+		s.queued = false
+		s.log.Info("starting the queued upgrade")
+		s.startGeneration()
+	}
+}
+
+// failGeneration stops a generation that could not become ready; the
+// active one, if any, keeps serving.
+func (s *Supervisor) failGeneration(g *generation, reason string) {
+	if g.state != GenStarting {
+		return
+	}
+	g.state = GenFailed
+	g.reason = reason
+	s.pending = nil
+	s.log.Error("generation failed", zap.Int("generation", g.n), zap.String("reason", reason))
+	for w := range g.live {
+		s.stopWorker(w)
+	}
+	s.reapGeneration(g)
+	if s.current == nil {
+		// Nothing serves: there is no old generation to fall back on.
+		s.beginStop(fmt.Errorf("generation %d failed: %s", g.n, reason))
+		return
+	}
+	s.env.notifyManager(fmt.Sprintf("READY=1\nSTATUS=upgrade to generation %d failed: %s; generation %d serving", g.n, reason, s.current.n))
+	s.finishUpgrade(UpgradeResult{Generation: g.n, Reason: reason, Started: g.started})
+}
+
+// drainGeneration asks every worker of g to drain, and kills the oldest
+// draining generations beyond the cap.
+func (s *Supervisor) drainGeneration(g *generation) {
+	if g.state == GenDraining || g.state == GenExited {
+		return
+	}
+	g.state = GenDraining
+	s.log.Info("draining generation", zap.Int("generation", g.n), zap.Int("workers", len(g.live)))
+	for w := range g.live {
+		s.stopWorker(w)
+	}
+	s.reapGeneration(g)
+	draining := 0
+	for i := len(s.gens) - 1; i >= 0; i-- {
+		old := s.gens[i]
+		if old.state != GenDraining && old.state != GenFailed {
+			continue
+		}
+		if draining++; draining > s.cfg.MaxDraining {
+			s.log.Warn("too many generations draining, killing the oldest", zap.Int("generation", old.n))
+			for w := range old.live {
+				s.env.kill(w.pid, unix.SIGKILL)
+			}
+		}
+	}
+}
+
+// stopWorker sends the drain signal to w once and arms its SIGKILL timer.
+func (s *Supervisor) stopWorker(w *worker) {
+	if w.asked {
+		return
+	}
+	w.asked = true
+	w.readyStop()
+	if w.state != WorkerDraining {
+		w.state = WorkerDraining
+		if err := s.env.kill(w.pid, s.cfg.DrainSignal); err != nil {
+			s.log.Warn("cannot signal worker", zap.Int("pid", w.pid), zap.Error(err))
+		}
+	}
+	if w.stopTimer == nil {
+		w.stopTimer = time.AfterFunc(s.cfg.DrainTimeout, func() { s.post(evDrainTimeout{w}) }).Stop
+	}
+}
+
+func (s *Supervisor) onReadyTimeout(w *worker) {
+	if s.workers[w.pid] != w || w.state != WorkerStarting {
+		return
+	}
+	reason := fmt.Sprintf("worker %d (pid %d) not ready within %s", w.slot, w.pid, s.cfg.ReadyTimeout)
+	if w.gen.state == GenStarting {
+		s.failGeneration(w.gen, reason)
+		return
+	}
+	// A replacement worker that hangs at start: kill it, and its exit counts
+	// as a crash.
+	s.log.Error("replacement worker not ready in time, killing it", zap.Int("generation", w.gen.n),
+		zap.Int("pid", w.pid), zap.Duration("ready_timeout", s.cfg.ReadyTimeout))
+	s.env.kill(w.pid, unix.SIGKILL)
+}
+
+func (s *Supervisor) onExit(pid int, ws unix.WaitStatus) {
+	w, ok := s.workers[pid]
+	if !ok {
+		s.log.Debug("reaped a process that is not a worker", zap.Int("pid", pid), zap.String("status", describeExit(ws)))
+		return
+	}
+	delete(s.workers, pid)
+	g := w.gen
+	delete(g.live, w)
+	if w.stopTimer != nil {
+		w.stopTimer()
+	}
+	w.readyStop()
+	prev := w.state
+	w.state = WorkerExited
+	how := describeExit(ws)
+	inSlot := g.slots[w.slot] == w
+	if inSlot {
+		g.slots[w.slot] = nil
+	}
+	fields := []zap.Field{zap.Int("generation", g.n), zap.Int("worker", w.slot), zap.Int("pid", pid), zap.String("status", how)}
+	switch {
+	case g.state == GenStarting:
+		s.log.Error("worker exited before it was ready", fields...)
+		s.failGeneration(g, fmt.Sprintf("worker %d (pid %d) %s before it was ready", w.slot, pid, how))
+	case w.asked || !inSlot:
+		s.log.Info("worker exited", fields...)
+	case g == s.current && !s.stopping:
+		s.log.Error("worker exited unasked", append(fields, zap.String("state", string(prev)))...)
+		if time.Since(w.started) >= stableAfter {
+			g.failures[w.slot] = 0
+		}
+		s.crashRestart(g, w.slot)
+	default:
+		s.log.Info("worker exited", fields...)
+	}
+	s.reapGeneration(g)
+}
+
+// crashRestart replaces the worker in slot of the active generation after a
+// backoff, or gives up when restarts come too fast with nothing ready left.
+func (s *Supervisor) crashRestart(g *generation, slot int) {
+	now := time.Now()
+	s.restarts = append(s.restarts, now)
+	for len(s.restarts) > 0 && now.Sub(s.restarts[0]) > s.cfg.RestartWindow {
+		s.restarts = s.restarts[1:]
+	}
+	g.restarts++
+	if len(s.restarts) > s.cfg.MaxRestarts && g.readyCount() == 0 {
+		err := fmt.Errorf("giving up: %d crash restarts within %s and no ready worker left",
+			len(s.restarts), s.cfg.RestartWindow)
+		s.log.Error("giving up", zap.Int("restarts", len(s.restarts)), zap.Duration("window", s.cfg.RestartWindow))
+		s.beginStop(err)
+		return
+	}
+	s.scheduleRestart(g, slot)
+}
+
+func (s *Supervisor) scheduleRestart(g *generation, slot int) {
+	k := min(g.failures[slot], 16)
+	g.failures[slot]++
+	d := min(backoffBase<<k, backoffMax)
+	d = time.Duration(float64(d) * (0.8 + 0.4*rand.Float64()))
+	s.log.Info("restarting worker", zap.Int("generation", g.n), zap.Int("worker", slot), zap.Duration("backoff", d))
+	time.AfterFunc(d, func() { s.post(evRestart{g, slot}) })
+}
+
+// reapGeneration forgets a generation whose processes have all exited.
+func (s *Supervisor) reapGeneration(g *generation) {
+	if len(g.live) > 0 || g.state == GenActive || g.state == GenStarting {
+		return
+	}
+	if g.state == GenDraining || g.state == GenFailed {
+		s.log.Info("generation exited", zap.Int("generation", g.n))
+	}
+	g.state = GenExited
+	for i, x := range s.gens {
+		if x == g {
+			s.gens = append(s.gens[:i], s.gens[i+1:]...)
+			break
+		}
+	}
+}
+
+func (s *Supervisor) onNotify(dg sdnotify.Datagram) {
+	for _, f := range dg.Files {
+		f.Close() // FDSTORE is not kept yet: never leak what we were sent
+	}
+	w, ok := s.workers[dg.Pid]
+	if !ok {
+		s.log.Warn("notify message from a process that is not a worker, dropped",
+			zap.Int("pid", dg.Pid), zap.Uint32("uid", dg.UID))
+		return
+	}
+	fields := []zap.Field{zap.Int("generation", w.gen.n), zap.Int("worker", w.slot), zap.Int("pid", w.pid)}
+	if dg.Err != nil {
+		s.log.Warn("malformed notify message, dropped", append(fields, zap.Error(dg.Err))...)
+		return
+	}
+	m := dg.Message
+	if v, ok := m.Get("STATUS"); ok {
+		w.status = v
+		s.log.Debug("worker status", append(fields, zap.String("status", v))...)
+	}
+	if v, ok := m.Get("ERRNO"); ok {
+		s.log.Warn("worker reports an error", append(fields, zap.String("errno", v))...)
+	}
+	if v, ok := m.Get("EXTEND_TIMEOUT_USEC"); ok && w.state == WorkerStarting {
+		usec, _ := strconv.ParseUint(v, 10, 64)
+		w.readyStop()
+		w.readyStop = time.AfterFunc(time.Duration(usec)*time.Microsecond, func() { s.post(evReadyTimeout{w}) }).Stop
+	}
+	if m.Is("READY", "1") && s.cfg.Ready.Kind == "notify" {
+		s.onReady(w)
+	}
+	if m.Is("STOPPING", "1") && !w.asked {
+		s.onSelfStop(w)
+	}
+}
+
+// onSelfStop handles a worker that announced STOPPING=1 unasked: it hit a
+// fatal error and drains itself. Its slot is filled at once.
+func (s *Supervisor) onSelfStop(w *worker) {
+	g := w.gen
+	s.log.Warn("worker is stopping on its own, replacing it",
+		zap.Int("generation", g.n), zap.Int("worker", w.slot), zap.Int("pid", w.pid))
+	w.state = WorkerDraining
+	w.asked = true // its exit is expected now
+	w.readyStop()
+	w.stopTimer = time.AfterFunc(s.cfg.DrainTimeout, func() { s.post(evDrainTimeout{w}) }).Stop
+	if g.slots[w.slot] == w {
+		g.slots[w.slot] = nil
+		if g == s.current && !s.stopping {
+			s.restarts = append(s.restarts, time.Now())
+			g.restarts++
+			s.startWorker(g, w.slot)
+		}
+	}
+	if g.state == GenStarting {
+		s.failGeneration(g, fmt.Sprintf("worker %d (pid %d) stopped before it was ready", w.slot, w.pid))
+	}
+}
+
+// beginStop starts a graceful stop: not-ready at once, drain after the
+// shutdown delay. err is what Run will return.
+func (s *Supervisor) beginStop(err error) {
+	if s.stopErr == nil {
+		s.stopErr = err
+	}
+	if s.stopping {
+		return
+	}
+	s.stopping = true
+	s.queued = false
+	s.env.notifyManager("STOPPING=1")
+	if err != nil || s.cfg.ShutdownDelay <= 0 {
+		s.drainAll()
+		return
+	}
+	time.AfterFunc(s.cfg.ShutdownDelay, func() { s.post(evShutdown{}) })
+}
+
+func (s *Supervisor) drainAll() {
+	for _, g := range append([]*generation(nil), s.gens...) {
+		if g.state == GenStarting {
+			s.failGeneration(g, "stopping")
+			continue
+		}
+		s.drainGeneration(g)
+	}
+}
+
+func (s *Supervisor) killAll() {
+	s.stopping = true
+	for pid := range s.workers {
+		s.env.kill(pid, unix.SIGKILL)
+	}
+}
+
+// workerBaseEnv is the supervisor's environment less what must not leak into
+// workers: our own socket activation, notify socket and watchdog.
+func workerBaseEnv(environ []string) []string {
+	var out []string
+	for _, kv := range environ {
+		k, _, _ := strings.Cut(kv, "=")
+		switch {
+		case k == "LISTEN_PID", k == "LISTEN_FDS", k == "LISTEN_FDNAMES", k == "NOTIFY_SOCKET",
+			k == "WATCHDOG_USEC", k == "WATCHDOG_PID", strings.HasPrefix(k, "UPGRADER_"):
+			continue
+		}
+		out = append(out, kv)
+	}
+	return out
+}
+
+func monotonicUsec() int64 {
+	var ts unix.Timespec
+	if err := unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts); err != nil {
+		return 0
+	}
+	return ts.Nano() / 1000
+}
