@@ -170,7 +170,13 @@ func (s *Server) Draining() bool { return s.draining.Load() }
 // instead of keeping it idle.
 func (s *Server) wrap(h http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		h.ServeHTTP(&closeWriter{ResponseWriter: w, s: s}, r)
+		cw := &closeWriter{ResponseWriter: w, s: s}
+		h.ServeHTTP(cw, r)
+		// A handler that wrote nothing: net/http writes the response after
+		// this returns, so the header still takes effect.
+		if !cw.wrote && s.draining.Load() {
+			w.Header().Set("Connection", "close")
+		}
 	})
 }
 

@@ -1,0 +1,3 @@
+// Package health serves the supervisor's status to load balancers,
+// operators and Prometheus.
+package health

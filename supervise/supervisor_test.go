@@ -1,0 +1,339 @@
+package supervise
+
+import (
+	"errors"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"go.uber.org/zap/zaptest"
+	"golang.org/x/sys/unix"
+
+	"github.com/seed6cb0314a/upgrader/internal/sdnotify"
+	"github.com/seed6cb0314a/upgrader/internal/spawn"
+)
+
+// fakeEnv stands in for the OS: it hands out pids and records signals.
+type fakeEnv struct {
+	nextPid  int
+	starts   chan spawn.Spec
+	pids     chan int
+	kills    chan kill
+	startErr error
+}
+
+type kill struct {
+	pid int
+	sig syscall.Signal
+}
+
+func newFakeEnv() *fakeEnv {
+	return &fakeEnv{nextPid: 100, starts: make(chan spawn.Spec, 100), pids: make(chan int, 100), kills: make(chan kill, 100)}
+}
+
+func (f *fakeEnv) sources(string, func(event)) (string, error) { return "/run/fake/notify", nil }
+func (f *fakeEnv) lookPath(file string) (string, error) {
+	if file == "missing" {
+		return "", errors.New("not found")
+	}
+	return "/bin/" + file, nil
+}
+func (f *fakeEnv) start(spec spawn.Spec, readyFD int, ready func(int)) (int, error) {
+	if f.startErr != nil {
+		return 0, f.startErr
+	}
+	f.nextPid++
+	f.starts <- spec
+	f.pids <- f.nextPid
+	return f.nextPid, nil
+}
+func (f *fakeEnv) kill(pid int, sig syscall.Signal) error { f.kills <- kill{pid, sig}; return nil }
+func (f *fakeEnv) notifyManager(string)                   {}
+func (f *fakeEnv) close()                                 {}
+
+type harness struct {
+	t   *testing.T
+	s   *Supervisor
+	env *fakeEnv
+	err chan error
+}
+
+func run(t *testing.T, cfg Config) *harness {
+	t.Helper()
+	cfg.Command = []string{"server"}
+	cfg.Log = zaptest.NewLogger(t)
+	env := newFakeEnv()
+	s, err := newSupervisor(cfg, env)
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := &harness{t: t, s: s, env: env, err: make(chan error, 1)}
+	go func() { h.err <- s.Run() }()
+	t.Cleanup(func() {
+		select {
+		case <-s.done:
+		default:
+			s.post(evSignal{unix.SIGQUIT})
+			for {
+				select {
+				case k := <-env.kills:
+					s.post(evExit{pid: k.pid, status: 9})
+				case <-s.done:
+					return
+				}
+			}
+		}
+	})
+	return h
+}
+
+func (h *harness) started() int {
+	h.t.Helper()
+	select {
+	case pid := <-h.env.pids:
+		return pid
+	case <-time.After(5 * time.Second):
+		h.t.Fatal("no worker started")
+		return 0
+	}
+}
+
+func (h *harness) noStart(within time.Duration) {
+	h.t.Helper()
+	select {
+	case pid := <-h.env.pids:
+		h.t.Fatalf("unexpected worker start, pid %d", pid)
+	case <-time.After(within):
+	}
+}
+
+func (h *harness) killed(pid int, sig syscall.Signal) {
+	h.t.Helper()
+	select {
+	case k := <-h.env.kills:
+		if k.pid != pid || k.sig != sig {
+			h.t.Fatalf("signal %v to %d, want %v to %d", k.sig, k.pid, sig, pid)
+		}
+	case <-time.After(5 * time.Second):
+		h.t.Fatalf("no signal %v to %d", sig, pid)
+	}
+}
+
+// killedAll expects sig to each of pids, in any order.
+func (h *harness) killedAll(sig syscall.Signal, pids ...int) {
+	h.t.Helper()
+	want := map[int]bool{}
+	for _, p := range pids {
+		want[p] = true
+	}
+	for range pids {
+		select {
+		case k := <-h.env.kills:
+			if !want[k.pid] || k.sig != sig {
+				h.t.Fatalf("signal %v to %d, want %v to one of %v", k.sig, k.pid, sig, pids)
+			}
+			delete(want, k.pid)
+		case <-time.After(5 * time.Second):
+			h.t.Fatalf("no signal %v to %v", sig, want)
+		}
+	}
+}
+
+func (h *harness) ready(pid int) {
+	h.s.post(evNotify{sdnotify.Datagram{Pid: pid, Message: sdnotify.Message{{Key: "READY", Value: "1"}}}})
+}
+
+func (h *harness) exit(pid, code int) { h.s.post(evExit{pid: pid, status: unix.WaitStatus(code << 8)}) }
+
+func (h *harness) result() error {
+	h.t.Helper()
+	select {
+	case err := <-h.err:
+		return err
+	case <-time.After(5 * time.Second):
+		h.t.Fatal("Run did not return")
+		return nil
+	}
+}
+
+// sync waits until the loop has handled everything posted so far.
+func (h *harness) sync() {
+	done := make(chan struct{})
+	h.s.post(evFunc{func() { close(done) }})
+	<-done
+}
+
+func TestUpgradeDrainsOldGenerationOnlyWhenNewIsReady(t *testing.T) {
+	h := run(t, Config{Workers: 2})
+	g1 := []int{h.started(), h.started()}
+	h.ready(g1[0])
+	h.ready(g1[1])
+	h.s.post(evSignal{unix.SIGUSR2})
+	g2 := []int{h.started(), h.started()}
+	h.ready(g2[0])
+	h.sync()
+	select {
+	case k := <-h.env.kills:
+		t.Fatalf("signal %v to %d before generation 2 was ready", k.sig, k.pid)
+	default:
+	}
+	h.ready(g2[1])
+	h.killedAll(unix.SIGTERM, g1...)
+	h.exit(g1[0], 0)
+	h.exit(g1[1], 0)
+	h.s.post(evSignal{unix.SIGTERM})
+	h.killedAll(unix.SIGTERM, g2...)
+	h.exit(g2[0], 0)
+	h.exit(g2[1], 0)
+	if err := h.result(); err != nil {
+		t.Fatalf("graceful stop returned %v", err)
+	}
+}
+
+func TestFailedUpgradeKeepsOldGeneration(t *testing.T) {
+	var results []UpgradeResult
+	h := run(t, Config{})
+	h.s.SetHooks(Hooks{Upgrade: func(r UpgradeResult) { results = append(results, r) }})
+	g1 := h.started()
+	h.ready(g1)
+	h.s.post(evSignal{unix.SIGUSR2})
+	g2 := h.started()
+	h.exit(g2, 1)
+	h.sync()
+	if len(results) != 1 || results[0].OK || !strings.Contains(results[0].Reason, "exited with status 1 before it was ready") {
+		t.Fatalf("upgrade results %+v", results)
+	}
+	select {
+	case k := <-h.env.kills:
+		t.Fatalf("signal %v to %d after a failed upgrade", k.sig, k.pid)
+	default:
+	}
+	// Generation 1 still serves and a later upgrade works.
+	h.s.post(evSignal{unix.SIGUSR2})
+	g3 := h.started()
+	h.ready(g3)
+	h.killed(g1, unix.SIGTERM)
+}
+
+func TestReadyTimeoutFailsUpgradeAndDrainsNewWorkers(t *testing.T) {
+	h := run(t, Config{ReadyTimeout: 50 * time.Millisecond})
+	g1 := h.started()
+	h.ready(g1)
+	h.s.post(evSignal{unix.SIGUSR2})
+	g2 := h.started()
+	// Not ready in time: asked to drain (it may have accepted connections).
+	h.killed(g2, unix.SIGTERM)
+	h.exit(g2, 0)
+	h.sync()
+	if h.s.current == nil || h.s.current.n != 1 {
+		t.Fatal("generation 1 is no longer the active generation")
+	}
+}
+
+func TestUSR2DuringUpgradeQueuesExactlyOne(t *testing.T) {
+	h := run(t, Config{})
+	h.ready(h.started())
+	h.s.post(evSignal{unix.SIGUSR2})
+	g2 := h.started()
+	h.s.post(evSignal{unix.SIGUSR2})
+	h.s.post(evSignal{unix.SIGHUP})
+	h.s.post(evSignal{unix.SIGUSR2})
+	h.sync()
+	h.noStart(20 * time.Millisecond)
+	h.ready(g2)
+	g3 := h.started()
+	h.ready(g3)
+	h.noStart(50 * time.Millisecond)
+}
+
+func TestCrashRestartThenGiveUp(t *testing.T) {
+	h := run(t, Config{MaxRestarts: 2, RestartWindow: time.Minute})
+	w := h.started()
+	h.ready(w)
+	for i := 0; i < 2; i++ {
+		h.exit(w, 1)
+		w = h.started() // replaced in its slot after the backoff
+	}
+	h.exit(w, 1)
+	err := h.result()
+	if err == nil || !strings.Contains(err.Error(), "giving up") {
+		t.Fatalf("Run returned %v, want giving up", err)
+	}
+}
+
+func TestSelfStoppingWorkerIsReplacedAtOnce(t *testing.T) {
+	h := run(t, Config{})
+	w := h.started()
+	h.ready(w)
+	h.s.post(evNotify{sdnotify.Datagram{Pid: w, Message: sdnotify.Message{{Key: "STOPPING", Value: "1"}}}})
+	r := h.started()
+	h.ready(r)
+	h.exit(w, 1) // its own drain ends: expected, not a crash
+	h.noStart(300 * time.Millisecond)
+}
+
+func TestNotifyFromStrangerIsIgnored(t *testing.T) {
+	h := run(t, Config{})
+	w := h.started()
+	h.ready(w + 1000)
+	h.sync()
+	if h.s.current != nil {
+		t.Fatal("READY=1 from a pid that is not a worker made a generation ready")
+	}
+	h.ready(w)
+	h.sync()
+	if h.s.current == nil {
+		t.Fatal("READY=1 from the worker was not taken")
+	}
+}
+
+func TestWorkerEnvironment(t *testing.T) {
+	h := run(t, Config{Workers: 2})
+	spec := <-h.env.starts
+	env := strings.Join(spec.Env, "\n")
+	for _, want := range []string{"NOTIFY_SOCKET=/run/fake/notify", "UPGRADER_GENERATION=1", "UPGRADER_WORKER=0"} {
+		if !strings.Contains(env, want) {
+			t.Errorf("worker env lacks %s", want)
+		}
+	}
+	if strings.Contains(env, "LISTEN_FDS") {
+		t.Error("LISTEN_FDS set with no listeners")
+	}
+}
+
+func TestWorkerBaseEnvDropsSupervisorActivation(t *testing.T) {
+	got := workerBaseEnv([]string{"PATH=/bin", "LISTEN_FDS=2", "LISTEN_PID=1", "NOTIFY_SOCKET=/run/systemd/notify", "WATCHDOG_USEC=1", "UPGRADER_GENERATION=3", "HOME=/root"})
+	if strings.Join(got, " ") != "PATH=/bin HOME=/root" {
+		t.Fatalf("got %v", got)
+	}
+}
+
+func TestParseReadyMode(t *testing.T) {
+	for in, want := range map[string]ReadyMode{
+		"notify":      {Kind: "notify"},
+		"fd:5":        {Kind: "fd", FD: 5},
+		"delay:250ms": {Kind: "delay", Delay: 250 * time.Millisecond},
+	} {
+		got, err := ParseReadyMode(in)
+		if err != nil || got != want {
+			t.Errorf("ParseReadyMode(%q) = %+v, %v", in, got, err)
+		}
+	}
+	for _, in := range []string{"", "fd:2", "fd:x", "delay:-1s", "delay:", "notify:1", "sdnotify"} {
+		if _, err := ParseReadyMode(in); err == nil || !strings.Contains(err.Error(), in) {
+			t.Errorf("ParseReadyMode(%q): error %v does not name the input", in, err)
+		}
+	}
+}
+
+func TestParseSignal(t *testing.T) {
+	for in, want := range map[string]syscall.Signal{"TERM": unix.SIGTERM, "SIGQUIT": unix.SIGQUIT, "int": unix.SIGINT, "10": unix.SIGUSR1} {
+		if got, err := ParseSignal(in); err != nil || got != want {
+			t.Errorf("ParseSignal(%q) = %v, %v", in, got, err)
+		}
+	}
+	if _, err := ParseSignal("STOP-IT"); err == nil {
+		t.Error("ParseSignal accepted STOP-IT")
+	}
+}
