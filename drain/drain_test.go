@@ -99,7 +99,9 @@ func TestDrainDeadlineClosesIdleConnections(t *testing.T) {
 	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {})}
 	ctx, cancel := context.WithCancel(context.Background())
 	served := make(chan error, 1)
-	go func() { served <- Serve(ctx, srv, []net.Listener{l}, Options{Timeout: 300 * time.Millisecond, NoReady: true}) }()
+	go func() {
+		served <- Serve(ctx, srv, []net.Listener{l}, Options{Timeout: 300 * time.Millisecond, NoReady: true})
+	}()
 	c, err := net.Dial("tcp", l.Addr().String())
 	if err != nil {
 		t.Fatal(err)
