@@ -6,6 +6,7 @@ import (
 	"bufio"
 	"context"
 	"encoding/json"
+	"flag"
 	"fmt"
 	"io"
 	"os"
@@ -36,13 +37,16 @@ func TestMain(m *testing.M) {
 	repoRoot, _ = filepath.Abs("..")
 	upgraderBin = filepath.Join(dir, "upgrader")
 	helloBin = filepath.Join(dir, "hello")
-	// The supervisor is built with the race detector: its loop, sources and
-	// timers run concurrently for real here.
+	// The supervisor is built with the race detector for tests (its loop,
+	// sources and timers run concurrently for real here), and without it
+	// for benchmarks, whose figures would otherwise be the detector's.
+	flag.Parse()
+	race := flag.Lookup("test.bench").Value.String() == ""
 	for _, b := range []struct {
 		out, pkg string
 		race     bool
 	}{
-		{upgraderBin, "./cmd/upgrader", true},
+		{upgraderBin, "./cmd/upgrader", race},
 		{helloBin, "./examples/hello", false},
 	} {
 		args := []string{"build", "-o", b.out}
@@ -63,7 +67,7 @@ func TestMain(m *testing.M) {
 
 // proc is one upgrader process started by a test.
 type proc struct {
-	t    *testing.T
+	t    testing.TB
 	cmd  *exec.Cmd
 	pid  int
 	mu   sync.Mutex
@@ -76,7 +80,7 @@ type proc struct {
 
 // startUpgrader runs upgrader with args (JSON logs added) and returns once
 // it has started; the test's cleanup kills it by pid if it still runs.
-func startUpgrader(t *testing.T, args ...string) *proc {
+func startUpgrader(t testing.TB, args ...string) *proc {
 	t.Helper()
 	cmd := exec.Command(upgraderBin, append([]string{"run", "--log-format", "json", "--log-level", "debug"}, args...)...)
 	cmd.Dir = t.TempDir()
@@ -249,7 +253,7 @@ func runLoad(cfg loadgen.Config) (stop func() loadgen.Result) {
 }
 
 // requireNoFailures fails the test when any request failed.
-func requireNoFailures(t *testing.T, r loadgen.Result) {
+func requireNoFailures(t testing.TB, r loadgen.Result) {
 	t.Helper()
 	t.Logf("load: %s", r)
 	if r.Requests == 0 {
@@ -262,7 +266,7 @@ func requireNoFailures(t *testing.T, r loadgen.Result) {
 
 // writeScript writes an executable shell script; rewriting it is how a test
 // puts "a new version" on disk.
-func writeScript(t *testing.T, path, body string) {
+func writeScript(t testing.TB, path, body string) {
 	t.Helper()
 	tmp := path + ".tmp"
 	if err := os.WriteFile(tmp, []byte("#!/bin/sh\n"+body+"\n"), 0o755); err != nil {
@@ -274,7 +278,7 @@ func writeScript(t *testing.T, path, body string) {
 }
 
 // children lists the pids whose parent is pid, with their state letter.
-func children(t *testing.T, pid int) map[int]string {
+func children(t testing.TB, pid int) map[int]string {
 	t.Helper()
 	out := map[int]string{}
 	ents, _ := os.ReadDir("/proc")
@@ -299,7 +303,7 @@ func children(t *testing.T, pid int) map[int]string {
 	return out
 }
 
-func countFDs(t *testing.T, pid int) int {
+func countFDs(t testing.TB, pid int) int {
 	t.Helper()
 	ents, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
 	if err != nil {
