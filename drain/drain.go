@@ -14,10 +14,13 @@ import (
 	"bufio"
 	"context"
 	"errors"
+	"fmt"
+	"log"
 	"net"
 	"net/http"
 	"os"
 	"os/signal"
+	"runtime/debug"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -48,22 +51,38 @@ type Server struct {
 	mu     sync.Mutex
 	conns  map[net.Conn]http.ConnState
 	closed chan struct{} // signalled when a connection goes away
+
+	fatalOnce sync.Once
+	fatal     chan struct{} // closed by Fail
+	fatalErr  error
 }
 
-// Serve serves srv on every listener until one of opts.Signals arrives or
-// ctx is done, then drains and returns nil. It returns early with the error
-// of a listener that fails other than by being closed.
-//
-// Serve installs its own srv.ConnState (calling the one already set) and
-// wraps srv.Handler; set both before calling it.
+// FatalError is returned by Serve after a drain that Fail started (a
+// handler panic caught by Recover, a goroutine's by Go). The process should
+// exit non-zero so that the supervisor counts it; upgrader has already
+// started its replacement when it received STOPPING=1.
+type FatalError struct{ Err error }
+
+func (e *FatalError) Error() string { return "drained after a fatal error: " + e.Err.Error() }
+func (e *FatalError) Unwrap() error { return e.Err }
+
+// Serve is New(srv, opts).Serve(ctx, listeners).
 func Serve(ctx context.Context, srv *http.Server, listeners []net.Listener, opts Options) error {
+	return New(srv, opts).Serve(ctx, listeners)
+}
+
+// New prepares srv for draining: it installs its own srv.ConnState (calling
+// the one already set) and wraps srv.Handler with the Connection: close
+// marking and with Recover. Set both before calling New.
+func New(srv *http.Server, opts Options) *Server {
 	if opts.Timeout <= 0 {
 		opts.Timeout = 25 * time.Second
 	}
 	if len(opts.Signals) == 0 {
 		opts.Signals = []os.Signal{syscall.SIGTERM, syscall.SIGINT}
 	}
-	s := &Server{srv: srv, opts: opts, conns: make(map[net.Conn]http.ConnState), closed: make(chan struct{}, 1)}
+	s := &Server{srv: srv, opts: opts, conns: make(map[net.Conn]http.ConnState),
+		closed: make(chan struct{}, 1), fatal: make(chan struct{})}
 	userHook := srv.ConnState
 	srv.ConnState = func(c net.Conn, st http.ConnState) {
 		s.track(c, st)
@@ -75,8 +94,17 @@ func Serve(ctx context.Context, srv *http.Server, listeners []net.Listener, opts
 	if h == nil {
 		h = http.DefaultServeMux
 	}
-	srv.Handler = s.wrap(h)
+	srv.Handler = s.wrap(s.Recover(h))
+	return s
+}
 
+// Serve serves on every listener until one of the drain signals arrives,
+// ctx is done, or Fail is called; then it drains and returns: nil, or a
+// *FatalError after Fail. It returns early with the error of a listener
+// that fails other than by being closed. It sends READY=1 once serving
+// unless Options.NoReady.
+func (s *Server) Serve(ctx context.Context, listeners []net.Listener) error {
+	srv, opts := s.srv, s.opts
 	ctx, stop := signal.NotifyContext(ctx, opts.Signals...)
 	defer stop()
 	errc := make(chan error, len(listeners))
@@ -96,6 +124,7 @@ func Serve(ctx context.Context, srv *http.Server, listeners []net.Listener, opts
 	}
 	select {
 	case <-ctx.Done():
+	case <-s.fatal:
 	case err := <-errc:
 		if err != nil {
 			s.closeListeners(listeners)
@@ -104,7 +133,62 @@ func Serve(ctx context.Context, srv *http.Server, listeners []net.Listener, opts
 		}
 	}
 	s.drain(listeners)
-	return nil
+	select {
+	case <-s.fatal:
+		return &FatalError{s.fatalErr}
+	default:
+		return nil
+	}
+}
+
+// Fail starts the drain because of a fatal error: the worker announces
+// STOPPING=1 (so that upgrader starts its replacement at once), stops
+// accepting, finishes its other in-flight requests, and Serve returns a
+// *FatalError. Only the first call counts.
+func (s *Server) Fail(err error) {
+	s.fatalOnce.Do(func() {
+		s.fatalErr = err
+		close(s.fatal)
+	})
+}
+
+// Recover wraps h so that a panic in it answers that request with 500
+// (when nothing was written yet) and calls Fail: the auto-restart pattern
+// of Node.js cluster. http.ErrAbortHandler passes through, as net/http
+// expects. New applies it to srv.Handler already.
+func (s *Server) Recover(h http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		defer func() {
+			v := recover()
+			if v == nil {
+				return
+			}
+			if v == http.ErrAbortHandler {
+				panic(v)
+			}
+			err := fmt.Errorf("panic serving %s %s: %v", r.Method, r.URL.Path, v)
+			log.Printf("drain: %v\n%s", err, debug.Stack())
+			w.Header().Set("Connection", "close")
+			w.WriteHeader(http.StatusInternalServerError)
+			s.Fail(err)
+		}()
+		h.ServeHTTP(w, r)
+	})
+}
+
+// Go runs f on a new goroutine; if f panics, the panic is logged and Fail
+// is called instead of crashing the process with requests in flight.
+func (s *Server) Go(f func()) {
+	go func() {
+		defer func() {
+			if v := recover(); v != nil {
+				err := fmt.Errorf("panic in background goroutine: %v", v)
+				log.Printf("drain: %v\n%s", err, debug.Stack())
+				s.Fail(err)
+			}
+		}()
+		f()
+	}()
 }
 
 func (s *Server) drain(listeners []net.Listener) {

@@ -76,14 +76,18 @@ type proc struct {
 	raw  []string
 	done chan struct{}
 	err  error
+	// control is the control socket's path.
+	control string
 }
 
 // startUpgrader runs upgrader with args (JSON logs added) and returns once
 // it has started; the test's cleanup kills it by pid if it still runs.
 func startUpgrader(t testing.TB, args ...string) *proc {
 	t.Helper()
-	cmd := exec.Command(upgraderBin, append([]string{"run", "--log-format", "json", "--log-level", "debug"}, args...)...)
-	cmd.Dir = t.TempDir()
+	dir := t.TempDir()
+	cmd := exec.Command(upgraderBin, append([]string{"run", "--log-format", "json", "--log-level", "debug",
+		"--control", filepath.Join(dir, "control.sock")}, args...)...)
+	cmd.Dir = dir
 	stderr, err := cmd.StderrPipe()
 	if err != nil {
 		t.Fatal(err)
@@ -92,7 +96,7 @@ func startUpgrader(t testing.TB, args ...string) *proc {
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	p := &proc{t: t, cmd: cmd, pid: cmd.Process.Pid, done: make(chan struct{})}
+	p := &proc{t: t, cmd: cmd, pid: cmd.Process.Pid, done: make(chan struct{}), control: filepath.Join(dir, "control.sock")}
 	p.cond = sync.NewCond(&p.mu)
 	go p.read(stderr)
 	t.Cleanup(func() {

@@ -108,6 +108,9 @@ type Config struct {
 	// MaxDraining is how many generations may drain at once; beyond it the
 	// oldest is killed (0: 4).
 	MaxDraining int
+	// Watchdog, when > 0, is passed to workers as WATCHDOG_USEC; a ready
+	// worker that sends no WATCHDOG=1 for that long is replaced.
+	Watchdog time.Duration
 	// Sockets are passed to every worker as fds 3, 4, … in this order.
 	Sockets []*sockets.Socket
 	// RuntimeDir holds the notify socket (a private directory is made in it).

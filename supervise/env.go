@@ -8,6 +8,7 @@ import (
 	"os/exec"
 	"os/signal"
 	"path/filepath"
+	"strings"
 	"syscall"
 
 	"github.com/coreos/go-systemd/v22/daemon"
@@ -31,6 +32,9 @@ type env interface {
 	// when it writes a newline.
 	start(spec spawn.Spec, readyFD int, ready func(pid int)) (pid int, err error)
 	kill(pid int, sig syscall.Signal) error
+	// connections counts the established TCP and Unix stream connections
+	// the processes hold (for upgrade progress; best effort).
+	connections(pids []int) int
 	// notifyManager sends state to our own service manager (sd_notify(3));
 	// a no-op when not run by one.
 	notifyManager(state string)
@@ -172,4 +176,62 @@ func (e *osEnv) close() {
 		os.RemoveAll(e.dir)
 	}
 	e.devnull.Close()
+}
+
+func (e *osEnv) connections(pids []int) int {
+	n := 0
+	for _, pid := range pids {
+		inodes := socketInodes(pid)
+		if len(inodes) == 0 {
+			continue
+		}
+		// The tables of the worker's own network namespace.
+		n += countInodes(fmt.Sprintf("/proc/%d/net/tcp", pid), inodes, 9, tcpEstablished)
+		n += countInodes(fmt.Sprintf("/proc/%d/net/tcp6", pid), inodes, 9, tcpEstablished)
+		n += countInodes(fmt.Sprintf("/proc/%d/net/unix", pid), inodes, 6, unixConnected)
+	}
+	return n
+}
+
+// socketInodes lists the socket inodes among pid's fds.
+func socketInodes(pid int) map[string]bool {
+	dir := fmt.Sprintf("/proc/%d/fd", pid)
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return nil
+	}
+	out := map[string]bool{}
+	for _, e := range ents {
+		t, err := os.Readlink(filepath.Join(dir, e.Name()))
+		if err == nil && strings.HasPrefix(t, "socket:[") {
+			out[strings.TrimSuffix(strings.TrimPrefix(t, "socket:["), "]")] = true
+		}
+	}
+	return out
+}
+
+// tcpEstablished: /proc/net/tcp columns: sl local rem st … inode (10th).
+func tcpEstablished(f []string) bool { return len(f) > 9 && f[3] == "01" }
+
+// unixConnected: /proc/net/unix columns: Num RefCount Protocol Flags Type St Inode;
+// a connected stream socket is Type 0001, St 03.
+func unixConnected(f []string) bool { return len(f) > 6 && f[4] == "0001" && f[5] == "03" }
+
+// countInodes counts the rows of a /proc/net table that match and whose
+// inode (column col) is one of inodes.
+func countInodes(path string, inodes map[string]bool, col int, match func([]string) bool) int {
+	f, err := os.Open(path)
+	if err != nil {
+		return 0
+	}
+	defer f.Close()
+	n := 0
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		fields := strings.Fields(sc.Text())
+		if len(fields) > col && match(fields) && inodes[fields[col]] {
+			n++
+		}
+	}
+	return n
 }

@@ -44,6 +44,8 @@ type worker struct {
 	asked     bool   // we asked it to stop: its exit is not a crash
 	stopTimer func() bool
 	readyStop func() bool
+	wdStop    func() bool // watchdog timer
+	lastPing  time.Time   // last WATCHDOG=1
 }
 
 type generation struct {
@@ -60,6 +62,12 @@ type generation struct {
 	failures []int // consecutive crash count per slot, for the backoff
 	restarts int
 	reason   string // why it failed
+	// watchers follow the upgrade that started this generation;
+	// exitWatchers, moved here when a newer one replaced it, are told
+	// "done" when this generation has exited.
+	watchers     []chan Progress
+	exitWatchers []chan Progress
+	replacedBy   int
 }
 
 func (g *generation) allReady() bool {

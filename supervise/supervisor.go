@@ -39,6 +39,7 @@ type (
 	}
 	evShutdown struct{} // --shutdown-delay is over
 	evFunc     struct{ f func() }
+	evWatchdog struct{ w *worker }
 )
 
 // Backoff for crash restarts: base·2^k with ±20% jitter, capped; reset after
@@ -71,6 +72,13 @@ type Supervisor struct {
 	stopErr    error
 	hooks      Hooks
 	lastUp     UpgradeResult
+	pid        int
+	gaveUp     bool
+
+	upgradesOK, upgradesFailed, restartCount int
+	// Watchers of upgrades requested through Upgrade: those for the next
+	// generation to start, and those for the upgrade queued behind it.
+	startWatchers, queuedWatchers []chan Progress
 }
 
 // Hooks are called from the loop goroutine on state transitions, as
@@ -78,17 +86,20 @@ type Supervisor struct {
 type Hooks struct {
 	// Upgrade is called when an upgrade ends, with its result.
 	Upgrade func(UpgradeResult)
+	// Restart is called when a worker is replaced unasked (crash,
+	// STOPPING=1, watchdog), with the reason.
+	Restart func(reason string)
 }
 
 // UpgradeResult describes one finished upgrade.
 type UpgradeResult struct {
-	Generation int
-	OK         bool
-	Reason     string // why it failed
-	Started    time.Time
+	Generation int       `json:"generation"`
+	OK         bool      `json:"ok"`
+	Reason     string    `json:"reason,omitempty"` // why it failed
+	Started    time.Time `json:"started"`
 	// ReadyAfter is from the start of the new generation until all its
-	// workers were ready.
-	ReadyAfter time.Duration
+	// workers were ready, or until it failed.
+	ReadyAfter time.Duration `json:"ready_after_ns"`
 }
 
 // New checks cfg and returns a Supervisor that runs it on the real OS.
@@ -116,6 +127,7 @@ func newSupervisor(cfg Config, e env) (*Supervisor, error) {
 		done:    make(chan struct{}),
 		workers: make(map[int]*worker),
 		baseEnv: workerBaseEnv(os.Environ()),
+		pid:     os.Getpid(),
 	}, nil
 }
 
@@ -180,11 +192,14 @@ func (s *Supervisor) handle(ev event) {
 			s.env.kill(ev.w.pid, unix.SIGKILL)
 		}
 	case evRestart:
-		if ev.g == s.current && ev.g.slots[ev.slot] == nil && !s.stopping {
+		first := ev.g == s.pending && s.current == nil
+		if (ev.g == s.current || first) && ev.g.slots[ev.slot] == nil && !s.stopping {
 			s.startWorker(ev.g, ev.slot)
 		}
 	case evShutdown:
 		s.drainAll()
+	case evWatchdog:
+		s.onWatchdog(ev.w)
 	case evFunc:
 		ev.f()
 	}
@@ -246,6 +261,8 @@ func (s *Supervisor) startGeneration() {
 	}
 	s.pending = g
 	s.gens = append(s.gens, g)
+	g.watchers, s.startWatchers = s.startWatchers, nil
+	s.emit(g, Progress{Event: "started"})
 	if s.current != nil {
 		s.env.notifyManager(fmt.Sprintf("RELOADING=1\nMONOTONIC_USEC=%d\nSTATUS=upgrading to generation %d", monotonicUsec(), g.n))
 	}
@@ -281,6 +298,11 @@ func (s *Supervisor) startWorker(g *generation, slot int) error {
 			"LISTEN_FDS="+strconv.Itoa(len(s.cfg.Sockets)),
 			"LISTEN_FDNAMES="+strings.Join(names, ":"),
 			"LISTEN_PID=0") // the shim replaces it with the worker's pid
+	}
+	if s.cfg.Watchdog > 0 {
+		env = append(env,
+			"WATCHDOG_USEC="+strconv.FormatInt(s.cfg.Watchdog.Microseconds(), 10),
+			"WATCHDOG_PID=0") // the shim replaces it with the worker's pid
 	}
 	env = append(env,
 		"NOTIFY_SOCKET="+s.notifyPath,
@@ -327,6 +349,10 @@ func (s *Supervisor) onReady(w *worker) {
 	g := w.gen
 	s.log.Info("worker ready", zap.Int("generation", g.n), zap.Int("worker", w.slot), zap.Int("pid", w.pid),
 		zap.Duration("after", w.readyAt.Sub(w.started)))
+	if s.cfg.Watchdog > 0 {
+		w.lastPing = w.readyAt
+		s.armWatchdog(w, s.cfg.Watchdog)
+	}
 	if g.state == GenStarting && g.allReady() {
 		s.promote(g)
 	}
@@ -340,10 +366,22 @@ func (s *Supervisor) promote(g *generation) {
 	s.current, s.pending = g, nil
 	s.log.Info("generation ready", zap.Int("generation", g.n), zap.Duration("after", g.readyAt.Sub(g.started)))
 	s.env.notifyManager(fmt.Sprintf("READY=1\nSTATUS=generation %d serving with %d workers", g.n, len(g.slots)))
-	if old != nil {
-		s.drainGeneration(old)
-		s.finishUpgrade(UpgradeResult{Generation: g.n, OK: true, Started: g.started, ReadyAfter: g.readyAt.Sub(g.started)})
+	s.emit(g, Progress{Event: "ready", ReadyAfterMS: g.readyAt.Sub(g.started).Milliseconds()})
+	if old == nil {
+		s.emit(g, Progress{Event: "done"})
+		return
 	}
+	var pids []int
+	for w := range old.live {
+		pids = append(pids, w.pid)
+	}
+	s.emit(g, Progress{Event: "draining", Old: old.n, Connections: s.env.connections(pids)})
+	// "done" once the old generation has exited.
+	old.exitWatchers, g.watchers = g.watchers, nil
+	old.replacedBy = g.n
+	s.drainGeneration(old)
+	s.upgradesOK++
+	s.finishUpgrade(UpgradeResult{Generation: g.n, OK: true, Started: g.started, ReadyAfter: g.readyAt.Sub(g.started)})
 }
 
 func (s *Supervisor) finishUpgrade(r UpgradeResult) {
@@ -353,6 +391,7 @@ func (s *Supervisor) finishUpgrade(r UpgradeResult) {
 	}
 	if s.queued && !s.stopping {
 		s.queued = false
+		s.startWatchers, s.queuedWatchers = s.queuedWatchers, nil
 		s.log.Info("starting the queued upgrade")
 		s.startGeneration()
 	}
@@ -368,6 +407,7 @@ func (s *Supervisor) failGeneration(g *generation, reason string) {
 	g.reason = reason
 	s.pending = nil
 	s.log.Error("generation failed", zap.Int("generation", g.n), zap.String("reason", reason))
+	s.emit(g, Progress{Event: "failed", Reason: reason})
 	for w := range g.live {
 		s.stopWorker(w)
 	}
@@ -378,7 +418,8 @@ func (s *Supervisor) failGeneration(g *generation, reason string) {
 		return
 	}
 	s.env.notifyManager(fmt.Sprintf("READY=1\nSTATUS=upgrade to generation %d failed: %s; generation %d serving", g.n, reason, s.current.n))
-	s.finishUpgrade(UpgradeResult{Generation: g.n, Reason: reason, Started: g.started})
+	s.upgradesFailed++
+	s.finishUpgrade(UpgradeResult{Generation: g.n, Reason: reason, Started: g.started, ReadyAfter: time.Since(g.started)})
 }
 
 // drainGeneration asks every worker of g to drain, and kills the oldest
@@ -415,6 +456,9 @@ func (s *Supervisor) stopWorker(w *worker) {
 	}
 	w.asked = true
 	w.readyStop()
+	if w.wdStop != nil {
+		w.wdStop()
+	}
 	if w.state != WorkerDraining {
 		w.state = WorkerDraining
 		if err := s.env.kill(w.pid, s.cfg.DrainSignal); err != nil {
@@ -431,13 +475,13 @@ func (s *Supervisor) onReadyTimeout(w *worker) {
 		return
 	}
 	reason := fmt.Sprintf("worker %d (pid %d) not ready within %s", w.slot, w.pid, s.cfg.ReadyTimeout)
-	if w.gen.state == GenStarting {
+	if w.gen.state == GenStarting && s.current != nil {
 		s.failGeneration(w.gen, reason)
 		return
 	}
-	// A replacement worker that hangs at start: kill it, and its exit counts
-	// as a crash.
-	s.log.Error("replacement worker not ready in time, killing it", zap.Int("generation", w.gen.n),
+	// A replacement worker, or one of the first generation, that hangs at
+	// start: kill it, and its exit counts as a crash.
+	s.log.Error("worker not ready in time, killing it", zap.Int("generation", w.gen.n),
 		zap.Int("pid", w.pid), zap.Duration("ready_timeout", s.cfg.ReadyTimeout))
 	s.env.kill(w.pid, unix.SIGKILL)
 }
@@ -454,6 +498,9 @@ func (s *Supervisor) onExit(pid int, ws unix.WaitStatus) {
 	if w.stopTimer != nil {
 		w.stopTimer()
 	}
+	if w.wdStop != nil {
+		w.wdStop()
+	}
 	w.readyStop()
 	prev := w.state
 	w.state = WorkerExited
@@ -464,6 +511,11 @@ func (s *Supervisor) onExit(pid int, ws unix.WaitStatus) {
 	}
 	fields := []zap.Field{zap.Int("generation", g.n), zap.Int("worker", w.slot), zap.Int("pid", pid), zap.String("status", how)}
 	switch {
+	case g.state == GenStarting && s.current == nil && !w.asked && !s.stopping:
+		// The first generation has nothing to fall back on: its workers
+		// get crash restarts until it is ready, or until giving up.
+		s.log.Error("worker exited before it was ready", fields...)
+		s.crashRestart(g, w.slot)
 	case g.state == GenStarting:
 		s.log.Error("worker exited before it was ready", fields...)
 		s.failGeneration(g, fmt.Sprintf("worker %d (pid %d) %s before it was ready", w.slot, pid, how))
@@ -490,10 +542,16 @@ func (s *Supervisor) crashRestart(g *generation, slot int) {
 		s.restarts = s.restarts[1:]
 	}
 	g.restarts++
+	s.restartCount++
+	if s.hooks.Restart != nil {
+		s.hooks.Restart("exit")
+	}
 	if len(s.restarts) > s.cfg.MaxRestarts && g.readyCount() == 0 {
 		err := fmt.Errorf("giving up: %d crash restarts within %s and no ready worker left",
 			len(s.restarts), s.cfg.RestartWindow)
 		s.log.Error("giving up", zap.Int("restarts", len(s.restarts)), zap.Duration("window", s.cfg.RestartWindow))
+		s.gaveUp = true
+		s.env.notifyManager("STATUS=" + err.Error())
 		s.beginStop(err)
 		return
 	}
@@ -517,6 +575,11 @@ func (s *Supervisor) reapGeneration(g *generation) {
 	if g.state == GenDraining || g.state == GenFailed {
 		s.log.Info("generation exited", zap.Int("generation", g.n))
 	}
+	for _, ch := range g.exitWatchers {
+		ch <- Progress{Event: "done", Generation: g.replacedBy, Old: g.n}
+		close(ch)
+	}
+	g.exitWatchers = nil
 	g.state = GenExited
 	for i, x := range s.gens {
 		if x == g {
@@ -554,6 +617,13 @@ func (s *Supervisor) onNotify(dg sdnotify.Datagram) {
 		w.readyStop()
 		w.readyStop = time.AfterFunc(time.Duration(usec)*time.Microsecond, func() { s.post(evReadyTimeout{w}) }).Stop
 	}
+	if m.Is("WATCHDOG", "1") {
+		w.lastPing = time.Now()
+	}
+	if m.Is("WATCHDOG", "trigger") && !w.asked {
+		s.replaceNow(w, "watchdog", "the worker sent WATCHDOG=trigger", unix.SIGABRT)
+		return
+	}
 	if m.Is("READY", "1") && s.cfg.Ready.Kind == "notify" {
 		s.onReady(w)
 	}
@@ -565,24 +635,60 @@ func (s *Supervisor) onNotify(dg sdnotify.Datagram) {
 // onSelfStop handles a worker that announced STOPPING=1 unasked: it hit a
 // fatal error and drains itself. Its slot is filled at once.
 func (s *Supervisor) onSelfStop(w *worker) {
+	s.replaceNow(w, "stopping", "the worker sent STOPPING=1 on its own", 0)
+}
+
+// replaceNow takes w out of its slot, starts its replacement at once, and
+// sends it sig (0: none, it is stopping by itself); it is killed if still
+// there after --drain-timeout. kind names the cause for metrics.
+func (s *Supervisor) replaceNow(w *worker, kind, reason string, sig syscall.Signal) {
 	g := w.gen
-	s.log.Warn("worker is stopping on its own, replacing it",
-		zap.Int("generation", g.n), zap.Int("worker", w.slot), zap.Int("pid", w.pid))
+	s.log.Warn("replacing worker", zap.Int("generation", g.n), zap.Int("worker", w.slot),
+		zap.Int("pid", w.pid), zap.String("reason", reason))
 	w.state = WorkerDraining
 	w.asked = true // its exit is expected now
 	w.readyStop()
+	if w.wdStop != nil {
+		w.wdStop()
+	}
+	if sig != 0 {
+		s.env.kill(w.pid, sig)
+	}
 	w.stopTimer = time.AfterFunc(s.cfg.DrainTimeout, func() { s.post(evDrainTimeout{w}) }).Stop
+	if g.state == GenStarting {
+		s.failGeneration(g, fmt.Sprintf("worker %d (pid %d): %s before it was ready", w.slot, w.pid, reason))
+		return
+	}
 	if g.slots[w.slot] == w {
 		g.slots[w.slot] = nil
 		if g == s.current && !s.stopping {
 			s.restarts = append(s.restarts, time.Now())
 			g.restarts++
+			s.restartCount++
+			if s.hooks.Restart != nil {
+				s.hooks.Restart(kind)
+			}
 			s.startWorker(g, w.slot)
 		}
 	}
-	if g.state == GenStarting {
-		s.failGeneration(g, fmt.Sprintf("worker %d (pid %d) stopped before it was ready", w.slot, w.pid))
+}
+
+// armWatchdog checks w again after d.
+func (s *Supervisor) armWatchdog(w *worker, d time.Duration) {
+	w.wdStop = time.AfterFunc(d, func() { s.post(evWatchdog{w}) }).Stop
+}
+
+// onWatchdog replaces a worker that sent no WATCHDOG=1 within --watchdog
+// (sd_watchdog_enabled(3)); like systemd, it is sent SIGABRT first.
+func (s *Supervisor) onWatchdog(w *worker) {
+	if s.workers[w.pid] != w || w.asked || w.state != WorkerReady {
+		return
 	}
+	if since := time.Since(w.lastPing); since < s.cfg.Watchdog {
+		s.armWatchdog(w, s.cfg.Watchdog-since)
+		return
+	}
+	s.replaceNow(w, "watchdog", fmt.Sprintf("no WATCHDOG=1 for %s", s.cfg.Watchdog), unix.SIGABRT)
 }
 
 // beginStop starts a graceful stop: not-ready at once, drain after the
@@ -596,6 +702,11 @@ func (s *Supervisor) beginStop(err error) {
 	}
 	s.stopping = true
 	s.queued = false
+	for _, ch := range append(s.queuedWatchers, s.startWatchers...) {
+		ch <- Progress{Event: "failed", Reason: "the supervisor is stopping"}
+		close(ch)
+	}
+	s.queuedWatchers, s.startWatchers = nil, nil
 	s.env.notifyManager("STOPPING=1")
 	if err != nil || s.cfg.ShutdownDelay <= 0 {
 		s.drainAll()

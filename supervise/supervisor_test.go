@@ -50,6 +50,7 @@ func (f *fakeEnv) start(spec spawn.Spec, readyFD int, ready func(int)) (int, err
 }
 func (f *fakeEnv) kill(pid int, sig syscall.Signal) error { f.kills <- kill{pid, sig}; return nil }
 func (f *fakeEnv) notifyManager(string)                   {}
+func (f *fakeEnv) connections([]int) int                  { return 0 }
 func (f *fakeEnv) close()                                 {}
 
 type harness struct {
@@ -335,5 +336,30 @@ func TestParseSignal(t *testing.T) {
 	}
 	if _, err := ParseSignal("STOP-IT"); err == nil {
 		t.Error("ParseSignal accepted STOP-IT")
+	}
+}
+
+func TestFirstGenerationCrashRestartsThenGivesUp(t *testing.T) {
+	h := run(t, Config{MaxRestarts: 2, RestartWindow: time.Minute})
+	w := h.started()
+	h.exit(w, 3)
+	w = h.started()
+	h.exit(w, 3)
+	w = h.started()
+	h.exit(w, 3)
+	err := h.result()
+	if err == nil || !strings.Contains(err.Error(), "giving up") {
+		t.Fatalf("Run returned %v, want giving up", err)
+	}
+}
+
+func TestFirstGenerationRecoversAfterCrash(t *testing.T) {
+	h := run(t, Config{})
+	h.exit(h.started(), 1)
+	w := h.started()
+	h.ready(w)
+	h.sync()
+	if h.s.current == nil || h.s.current.n != 1 {
+		t.Fatal("generation 1 not active after its restarted worker became ready")
 	}
 }

@@ -5,16 +5,23 @@
 package main
 
 import (
+	"context"
 	"errors"
 	"fmt"
+	"net"
 	"os"
+	"path/filepath"
+	"strconv"
 	"strings"
 	"time"
 
+	"github.com/coreos/go-systemd/v22/activation"
 	flag "github.com/spf13/pflag"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
 
+	"github.com/seed6cb0314a/upgrader/health"
+	"github.com/seed6cb0314a/upgrader/internal/control"
 	"github.com/seed6cb0314a/upgrader/internal/sockets"
 	"github.com/seed6cb0314a/upgrader/internal/spawn"
 	"github.com/seed6cb0314a/upgrader/supervise"
@@ -62,7 +69,8 @@ func main() {
 
 const usage = `usage:
   upgrader [run] [flags] -- COMMAND [ARG...]
-  upgrader upgrade [--pid-file PATH] [--timeout DUR]
+  upgrader upgrade [--control PATH | --pid-file PATH] [--timeout DUR] [--no-wait]
+  upgrader status  [--control PATH] [--json]
   upgrader version
 
 Run 'upgrader run --help' for the flags.
@@ -81,6 +89,9 @@ type runFlags struct {
 	restartWindow time.Duration
 	logFormat     string
 	logLevel      string
+	health        string
+	control       string
+	watchdog      time.Duration
 }
 
 func run(args []string) error {
@@ -97,6 +108,9 @@ func run(args []string) error {
 	fs.StringVar(&f.pidFile, "pid-file", "", "write the supervisor's pid to this file")
 	fs.IntVar(&f.maxRestarts, "max-restarts", 5, "crash restarts within --restart-window, with no ready worker left, before giving up")
 	fs.DurationVar(&f.restartWindow, "restart-window", 60*time.Second, "window for --max-restarts")
+	fs.StringVar(&f.health, "health", "", "serve /livez /readyz /status /metrics on `HOST:PORT` (default off)")
+	fs.StringVar(&f.control, "control", "", "control socket `PATH` (default upgrader.sock in the runtime directory; \"none\" for none)")
+	fs.DurationVar(&f.watchdog, "watchdog", 0, "workers get WATCHDOG_USEC; a worker silent this long is replaced (default off)")
 	fs.StringVar(&f.logFormat, "log-format", "console", "log format: console or json")
 	fs.StringVar(&f.logLevel, "log-level", "info", "log level: debug, info, warn, error")
 	if err := fs.Parse(args); err != nil {
@@ -109,16 +123,26 @@ func run(args []string) error {
 	if len(command) == 0 {
 		return fmt.Errorf("%w: no COMMAND: upgrader [flags] -- COMMAND [ARG...]", errUsage)
 	}
-	// Fds we were started with (but for socket activation, adopted below
-	// with their own checks) must not leak into workers.
+	// Socket activation in: read LISTEN_* once, before anything else.
+	activated, err := adoptListeners()
+	if err != nil {
+		return err
+	}
+	// Any other fd we were started with must not leak into workers.
 	if err := spawn.CloseOnExecFrom(3); err != nil {
 		return err
 	}
-	log, err := newLogger(f.logFormat, f.logLevel)
+	logger, err := newLogger(f.logFormat, f.logLevel)
 	if err != nil {
 		return fmt.Errorf("%w: %v", errUsage, err)
 	}
+	log := logger
 	defer log.Sync()
+	for _, sock := range activated {
+		defer sock.Close()
+		log.Info("listening", zap.String("name", sock.Spec.Name), zap.String("network", sock.Spec.Network),
+			zap.String("address", sock.Addr()), zap.String("from", "LISTEN_FDS"))
+	}
 
 	cfg := supervise.Config{
 		Command:       command,
@@ -128,8 +152,10 @@ func run(args []string) error {
 		ShutdownDelay: f.shutdownDelay,
 		MaxRestarts:   f.maxRestarts,
 		RestartWindow: f.restartWindow,
+		Watchdog:      f.watchdog,
 		RuntimeDir:    runtimeDir(),
 		Log:           log,
+		Sockets:       activated,
 	}
 	if f.workers < 1 {
 		return fmt.Errorf("%w: --workers %d: want at least 1", errUsage, f.workers)
@@ -157,9 +183,48 @@ func run(args []string) error {
 		cfg.Sockets = append(cfg.Sockets, sock)
 		log.Info("listening", zap.String("name", spec.Name), zap.String("network", spec.Network), zap.String("address", sock.Addr()))
 	}
+	var hl net.Listener
+	if f.health != "" {
+		if hl, err = health.Listen(f.health); err != nil {
+			return err
+		}
+	}
+	var cl net.Listener
+	if f.control != "none" {
+		path := f.control
+		if path == "" {
+			path = filepath.Join(cfg.RuntimeDir, "upgrader.sock")
+		}
+		if cl, err = control.Listen(path); err != nil {
+			return err
+		}
+		defer os.Remove(path)
+		log.Info("control socket", zap.String("path", path))
+	}
 	sup, err := supervise.New(cfg)
 	if err != nil {
 		return err
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	hs := health.New(func(ctx context.Context) (health.Snapshot, error) {
+		st, err := sup.Status(ctx)
+		return snapshot(st), err
+	})
+	sup.SetHooks(supervise.Hooks{
+		Upgrade: func(r supervise.UpgradeResult) { hs.ObserveUpgrade(r.OK, r.ReadyAfter) },
+		Restart: hs.ObserveRestart,
+	})
+	if hl != nil {
+		log.Info("health endpoints", zap.String("address", hl.Addr().String()))
+		go func() {
+			if err := hs.Serve(ctx, hl); err != nil {
+				log.Error("health endpoints stopped", zap.Error(err))
+			}
+		}()
+	}
+	if cl != nil {
+		go control.Serve(ctx, cl, controlHandler(sup))
 	}
 	if f.pidFile != "" {
 		if err := os.WriteFile(f.pidFile, fmt.Appendf(nil, "%d\n", os.Getpid()), 0o644); err != nil {
@@ -203,4 +268,36 @@ func newLogger(format, level string) (*zap.Logger, error) {
 	cfg.Sampling = nil
 	cfg.OutputPaths, cfg.ErrorOutputPaths = []string{"stderr"}, []string{"stderr"}
 	return cfg.Build(zap.Fields(zap.Int("supervisor_pid", os.Getpid())))
+}
+
+// adoptListeners takes the listeners systemd (or systemd-socket-activate)
+// passed in, with their names, through go-systemd's activation.Files, read
+// once. An fd that LISTEN_FDS names but that is not an open socket is an
+// error naming LISTEN_FDS.
+func adoptListeners() ([]*sockets.Socket, error) {
+	want := os.Getenv("LISTEN_FDS")
+	if want == "" {
+		return nil, nil
+	}
+	if pid := os.Getenv("LISTEN_PID"); pid != fmt.Sprint(os.Getpid()) {
+		fmt.Fprintf(os.Stderr, "upgrader: LISTEN_FDS=%s ignored: LISTEN_PID=%s is not this process (%d)\n", want, pid, os.Getpid())
+		activation.Files(true)
+		return nil, nil
+	}
+	n, err := strconv.Atoi(want)
+	if err != nil || n < 0 {
+		return nil, fmt.Errorf("LISTEN_FDS=%q: not a number of fds", want)
+	}
+	var out []*sockets.Socket
+	for i, f := range activation.Files(true) {
+		s, err := sockets.AdoptFile(f, 3+i)
+		if err != nil {
+			for _, s := range out {
+				s.Close()
+			}
+			return nil, fmt.Errorf("LISTEN_FDS=%s: %w", want, err)
+		}
+		out = append(out, s)
+	}
+	return out, nil
 }

@@ -1,7 +1,10 @@
 // Command hello is the example worker: an HTTP server on inherit and drain.
 // Every response names the worker's pid and generation in its body and in
 // the X-Pid and X-Generation headers. ?sleep=DURATION holds the request that
-// long, so that a test can keep a request in flight across an upgrade.
+// long, so that a test can keep a request in flight across an upgrade;
+// ?panic=1 panics in the handler (drain.Recover turns it into a 500 and a
+// clean exit 1); ?hang=1 stops the sd_notify watchdog pings, as a deadlock
+// would.
 //
 // Under upgrader it serves the inherited listener; on its own it binds -addr.
 package main
@@ -16,7 +19,10 @@ import (
 	"net/http"
 	"os"
 	"strconv"
+	"sync/atomic"
 	"time"
+
+	"github.com/coreos/go-systemd/v22/daemon"
 
 	"github.com/seed6cb0314a/upgrader/drain"
 	"github.com/seed6cb0314a/upgrader/inherit"
@@ -48,9 +54,16 @@ func main() {
 	}
 
 	pid, gen := strconv.Itoa(os.Getpid()), strconv.Itoa(inherit.Generation())
+	var hung atomic.Bool
 	mux := http.NewServeMux()
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		io.Copy(io.Discard, r.Body)
+		if r.URL.Query().Get("panic") != "" {
+			panic("hello: asked to panic")
+		}
+		if r.URL.Query().Get("hang") != "" {
+			hung.Store(true)
+		}
 		if v := r.URL.Query().Get("sleep"); v != "" {
 			d, err := time.ParseDuration(v)
 			if err != nil {
@@ -64,8 +77,18 @@ func main() {
 		fmt.Fprintf(w, "hello from pid %s generation %s\n", pid, gen)
 	})
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
-	err = drain.Serve(context.Background(), srv, listeners, drain.Options{Timeout: *drainTimeout})
-	if err != nil {
+	d := drain.New(srv, drain.Options{Timeout: *drainTimeout})
+	// sd_watchdog_enabled(3): ping at half the interval while not hung.
+	if every, err := daemon.SdWatchdogEnabled(false); err == nil && every > 0 {
+		d.Go(func() {
+			for range time.Tick(every / 2) {
+				if !hung.Load() {
+					inherit.Notify("WATCHDOG=1")
+				}
+			}
+		})
+	}
+	if err := d.Serve(context.Background(), listeners); err != nil {
 		log.Fatal(err)
 	}
 }

@@ -27,9 +27,9 @@ type Socket struct {
 func Bind(spec Spec) (*Socket, error) {
 	var lc net.ListenConfig
 	ctx := context.Background()
-	if spec.Network == "unix" || spec.Network == "unixgram" {
-		if err := removeStale(spec); err != nil {
-			return nil, err
+	if (spec.Network == "unix" || spec.Network == "unixgram") && spec.Address[0] == '/' {
+		if err := RemoveStale(spec.Address, spec.Network == "unix"); err != nil {
+			return nil, fmt.Errorf("listen on %s: %w", spec, err)
 		}
 	}
 	var sc syscall.Conn
@@ -141,29 +141,52 @@ func (s *Socket) Close() error {
 	return err
 }
 
-func removeStale(spec Spec) error {
-	p := spec.Address
-	if p[0] != '/' {
-		return nil
-	}
-	fi, err := os.Lstat(p)
+// RemoveStale removes the Unix socket file at path when nothing listens
+// behind it (a crash left it). It returns an error when a server answers
+// there (probe: stream sockets only), or when path is not a socket.
+func RemoveStale(path string, probe bool) error {
+	fi, err := os.Lstat(path)
 	if errors.Is(err, os.ErrNotExist) {
 		return nil
 	}
 	if err != nil {
-		return fmt.Errorf("listen on %s: %w", spec, err)
+		return err
 	}
 	if fi.Mode()&os.ModeSocket == 0 {
-		return fmt.Errorf("listen on %s: %s exists and is not a socket", spec, p)
+		return fmt.Errorf("%s exists and is not a socket", path)
 	}
-	if spec.Network == "unix" {
-		if c, err := net.Dial("unix", p); err == nil {
+	if probe {
+		if c, err := net.Dial("unix", path); err == nil {
 			c.Close()
-			return fmt.Errorf("listen on %s: address already in use: a server answers there", spec)
+			return fmt.Errorf("%s: address already in use: a server answers there", path)
 		}
 	}
-	if err := os.Remove(p); err != nil {
-		return fmt.Errorf("listen on %s: removing stale socket: %w", spec, err)
+	if err := os.Remove(path); err != nil {
+		return fmt.Errorf("removing stale socket: %w", err)
 	}
 	return nil
+}
+
+// AdoptFile adopts an inherited socket (from go-systemd's activation.Files)
+// as a Socket: it keeps a close-on-exec duplicate and closes f.
+func AdoptFile(f *os.File, fd int) (*Socket, error) {
+	defer f.Close()
+	var nfd int
+	var derr error
+	rc, err := f.SyscallConn()
+	if err == nil {
+		err = rc.Control(func(raw uintptr) { nfd, derr = unix.FcntlInt(raw, unix.F_DUPFD_CLOEXEC, 0) })
+	}
+	if err == nil {
+		err = derr
+	}
+	if err != nil {
+		return nil, fmt.Errorf("inherited fd %d (%s): %w", fd, f.Name(), err)
+	}
+	s, err := Adopt(nfd, f.Name())
+	if err != nil {
+		unix.Close(nfd)
+		return nil, fmt.Errorf("inherited fd %d: %w", fd, err)
+	}
+	return s, nil
 }

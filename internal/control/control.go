@@ -1,0 +1,170 @@
+// Package control is the wire protocol of upgrader's control socket: a Unix
+// stream socket (mode 0600) on which a client sends one JSON request line
+// and reads JSON reply lines until the server closes the connection.
+//
+//	→ {"command":"upgrade","wait":true}
+//	← {"event":"started","generation":3}
+//	← {"event":"ready","generation":3,"ready_after_ms":12}
+//	← {"event":"draining","generation":3,"old_generation":2,"connections":4}
+//	← {"event":"done","generation":3,"old_generation":2}
+//
+//	→ {"command":"status"}
+//	← {…the status snapshot…}
+//
+// A request that cannot be parsed gets one {"error":"…"} line naming it.
+package control
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/seed6cb0314a/upgrader/internal/sockets"
+)
+
+// MaxRequestSize bounds a request line, in bytes.
+const MaxRequestSize = 4096
+
+// Request is what a client asks.
+type Request struct {
+	// Command is "upgrade" or "status".
+	Command string `json:"command"`
+	// Wait, for upgrade, streams progress until the upgrade ends; without
+	// it the server replies once the upgrade has been started.
+	Wait bool `json:"wait,omitempty"`
+}
+
+// Reply is an error line; other lines are command-specific JSON.
+type Reply struct {
+	Error string `json:"error,omitempty"`
+}
+
+// ParseRequest parses and checks one request line. The error names the
+// input.
+func ParseRequest(line []byte) (Request, error) {
+	var r Request
+	dec := json.NewDecoder(strings.NewReader(string(line)))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&r); err != nil {
+		return Request{}, fmt.Errorf("control request %.80q: not a JSON request object: %w", line, err)
+	}
+	if dec.More() {
+		return Request{}, fmt.Errorf("control request %.80q: trailing data after the JSON object", line)
+	}
+	switch r.Command {
+	case "upgrade", "status":
+		return r, nil
+	case "":
+		return Request{}, fmt.Errorf("control request %.80q: no command (want upgrade or status)", line)
+	}
+	return Request{}, fmt.Errorf("control request %.80q: unknown command %q (want upgrade or status)", line, r.Command)
+}
+
+// Handler answers one request by writing reply values to send.
+type Handler func(ctx context.Context, r Request, send func(v any) error) error
+
+// Listen binds the control socket at path with mode 0600, replacing a stale
+// socket file; the error names the path.
+func Listen(path string) (net.Listener, error) {
+	if err := sockets.RemoveStale(path, true); err != nil {
+		return nil, fmt.Errorf("--control %s: %w", path, err)
+	}
+	// Bind under a umask so the socket is never reachable by others, not
+	// even between bind and chmod. Called at start-up, before any other
+	// goroutine creates files.
+	old := syscall.Umask(0o177)
+	l, err := net.Listen("unix", path)
+	syscall.Umask(old)
+	if err != nil {
+		return nil, fmt.Errorf("--control %s: %w", path, err)
+	}
+	return l, nil
+}
+
+// Serve answers requests on l until ctx is done. Each connection carries one
+// request.
+func Serve(ctx context.Context, l net.Listener, h Handler) {
+	go func() {
+		<-ctx.Done()
+		l.Close()
+	}()
+	for {
+		c, err := l.Accept()
+		if err != nil {
+			return
+		}
+		go serveConn(ctx, c, h)
+	}
+}
+
+func serveConn(ctx context.Context, c net.Conn, h Handler) {
+	defer c.Close()
+	c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	br := bufio.NewReaderSize(c, MaxRequestSize)
+	line, err := br.ReadSlice('\n')
+	if err != nil && !(errors.Is(err, io.EOF) && len(line) > 0) {
+		if errors.Is(err, bufio.ErrBufferFull) {
+			err = fmt.Errorf("control request longer than %d bytes", MaxRequestSize)
+		} else {
+			err = fmt.Errorf("control request: %w", err)
+		}
+		json.NewEncoder(c).Encode(Reply{Error: err.Error()})
+		return
+	}
+	c.SetReadDeadline(time.Time{})
+	enc := json.NewEncoder(c)
+	r, err := ParseRequest(bytes.TrimRight(line, "\r\n"))
+	if err != nil {
+		enc.Encode(Reply{Error: err.Error()})
+		return
+	}
+	if err := h(ctx, r, enc.Encode); err != nil {
+		enc.Encode(Reply{Error: err.Error()})
+	}
+}
+
+// Do sends r to the control socket at path and calls recv with each raw
+// reply line until the server closes the connection or ctx is done. A
+// reply with "error" set is returned as an error.
+func Do(ctx context.Context, path string, r Request, recv func(line []byte) error) error {
+	var d net.Dialer
+	c, err := d.DialContext(ctx, "unix", path)
+	if err != nil {
+		if errors.Is(err, os.ErrNotExist) || errors.Is(err, syscall.ECONNREFUSED) {
+			return fmt.Errorf("control socket %s: no upgrader answers there (%w)", path, err)
+		}
+		return fmt.Errorf("control socket %s: %w", path, err)
+	}
+	defer c.Close()
+	if dl, ok := ctx.Deadline(); ok {
+		c.SetDeadline(dl)
+	}
+	b, _ := json.Marshal(r)
+	if _, err := c.Write(append(b, '\n')); err != nil {
+		return fmt.Errorf("control socket %s: %w", path, err)
+	}
+	sc := bufio.NewScanner(c)
+	sc.Buffer(make([]byte, 64<<10), 16<<20)
+	for sc.Scan() {
+		var rep Reply
+		if json.Unmarshal(sc.Bytes(), &rep) == nil && rep.Error != "" {
+			return errors.New(rep.Error)
+		}
+		if err := recv(sc.Bytes()); err != nil {
+			return err
+		}
+	}
+	if err := sc.Err(); err != nil {
+		return fmt.Errorf("control socket %s: %w", path, err)
+	}
+	return nil
+}

@@ -1,0 +1,189 @@
+package supervise
+
+import (
+	"context"
+	"errors"
+	"time"
+)
+
+// Status is a snapshot of the supervisor, taken by its loop. It is what
+// /status and `upgrader status --json` show.
+type Status struct {
+	Pid         int              `json:"pid"`
+	Ready       bool             `json:"ready"` // a generation serves and no stop has begun
+	Stopping    bool             `json:"stopping"`
+	GaveUp      bool             `json:"gave_up"`
+	Current     int              `json:"current_generation"` // 0 before the first is ready
+	Listeners   []ListenerStatus `json:"listeners"`
+	Generations []GenStatus      `json:"generations"`
+	LastUpgrade *UpgradeResult   `json:"last_upgrade,omitempty"`
+	Upgrades    map[string]int   `json:"upgrades"` // by result: ok, failed
+	Restarts    int              `json:"worker_restarts"`
+}
+
+// ListenerStatus describes one listener passed to workers.
+type ListenerStatus struct {
+	Name    string `json:"name"`
+	Network string `json:"network"`
+	Address string `json:"address"`
+	FD      int    `json:"worker_fd"` // the fd number workers see
+}
+
+// GenStatus describes one generation with live processes.
+type GenStatus struct {
+	Generation int             `json:"generation"`
+	State      GenerationState `json:"state"`
+	Started    time.Time       `json:"started"`
+	ReadyAt    *time.Time      `json:"ready_at,omitempty"`
+	Restarts   int             `json:"restarts"`
+	Reason     string          `json:"reason,omitempty"`
+	Workers    []WorkerStatus  `json:"workers"`
+}
+
+// WorkerStatus describes one worker process.
+type WorkerStatus struct {
+	Slot    int         `json:"worker"`
+	Pid     int         `json:"pid"`
+	State   WorkerState `json:"state"`
+	Started time.Time   `json:"started"`
+	ReadyAt *time.Time  `json:"ready_at,omitempty"`
+	Status  string      `json:"status,omitempty"` // last STATUS= it sent
+}
+
+// ErrNotRunning is returned by Status and Upgrade when the loop has ended.
+var ErrNotRunning = errors.New("supervisor is not running")
+
+// call runs f on the loop goroutine and waits for it, for ctx, or for the
+// loop's end.
+func (s *Supervisor) call(ctx context.Context, f func()) error {
+	done := make(chan struct{})
+	select {
+	case s.events <- evFunc{func() { f(); close(done) }}:
+	case <-s.done:
+		return ErrNotRunning
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	select {
+	case <-done:
+		return nil
+	case <-s.done:
+		return ErrNotRunning
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// Status takes a snapshot. An error means the loop did not answer in time
+// (ctx) or has ended: the supervisor is not live.
+func (s *Supervisor) Status(ctx context.Context) (Status, error) {
+	var st Status
+	err := s.call(ctx, func() { st = s.snapshot() })
+	return st, err
+}
+
+func (s *Supervisor) snapshot() Status {
+	st := Status{
+		Pid:      s.pid,
+		Stopping: s.stopping,
+		GaveUp:   s.gaveUp,
+		Ready:    s.current != nil && !s.stopping && !s.gaveUp,
+		Upgrades: map[string]int{"ok": s.upgradesOK, "failed": s.upgradesFailed},
+		Restarts: s.restartCount,
+	}
+	if s.current != nil {
+		st.Current = s.current.n
+	}
+	if s.lastUp.Generation != 0 {
+		r := s.lastUp
+		st.LastUpgrade = &r
+	}
+	for i, sock := range s.cfg.Sockets {
+		st.Listeners = append(st.Listeners, ListenerStatus{Name: sock.Spec.Name, Network: sock.Spec.Network, Address: sock.Addr(), FD: 3 + i})
+	}
+	for _, g := range s.gens {
+		gs := GenStatus{Generation: g.n, State: g.state, Started: g.started, Restarts: g.restarts, Reason: g.reason}
+		if !g.readyAt.IsZero() {
+			t := g.readyAt
+			gs.ReadyAt = &t
+		}
+		for w := range g.live {
+			ws := WorkerStatus{Slot: w.slot, Pid: w.pid, State: w.state, Started: w.started, Status: w.status}
+			if !w.readyAt.IsZero() {
+				t := w.readyAt
+				ws.ReadyAt = &t
+			}
+			gs.Workers = append(gs.Workers, ws)
+		}
+		sortWorkers(gs.Workers)
+		st.Generations = append(st.Generations, gs)
+	}
+	return st
+}
+
+func sortWorkers(ws []WorkerStatus) {
+	for i := 1; i < len(ws); i++ {
+		for j := i; j > 0 && (ws[j].Slot < ws[j-1].Slot || ws[j].Slot == ws[j-1].Slot && ws[j].Pid < ws[j-1].Pid); j-- {
+			ws[j], ws[j-1] = ws[j-1], ws[j]
+		}
+	}
+}
+
+// Progress is one step of an upgrade, as `upgrader upgrade` prints it.
+type Progress struct {
+	// Event is "started", "ready", "draining", "done" or "failed".
+	Event      string `json:"event"`
+	Generation int    `json:"generation"`
+	// ReadyAfterMS: for "ready", from start until every worker was ready.
+	ReadyAfterMS int64 `json:"ready_after_ms,omitempty"`
+	// Old and Connections: for "draining", the generation draining and the
+	// established connections its workers held when asked to drain.
+	Old         int    `json:"old_generation,omitempty"`
+	Connections int    `json:"connections"`
+	Reason      string `json:"reason,omitempty"` // for "failed"
+}
+
+// Upgrade starts an upgrade (or queues one, if one is under way) and
+// returns a channel of its progress, closed after "done" or "failed". The
+// error is ErrNotRunning, ctx's, or a refusal while stopping.
+func (s *Supervisor) Upgrade(ctx context.Context) (<-chan Progress, error) {
+	ch := make(chan Progress, 16)
+	var err error
+	cerr := s.call(ctx, func() {
+		if s.stopping {
+			err = errors.New("upgrade refused: the supervisor is stopping")
+			return
+		}
+		if s.pending != nil {
+			s.queuedWatchers = append(s.queuedWatchers, ch)
+		} else {
+			s.startWatchers = append(s.startWatchers, ch)
+		}
+		s.requestUpgrade()
+	})
+	if cerr != nil {
+		return nil, cerr
+	}
+	if err != nil {
+		return nil, err
+	}
+	return ch, nil
+}
+
+// emit sends p to the watchers of generation g without blocking the loop;
+// "done" and "failed" close their channels.
+func (s *Supervisor) emit(g *generation, p Progress) {
+	p.Generation = g.n
+	for _, ch := range g.watchers {
+		select {
+		case ch <- p:
+		default:
+		}
+		if p.Event == "done" || p.Event == "failed" {
+			close(ch)
+		}
+	}
+	if p.Event == "done" || p.Event == "failed" {
+		g.watchers = nil
+	}
+}
