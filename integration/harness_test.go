@@ -146,15 +146,23 @@ func (p *proc) tail(n int) string {
 // waitLog waits until a log entry satisfies match and returns it.
 func (p *proc) waitLog(timeout time.Duration, what string, match func(map[string]any) bool) map[string]any {
 	p.t.Helper()
+	m, _ := p.waitLogFrom(0, timeout, what, match)
+	return m
+}
+
+// waitLogFrom is waitLog over the entries from index from on; it also
+// returns the entry's index. match must not call other proc methods.
+func (p *proc) waitLogFrom(from int, timeout time.Duration, what string, match func(map[string]any) bool) (map[string]any, int) {
+	p.t.Helper()
 	deadline := time.Now().Add(timeout)
 	timer := time.AfterFunc(timeout, func() { p.mu.Lock(); p.cond.Broadcast(); p.mu.Unlock() })
 	defer timer.Stop()
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	for i := 0; ; {
+	for i := from; ; {
 		for ; i < len(p.logs); i++ {
 			if match(p.logs[i]) {
-				return p.logs[i]
+				return p.logs[i], i
 			}
 		}
 		select {
