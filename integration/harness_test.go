@@ -8,7 +8,6 @@ import (
 	"encoding/json"
 	"flag"
 	"fmt"
-	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -76,6 +75,8 @@ type proc struct {
 	raw  []string
 	done chan struct{}
 	err  error
+	// readerDone is closed when the log pipe is drained.
+	readerDone chan struct{}
 	// control is the control socket's path.
 	control string
 }
@@ -88,17 +89,31 @@ func startUpgrader(t testing.TB, args ...string) *proc {
 	cmd := exec.Command(upgraderBin, append([]string{"run", "--log-format", "json", "--log-level", "debug",
 		"--control", filepath.Join(dir, "control.sock")}, args...)...)
 	cmd.Dir = dir
-	stderr, err := cmd.StderrPipe()
+	// Our own pipe, not StderrPipe: workers inherit it and may outlive a
+	// killed upgrader, and Wait must not wait for them.
+	r, w, err := os.Pipe()
 	if err != nil {
 		t.Fatal(err)
 	}
-	cmd.Stdout = os.Stdout
-	if err := cmd.Start(); err != nil {
+	cmd.Stdout, cmd.Stderr = os.Stdout, w
+	err = cmd.Start()
+	w.Close()
+	if err != nil {
+		r.Close()
 		t.Fatal(err)
 	}
-	p := &proc{t: t, cmd: cmd, pid: cmd.Process.Pid, done: make(chan struct{}), control: filepath.Join(dir, "control.sock")}
+	p := &proc{t: t, cmd: cmd, pid: cmd.Process.Pid, done: make(chan struct{}), readerDone: make(chan struct{}),
+		control: filepath.Join(dir, "control.sock")}
 	p.cond = sync.NewCond(&p.mu)
-	go p.read(stderr)
+	go p.read(r)
+	go func() {
+		err := cmd.Wait()
+		p.mu.Lock()
+		p.err = err
+		close(p.done)
+		p.cond.Broadcast()
+		p.mu.Unlock()
+	}()
 	t.Cleanup(func() {
 		select {
 		case <-p.done:
@@ -106,14 +121,38 @@ func startUpgrader(t testing.TB, args ...string) *proc {
 			syscall.Kill(p.pid, syscall.SIGKILL)
 			<-p.done
 		}
+		// Workers get the drain signal when upgrader dies (PR_SET_PDEATHSIG),
+		// but one still inside a wrapper script may swallow it: stop every
+		// worker this upgrader started that is still its orphan.
+		p.mu.Lock()
+		for _, m := range p.logs {
+			if m["msg"] == "worker started" {
+				pid := int(m["pid"].(float64))
+				if ppid, ok := parentOf(pid); ok && (ppid == 1 || ppid == p.pid) {
+					syscall.Kill(pid, syscall.SIGKILL)
+				}
+			}
+		}
+		p.mu.Unlock()
 		if t.Failed() {
+			p.settle()
 			t.Logf("upgrader log (last 60 lines):\n%s", p.tail(60))
 		}
 	})
 	return p
 }
 
-func (p *proc) read(r io.Reader) {
+// settle gives the log reader a moment to catch up after the exit.
+func (p *proc) settle() {
+	select {
+	case <-p.readerDone:
+	case <-time.After(time.Second):
+	}
+}
+
+func (p *proc) read(r *os.File) {
+	defer close(p.readerDone)
+	defer r.Close()
 	sc := bufio.NewScanner(r)
 	sc.Buffer(make([]byte, 1<<20), 1<<20)
 	for sc.Scan() {
@@ -130,11 +169,6 @@ func (p *proc) read(r io.Reader) {
 		p.cond.Broadcast()
 		p.mu.Unlock()
 	}
-	p.err = p.cmd.Wait()
-	p.mu.Lock()
-	close(p.done)
-	p.cond.Broadcast()
-	p.mu.Unlock()
 }
 
 func (p *proc) tail(n int) string {
@@ -166,7 +200,7 @@ func (p *proc) waitLogFrom(from int, timeout time.Duration, what string, match f
 			}
 		}
 		select {
-		case <-p.done:
+		case <-p.readerDone:
 			p.mu.Unlock()
 			defer p.mu.Lock()
 			p.t.Fatalf("upgrader exited (%v) before logging %s", p.err, what)
@@ -247,6 +281,7 @@ func (p *proc) wait(timeout time.Duration) int {
 	case <-time.After(timeout):
 		p.t.Fatalf("upgrader pid %d did not exit within %s", p.pid, timeout)
 	}
+	p.settle()
 	return p.cmd.ProcessState.ExitCode()
 }
 
@@ -322,4 +357,21 @@ func countFDs(t testing.TB, pid int) int {
 		t.Fatal(err)
 	}
 	return len(ents)
+}
+
+// parentOf reads pid's parent from /proc; ok is false once pid is gone.
+func parentOf(pid int) (int, bool) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0, false
+	}
+	s := string(b)
+	i := strings.LastIndexByte(s, ')')
+	if i < 0 {
+		return 0, false
+	}
+	var state string
+	var ppid int
+	fmt.Sscan(s[i+2:], &state, &ppid)
+	return ppid, state != "Z"
 }

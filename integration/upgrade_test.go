@@ -16,18 +16,20 @@ import (
 	"github.com/seed6cb0314a/upgrader/integration/loadgen"
 )
 
-// upgradeUnderLoad runs n upgrades by USR2, every interval, under load, and
-// returns the load's result once generation n+1 is serving.
+// upgradeUnderLoad runs n upgrades by USR2 under load, interval apart, and
+// returns the load's result once generation n+1 is serving. Each USR2 is
+// sent once the previous upgrade is ready: one sent earlier would be queued
+// and coalesced with the next (as specified), which a slow starter under
+// load makes likely.
 func upgradeUnderLoad(t *testing.T, p *proc, cfg loadgen.Config, n int, interval time.Duration) loadgen.Result {
 	t.Helper()
 	p.waitReady(1)
 	stop := runLoad(cfg)
-	time.Sleep(interval)
 	for i := 0; i < n; i++ {
-		p.signal(syscall.SIGUSR2)
 		time.Sleep(interval)
+		p.signal(syscall.SIGUSR2)
+		p.waitReady(i + 2)
 	}
-	p.waitReady(n + 1)
 	time.Sleep(200 * time.Millisecond) // let the newest generation serve some
 	return stop()
 }
