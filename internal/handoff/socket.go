@@ -1,0 +1,110 @@
+package handoff
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"sync"
+
+	"golang.org/x/sys/unix"
+)
+
+// Socket is one end of a handoff channel: a SOCK_SEQPACKET Unix socket, so
+// that every message, with its fds, arrives whole and in order.
+type Socket struct {
+	c   *net.UnixConn
+	wmu sync.Mutex
+}
+
+// Pair returns the two ends of a new channel, close-on-exec: one for the
+// supervisor, one to pass to a worker.
+func Pair() (*os.File, *os.File, error) {
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return nil, nil, fmt.Errorf("handoff socketpair: %w", err)
+	}
+	for _, fd := range fds {
+		// Room for a full message with all its fds in flight.
+		_ = unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_SNDBUF, 4*MaxMessage)
+		_ = unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUF, 4*MaxMessage)
+	}
+	return os.NewFile(uintptr(fds[0]), "handoff"), os.NewFile(uintptr(fds[1]), "handoff"), nil
+}
+
+// NewSocket wraps f (which it takes over and closes) as a Socket. f must be
+// a SOCK_SEQPACKET Unix socket; the error says what it is otherwise.
+func NewSocket(f *os.File) (*Socket, error) {
+	defer f.Close()
+	c, err := net.FileConn(f)
+	if err != nil {
+		return nil, fmt.Errorf("handoff fd %d: %w", f.Fd(), err)
+	}
+	uc, ok := c.(*net.UnixConn)
+	if !ok || uc.LocalAddr().Network() != "unixpacket" {
+		c.Close()
+		return nil, fmt.Errorf("handoff fd: not a SOCK_SEQPACKET Unix socket (%s)", c.LocalAddr().Network())
+	}
+	return &Socket{c: uc}, nil
+}
+
+// Send encodes m and sends it with fds (SCM_RIGHTS). The fds stay open in
+// the caller. Safe for concurrent use.
+func (s *Socket) Send(m Message, fds []int) error {
+	b, err := Encode(m)
+	if err != nil {
+		return err
+	}
+	var oob []byte
+	if len(fds) > 0 {
+		oob = unix.UnixRights(fds...)
+	}
+	s.wmu.Lock()
+	defer s.wmu.Unlock()
+	if _, _, err := s.c.WriteMsgUnix(b, oob, nil); err != nil {
+		return fmt.Errorf("handoff send %s: %w", m.Type, err)
+	}
+	return nil
+}
+
+// ErrClosed is returned by Recv once the peer has closed the channel.
+var ErrClosed = errors.New("handoff channel closed")
+
+// Recv receives one message. For a malformed message it returns the fds
+// that came with it (the caller must close them) and an error wrapping
+// ErrMalformed; the channel stays usable. Other errors end the channel;
+// ErrClosed when the peer has gone. Not safe for concurrent use.
+func (s *Socket) Recv() (Message, []*os.File, error) {
+	buf := make([]byte, MaxMessage+1)
+	oob := make([]byte, unix.CmsgSpace(4*MaxFDs))
+	n, oobn, flags, _, err := s.c.ReadMsgUnix(buf, oob)
+	if errors.Is(err, io.EOF) {
+		return Message{}, nil, ErrClosed
+	}
+	if err != nil {
+		return Message{}, nil, fmt.Errorf("handoff receive: %w", err)
+	}
+	var files []*os.File
+	if cmsgs, err := unix.ParseSocketControlMessage(oob[:oobn]); err == nil {
+		for _, c := range cmsgs {
+			if fds, err := unix.ParseUnixRights(&c); err == nil {
+				for _, fd := range fds {
+					unix.CloseOnExec(fd)
+					files = append(files, os.NewFile(uintptr(fd), "handed-off"))
+				}
+			}
+		}
+	}
+	if n == 0 && oobn == 0 {
+		return Message{}, nil, ErrClosed
+	}
+	if flags&(unix.MSG_TRUNC|unix.MSG_CTRUNC) != 0 {
+		return Message{}, files, fmt.Errorf("%w: truncated (over %d bytes or %d fds)", ErrMalformed, MaxMessage, MaxFDs)
+	}
+	m, err := Parse(buf[:n], len(files))
+	return m, files, err
+}
+
+// Close closes the channel; a blocked Recv returns.
+func (s *Socket) Close() error { return s.c.Close() }
