@@ -46,9 +46,13 @@ func TestParseRejectsAndNames(t *testing.T) {
 		"UPGRADER/1 HANDOFF id=1 kind=http n=1\nstate=-1 buffered=0\n\n":                    "over the limits",
 		"UPGRADER/1 HANDOFF id=1 kind=http n=1\nstate=1 buffered=0\n\nab":                   "1 bytes after the payload",
 		"UPGRADER/1 HANDOFF id=1 kind=http n=1\nstate=01 buffered=0\n\nx":                   "not state=N buffered=N",
-		"UPGRADER/1 HANDOFF id=1 kind=http n=0\n\n":                                         "n=0",
+		"UPGRADER/1 HANDOFF id=1 kind=http n=0\n\n":                                         `n="0"`,
 	} {
-		_, err := Parse([]byte(in), 1)
+		nfds := 0
+		if strings.Contains(in, "HANDOFF") {
+			nfds = 1
+		}
+		_, err := Parse([]byte(in), nfds)
 		if err == nil || !errors.Is(err, ErrMalformed) || !strings.Contains(err.Error(), want) {
 			t.Errorf("Parse(%.50q) = %v, want ErrMalformed naming %q", in, err, want)
 		}
