@@ -27,7 +27,11 @@ import (
 	"time"
 
 	"github.com/seed6cb0314a/upgrader/inherit"
+	"github.com/seed6cb0314a/upgrader/internal/handoff"
 )
+
+// connKey carries the request's connection in its context.
+type connKey struct{}
 
 // Options tune Serve. The zero value is usable.
 type Options struct {
@@ -40,6 +44,11 @@ type Options struct {
 	NoReady bool
 	// OnDrain, if set, is called when the drain begins.
 	OnDrain func()
+	// Handoff, when set (inherit.Set.Handoffs), hands idle HTTP/1.1
+	// connections to the newest generation at drain instead of closing
+	// them; a busy one goes as soon as its response is written. Without
+	// it, or when no worker takes them, they drain by "Connection: close".
+	Handoff *inherit.Handoffs
 }
 
 // Server wraps an *http.Server with drain bookkeeping.
@@ -55,6 +64,15 @@ type Server struct {
 	fatalOnce sync.Once
 	fatal     chan struct{} // closed by Fail
 	fatalErr  error
+
+	// Handoff (handoff.go). handoffOn is true while connections go to the
+	// new generation rather than close; pendingHO counts connections taken
+	// from net/http whose handoff has not been answered (under mu).
+	handoffOn atomic.Bool
+	taken     chan *hconn
+	fallback  *fallbackListener
+	pendingHO int
+	handedOff int
 }
 
 // FatalError is returned by Serve after a drain that Fail started (a
@@ -82,7 +100,10 @@ func New(srv *http.Server, opts Options) *Server {
 		opts.Signals = []os.Signal{syscall.SIGTERM, syscall.SIGINT}
 	}
 	s := &Server{srv: srv, opts: opts, conns: make(map[net.Conn]http.ConnState),
-		closed: make(chan struct{}, 1), fatal: make(chan struct{})}
+		closed: make(chan struct{}, 1), fatal: make(chan struct{}),
+		taken:    make(chan *hconn, handoff.MaxFDs),
+		fallback: &fallbackListener{ch: make(chan net.Conn), done: make(chan struct{})}}
+	s.handoffOn.Store(opts.Handoff != nil)
 	userHook := srv.ConnState
 	srv.ConnState = func(c net.Conn, st http.ConnState) {
 		s.track(c, st)
@@ -93,6 +114,13 @@ func New(srv *http.Server, opts Options) *Server {
 	h := srv.Handler
 	if h == nil {
 		h = http.DefaultServeMux
+	}
+	userCtx := srv.ConnContext
+	srv.ConnContext = func(ctx context.Context, c net.Conn) context.Context {
+		if userCtx != nil {
+			ctx = userCtx(ctx, c)
+		}
+		return context.WithValue(ctx, connKey{}, c)
 	}
 	srv.Handler = s.wrap(s.Recover(h))
 	return s
@@ -108,8 +136,19 @@ func (s *Server) Serve(ctx context.Context, listeners []net.Listener) error {
 	ctx, stop := signal.NotifyContext(ctx, opts.Signals...)
 	defer stop()
 	errc := make(chan error, len(listeners))
-	for _, l := range listeners {
+	if hl := opts.Handoff.Listener("http"); hl != nil {
+		// Connections handed to us. This listener ends when the channel
+		// does, which is no reason to stop serving the others.
+		go srv.Serve(handoffListener{hl, s})
+		listeners = append(listeners[:len(listeners):len(listeners)], hl)
+	}
+	if opts.Handoff != nil {
+		go s.batcher()
+		go srv.Serve(s.fallback)
+	}
+	for _, l := range listeners[:cap(errc)] {
 		go func() {
+			l := net.Listener(handoffListener{l, s})
 			err := srv.Serve(l)
 			if s.draining.Load() {
 				err = nil // our own Close
@@ -204,15 +243,20 @@ func (s *Server) drain(listeners []net.Listener) {
 
 	timer := time.NewTimer(time.Until(deadline))
 	defer timer.Stop()
+	// Idle connections go to the new generation now; the others when
+	// their response is written (track, on StateIdle).
+	s.kickIdle()
 	for s.open() > 0 {
 		select {
 		case <-s.closed:
 		case <-timer.C:
 			// Deadline: whatever is left is closed now.
 			s.srv.Close()
+			s.fallback.Close()
 			return
 		}
 	}
+	s.fallback.Close()
 	// Nothing is left, so Shutdown cannot drop a request.
 	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 	defer cancel()
@@ -226,24 +270,62 @@ func (s *Server) closeListeners(ls []net.Listener) {
 }
 
 func (s *Server) track(c net.Conn, st http.ConnState) {
+	if hc, ok := c.(*hconn); ok && st != http.StateClosed && st != http.StateHijacked {
+		between := st == http.StateIdle || st == http.StateNew
+		hc.setIdle(between)
+		if between && s.draining.Load() && s.handoffOn.Load() {
+			hc.kick()
+		}
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	switch st {
 	case http.StateClosed, http.StateHijacked:
 		delete(s.conns, c)
-		select {
-		case s.closed <- struct{}{}:
-		default:
-		}
+		s.signalClosed()
 	default:
 		s.conns[c] = st
 	}
 }
 
+func (s *Server) signalClosed() {
+	select {
+	case s.closed <- struct{}{}:
+	default:
+	}
+}
+
+// kickIdle asks for the takeover of every idle connection.
+func (s *Server) kickIdle() {
+	if !s.handoffOn.Load() {
+		return
+	}
+	s.mu.Lock()
+	var idle []*hconn
+	for c, st := range s.conns {
+		if hc, ok := c.(*hconn); ok && (st == http.StateIdle || st == http.StateNew) {
+			idle = append(idle, hc)
+		}
+	}
+	s.mu.Unlock()
+	for _, c := range idle {
+		c.kick()
+	}
+}
+
+// open counts connections still served here or waiting for a handoff
+// answer.
 func (s *Server) open() int {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return len(s.conns)
+	return len(s.conns) + s.pendingHO
+}
+
+// HandedOff reports how many connections went to the new generation.
+func (s *Server) HandedOff() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.handedOff
 }
 
 // Draining reports whether the drain has begun.
@@ -254,11 +336,12 @@ func (s *Server) Draining() bool { return s.draining.Load() }
 // instead of keeping it idle.
 func (s *Server) wrap(h http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		cw := &closeWriter{ResponseWriter: w, s: s}
+		_, handable := r.Context().Value(connKey{}).(*hconn)
+		cw := &closeWriter{ResponseWriter: w, s: s, handable: handable && r.ProtoMajor == 1}
 		h.ServeHTTP(cw, r)
 		// A handler that wrote nothing: net/http writes the response after
 		// this returns, so the header still takes effect.
-		if !cw.wrote && s.draining.Load() {
+		if !cw.wrote && cw.closing() {
 			w.Header().Set("Connection", "close")
 		}
 	})
@@ -266,14 +349,21 @@ func (s *Server) wrap(h http.Handler) http.Handler {
 
 type closeWriter struct {
 	http.ResponseWriter
-	s     *Server
-	wrote bool
+	s        *Server
+	wrote    bool
+	handable bool // its connection can be handed off
+}
+
+// closing reports whether this response should end its connection: when
+// draining, unless the connection will be handed off instead.
+func (w *closeWriter) closing() bool {
+	return w.s.draining.Load() && !(w.handable && w.s.handoffOn.Load())
 }
 
 func (w *closeWriter) WriteHeader(code int) {
 	if !w.wrote {
 		w.wrote = true
-		if w.s.draining.Load() {
+		if w.closing() {
 			w.Header().Set("Connection", "close")
 		}
 	}

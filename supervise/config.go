@@ -111,6 +111,8 @@ type Config struct {
 	// Watchdog, when > 0, is passed to workers as WATCHDOG_USEC; a ready
 	// worker that sends no WATCHDOG=1 for that long is replaced.
 	Watchdog time.Duration
+	// NoHandoff stops offering live-connection handoff (UPGRADER_HANDOFF_FD).
+	NoHandoff bool
 	// Sockets are passed to every worker as fds 3, 4, … in this order.
 	Sockets []*sockets.Socket
 	// RuntimeDir holds the notify socket (a private directory is made in it).

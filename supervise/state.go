@@ -5,6 +5,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/seed6cb0314a/upgrader/internal/handoff"
 )
 
 // WorkerState is where a worker is in its life. Transitions:
@@ -46,6 +48,8 @@ type worker struct {
 	readyStop func() bool
 	wdStop    func() bool // watchdog timer
 	lastPing  time.Time   // last WATCHDOG=1
+	hsock     *handoff.Socket
+	accepts   map[string]bool // handoff kinds it takes (ACCEPT)
 }
 
 type generation struct {

@@ -19,6 +19,7 @@ type Status struct {
 	LastUpgrade *UpgradeResult   `json:"last_upgrade,omitempty"`
 	Upgrades    map[string]int   `json:"upgrades"` // by result: ok, failed
 	Restarts    int              `json:"worker_restarts"`
+	Handoffs    HandoffStats     `json:"handoffs"`
 }
 
 // ListenerStatus describes one listener passed to workers.
@@ -90,6 +91,7 @@ func (s *Supervisor) snapshot() Status {
 		Ready:    s.current != nil && !s.stopping && !s.gaveUp,
 		Upgrades: map[string]int{"ok": s.upgradesOK, "failed": s.upgradesFailed},
 		Restarts: s.restartCount,
+		Handoffs: s.hoStats,
 	}
 	if s.current != nil {
 		st.Current = s.current.n

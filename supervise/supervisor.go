@@ -12,6 +12,7 @@ import (
 	"go.uber.org/zap"
 	"golang.org/x/sys/unix"
 
+	"github.com/seed6cb0314a/upgrader/internal/handoff"
 	"github.com/seed6cb0314a/upgrader/internal/sdnotify"
 	"github.com/seed6cb0314a/upgrader/internal/spawn"
 )
@@ -40,6 +41,13 @@ type (
 	evShutdown struct{} // --shutdown-delay is over
 	evFunc     struct{ f func() }
 	evWatchdog struct{ w *worker }
+	evHandoff  struct {
+		w     *worker
+		m     handoff.Message
+		files []*os.File
+		err   error
+	}
+	evHandoffClosed struct{ w *worker }
 )
 
 // Backoff for crash restarts: base·2^k with ±20% jitter, capped; reset after
@@ -76,6 +84,11 @@ type Supervisor struct {
 	gaveUp     bool
 
 	upgradesOK, upgradesFailed, restartCount int
+	// Handoffs under way, by the id the supervisor gave the forwarded batch.
+	pendingHO map[uint64]*pendingHandoff
+	nextHOID  uint64
+	rr        int // round-robin over handoff targets
+	hoStats   HandoffStats
 	// Watchers of upgrades requested through Upgrade: those for the next
 	// generation to start, and those for the upgrade queued behind it.
 	startWatchers, queuedWatchers []chan Progress
@@ -120,14 +133,15 @@ func newSupervisor(cfg Config, e env) (*Supervisor, error) {
 		return nil, err
 	}
 	return &Supervisor{
-		cfg:     cfg,
-		env:     e,
-		log:     cfg.Log,
-		events:  make(chan event, 256),
-		done:    make(chan struct{}),
-		workers: make(map[int]*worker),
-		baseEnv: workerBaseEnv(os.Environ()),
-		pid:     os.Getpid(),
+		cfg:       cfg,
+		env:       e,
+		log:       cfg.Log,
+		events:    make(chan event, 256),
+		done:      make(chan struct{}),
+		workers:   make(map[int]*worker),
+		baseEnv:   workerBaseEnv(os.Environ()),
+		pid:       os.Getpid(),
+		pendingHO: make(map[uint64]*pendingHandoff),
 	}, nil
 }
 
@@ -200,6 +214,10 @@ func (s *Supervisor) handle(ev event) {
 		s.drainAll()
 	case evWatchdog:
 		s.onWatchdog(ev.w)
+	case evHandoff:
+		s.onHandoff(ev.w, ev.m, ev.files, ev.err)
+	case evHandoffClosed:
+		s.closeHandoff(ev.w)
 	case evFunc:
 		ev.f()
 	}
@@ -312,6 +330,24 @@ func (s *Supervisor) startWorker(g *generation, slot int) error {
 	if s.cfg.Ready.Kind == "fd" {
 		readyFD = s.cfg.Ready.FD
 	}
+	// The handoff channel goes at the first fd after the listeners that
+	// --ready fd:N does not use.
+	var ours, theirs *os.File
+	if !s.cfg.NoHandoff {
+		if ours, theirs, err = handoff.Pair(); err != nil {
+			return err
+		}
+		defer theirs.Close()
+		hfd := 3 + len(s.cfg.Sockets)
+		if hfd == readyFD {
+			hfd++
+		}
+		for len(files) <= hfd {
+			files = append(files, -1)
+		}
+		files[hfd] = int(theirs.Fd())
+		env = append(env, "UPGRADER_HANDOFF_FD="+strconv.Itoa(hfd))
+	}
 	spec := spawn.Spec{
 		Path:      path,
 		Args:      s.cfg.Command,
@@ -320,6 +356,9 @@ func (s *Supervisor) startWorker(g *generation, slot int) error {
 		Pdeathsig: s.cfg.DrainSignal,
 	}
 	pid, err := s.env.start(spec, readyFD, func(pid int) { s.post(evReady{pid: pid}) })
+	if err != nil && ours != nil {
+		ours.Close()
+	}
 	if err != nil {
 		if g.state != GenStarting {
 			s.log.Error("cannot restart worker", zap.Int("generation", g.n), zap.Int("worker", slot), zap.Error(err))
@@ -328,6 +367,15 @@ func (s *Supervisor) startWorker(g *generation, slot int) error {
 		return err
 	}
 	w := &worker{gen: g, slot: slot, pid: pid, state: WorkerStarting, started: time.Now()}
+	if ours != nil {
+		if w.hsock, err = handoff.NewSocket(ours); err != nil {
+			s.log.Error("handoff channel", zap.Int("pid", pid), zap.Error(err))
+		} else {
+			// A worker that does not read its channel must not stall the loop.
+			w.hsock.SetSendTimeout(time.Second)
+			go s.readHandoff(w, w.hsock)
+		}
+	}
 	g.slots[slot] = w
 	g.live[w] = struct{}{}
 	s.workers[pid] = w
@@ -495,6 +543,7 @@ func (s *Supervisor) onExit(pid int, ws unix.WaitStatus) {
 	delete(s.workers, pid)
 	g := w.gen
 	delete(g.live, w)
+	s.closeHandoff(w)
 	if w.stopTimer != nil {
 		w.stopTimer()
 	}

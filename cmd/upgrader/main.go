@@ -92,6 +92,7 @@ type runFlags struct {
 	health        string
 	control       string
 	watchdog      time.Duration
+	noHandoff     bool
 }
 
 func run(args []string) error {
@@ -111,6 +112,7 @@ func run(args []string) error {
 	fs.StringVar(&f.health, "health", "", "serve /livez /readyz /status /metrics on `HOST:PORT` (default off)")
 	fs.StringVar(&f.control, "control", "", "control socket `PATH` (default upgrader.sock in the runtime directory; \"none\" for none)")
 	fs.DurationVar(&f.watchdog, "watchdog", 0, "workers get WATCHDOG_USEC; a worker silent this long is replaced (default off)")
+	fs.BoolVar(&f.noHandoff, "no-handoff", false, "do not offer live-connection handoff (UPGRADER_HANDOFF_FD) to workers")
 	fs.StringVar(&f.logFormat, "log-format", "console", "log format: console or json")
 	fs.StringVar(&f.logLevel, "log-level", "info", "log level: debug, info, warn, error")
 	if err := fs.Parse(args); err != nil {
@@ -153,6 +155,7 @@ func run(args []string) error {
 		MaxRestarts:   f.maxRestarts,
 		RestartWindow: f.restartWindow,
 		Watchdog:      f.watchdog,
+		NoHandoff:     f.noHandoff,
 		RuntimeDir:    runtimeDir(),
 		Log:           log,
 		Sockets:       activated,

@@ -76,8 +76,14 @@ func main() {
 		w.Header().Set("X-Generation", gen)
 		fmt.Fprintf(w, "hello from pid %s generation %s\n", pid, gen)
 	})
+	// Live connections: take idle keep-alive connections from a draining
+	// generation, and hand ours to the next one (nil when not offered).
+	handoffs, err := fds.Handoffs("http")
+	if err != nil {
+		log.Fatal(err)
+	}
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
-	d := drain.New(srv, drain.Options{Timeout: *drainTimeout})
+	d := drain.New(srv, drain.Options{Timeout: *drainTimeout, Handoff: handoffs})
 	// sd_watchdog_enabled(3): ping at half the interval while not hung.
 	if every, err := daemon.SdWatchdogEnabled(false); err == nil && every > 0 {
 		d.Go(func() {

@@ -5,10 +5,15 @@ It takes its listener from fd 3 (sd_listen_fds(3): LISTEN_FDS, LISTEN_PID),
 sends READY=1 by hand to $NOTIFY_SOCKET (sd_notify(3)), and on SIGTERM drains:
 it stops accepting, finishes the requests in flight, and exits 0.
 
+It also takes live HTTP connections handed off by a draining worker of the
+previous generation, on $UPGRADER_HANDOFF_FD, speaking the protocol of
+docs/handoff.md by hand: that is the proof that the wire format needs no Go.
+
 Run under upgrader:  upgrader -l 127.0.0.1:8080 -- python3 examples/python/worker.py
 Run alone:           python3 examples/python/worker.py  (binds 127.0.0.1:8080)
 """
 
+import array
 import http.server
 import os
 import signal
@@ -44,6 +49,81 @@ def sd_notify(state):
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
         s.connect(path)
         s.sendall(state.encode())
+
+
+MAGIC = b"UPGRADER/1 "
+MAX_MESSAGE = 192 << 10
+MAX_FDS = 253
+
+
+def handoff_channel():
+    """The handoff channel, announced as taking kind http; None if absent."""
+    v = os.environ.get("UPGRADER_HANDOFF_FD")
+    if not v:
+        return None
+    ch = socket.socket(fileno=int(v))  # AF_UNIX, SOCK_SEQPACKET
+    ch.send(MAGIC + b"ACCEPT kinds=http\n")
+    return ch
+
+
+def parse_handoff(msg, nfds):
+    """Parse a HANDOFF message; raise ValueError naming what is wrong."""
+    head, _, rest = msg.partition(b"\n")
+    if not head.startswith(MAGIC + b"HANDOFF "):
+        raise ValueError(f"not a HANDOFF: {head[:60]!r}")
+    fields = dict(kv.split(b"=", 1) for kv in head[len(MAGIC) + 8:].split())
+    msg_id, kind, n = int(fields[b"id"]), fields[b"kind"].decode(), int(fields[b"n"])
+    if n != nfds:
+        raise ValueError(f"n={n} but {nfds} fds came with the message")
+    conns = []
+    for _ in range(n):
+        line, _, rest = rest.partition(b"\n")
+        st, bu = (int(x.split(b"=")[1]) for x in line.split())
+        conns.append((st, bu))
+    return msg_id, kind, conns
+
+
+def receive_handoffs(ch, server):
+    """Take handed-off connections as if accepted; ACK or NAK each batch."""
+    while True:
+        try:
+            msg, anc, _, _ = ch.recvmsg(MAX_MESSAGE + 1, socket.CMSG_SPACE(MAX_FDS * 4))
+        except OSError:
+            return
+        if not msg and not anc:
+            return  # upgrader went away
+        fds = array.array("i")
+        for level, typ, data in anc:
+            if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
+                fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+        if not msg.startswith(MAGIC + b"HANDOFF "):
+            for fd in fds:
+                os.close(fd)
+            continue  # ACK/NAK for batches we never send
+        try:
+            msg_id, kind, conns = parse_handoff(msg, len(fds))
+        except (ValueError, KeyError, IndexError) as e:
+            print(f"python worker: malformed handoff message: {e}", file=sys.stderr)
+            for fd in fds:
+                os.close(fd)
+            continue
+        # Refuse what this simple worker cannot resume: another kind, bytes
+        # the sender had already read, or a drain under way. The sender
+        # keeps those connections.
+        if kind != "http" or any(bu for _, bu in conns) or Handler.draining:
+            for fd in fds:
+                os.close(fd)
+            ch.send(MAGIC + f"NAK id={msg_id} reason=python worker cannot take these\n".encode())
+            continue
+        for fd in fds:
+            sock = socket.socket(fileno=fd)
+            sock.setblocking(True)
+            try:
+                addr = sock.getpeername()
+            except OSError:
+                addr = ("", 0)
+            server.process_request(sock, addr)
+        ch.send(MAGIC + f"ACK id={msg_id}\n".encode())
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -96,6 +176,9 @@ def main():
 
     signal.signal(signal.SIGTERM, drain)
     signal.signal(signal.SIGINT, drain)
+    ch = handoff_channel()
+    if ch is not None:
+        threading.Thread(target=receive_handoffs, args=(ch, server), daemon=True).start()
     sd_notify("READY=1")
     server.serve_forever(poll_interval=0.05)
     # Stop accepting; the socket stays open in the supervisor, so connections

@@ -83,6 +83,12 @@ type Result struct {
 	// ClosedUnderClient counts keep-alive connections the server ended
 	// without saying so first (a failed request on a reused connection).
 	ClosedUnderClient int
+	// ConnsAcrossGenerations counts keep-alive connections answered by
+	// more than one generation (handed off while open); GenerationRegress
+	// counts responses from an older generation than an earlier one on the
+	// same connection.
+	ConnsAcrossGenerations int
+	GenerationRegress      int
 	// Samples holds the first few failures, described.
 	Samples []string
 	Elapsed time.Duration
@@ -112,6 +118,9 @@ func (r Result) String() string {
 	fmt.Fprintf(&b, "; latency p50=%s p90=%s p99=%s max=%s", r.P50, r.P90, r.P99, r.Max)
 	if r.ServerCloses > 0 || r.ClosedUnderClient > 0 {
 		fmt.Fprintf(&b, "; server closes: %d polite, %d under the client", r.ServerCloses, r.ClosedUnderClient)
+	}
+	if r.ConnsAcrossGenerations > 0 || r.GenerationRegress > 0 {
+		fmt.Fprintf(&b, "; %d connections answered by several generations (%d regressions)", r.ConnsAcrossGenerations, r.GenerationRegress)
 	}
 	for _, s := range r.Samples {
 		b.WriteString("\n  failure: " + s)
@@ -170,6 +179,8 @@ func Run(ctx context.Context, cfg Config) Result {
 		}
 		r.ServerCloses += c.serverCloses
 		r.ClosedUnderClient += c.closedUnder
+		r.ConnsAcrossGenerations += c.across
+		r.GenerationRegress += c.regress
 		for _, s := range c.samples {
 			if len(r.Samples) < 10 {
 				r.Samples = append(r.Samples, s)
@@ -196,6 +207,9 @@ type client struct {
 	conn         net.Conn
 	br           *bufio.Reader
 	reused       bool
+	// The current connection's first and last generation seen.
+	firstGen, lastGen int
+	across, regress   int
 }
 
 func (c *client) run(ctx context.Context) {
@@ -219,8 +233,27 @@ func (c *client) run(ctx context.Context) {
 func (c *client) close() {
 	if c.conn != nil {
 		c.conn.Close()
+		if c.lastGen != c.firstGen {
+			c.across++
+		}
 		c.conn, c.br, c.reused = nil, nil, false
+		c.firstGen, c.lastGen = 0, 0
 	}
+}
+
+// seen records the generation that answered on the current connection.
+func (c *client) seen(gen string) {
+	g, err := strconv.Atoi(gen)
+	if err != nil {
+		return
+	}
+	if c.firstGen == 0 {
+		c.firstGen = g
+	}
+	if g < c.lastGen {
+		c.regress++
+	}
+	c.lastGen = g
 }
 
 // one sends one request and records its outcome. It never retries.
@@ -232,6 +265,7 @@ func (c *client) one() {
 	if class == OK {
 		c.lat = append(c.lat, time.Since(start))
 		c.gens[gen]++
+		c.seen(gen)
 	} else {
 		if c.reused && class != Non2xx {
 			c.closedUnder++

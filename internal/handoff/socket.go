@@ -7,6 +7,7 @@ import (
 	"net"
 	"os"
 	"sync"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -14,9 +15,14 @@ import (
 // Socket is one end of a handoff channel: a SOCK_SEQPACKET Unix socket, so
 // that every message, with its fds, arrives whole and in order.
 type Socket struct {
-	c   *net.UnixConn
-	wmu sync.Mutex
+	c       *net.UnixConn
+	wmu     sync.Mutex
+	timeout time.Duration
 }
+
+// SetSendTimeout bounds every later Send: a peer that does not read makes
+// Send fail after d instead of blocking (0: no bound).
+func (s *Socket) SetSendTimeout(d time.Duration) { s.timeout = d }
 
 // Pair returns the two ends of a new channel, close-on-exec: one for the
 // supervisor, one to pass to a worker.
@@ -62,6 +68,9 @@ func (s *Socket) Send(m Message, fds []int) error {
 	}
 	s.wmu.Lock()
 	defer s.wmu.Unlock()
+	if s.timeout > 0 {
+		s.c.SetWriteDeadline(time.Now().Add(s.timeout))
+	}
 	if _, _, err := s.c.WriteMsgUnix(b, oob, nil); err != nil {
 		return fmt.Errorf("handoff send %s: %w", m.Type, err)
 	}

@@ -1,0 +1,289 @@
+package drain
+
+import (
+	"errors"
+	"io"
+	"net"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/seed6cb0314a/upgrader/inherit"
+	"github.com/seed6cb0314a/upgrader/internal/handoff"
+)
+
+// How idle HTTP/1.1 connections are taken from net/http without losing a
+// byte.
+//
+// Every accepted connection is wrapped in an hconn. When the drain begins,
+// and whenever a connection turns idle during the drain, the hconn is
+// "kicked": its read deadline is moved to the past, which wakes net/http's
+// pending read. That read (or the next one) fails with errTakenOver, which
+// makes net/http drop the connection and call Close, which the hconn turns
+// into a handoff instead of a close; but only when net/http provably holds
+// none of the connection's bytes:
+//
+//   - the connection is idle or new (ConnState) and no byte was returned to
+//     net/http since, so no next request has begun;
+//   - net/http asks for a whole 4096-byte buffer, which it does only when
+//     its bufio.Reader is empty (it asks for less when it holds some bytes).
+//
+// Otherwise the kick is undone (net/http's own deadline is restored) and
+// the read goes on: the request is served here, and the connection is
+// taken when it next turns idle.
+
+// httpReadBuffer is net/http's bufio.Reader size for connections.
+const httpReadBuffer = 4096
+
+// errTakenOver is what net/http's read gets at a takeover. It must be
+// io.EOF: net/http drops a connection silently on EOF, but answers other
+// errors on a new connection with "400 Bad Request".
+var errTakenOver = io.EOF
+
+// aLongTimeAgo is a deadline in the past, as net/http uses to abort reads.
+var aLongTimeAgo = time.Unix(1, 0)
+
+type hconn struct {
+	net.Conn
+	s *Server
+
+	mu           sync.Mutex
+	delivered    int64 // bytes returned to net/http
+	idleMark     int64 // delivered when it last turned idle
+	idle         bool  // StateIdle, or StateNew: between requests
+	want         bool  // a takeover is asked for
+	kicked       bool  // our deadline is set, not net/http's
+	httpDeadline time.Time
+	taken        bool // Read refused net/http: Close hands off
+}
+
+// eligible reports whether net/http holds none of c's bytes, for a read
+// of n bytes. c.mu is held.
+func (c *hconn) eligible(n int) bool {
+	return c.idle && n == httpReadBuffer && c.delivered == c.idleMark
+}
+
+func (c *hconn) Read(p []byte) (int, error) {
+	for {
+		c.mu.Lock()
+		if c.want && c.eligible(len(p)) {
+			c.taken = true
+			c.mu.Unlock()
+			return 0, errTakenOver
+		}
+		c.mu.Unlock()
+		n, err := c.Conn.Read(p)
+		c.mu.Lock()
+		c.delivered += int64(n)
+		if c.kicked {
+			var ne net.Error
+			if n == 0 && errors.As(err, &ne) && ne.Timeout() && c.want && c.eligible(len(p)) {
+				c.taken = true
+				c.mu.Unlock()
+				return 0, errTakenOver
+			}
+			// Bytes came first, or net/http holds some: serve it here.
+			c.kicked, c.want = false, false
+			c.Conn.SetReadDeadline(c.httpDeadline)
+			if n == 0 && errors.As(err, &ne) && ne.Timeout() {
+				c.mu.Unlock()
+				continue // our own deadline, not net/http's
+			}
+		}
+		c.mu.Unlock()
+		return n, err
+	}
+}
+
+func (c *hconn) SetReadDeadline(t time.Time) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.httpDeadline = t
+	if c.kicked {
+		return nil // restored when the kick is undone
+	}
+	return c.Conn.SetReadDeadline(t)
+}
+
+func (c *hconn) SetDeadline(t time.Time) error {
+	if err := c.SetReadDeadline(t); err != nil {
+		return err
+	}
+	return c.Conn.SetWriteDeadline(t)
+}
+
+// kick asks for a takeover of an idle connection.
+func (c *hconn) kick() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if !c.idle || c.taken || c.want {
+		return
+	}
+	c.want, c.kicked = true, true
+	c.Conn.SetReadDeadline(aLongTimeAgo)
+}
+
+func (c *hconn) setIdle(idle bool) {
+	c.mu.Lock()
+	c.idle = idle
+	if idle {
+		c.idleMark = c.delivered
+	}
+	c.mu.Unlock()
+}
+
+// Close hands the connection off when Read refused it to net/http.
+func (c *hconn) Close() error {
+	c.mu.Lock()
+	taken := c.taken
+	c.mu.Unlock()
+	if taken {
+		c.s.takenConn(c)
+		return nil
+	}
+	return c.Conn.Close()
+}
+
+// CloseWrite lets net/http half-close before closing, as it does for a
+// *net.TCPConn, so that a client's unread bytes do not turn into a reset.
+func (c *hconn) CloseWrite() error {
+	if cw, ok := c.Conn.(interface{ CloseWrite() error }); ok {
+		return cw.CloseWrite()
+	}
+	return nil
+}
+
+// SyscallConn exposes the fd for handoff.
+func (c *hconn) SyscallConn() (syscall.RawConn, error) {
+	sc, ok := c.Conn.(syscall.Conn)
+	if !ok {
+		return nil, errors.New("drain: connection has no fd")
+	}
+	return sc.SyscallConn()
+}
+
+// reset makes a connection that came back from a refused handoff a plain
+// one again, to be served here.
+func (c *hconn) reset() {
+	c.mu.Lock()
+	c.taken, c.want, c.kicked, c.idle = false, false, false, false
+	c.Conn.SetReadDeadline(c.httpDeadline)
+	c.mu.Unlock()
+}
+
+// handoffListener wraps accepted connections in hconns.
+type handoffListener struct {
+	net.Listener
+	s *Server
+}
+
+func (l handoffListener) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err != nil {
+		return nil, err
+	}
+	if _, ok := c.(syscall.Conn); !ok {
+		return c, nil // TLS and other wrappers: not handed off
+	}
+	return &hconn{Conn: c, s: l.s}, nil
+}
+
+// fallbackListener feeds connections whose handoff was refused back to this
+// worker's own http.Server.
+type fallbackListener struct {
+	ch   chan net.Conn
+	done chan struct{}
+	once sync.Once
+}
+
+func (l *fallbackListener) Accept() (net.Conn, error) {
+	select {
+	case c := <-l.ch:
+		return c, nil
+	case <-l.done:
+		return nil, net.ErrClosed
+	}
+}
+
+func (l *fallbackListener) Close() error {
+	l.once.Do(func() { close(l.done) })
+	return nil
+}
+
+func (l *fallbackListener) Addr() net.Addr { return fallbackAddr{} }
+
+type fallbackAddr struct{}
+
+func (fallbackAddr) Network() string { return "fallback" }
+func (fallbackAddr) String() string  { return "handoff-fallback" }
+
+// takenConn queues a connection net/http let go of for the batcher.
+func (s *Server) takenConn(c *hconn) {
+	s.mu.Lock()
+	s.pendingHO++
+	s.mu.Unlock()
+	s.taken <- c
+}
+
+// batchWindow is how long the batcher waits to fill a batch.
+const batchWindow = 500 * time.Microsecond
+
+// batcher sends taken connections to upgrader in batches of up to
+// handoff.MaxFDs. Connections of a refused batch are served here instead,
+// and later responses say "Connection: close", since nobody takes them.
+func (s *Server) batcher() {
+	for c := range s.taken {
+		batch := []*hconn{c}
+		timer := time.NewTimer(batchWindow)
+	fill:
+		for len(batch) < handoff.MaxFDs {
+			select {
+			case c := <-s.taken:
+				batch = append(batch, c)
+			case <-timer.C:
+				break fill
+			}
+		}
+		timer.Stop()
+		out := make([]inherit.Outgoing, len(batch))
+		for i, c := range batch {
+			out[i] = inherit.Outgoing{Conn: c.Conn}
+			if ic, ok := c.Conn.(*inherit.Conn); ok {
+				out[i].Buffered = ic.Pending()
+			}
+		}
+		err := s.opts.Handoff.Send("http", out)
+		for _, c := range batch {
+			if err == nil {
+				c.Conn.Close() // the new worker has its own copy
+			} else {
+				s.handoffOn.Store(false)
+				c.reset()
+				select {
+				case s.fallback.ch <- c:
+				case <-s.fallback.done:
+					c.Conn.Close() // past the deadline
+				}
+			}
+		}
+		s.mu.Lock()
+		s.pendingHO -= len(batch)
+		if err == nil {
+			s.handedOff += len(batch)
+		}
+		s.mu.Unlock()
+		s.signalClosed()
+	}
+}
+
+// Handoff hands one connection of the application's own protocol, with its
+// state and any bytes read but not consumed, to a ready worker of the
+// newest generation that took kind (inherit.Set.Handoffs), and closes it
+// here. On error the connection is untouched and still the caller's to
+// serve or close.
+func Handoff(h *inherit.Handoffs, conn net.Conn, kind string, state, buffered []byte) error {
+	if err := h.Send(kind, []inherit.Outgoing{{Conn: conn, State: state, Buffered: buffered}}); err != nil {
+		return err
+	}
+	return conn.Close()
+}

@@ -1,0 +1,354 @@
+package inherit
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"strconv"
+	"sync"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/seed6cb0314a/upgrader/internal/handoff"
+)
+
+// Handoffs is the worker's end of upgrader's live-connection handoff
+// channel (UPGRADER_HANDOFF_FD; the protocol is in docs/handoff.md). A new
+// worker receives connections from a draining one through it; a draining
+// worker sends its connections through it.
+type Handoffs struct {
+	sock  *handoff.Socket
+	kinds map[string]*Listener
+
+	mu      sync.Mutex
+	nextID  uint64
+	waiting map[uint64]chan error
+	closed  bool
+}
+
+// ErrNoHandoff is returned by Send when the process has no handoff channel.
+var ErrNoHandoff = errors.New("no handoff channel (not run by upgrader, or --no-handoff)")
+
+// Handoffs opens the handoff channel named by UPGRADER_HANDOFF_FD and tells
+// upgrader which kinds of connection this worker takes ("http" for
+// net/http servers; any name of 1-32 [a-z0-9._-] for the application's
+// own). It returns nil and no error when there is no channel: the worker
+// then neither receives nor sends connections. The error names the
+// variable when it does not name a SOCK_SEQPACKET socket.
+func (s *Set) Handoffs(kinds ...string) (*Handoffs, error) {
+	v := os.Getenv("UPGRADER_HANDOFF_FD")
+	if v == "" {
+		return nil, nil
+	}
+	fd, err := strconv.Atoi(v)
+	if err != nil || fd < 3 {
+		return nil, fmt.Errorf("UPGRADER_HANDOFF_FD=%q: not an fd number", v)
+	}
+	if _, err := unix.FcntlInt(uintptr(fd), unix.F_GETFD, 0); err != nil {
+		return nil, fmt.Errorf("UPGRADER_HANDOFF_FD=%d: fd is not open", fd)
+	}
+	unix.CloseOnExec(fd)
+	sock, err := handoff.NewSocket(os.NewFile(uintptr(fd), "handoff"))
+	if err != nil {
+		return nil, fmt.Errorf("UPGRADER_HANDOFF_FD=%d: %w", fd, err)
+	}
+	h := &Handoffs{sock: sock, kinds: map[string]*Listener{}, waiting: map[uint64]chan error{}}
+	for _, k := range kinds {
+		if !handoff.ValidKind(k) {
+			sock.Close()
+			return nil, fmt.Errorf("handoff kind %q: want 1-32 of [a-z0-9._-]", k)
+		}
+		h.kinds[k] = newListener(k)
+	}
+	if err := sock.Send(handoff.Message{Type: handoff.TypeAccept, Kinds: kinds}, nil); err != nil {
+		sock.Close()
+		return nil, err
+	}
+	go h.read()
+	return h, nil
+}
+
+// Listener returns the listener on which connections of kind arrive, as if
+// accepted; nil for a kind not passed to Handoffs. Each is a *Conn.
+func (h *Handoffs) Listener(kind string) *Listener {
+	if h == nil {
+		return nil
+	}
+	return h.kinds[kind]
+}
+
+func (h *Handoffs) read() {
+	for {
+		m, files, err := h.sock.Recv()
+		if err != nil && !errors.Is(err, handoff.ErrMalformed) {
+			h.shut()
+			return
+		}
+		if err != nil {
+			for _, f := range files {
+				f.Close()
+			}
+			fmt.Fprintf(os.Stderr, "upgrader handoff: dropped a message from upgrader: %v\n", err)
+			continue
+		}
+		switch m.Type {
+		case handoff.TypeHandoff:
+			h.receive(m, files)
+		case handoff.TypeAck, handoff.TypeNak:
+			h.mu.Lock()
+			ch := h.waiting[m.ID]
+			delete(h.waiting, m.ID)
+			h.mu.Unlock()
+			if ch != nil {
+				if m.Type == handoff.TypeAck {
+					ch <- nil
+				} else {
+					ch <- fmt.Errorf("handoff refused: %s", m.Reason)
+				}
+			}
+		}
+	}
+}
+
+// receive takes ownership of handed-off connections and answers ACK, or
+// NAK when this worker cannot take them (the sender then keeps them).
+func (h *Handoffs) receive(m handoff.Message, files []*os.File) {
+	defer func() {
+		for _, f := range files {
+			f.Close()
+		}
+	}()
+	nak := func(reason string) {
+		h.sock.Send(handoff.Message{Type: handoff.TypeNak, ID: m.ID, Reason: reason}, nil)
+	}
+	l := h.kinds[m.Kind]
+	if l == nil {
+		nak("this worker does not take kind " + m.Kind)
+		return
+	}
+	conns := make([]*Conn, 0, len(files))
+	for i, f := range files {
+		c, err := net.FileConn(f)
+		if err != nil {
+			for _, c := range conns {
+				c.Conn.Close()
+			}
+			nak(fmt.Sprintf("connection %d: %v", i, err))
+			return
+		}
+		conns = append(conns, &Conn{Conn: c, Kind: m.Kind, State: m.Conns[i].State, pending: m.Conns[i].Buffered})
+	}
+	if !l.push(conns) {
+		for _, c := range conns {
+			c.Conn.Close()
+		}
+		nak("listener for kind " + m.Kind + " is closed")
+		return
+	}
+	h.sock.Send(handoff.Message{Type: handoff.TypeAck, ID: m.ID}, nil)
+}
+
+func (h *Handoffs) shut() {
+	h.mu.Lock()
+	h.closed = true
+	for id, ch := range h.waiting {
+		ch <- ErrNoHandoff
+		delete(h.waiting, id)
+	}
+	h.mu.Unlock()
+	for _, l := range h.kinds {
+		l.Close()
+	}
+}
+
+// Outgoing is one connection to hand off.
+type Outgoing struct {
+	// Conn must expose its fd (syscall.Conn: *net.TCPConn, *net.UnixConn,
+	// *Conn); TLS connections cannot be handed off.
+	Conn net.Conn
+	// State is application state for the receiver (at most 64 KiB).
+	State []byte
+	// Buffered are bytes already read from Conn but not consumed (at most
+	// 64 KiB): the receiver reads them first.
+	Buffered []byte
+}
+
+// SendTimeout bounds how long Send waits for upgrader's answer.
+const SendTimeout = 5 * time.Second
+
+// Send hands conns (at most 253) of kind to a ready worker of the newest
+// generation, through upgrader, and waits for the answer. On nil the
+// receiver owns them and the caller must close its copies; on error
+// (refused: no ready worker takes kind, the target failed; timeout;
+// channel closed) the connections are untouched and still the caller's to
+// serve or close.
+func (h *Handoffs) Send(kind string, conns []Outgoing) error {
+	if h == nil {
+		return ErrNoHandoff
+	}
+	m := handoff.Message{Type: handoff.TypeHandoff, Kind: kind}
+	fds := make([]int, 0, len(conns))
+	defer func() {
+		for _, fd := range fds {
+			unix.Close(fd)
+		}
+	}()
+	for _, o := range conns {
+		sc, ok := o.Conn.(syscall.Conn)
+		if !ok {
+			return fmt.Errorf("handoff: %T has no fd to pass", o.Conn)
+		}
+		fd, err := dupConn(sc)
+		if err != nil {
+			return fmt.Errorf("handoff: %w", err)
+		}
+		fds = append(fds, fd)
+		m.Conns = append(m.Conns, handoff.Conn{State: o.State, Buffered: o.Buffered})
+	}
+	ch := make(chan error, 1)
+	h.mu.Lock()
+	if h.closed {
+		h.mu.Unlock()
+		return ErrNoHandoff
+	}
+	h.nextID++
+	m.ID = h.nextID
+	h.waiting[m.ID] = ch
+	h.mu.Unlock()
+	if err := h.sock.Send(m, fds); err != nil {
+		h.forget(m.ID)
+		return err
+	}
+	select {
+	case err := <-ch:
+		return err
+	case <-time.After(SendTimeout):
+		h.forget(m.ID)
+		return fmt.Errorf("handoff: no answer from upgrader within %s", SendTimeout)
+	}
+}
+
+func (h *Handoffs) forget(id uint64) {
+	h.mu.Lock()
+	delete(h.waiting, id)
+	h.mu.Unlock()
+}
+
+func dupConn(sc syscall.Conn) (int, error) {
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		return -1, err
+	}
+	nfd := -1
+	var derr error
+	if err := rc.Control(func(fd uintptr) { nfd, derr = unix.FcntlInt(fd, unix.F_DUPFD_CLOEXEC, 0) }); err != nil {
+		return -1, err
+	}
+	return nfd, derr
+}
+
+// Conn is a handed-off connection as the receiver sees it.
+type Conn struct {
+	net.Conn
+	// Kind and State are what the sender gave.
+	Kind  string
+	State []byte
+
+	mu      sync.Mutex
+	pending []byte // the sender's buffered bytes, read first
+}
+
+// Read returns the sender's buffered bytes first, then reads the socket.
+func (c *Conn) Read(p []byte) (int, error) {
+	c.mu.Lock()
+	if len(c.pending) > 0 {
+		n := copy(p, c.pending)
+		c.pending = c.pending[n:]
+		c.mu.Unlock()
+		return n, nil
+	}
+	c.mu.Unlock()
+	return c.Conn.Read(p)
+}
+
+// Pending returns the sender's buffered bytes not read yet, so that a
+// connection handed off again carries them along.
+func (c *Conn) Pending() []byte {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return append([]byte(nil), c.pending...)
+}
+
+// SyscallConn exposes the socket, so the connection can be handed off again.
+func (c *Conn) SyscallConn() (syscall.RawConn, error) {
+	sc, ok := c.Conn.(syscall.Conn)
+	if !ok {
+		return nil, fmt.Errorf("handoff: %T has no fd", c.Conn)
+	}
+	return sc.SyscallConn()
+}
+
+// Listener yields handed-off connections of one kind. It implements
+// net.Listener, so an http.Server serves it with srv.Serve.
+type Listener struct {
+	kind   string
+	mu     sync.Mutex
+	cond   *sync.Cond
+	queue  []*Conn
+	closed bool
+}
+
+func newListener(kind string) *Listener {
+	l := &Listener{kind: kind}
+	l.cond = sync.NewCond(&l.mu)
+	return l
+}
+
+func (l *Listener) push(cs []*Conn) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.closed {
+		return false
+	}
+	l.queue = append(l.queue, cs...)
+	l.cond.Broadcast()
+	return true
+}
+
+// Accept waits for the next handed-off connection.
+func (l *Listener) Accept() (net.Conn, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	for len(l.queue) == 0 && !l.closed {
+		l.cond.Wait()
+	}
+	if len(l.queue) == 0 {
+		return nil, net.ErrClosed
+	}
+	c := l.queue[0]
+	l.queue = l.queue[1:]
+	return c, nil
+}
+
+// Close stops the listener taking more connections (further handoffs are
+// refused, and their senders keep them). Connections already taken are
+// still returned by Accept, which fails only once they are all out: they
+// were acknowledged, so dropping them would lose their requests.
+func (l *Listener) Close() error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.closed = true
+	l.cond.Broadcast()
+	return nil
+}
+
+// Addr is a placeholder address naming the kind.
+func (l *Listener) Addr() net.Addr { return handoffAddr(l.kind) }
+
+type handoffAddr string
+
+func (a handoffAddr) Network() string { return "handoff" }
+func (a handoffAddr) String() string  { return "handoff:" + string(a) }

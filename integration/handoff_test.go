@@ -1,0 +1,241 @@
+package integration
+
+import (
+	"bufio"
+	"fmt"
+	"net"
+	"net/http"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/seed6cb0314a/upgrader/integration/loadgen"
+)
+
+// upgradeTo sends USR2 and waits until generation gen is ready and the one
+// before it has exited.
+func (p *proc) upgradeTo(gen int) {
+	p.t.Helper()
+	p.signal(syscall.SIGUSR2)
+	p.waitReady(gen)
+	p.waitLog(30*time.Second, fmt.Sprintf("generation %d exited", gen-1), msg("generation exited", "generation", gen-1))
+}
+
+func TestHandoffKeepsKeepAliveConnectionsOpen(t *testing.T) {
+	p := startUpgrader(t, "-l", "127.0.0.1:0", "-w", "2", "--", helloBin)
+	addr := p.addr("")
+	r := upgradeUnderLoad(t, p, loadgen.Config{Addr: addr, Clients: 16, Mode: loadgen.KeepAlive, MaxIdle: 50 * time.Millisecond}, 20, 500*time.Millisecond)
+	requireNoFailures(t, r)
+	if r.ServerCloses != 0 || r.ClosedUnderClient != 0 {
+		t.Fatalf("the server closed %d connections politely and %d under the client; want none", r.ServerCloses, r.ClosedUnderClient)
+	}
+	// The same connections were answered by newer and newer generations.
+	if r.ConnsAcrossGenerations < 16 || r.GenerationRegress != 0 {
+		t.Fatalf("%d connections crossed generations (%d regressions); want all 16 clients' connections, moving forward only",
+			r.ConnsAcrossGenerations, r.GenerationRegress)
+	}
+	requireGenerations(t, r, 1, 21)
+	st := p.status()
+	if st.Handoffs.HandedOff < 16 || st.Handoffs.Malformed != 0 {
+		t.Fatalf("handoff counts %+v", st.Handoffs)
+	}
+	t.Logf("handoffs: %+v", st.Handoffs)
+}
+
+// rawPost sends one POST on c and returns the status and X-Generation.
+func rawPost(t *testing.T, c net.Conn, br *bufio.Reader) (int, string, bool) {
+	t.Helper()
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	if _, err := c.Write([]byte("POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi")); err != nil {
+		t.Fatalf("write: %v", err)
+	}
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil {
+		t.Fatalf("read response: %v", err)
+	}
+	resp.Body.Close()
+	return resp.StatusCode, resp.Header.Get("X-Generation"), resp.Close
+}
+
+func TestIdleConnectionSurvivesFiveUpgrades(t *testing.T) {
+	p := startUpgrader(t, "-l", "127.0.0.1:0", "--", helloBin)
+	addr := p.addr("")
+	p.waitReady(1)
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	br := bufio.NewReader(c)
+	if code, gen, _ := rawPost(t, c, br); code != 200 || gen != "1" {
+		t.Fatalf("first request: %d from generation %s", code, gen)
+	}
+	for gen := 2; gen <= 6; gen++ {
+		p.upgradeTo(gen)
+	}
+	code, gen, closing := rawPost(t, c, br)
+	if code != 200 || gen != "6" || closing {
+		t.Fatalf("POST after 5 upgrades on the idle connection: %d from generation %s (close=%v); want 200 from 6", code, gen, closing)
+	}
+}
+
+func TestStatefulSessionSurvivesUpgrades(t *testing.T) {
+	counterBin := filepath.Join(filepath.Dir(helloBin), "counter")
+	build := exec.Command("go", "build", "-o", counterBin, "./examples/counter")
+	build.Dir = repoRoot
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("build counter: %v\n%s", err, out)
+	}
+	p := startUpgrader(t, "-l", "counter=127.0.0.1:0", "--", counterBin)
+	addr := p.addr("counter")
+	p.waitReady(1)
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	br := bufio.NewReader(c)
+	want := 0
+	lastGen := 0
+	inc := func() {
+		t.Helper()
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		fmt.Fprintf(c, "inc\n")
+		line, err := br.ReadString('\n')
+		if err != nil {
+			t.Fatalf("after %d: %v", want, err)
+		}
+		want++
+		var n, pid, gen int
+		if _, err := fmt.Sscanf(line, "%d pid=%d generation=%d", &n, &pid, &gen); err != nil || n != want || gen < lastGen {
+			t.Fatalf("reply %q, want counter %d from generation ≥ %d", line, want, lastGen)
+		}
+		lastGen = gen
+	}
+	for gen := 2; gen <= 6; gen++ {
+		for range 20 {
+			inc()
+		}
+		// Half a line in flight as the drain begins travels with the session.
+		fmt.Fprintf(c, "in")
+		p.upgradeTo(gen)
+		fmt.Fprintf(c, "c\n")
+		want++
+		line, err := br.ReadString('\n')
+		if err != nil || !strings.HasPrefix(line, strconv.Itoa(want)+" ") || !strings.HasSuffix(line, "generation="+strconv.Itoa(gen)+"\n") {
+			t.Fatalf("after upgrade to %d: %q %v; want counter %d from generation %d", gen, line, err, want, gen)
+		}
+		lastGen = gen
+	}
+	t.Logf("counter reached %d across 5 upgrades on one connection", want)
+}
+
+func TestHalfRequestAtDrainGetsItsResponse(t *testing.T) {
+	p := startUpgrader(t, "-l", "127.0.0.1:0", "--", helloBin)
+	addr := p.addr("")
+	p.waitReady(1)
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	br := bufio.NewReader(c)
+	rawPost(t, c, br)
+	// Half a request, then the upgrade, then the rest.
+	c.Write([]byte("POST / HTTP/1.1\r\nHost: x\r\nContent-"))
+	time.Sleep(50 * time.Millisecond)
+	p.signal(syscall.SIGUSR2)
+	p.waitReady(2)
+	p.waitLog(5*time.Second, "generation 1 draining", msg("draining generation", "generation", 1))
+	time.Sleep(100 * time.Millisecond)
+	c.Write([]byte("Length: 5\r\n\r\nhello"))
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil {
+		t.Fatalf("the half-sent request got no response: %v", err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != 200 {
+		t.Fatalf("status %d", resp.StatusCode)
+	}
+	// The connection lives on, now with the new generation.
+	p.waitLog(10*time.Second, "generation 1 exited", msg("generation exited", "generation", 1))
+	if code, gen, _ := rawPost(t, c, br); code != 200 || gen != "2" {
+		t.Fatalf("next request: %d from generation %s, want generation 2", code, gen)
+	}
+}
+
+func TestNewGenerationWithoutHandoffDrainsByConnectionClose(t *testing.T) {
+	dir := t.TempDir()
+	script := filepath.Join(dir, "run")
+	writeScript(t, script, "exec "+helloBin)
+	p := startUpgrader(t, "-l", "127.0.0.1:0", "--", script)
+	addr := p.addr("")
+	p.waitReady(1)
+	stop := runLoad(loadgen.Config{Addr: addr, Clients: 16, Mode: loadgen.KeepAlive, MaxIdle: 50 * time.Millisecond})
+	time.Sleep(300 * time.Millisecond)
+	// A worker without the library: it never announces ACCEPT.
+	writeScript(t, script, "exec env -u UPGRADER_HANDOFF_FD "+helloBin)
+	p.upgradeTo(2)
+	time.Sleep(300 * time.Millisecond)
+	r := stop()
+	requireNoFailures(t, r)
+	if r.ServerCloses < 16 || r.ClosedUnderClient != 0 {
+		t.Fatalf("%d polite closes, %d under the client; want every connection closed politely", r.ServerCloses, r.ClosedUnderClient)
+	}
+	if st := p.status(); st.Handoffs.HandedOff != 0 || st.Handoffs.Refused == 0 {
+		t.Fatalf("handoff counts %+v; want refusals and nothing handed off", st.Handoffs)
+	}
+}
+
+func TestPythonWorkerTakesHandedOffConnections(t *testing.T) {
+	dir := t.TempDir()
+	script := filepath.Join(dir, "run")
+	writeScript(t, script, "exec "+helloBin)
+	p := startUpgrader(t, "-l", "127.0.0.1:0", "--", script)
+	addr := p.addr("")
+	p.waitReady(1)
+	stop := runLoad(loadgen.Config{Addr: addr, Clients: 8, Mode: loadgen.KeepAlive, MaxIdle: 50 * time.Millisecond})
+	time.Sleep(300 * time.Millisecond)
+	writeScript(t, script, "exec python3 "+filepath.Join(repoRoot, "examples/python/worker.py"))
+	p.upgradeTo(2)
+	time.Sleep(500 * time.Millisecond)
+	r := stop()
+	requireNoFailures(t, r)
+	st := p.status()
+	if st.Handoffs.HandedOff == 0 || r.Generations["2"] == 0 || r.ConnsAcrossGenerations == 0 {
+		t.Fatalf("handoffs %+v, generations %v, %d connections across generations: the Python worker took none",
+			st.Handoffs, r.Generations, r.ConnsAcrossGenerations)
+	}
+}
+
+func TestMalformedHandoffMessageIsRefused(t *testing.T) {
+	// The worker (python, exec'd by the shim) writes garbage on its handoff
+	// channel, then serves normally.
+	py := `import os, socket, time
+ch = socket.socket(fileno=int(os.environ["UPGRADER_HANDOFF_FD"]))
+ch.send(b"UPGRADER/1 HANDOFF id=1 kind=http n=3\nstate=x\n")
+ch.send(b"\x00\xff garbage")
+s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+s.connect(os.environ["NOTIFY_SOCKET"])
+s.send(b"READY=1")
+time.sleep(60)`
+	p := startUpgrader(t, "--", "python3", "-c", py)
+	p.waitReady(1)
+	for i := 0; i < 2; i++ {
+		m, idx := p.waitLogFrom(0, 5*time.Second, "malformed handoff message", msg("malformed handoff message from worker, dropped"))
+		if e := m["error"].(string); !strings.Contains(e, "malformed handoff message") {
+			t.Errorf("error %q", e)
+		}
+		p.mu.Lock()
+		p.logs = append(p.logs[:idx], p.logs[idx+1:]...) // find the second one next
+		p.mu.Unlock()
+	}
+	if st := p.status(); st.Handoffs.Malformed != 2 || !st.Ready {
+		t.Fatalf("status %+v", st)
+	}
+}
