@@ -317,8 +317,10 @@ func (s *Server) kickIdle() {
 // answer.
 func (s *Server) open() int {
 	s.mu.Lock()
-	defer s.mu.Unlock()
-	return len(s.conns) + s.pendingHO
+	n := len(s.conns) + s.pendingHO
+	s.mu.Unlock()
+	// Connections handed to us and not accepted yet.
+	return n + s.opts.Handoff.Listener("http").Pending()
 }
 
 // HandedOff reports how many connections went to the new generation.

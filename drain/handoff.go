@@ -4,6 +4,7 @@ import (
 	"errors"
 	"io"
 	"net"
+	"net/http"
 	"sync"
 	"syscall"
 	"time"
@@ -177,15 +178,18 @@ type handoffListener struct {
 	s *Server
 }
 
+// Accept registers each connection before net/http sees it: a drain that
+// begins between Accept and net/http's StateNew hook must still wait for it.
 func (l handoffListener) Accept() (net.Conn, error) {
 	c, err := l.Listener.Accept()
 	if err != nil {
 		return nil, err
 	}
-	if _, ok := c.(syscall.Conn); !ok {
-		return c, nil // TLS and other wrappers: not handed off
-	}
-	return &hconn{Conn: c, s: l.s}, nil
+	if _, ok := c.(syscall.Conn); ok {
+		c = &hconn{Conn: c, s: l.s}
+	} // else TLS and other wrappers: not handed off
+	l.s.track(c, http.StateNew)
+	return c, nil
 }
 
 // fallbackListener feeds connections whose handoff was refused back to this
@@ -228,10 +232,15 @@ func (s *Server) takenConn(c *hconn) {
 // batchWindow is how long the batcher waits to fill a batch.
 const batchWindow = 500 * time.Microsecond
 
+// batchesInFlight bounds the batches awaiting upgrader's answer at once.
+const batchesInFlight = 16
+
 // batcher sends taken connections to upgrader in batches of up to
-// handoff.MaxFDs. Connections of a refused batch are served here instead,
-// and later responses say "Connection: close", since nobody takes them.
+// handoff.MaxFDs, several batches in flight at once. Connections of a
+// refused batch are served here instead, and later responses say
+// "Connection: close", since nobody takes them.
 func (s *Server) batcher() {
+	sem := make(chan struct{}, batchesInFlight)
 	for c := range s.taken {
 		batch := []*hconn{c}
 		timer := time.NewTimer(batchWindow)
@@ -245,35 +254,43 @@ func (s *Server) batcher() {
 			}
 		}
 		timer.Stop()
-		out := make([]inherit.Outgoing, len(batch))
-		for i, c := range batch {
-			out[i] = inherit.Outgoing{Conn: c.Conn}
-			if ic, ok := c.Conn.(*inherit.Conn); ok {
-				out[i].Buffered = ic.Pending()
-			}
-		}
-		err := s.opts.Handoff.Send("http", out)
-		for _, c := range batch {
-			if err == nil {
-				c.Conn.Close() // the new worker has its own copy
-			} else {
-				s.handoffOn.Store(false)
-				c.reset()
-				select {
-				case s.fallback.ch <- c:
-				case <-s.fallback.done:
-					c.Conn.Close() // past the deadline
-				}
-			}
-		}
-		s.mu.Lock()
-		s.pendingHO -= len(batch)
-		if err == nil {
-			s.handedOff += len(batch)
-		}
-		s.mu.Unlock()
-		s.signalClosed()
+		sem <- struct{}{}
+		go func() {
+			defer func() { <-sem }()
+			s.sendBatch(batch)
+		}()
 	}
+}
+
+func (s *Server) sendBatch(batch []*hconn) {
+	out := make([]inherit.Outgoing, len(batch))
+	for i, c := range batch {
+		out[i] = inherit.Outgoing{Conn: c.Conn}
+		if ic, ok := c.Conn.(*inherit.Conn); ok {
+			out[i].Buffered = ic.Pending()
+		}
+	}
+	err := s.opts.Handoff.Send("http", out)
+	for _, c := range batch {
+		if err == nil {
+			c.Conn.Close() // the new worker has its own copy
+			continue
+		}
+		s.handoffOn.Store(false)
+		c.reset()
+		select {
+		case s.fallback.ch <- c:
+		case <-s.fallback.done:
+			c.Conn.Close() // past the deadline
+		}
+	}
+	s.mu.Lock()
+	s.pendingHO -= len(batch)
+	if err == nil {
+		s.handedOff += len(batch)
+	}
+	s.mu.Unlock()
+	s.signalClosed()
 }
 
 // Handoff hands one connection of the application's own protocol, with its

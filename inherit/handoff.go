@@ -23,10 +23,13 @@ type Handoffs struct {
 	sock  *handoff.Socket
 	kinds map[string]*Listener
 
-	mu      sync.Mutex
-	nextID  uint64
-	waiting map[uint64]chan error
-	closed  bool
+	mu        sync.Mutex
+	nextID    uint64
+	waiting   map[uint64]chan error
+	closed    bool
+	wg        sync.WaitGroup // connections being converted
+	toConvert chan received
+	park      *parker // idle HTTP connections, until readable
 }
 
 // ErrNoHandoff is returned by Send when the process has no handoff channel.
@@ -55,19 +58,25 @@ func (s *Set) Handoffs(kinds ...string) (*Handoffs, error) {
 	if err != nil {
 		return nil, fmt.Errorf("UPGRADER_HANDOFF_FD=%d: %w", fd, err)
 	}
-	h := &Handoffs{sock: sock, kinds: map[string]*Listener{}, waiting: map[uint64]chan error{}}
+	h := &Handoffs{sock: sock, kinds: map[string]*Listener{}, waiting: map[uint64]chan error{},
+		toConvert: make(chan received, 4*handoff.MaxFDs)}
+	if h.park, err = newParker(); err != nil {
+		sock.Close()
+		return nil, err
+	}
 	for _, k := range kinds {
 		if !handoff.ValidKind(k) {
 			sock.Close()
 			return nil, fmt.Errorf("handoff kind %q: want 1-32 of [a-z0-9._-]", k)
 		}
-		h.kinds[k] = newListener(k)
+		h.kinds[k] = newListener(k, h)
 	}
 	if err := sock.Send(handoff.Message{Type: handoff.TypeAccept, Kinds: kinds}, nil); err != nil {
 		sock.Close()
 		return nil, err
 	}
 	go h.read()
+	go h.convert()
 	return h, nil
 }
 
@@ -82,21 +91,19 @@ func (h *Handoffs) Listener(kind string) *Listener {
 
 func (h *Handoffs) read() {
 	for {
-		m, files, err := h.sock.Recv()
+		m, fds, err := h.sock.Recv()
 		if err != nil && !errors.Is(err, handoff.ErrMalformed) {
 			h.shut()
 			return
 		}
 		if err != nil {
-			for _, f := range files {
-				f.Close()
-			}
+			handoff.CloseFDs(fds)
 			fmt.Fprintf(os.Stderr, "upgrader handoff: dropped a message from upgrader: %v\n", err)
 			continue
 		}
 		switch m.Type {
 		case handoff.TypeHandoff:
-			h.receive(m, files)
+			h.receive(m, fds)
 		case handoff.TypeAck, handoff.TypeNak:
 			h.mu.Lock()
 			ch := h.waiting[m.ID]
@@ -113,45 +120,78 @@ func (h *Handoffs) read() {
 	}
 }
 
-// receive takes ownership of handed-off connections and answers ACK, or
-// NAK when this worker cannot take them (the sender then keeps them).
-func (h *Handoffs) receive(m handoff.Message, files []*os.File) {
-	defer func() {
-		for _, f := range files {
-			f.Close()
-		}
-	}()
+// receive takes ownership of handed-off connections: it answers ACK as
+// soon as it holds their fds (so the sender lets go at once), or NAK when
+// this worker cannot take them (the sender then keeps them). Turning the
+// fds into net.Conns, the costly part, comes after the ACK, on the convert
+// goroutine, so that a large handoff does not delay the next message; should
+// it fail (out of fds), that connection is closed.
+func (h *Handoffs) receive(m handoff.Message, fds []int) {
 	nak := func(reason string) {
+		handoff.CloseFDs(fds)
 		h.sock.Send(handoff.Message{Type: handoff.TypeNak, ID: m.ID, Reason: reason}, nil)
 	}
 	l := h.kinds[m.Kind]
-	if l == nil {
+	switch {
+	case l == nil:
 		nak("this worker does not take kind " + m.Kind)
 		return
-	}
-	conns := make([]*Conn, 0, len(files))
-	for i, f := range files {
-		c, err := net.FileConn(f)
-		if err != nil {
-			for _, c := range conns {
-				c.Conn.Close()
-			}
-			nak(fmt.Sprintf("connection %d: %v", i, err))
-			return
-		}
-		conns = append(conns, &Conn{Conn: c, Kind: m.Kind, State: m.Conns[i].State, pending: m.Conns[i].Buffered})
-	}
-	if !l.push(conns) {
-		for _, c := range conns {
-			c.Conn.Close()
-		}
-		nak("listener for kind " + m.Kind + " is closed")
+	case !l.reserve(len(fds)):
+		nak("this worker is draining")
 		return
 	}
 	h.sock.Send(handoff.Message{Type: handoff.TypeAck, ID: m.ID}, nil)
+	for i, fd := range fds {
+		c := m.Conns[i]
+		if h.park != nil && m.Kind == "http" && len(c.Buffered) == 0 {
+			// HTTP clients speak first: nothing to do until they do.
+			h.park.park(fd, l, c.State)
+			continue
+		}
+		h.wg.Add(1)
+		h.toConvert <- received{fd, c, l}
+	}
+}
+
+type received struct {
+	fd int
+	c  handoff.Conn
+	l  *Listener
+}
+
+// convert turns received fds into connections in order, off the reading
+// goroutine, so that a large handoff does not delay the next message.
+func (h *Handoffs) convert() {
+	for r := range h.toConvert {
+		c, err := fileConn(r.fd)
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "upgrader handoff: connection lost: %v\n", err)
+			r.l.deliver(nil, 1)
+		} else {
+			r.l.deliver([]*Conn{{Conn: c, Kind: r.l.kind, State: r.c.State, pending: r.c.Buffered}}, 1)
+		}
+		h.wg.Done()
+	}
+}
+
+// fileConn makes a net.Conn of fd and closes fd (the conn has its own
+// copy). The descriptor is switched to blocking mode first, so that
+// os.NewFile does not register it with the poller only to close it at once;
+// net.FileConn makes its copy non-blocking again (the flag is shared).
+func fileConn(fd int) (net.Conn, error) {
+	unix.SetNonblock(fd, false)
+	f := os.NewFile(uintptr(fd), "handed-off")
+	c, err := net.FileConn(f)
+	if err != nil {
+		// The sender keeps serving it: leave the flag as it was.
+		unix.SetNonblock(fd, true)
+	}
+	f.Close()
+	return c, err
 }
 
 func (h *Handoffs) shut() {
+	h.wg.Wait()
 	h.mu.Lock()
 	h.closed = true
 	for id, ch := range h.waiting {
@@ -294,35 +334,57 @@ func (c *Conn) SyscallConn() (syscall.RawConn, error) {
 // Listener yields handed-off connections of one kind. It implements
 // net.Listener, so an http.Server serves it with srv.Serve.
 type Listener struct {
-	kind   string
-	mu     sync.Mutex
-	cond   *sync.Cond
-	queue  []*Conn
-	closed bool
+	kind     string
+	mu       sync.Mutex
+	cond     *sync.Cond
+	queue    []*Conn
+	reserved int // acknowledged, still being converted or parked
+	closed   bool
+	h        *Handoffs
 }
 
-func newListener(kind string) *Listener {
-	l := &Listener{kind: kind}
+func newListener(kind string, h *Handoffs) *Listener {
+	l := &Listener{kind: kind, h: h}
 	l.cond = sync.NewCond(&l.mu)
 	return l
 }
 
-func (l *Listener) push(cs []*Conn) bool {
+// reserve promises n connections, unless the listener is closed.
+func (l *Listener) reserve(n int) bool {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if l.closed {
 		return false
 	}
+	l.reserved += n
+	return true
+}
+
+// deliver queues the connections promised by reserve(n).
+func (l *Listener) deliver(cs []*Conn, n int) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.reserved -= n
 	l.queue = append(l.queue, cs...)
 	l.cond.Broadcast()
-	return true
+}
+
+// Pending counts connections taken (acknowledged) but not yet returned by
+// Accept; 0 for a nil Listener.
+func (l *Listener) Pending() int {
+	if l == nil {
+		return 0
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.reserved + len(l.queue)
 }
 
 // Accept waits for the next handed-off connection.
 func (l *Listener) Accept() (net.Conn, error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	for len(l.queue) == 0 && !l.closed {
+	for len(l.queue) == 0 && !(l.closed && l.reserved == 0) {
 		l.cond.Wait()
 	}
 	if len(l.queue) == 0 {
@@ -334,14 +396,17 @@ func (l *Listener) Accept() (net.Conn, error) {
 }
 
 // Close stops the listener taking more connections (further handoffs are
-// refused, and their senders keep them). Connections already taken are
-// still returned by Accept, which fails only once they are all out: they
-// were acknowledged, so dropping them would lose their requests.
+// refused, and their senders keep them). Connections already acknowledged
+// are still returned by Accept, which fails only once they are all out:
+// dropping them would lose their requests.
 func (l *Listener) Close() error {
 	l.mu.Lock()
-	defer l.mu.Unlock()
 	l.closed = true
 	l.cond.Broadcast()
+	l.mu.Unlock()
+	if l.h != nil && l.h.park != nil {
+		l.h.park.flush(l)
+	}
 	return nil
 }
 

@@ -1,13 +1,17 @@
 package integration
 
 import (
+	"bufio"
 	"context"
 	"fmt"
+	"io"
 	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -102,4 +106,101 @@ func rssKiB(b testing.TB, pid int) int {
 		}
 	}
 	return 0
+}
+
+// BenchmarkHandoff10k measures one upgrade that hands 10,000 idle
+// keep-alive connections to the new generation: from the drain of the old
+// generation until it has exited, all its connections handed off. The same
+// upgrade with no connection open is the baseline. Every connection is then
+// checked to be answered by the new generation.
+//
+//	go test -run '^$' -bench Handoff10k -benchtime 1x ./integration
+func BenchmarkHandoff10k(b *testing.B) {
+	const n = 10000
+	for i := 0; i < b.N; i++ {
+		p := startUpgrader(b, "-l", "127.0.0.1:0", "--", helloBin)
+		addr := p.addr("")
+		p.waitReady(1)
+		drainTime := func(gen int) time.Duration {
+			d := p.waitLog(time.Minute, "draining", msg("draining generation", "generation", gen-1))
+			e := p.waitLog(time.Minute, "exited", msg("generation exited", "generation", gen-1))
+			return time.Duration((e["ts"].(float64) - d["ts"].(float64)) * float64(time.Second))
+		}
+		// Baseline: an upgrade with no connection open.
+		p.signal(syscall.SIGUSR2)
+		p.waitReady(2)
+		base := drainTime(2)
+
+		conns := make([]net.Conn, n)
+		readers := make([]*bufio.Reader, n)
+		var wg sync.WaitGroup
+		errs := make(chan error, n)
+		for w := 0; w < 50; w++ {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for j := w; j < n; j += 50 {
+					c, err := net.Dial("tcp", addr)
+					if err != nil {
+						errs <- err
+						return
+					}
+					conns[j], readers[j] = c, bufio.NewReader(c)
+					if gen, err := post(c, readers[j]); err != nil || gen != "2" {
+						errs <- fmt.Errorf("request %d: generation %q, %v", j, gen, err)
+						return
+					}
+				}
+			}()
+		}
+		wg.Wait()
+		close(errs)
+		for err := range errs {
+			b.Fatal(err)
+		}
+		p.signal(syscall.SIGUSR2)
+		p.waitReady(3)
+		loaded := drainTime(3)
+
+		// Every connection is alive and now served by generation 3.
+		failed := 0
+		for j, c := range conns {
+			if gen, err := post(c, readers[j]); err != nil || gen != "3" {
+				failed++
+			}
+			c.Close()
+		}
+		if failed > 0 {
+			b.Fatalf("%d of %d connections failed after the handoff", failed, n)
+		}
+		st := p.status()
+		b.ReportMetric(float64(loaded.Microseconds())/1000, "ms-drain-10k-conns")
+		b.ReportMetric(float64(base.Microseconds())/1000, "ms-drain-no-conns")
+		b.ReportMetric(float64((loaded-base).Microseconds())/1000, "ms-extra")
+		b.ReportMetric(float64(st.Handoffs.HandedOff), "handed-off")
+		for _, l := range p.raw {
+			if strings.Contains(l, "DBG") {
+				fmt.Println(l)
+			}
+		}
+		p.stop(syscall.SIGTERM, time.Minute)
+	}
+}
+
+// post sends one POST on a keep-alive connection and returns X-Generation.
+func post(c net.Conn, br *bufio.Reader) (string, error) {
+	c.SetDeadline(time.Now().Add(30 * time.Second))
+	if _, err := c.Write([]byte("POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi")); err != nil {
+		return "", err
+	}
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil {
+		return "", err
+	}
+	io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+	if resp.Close {
+		return "", fmt.Errorf("server closes the connection")
+	}
+	return resp.Header.Get("X-Generation"), nil
 }

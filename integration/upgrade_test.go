@@ -54,8 +54,11 @@ func TestUpgradesUnderLoadNewConnections(t *testing.T) {
 	}
 }
 
+// TestUpgradesUnderLoadKeepAlive is the drain without handoff: idle
+// keep-alive connections are closed the polite way. (With handoff, the
+// default, they are not closed at all: handoff_test.go.)
 func TestUpgradesUnderLoadKeepAlive(t *testing.T) {
-	p := startUpgrader(t, "-l", "127.0.0.1:0", "--", helloBin)
+	p := startUpgrader(t, "-l", "127.0.0.1:0", "--no-handoff", "--", helloBin)
 	addr := p.addr("")
 	r := upgradeUnderLoad(t, p, loadgen.Config{Addr: addr, Clients: 16, Mode: loadgen.KeepAlive, MaxIdle: 50 * time.Millisecond}, 20, 500*time.Millisecond)
 	requireNoFailures(t, r)

@@ -3,7 +3,6 @@ package supervise
 import (
 	"errors"
 	"fmt"
-	"os"
 
 	"go.uber.org/zap"
 
@@ -32,12 +31,12 @@ type pendingHandoff struct {
 // readHandoff turns w's handoff channel into loop events until it closes.
 func (s *Supervisor) readHandoff(w *worker, sock *handoff.Socket) {
 	for {
-		m, files, err := sock.Recv()
+		m, fds, err := sock.Recv()
 		if err != nil && !errors.Is(err, handoff.ErrMalformed) {
 			s.post(evHandoffClosed{w})
 			return
 		}
-		s.post(evHandoff{w: w, m: m, files: files, err: err})
+		s.post(evHandoff{w: w, m: m, fds: fds, err: err})
 	}
 }
 
@@ -45,14 +44,10 @@ func (s *Supervisor) readHandoff(w *worker, sock *handoff.Socket) {
 // handed off: a HANDOFF batch from a draining worker is forwarded to a
 // ready worker of the newest generation; the target's ACK or NAK goes back
 // to the sender, which keeps its copies until then.
-func (s *Supervisor) onHandoff(w *worker, m handoff.Message, files []*os.File, err error) {
-	defer func() {
-		// The kernel duplicated the fds into the forwarded message: ours
-		// are never needed past this point.
-		for _, f := range files {
-			f.Close()
-		}
-	}()
+func (s *Supervisor) onHandoff(w *worker, m handoff.Message, fds []int, err error) {
+	// The kernel duplicated the fds into the forwarded message: ours are
+	// never needed past this point.
+	defer handoff.CloseFDs(fds)
 	if s.workers[w.pid] != w {
 		return
 	}
@@ -82,10 +77,6 @@ func (s *Supervisor) onHandoff(w *worker, m handoff.Message, files []*os.File, e
 		s.nextHOID++
 		fwd := m
 		fwd.ID = s.nextHOID
-		fds := make([]int, len(files))
-		for i, f := range files {
-			fds[i] = int(f.Fd())
-		}
 		if err := target.hsock.Send(fwd, fds); err != nil {
 			s.hoStats.Refused += n
 			log.Warn("handoff forward failed", zap.Int("target_pid", target.pid), zap.Error(err))

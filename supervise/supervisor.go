@@ -42,10 +42,10 @@ type (
 	evFunc     struct{ f func() }
 	evWatchdog struct{ w *worker }
 	evHandoff  struct {
-		w     *worker
-		m     handoff.Message
-		files []*os.File
-		err   error
+		w   *worker
+		m   handoff.Message
+		fds []int
+		err error
 	}
 	evHandoffClosed struct{ w *worker }
 )
@@ -215,7 +215,7 @@ func (s *Supervisor) handle(ev event) {
 	case evWatchdog:
 		s.onWatchdog(ev.w)
 	case evHandoff:
-		s.onHandoff(ev.w, ev.m, ev.files, ev.err)
+		s.onHandoff(ev.w, ev.m, ev.fds, ev.err)
 	case evHandoffClosed:
 		s.closeHandoff(ev.w)
 	case evFunc:
@@ -419,11 +419,15 @@ func (s *Supervisor) promote(g *generation) {
 		s.emit(g, Progress{Event: "done"})
 		return
 	}
-	var pids []int
-	for w := range old.live {
-		pids = append(pids, w.pid)
+	if len(g.watchers) > 0 {
+		// Counting reads the kernel's socket tables: only for someone
+		// following the upgrade (upgrader upgrade).
+		var pids []int
+		for w := range old.live {
+			pids = append(pids, w.pid)
+		}
+		s.emit(g, Progress{Event: "draining", Old: old.n, Connections: s.env.connections(pids)})
 	}
-	s.emit(g, Progress{Event: "draining", Old: old.n, Connections: s.env.connections(pids)})
 	// "done" once the old generation has exited.
 	old.exitWatchers, g.watchers = g.watchers, nil
 	old.replacedBy = g.n

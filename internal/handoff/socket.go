@@ -80,28 +80,29 @@ func (s *Socket) Send(m Message, fds []int) error {
 // ErrClosed is returned by Recv once the peer has closed the channel.
 var ErrClosed = errors.New("handoff channel closed")
 
-// Recv receives one message. For a malformed message it returns the fds
-// that came with it (the caller must close them) and an error wrapping
-// ErrMalformed; the channel stays usable. Other errors end the channel;
-// ErrClosed when the peer has gone. Not safe for concurrent use.
-func (s *Socket) Recv() (Message, []*os.File, error) {
+// Recv receives one message with the fds that came with it, raw and
+// close-on-exec: the caller owns them and must close each (CloseFDs). Raw,
+// because wrapping each in an *os.File would register it with the poller
+// for nothing: it is forwarded or turned into a net.Conn. For a malformed
+// message the fds come with an error wrapping ErrMalformed, and the channel
+// stays usable. Other errors end the channel; ErrClosed when the peer has
+// gone. Not safe for concurrent use.
+func (s *Socket) Recv() (Message, []int, error) {
 	buf := make([]byte, MaxMessage+1)
 	oob := make([]byte, unix.CmsgSpace(4*MaxFDs))
-	n, oobn, flags, _, err := s.c.ReadMsgUnix(buf, oob)
+	// MSG_CMSG_CLOEXEC: a received fd never leaks into a child.
+	n, oobn, flags, err := s.readMsg(buf, oob)
 	if errors.Is(err, io.EOF) {
 		return Message{}, nil, ErrClosed
 	}
 	if err != nil {
 		return Message{}, nil, fmt.Errorf("handoff receive: %w", err)
 	}
-	var files []*os.File
+	var files []int
 	if cmsgs, err := unix.ParseSocketControlMessage(oob[:oobn]); err == nil {
 		for _, c := range cmsgs {
 			if fds, err := unix.ParseUnixRights(&c); err == nil {
-				for _, fd := range fds {
-					unix.CloseOnExec(fd)
-					files = append(files, os.NewFile(uintptr(fd), "handed-off"))
-				}
+				files = append(files, fds...)
 			}
 		}
 	}
@@ -117,3 +118,30 @@ func (s *Socket) Recv() (Message, []*os.File, error) {
 
 // Close closes the channel; a blocked Recv returns.
 func (s *Socket) Close() error { return s.c.Close() }
+
+// readMsg is recvmsg(2) with MSG_CMSG_CLOEXEC, through the poller.
+func (s *Socket) readMsg(buf, oob []byte) (n, oobn, flags int, err error) {
+	rc, err := s.c.SyscallConn()
+	if err != nil {
+		return 0, 0, 0, err
+	}
+	var rerr error
+	err = rc.Read(func(fd uintptr) bool {
+		n, oobn, flags, _, rerr = unix.Recvmsg(int(fd), buf, oob, unix.MSG_CMSG_CLOEXEC)
+		return rerr != unix.EAGAIN
+	})
+	if err == nil {
+		err = rerr
+	}
+	if err == nil && n == 0 && oobn == 0 {
+		err = io.EOF
+	}
+	return n, oobn, flags, err
+}
+
+// CloseFDs closes raw fds from Recv.
+func CloseFDs(fds []int) {
+	for _, fd := range fds {
+		unix.Close(fd)
+	}
+}

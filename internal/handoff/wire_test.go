@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"net"
+	"os"
 	"reflect"
 	"strings"
 	"testing"
@@ -119,18 +120,19 @@ func TestSocketCarriesFDs(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	f, _ := server.(*net.TCPConn).File()
-	if err := sa.Send(Message{Type: TypeHandoff, ID: 1, Kind: "raw", Conns: []Conn{{State: []byte("s")}}}, []int{int(f.Fd())}); err != nil {
+	sf, _ := server.(*net.TCPConn).File()
+	if err := sa.Send(Message{Type: TypeHandoff, ID: 1, Kind: "raw", Conns: []Conn{{State: []byte("s")}}}, []int{int(sf.Fd())}); err != nil {
 		t.Fatal(err)
 	}
-	f.Close()
+	sf.Close()
 	server.Close() // the sender's copies are gone; the connection lives on in the message
 	m, files, err := sb.Recv()
 	if err != nil || len(files) != 1 || string(m.Conns[0].State) != "s" {
 		t.Fatalf("Recv: %+v %v %v", m, files, err)
 	}
-	c, err := net.FileConn(files[0])
-	files[0].Close()
+	f := os.NewFile(uintptr(files[0]), "conn")
+	c, err := net.FileConn(f)
+	f.Close()
 	if err != nil {
 		t.Fatal(err)
 	}
