@@ -13,6 +13,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/seed6cb0314a/upgrader/internal/handoff"
+	"github.com/seed6cb0314a/upgrader/internal/sockets"
 )
 
 // Handoffs is the worker's end of upgrader's live-connection handoff
@@ -241,7 +242,7 @@ func (h *Handoffs) Send(kind string, conns []Outgoing) error {
 		if !ok {
 			return fmt.Errorf("handoff: %T has no fd to pass", o.Conn)
 		}
-		fd, err := dupConn(sc)
+		fd, err := sockets.DupFD(sc)
 		if err != nil {
 			return fmt.Errorf("handoff: %w", err)
 		}
@@ -275,19 +276,6 @@ func (h *Handoffs) forget(id uint64) {
 	h.mu.Lock()
 	delete(h.waiting, id)
 	h.mu.Unlock()
-}
-
-func dupConn(sc syscall.Conn) (int, error) {
-	rc, err := sc.SyscallConn()
-	if err != nil {
-		return -1, err
-	}
-	nfd := -1
-	var derr error
-	if err := rc.Control(func(fd uintptr) { nfd, derr = unix.FcntlInt(fd, unix.F_DUPFD_CLOEXEC, 0) }); err != nil {
-		return -1, err
-	}
-	return nfd, derr
 }
 
 // Conn is a handed-off connection as the receiver sees it.

@@ -1,7 +1,6 @@
 package integration
 
 import (
-	"fmt"
 	"net"
 	"os"
 	"strings"
@@ -65,17 +64,7 @@ time.sleep(60)`
 	pid := int(started["pid"].(float64))
 
 	// A process that is not a worker (this test) is dropped and named.
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/environ", pid))
-	if err != nil {
-		t.Fatal(err)
-	}
-	var path string
-	for _, kv := range strings.Split(string(b), "\x00") {
-		if v, ok := strings.CutPrefix(kv, "NOTIFY_SOCKET="); ok {
-			path = v
-		}
-	}
-	c, err := net.Dial("unixgram", path)
+	c, err := net.Dial("unixgram", environ(t, pid)["NOTIFY_SOCKET"])
 	if err != nil {
 		t.Fatal(err)
 	}

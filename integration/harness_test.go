@@ -375,3 +375,19 @@ func parentOf(pid int) (int, bool) {
 	fmt.Sscan(s[i+2:], &state, &ppid)
 	return ppid, state != "Z"
 }
+
+// environ reads a process's environment from /proc.
+func environ(t testing.TB, pid int) map[string]string {
+	t.Helper()
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/environ", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	env := map[string]string{}
+	for _, kv := range strings.Split(string(b), "\x00") {
+		if k, v, ok := strings.Cut(kv, "="); ok {
+			env[k] = v
+		}
+	}
+	return env
+}

@@ -3,7 +3,6 @@ package integration
 import (
 	"context"
 	"encoding/json"
-	"fmt"
 	"io"
 	"net"
 	"net/http"
@@ -329,11 +328,7 @@ func TestSocketActivationWithTwoNamedSockets(t *testing.T) {
 		t.Fatalf("listeners %+v (pid %d, want %d); want web=%s and api=%s from LISTEN_FDS", st.Listeners, st.Pid, pid, web, api)
 	}
 	// The worker got both, with their names.
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/environ", st.Generations[0].Workers[0].Pid))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if !strings.Contains(string(b), "LISTEN_FDNAMES=web:api\x00") || !strings.Contains(string(b), "LISTEN_FDS=2\x00") {
+	if env := environ(t, st.Generations[0].Workers[0].Pid); env["LISTEN_FDNAMES"] != "web:api" || env["LISTEN_FDS"] != "2" {
 		t.Fatalf("worker environment lacks LISTEN_FDS=2 and LISTEN_FDNAMES=web:api")
 	}
 	if out, code := runCLI(t, "upgrade", "--control", ctl); code != 0 {

@@ -259,15 +259,7 @@ func TestWorkerContract(t *testing.T) {
 	p.waitReady(1)
 	started := p.waitLog(time.Second, "worker started", msg("worker started", "generation", 1))
 	pid := int(started["pid"].(float64))
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/environ", pid))
-	if err != nil {
-		t.Fatal(err)
-	}
-	env := map[string]string{}
-	for _, kv := range strings.Split(string(b), "\x00") {
-		k, v, _ := strings.Cut(kv, "=")
-		env[k] = v
-	}
+	env := environ(t, pid)
 	if env["LISTEN_PID"] != strconv.Itoa(pid) {
 		t.Errorf("LISTEN_PID=%s, worker pid %d", env["LISTEN_PID"], pid)
 	}

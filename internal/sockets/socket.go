@@ -51,7 +51,7 @@ func Bind(spec Spec) (*Socket, error) {
 		sc, closer = pc.(syscall.Conn), pc
 	}
 	defer closer.Close()
-	fd, err := dupFD(sc)
+	fd, err := DupFD(sc)
 	if err != nil {
 		return nil, fmt.Errorf("listen on %s: %w", spec, err)
 	}
@@ -62,10 +62,10 @@ func Bind(spec Spec) (*Socket, error) {
 	return s, nil
 }
 
-// dupFD returns a close-on-exec duplicate of c's fd, taken through
+// DupFD returns a close-on-exec duplicate of c's fd, taken through
 // SyscallConn so that the original stays in non-blocking mode ((*os.File).Fd
 // would switch the shared file description to blocking).
-func dupFD(c syscall.Conn) (int, error) {
+func DupFD(c syscall.Conn) (int, error) {
 	rc, err := c.SyscallConn()
 	if err != nil {
 		return -1, err
@@ -171,15 +171,7 @@ func RemoveStale(path string, probe bool) error {
 // as a Socket: it keeps a close-on-exec duplicate and closes f.
 func AdoptFile(f *os.File, fd int) (*Socket, error) {
 	defer f.Close()
-	var nfd int
-	var derr error
-	rc, err := f.SyscallConn()
-	if err == nil {
-		err = rc.Control(func(raw uintptr) { nfd, derr = unix.FcntlInt(raw, unix.F_DUPFD_CLOEXEC, 0) })
-	}
-	if err == nil {
-		err = derr
-	}
+	nfd, err := DupFD(f)
 	if err != nil {
 		return nil, fmt.Errorf("inherited fd %d (%s): %w", fd, f.Name(), err)
 	}
