@@ -281,7 +281,11 @@ func TestWorkerContract(t *testing.T) {
 	if fds["0"] != "/dev/null" || !strings.HasPrefix(fds["3"], "socket:") || !strings.HasPrefix(fds["4"], "socket:") {
 		t.Errorf("fds %v: want 0=/dev/null and sockets at 3 and 4", fds)
 	}
-	if len(fds) != 5 {
-		t.Errorf("worker has fds %v; want only 0-2 and the 2 listeners", fds)
+	// The handoff channel comes right after the listeners.
+	if env["UPGRADER_HANDOFF_FD"] != "5" || !strings.HasPrefix(fds["5"], "socket:") {
+		t.Errorf("UPGRADER_HANDOFF_FD=%q, fd 5 %q; want the handoff socket at 5", env["UPGRADER_HANDOFF_FD"], fds["5"])
+	}
+	if len(fds) != 6 {
+		t.Errorf("worker has fds %v; want only 0-2, the 2 listeners and the handoff channel", fds)
 	}
 }
