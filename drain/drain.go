@@ -27,7 +27,6 @@ import (
 	"time"
 
 	"github.com/seed6cb0314a/upgrader/inherit"
-	"github.com/seed6cb0314a/upgrader/internal/handoff"
 )
 
 // connKey carries the request's connection in its context.
@@ -69,7 +68,7 @@ type Server struct {
 	// new generation rather than close; pendingHO counts connections taken
 	// from net/http whose handoff has not been answered (under mu).
 	handoffOn atomic.Bool
-	taken     chan *hconn
+	batch     []*hconn // taken, not yet sent (under mu)
 	fallback  *fallbackListener
 	pendingHO int
 	handedOff int
@@ -101,7 +100,6 @@ func New(srv *http.Server, opts Options) *Server {
 	}
 	s := &Server{srv: srv, opts: opts, conns: make(map[net.Conn]http.ConnState),
 		closed: make(chan struct{}, 1), fatal: make(chan struct{}),
-		taken:    make(chan *hconn, handoff.MaxFDs),
 		fallback: &fallbackListener{ch: make(chan net.Conn), done: make(chan struct{})}}
 	s.handoffOn.Store(opts.Handoff != nil)
 	userHook := srv.ConnState
@@ -143,7 +141,6 @@ func (s *Server) Serve(ctx context.Context, listeners []net.Listener) error {
 		listeners = append(listeners[:len(listeners):len(listeners)], hl)
 	}
 	if opts.Handoff != nil {
-		go s.batcher()
 		go srv.Serve(s.fallback)
 	}
 	for _, l := range listeners[:cap(errc)] {

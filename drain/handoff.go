@@ -221,44 +221,37 @@ type fallbackAddr struct{}
 func (fallbackAddr) Network() string { return "fallback" }
 func (fallbackAddr) String() string  { return "handoff-fallback" }
 
-// takenConn queues a connection net/http let go of for the batcher.
+// takenConn adds a connection net/http let go of to the batch being
+// filled. The goroutine that fills a batch sends it: a batcher goroutine of
+// its own would wait behind every connection goroutine the drain woke up.
+// A timer sends the last, partial batch.
 func (s *Server) takenConn(c *hconn) {
 	s.mu.Lock()
 	s.pendingHO++
+	s.batch = append(s.batch, c)
+	var full []*hconn
+	switch len(s.batch) {
+	case handoff.MaxFDs:
+		full, s.batch = s.batch, nil
+	case 1:
+		time.AfterFunc(batchWindow, s.flushBatch)
+	}
 	s.mu.Unlock()
-	s.taken <- c
+	if full != nil {
+		s.sendBatch(full) // on this goroutine, which has nothing else to do
+	}
 }
 
-// batchWindow is how long the batcher waits to fill a batch.
+// batchWindow is how long a partial batch waits for more connections.
 const batchWindow = 500 * time.Microsecond
 
-// batchesInFlight bounds the batches awaiting upgrader's answer at once.
-const batchesInFlight = 16
-
-// batcher sends taken connections to upgrader in batches of up to
-// handoff.MaxFDs, several batches in flight at once. Connections of a
-// refused batch are served here instead, and later responses say
-// "Connection: close", since nobody takes them.
-func (s *Server) batcher() {
-	sem := make(chan struct{}, batchesInFlight)
-	for c := range s.taken {
-		batch := []*hconn{c}
-		timer := time.NewTimer(batchWindow)
-	fill:
-		for len(batch) < handoff.MaxFDs {
-			select {
-			case c := <-s.taken:
-				batch = append(batch, c)
-			case <-timer.C:
-				break fill
-			}
-		}
-		timer.Stop()
-		sem <- struct{}{}
-		go func() {
-			defer func() { <-sem }()
-			s.sendBatch(batch)
-		}()
+func (s *Server) flushBatch() {
+	s.mu.Lock()
+	b := s.batch
+	s.batch = nil
+	s.mu.Unlock()
+	if len(b) > 0 {
+		s.sendBatch(b)
 	}
 }
 
@@ -271,12 +264,22 @@ func (s *Server) sendBatch(batch []*hconn) {
 		}
 	}
 	err := s.opts.Handoff.Send("http", out)
-	for _, c := range batch {
-		if err == nil {
-			c.Conn.Close() // the new worker has its own copy
-			continue
+	if err == nil {
+		// The new worker has its own copies. Counted done before closing
+		// ours: a worker about to exit need not wait for 253 closes,
+		// which its exit does anyway.
+		s.mu.Lock()
+		s.pendingHO -= len(batch)
+		s.handedOff += len(batch)
+		s.mu.Unlock()
+		s.signalClosed()
+		for _, c := range batch {
+			c.Conn.Close()
 		}
-		s.handoffOn.Store(false)
+		return
+	}
+	s.handoffOn.Store(false)
+	for _, c := range batch {
 		c.reset()
 		select {
 		case s.fallback.ch <- c:
@@ -286,9 +289,6 @@ func (s *Server) sendBatch(batch []*hconn) {
 	}
 	s.mu.Lock()
 	s.pendingHO -= len(batch)
-	if err == nil {
-		s.handedOff += len(batch)
-	}
 	s.mu.Unlock()
 	s.signalClosed()
 }

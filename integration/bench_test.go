@@ -178,11 +178,6 @@ func BenchmarkHandoff10k(b *testing.B) {
 		b.ReportMetric(float64(base.Microseconds())/1000, "ms-drain-no-conns")
 		b.ReportMetric(float64((loaded-base).Microseconds())/1000, "ms-extra")
 		b.ReportMetric(float64(st.Handoffs.HandedOff), "handed-off")
-		for _, l := range p.raw {
-			if strings.Contains(l, "DBG") {
-				fmt.Println(l)
-			}
-		}
 		p.stop(syscall.SIGTERM, time.Minute)
 	}
 }
