@@ -239,3 +239,39 @@ time.sleep(60)`
 		t.Fatalf("status %+v", st)
 	}
 }
+
+func TestPipelinedRequestsAtDrainAreNotLost(t *testing.T) {
+	p := startUpgrader(t, "-l", "127.0.0.1:0", "--", helloBin)
+	addr := p.addr("")
+	p.waitReady(1)
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	br := bufio.NewReader(c)
+	// Two requests in one write: the second sits in the old worker's
+	// buffer while the first is in flight when the drain begins.
+	req := "POST /?sleep=500ms HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi" +
+		"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi"
+	if _, err := c.Write([]byte(req)); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(100 * time.Millisecond)
+	p.signal(syscall.SIGUSR2)
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	for i := 1; i <= 2; i++ {
+		resp, err := http.ReadResponse(br, nil)
+		if err != nil {
+			t.Fatalf("pipelined response %d: %v", i, err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != 200 || resp.Header.Get("X-Generation") != "1" {
+			t.Fatalf("pipelined response %d: %d from generation %s; want 200 from 1", i, resp.StatusCode, resp.Header.Get("X-Generation"))
+		}
+	}
+	p.waitLog(10*time.Second, "generation 1 exited", msg("generation exited", "generation", 1))
+	if code, gen, _ := rawPost(t, c, br); code != 200 || gen != "2" {
+		t.Fatalf("next request: %d from generation %s, want generation 2", code, gen)
+	}
+}
