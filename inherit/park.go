@@ -61,23 +61,15 @@ func (p *parker) wait() {
 		if errors.Is(err, unix.EINTR) {
 			continue
 		}
+		ready := make([]int, n)
+		for i := range ready {
+			ready[i] = int(events[i].Fd)
+		}
+		p.take(ready)
 		p.mu.Lock()
 		closed := p.closed
-		var ready []int
-		var meta []parkedConn
-		for i := 0; i < n; i++ {
-			fd := int(events[i].Fd)
-			if pc, ok := p.parked[fd]; ok {
-				delete(p.parked, fd)
-				unix.EpollCtl(p.epfd, unix.EPOLL_CTL_DEL, fd, nil)
-				ready, meta = append(ready, fd), append(meta, pc)
-			}
-		}
 		p.mu.Unlock()
-		for i, fd := range ready {
-			deliverFD(fd, meta[i].l, meta[i].state)
-		}
-		if closed || (err != nil && !errors.Is(err, unix.EINTR)) {
+		if closed || err != nil {
 			return
 		}
 	}
@@ -88,16 +80,30 @@ func (p *parker) wait() {
 func (p *parker) flush(l *Listener) {
 	p.mu.Lock()
 	var fds []int
-	var meta []parkedConn
 	for fd, pc := range p.parked {
 		if pc.l == l {
-			delete(p.parked, fd)
-			unix.EpollCtl(p.epfd, unix.EPOLL_CTL_DEL, fd, nil)
-			fds, meta = append(fds, fd), append(meta, pc)
+			fds = append(fds, fd)
 		}
 	}
 	p.mu.Unlock()
-	for i, fd := range fds {
+	p.take(fds)
+}
+
+// take delivers those of fds that are parked (another caller may have
+// taken one meanwhile: whoever removes it from the set owns it).
+func (p *parker) take(fds []int) {
+	p.mu.Lock()
+	var got []int
+	var meta []parkedConn
+	for _, fd := range fds {
+		if pc, ok := p.parked[fd]; ok {
+			delete(p.parked, fd)
+			unix.EpollCtl(p.epfd, unix.EPOLL_CTL_DEL, fd, nil)
+			got, meta = append(got, fd), append(meta, pc)
+		}
+	}
+	p.mu.Unlock()
+	for i, fd := range got {
 		deliverFD(fd, meta[i].l, meta[i].state)
 	}
 }

@@ -61,7 +61,10 @@ func rawPost(t *testing.T, c net.Conn, br *bufio.Reader) (int, string, bool) {
 	return resp.StatusCode, resp.Header.Get("X-Generation"), resp.Close
 }
 
-func TestIdleConnectionSurvivesFiveUpgrades(t *testing.T) {
+// helloConn starts upgrader with examples/hello and opens a connection to
+// generation 1.
+func helloConn(t *testing.T) (*proc, net.Conn, *bufio.Reader) {
+	t.Helper()
 	p := startUpgrader(t, "-l", "127.0.0.1:0", "--", helloBin)
 	addr := p.addr("")
 	p.waitReady(1)
@@ -69,8 +72,12 @@ func TestIdleConnectionSurvivesFiveUpgrades(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer c.Close()
-	br := bufio.NewReader(c)
+	t.Cleanup(func() { c.Close() })
+	return p, c, bufio.NewReader(c)
+}
+
+func TestIdleConnectionSurvivesFiveUpgrades(t *testing.T) {
+	p, c, br := helloConn(t)
 	if code, gen, _ := rawPost(t, c, br); code != 200 || gen != "1" {
 		t.Fatalf("first request: %d from generation %s", code, gen)
 	}
@@ -135,15 +142,7 @@ func TestStatefulSessionSurvivesUpgrades(t *testing.T) {
 }
 
 func TestHalfRequestAtDrainGetsItsResponse(t *testing.T) {
-	p := startUpgrader(t, "-l", "127.0.0.1:0", "--", helloBin)
-	addr := p.addr("")
-	p.waitReady(1)
-	c, err := net.Dial("tcp", addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	br := bufio.NewReader(c)
+	p, c, br := helloConn(t)
 	rawPost(t, c, br)
 	// Half a request, then the upgrade, then the rest.
 	c.Write([]byte("POST / HTTP/1.1\r\nHost: x\r\nContent-"))
@@ -241,15 +240,7 @@ time.sleep(60)`
 }
 
 func TestPipelinedRequestsAtDrainAreNotLost(t *testing.T) {
-	p := startUpgrader(t, "-l", "127.0.0.1:0", "--", helloBin)
-	addr := p.addr("")
-	p.waitReady(1)
-	c, err := net.Dial("tcp", addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	br := bufio.NewReader(c)
+	p, c, br := helloConn(t)
 	// Two requests in one write: the second sits in the old worker's
 	// buffer while the first is in flight when the drain begins.
 	req := "POST /?sleep=500ms HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi" +
