@@ -136,7 +136,7 @@ func startUpgrader(t testing.TB, args ...string) *proc {
 		p.mu.Unlock()
 		if t.Failed() {
 			p.settle()
-			t.Logf("upgrader log (last 60 lines):\n%s", p.tail(60))
+			t.Logf("upgrader log (last 200 lines):\n%s", p.tail(200))
 		}
 	})
 	return p

@@ -168,11 +168,16 @@ def main():
         server.socket.close()
         server.socket = sock
 
+    # The handler only sets a flag. Python runs it in the main thread
+    # between two bytecodes, possibly while socketserver holds threading's
+    # internal lock to start a request thread; a handler that started a
+    # thread itself (as server.shutdown() from a handler needs) would
+    # deadlock there, with the connection just accepted never answered.
+    stop = []
+
     def drain(signum, frame):
-        sd_notify("STOPPING=1")
+        stop.append(signum)
         Handler.draining = True
-        # shutdown() waits for serve_forever to return: not from its thread.
-        threading.Thread(target=server.shutdown).start()
 
     signal.signal(signal.SIGTERM, drain)
     signal.signal(signal.SIGINT, drain)
@@ -180,7 +185,10 @@ def main():
     if ch is not None:
         threading.Thread(target=receive_handoffs, args=(ch, server), daemon=True).start()
     sd_notify("READY=1")
-    server.serve_forever(poll_interval=0.05)
+    server.timeout = 0.05
+    while not stop:
+        server.handle_request()  # one accept, or 50 ms without one
+    sd_notify("STOPPING=1")
     # Stop accepting; the socket stays open in the supervisor, so connections
     # queued on it go to the next generation. Then finish what is in flight.
     server.server_close()
