@@ -1,8 +1,13 @@
 package supervise
 
 import (
+	"context"
 	"errors"
+	"net"
+	"os"
+	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -10,6 +15,7 @@ import (
 	"go.uber.org/zap/zaptest"
 	"golang.org/x/sys/unix"
 
+	"github.com/seed6cb0314a/upgrader/internal/handoff"
 	"github.com/seed6cb0314a/upgrader/internal/sdnotify"
 	"github.com/seed6cb0314a/upgrader/internal/spawn"
 )
@@ -21,6 +27,10 @@ type fakeEnv struct {
 	pids     chan int
 	kills    chan kill
 	startErr error
+	// The worker's end of each handoff channel, by pid: the test plays
+	// the worker on it.
+	mu       sync.Mutex
+	handoffs map[int]*handoff.Socket
 }
 
 type kill struct {
@@ -29,7 +39,8 @@ type kill struct {
 }
 
 func newFakeEnv() *fakeEnv {
-	return &fakeEnv{nextPid: 100, starts: make(chan spawn.Spec, 100), pids: make(chan int, 100), kills: make(chan kill, 100)}
+	return &fakeEnv{nextPid: 100, starts: make(chan spawn.Spec, 100), pids: make(chan int, 100), kills: make(chan kill, 100),
+		handoffs: map[int]*handoff.Socket{}}
 }
 
 func (f *fakeEnv) sources(string, func(event)) (string, error) { return "/run/fake/notify", nil }
@@ -44,9 +55,31 @@ func (f *fakeEnv) start(spec spawn.Spec, readyFD int, ready func(int)) (int, err
 		return 0, f.startErr
 	}
 	f.nextPid++
+	for _, kv := range spec.Env {
+		if v, ok := strings.CutPrefix(kv, "UPGRADER_HANDOFF_FD="); ok {
+			fd, _ := strconv.Atoi(v)
+			dup, err := unix.FcntlInt(uintptr(spec.Files[fd]), unix.F_DUPFD_CLOEXEC, 0)
+			if err != nil {
+				return 0, err
+			}
+			sock, err := handoff.NewSocket(os.NewFile(uintptr(dup), "worker-handoff"))
+			if err != nil {
+				return 0, err
+			}
+			f.mu.Lock()
+			f.handoffs[f.nextPid] = sock
+			f.mu.Unlock()
+		}
+	}
 	f.starts <- spec
 	f.pids <- f.nextPid
 	return f.nextPid, nil
+}
+
+func (f *fakeEnv) handoff(pid int) *handoff.Socket {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.handoffs[pid]
 }
 func (f *fakeEnv) kill(pid int, sig syscall.Signal) error { f.kills <- kill{pid, sig}; return nil }
 func (f *fakeEnv) notifyManager(string)                   {}
@@ -361,5 +394,106 @@ func TestFirstGenerationRecoversAfterCrash(t *testing.T) {
 	h.sync()
 	if h.s.current == nil || h.s.current.n != 1 {
 		t.Fatal("generation 1 not active after its restarted worker became ready")
+	}
+}
+
+// recv reads one message from a worker's end within a deadline.
+func recv(t *testing.T, sock *handoff.Socket) (handoff.Message, []int) {
+	t.Helper()
+	type r struct {
+		m   handoff.Message
+		fds []int
+		err error
+	}
+	ch := make(chan r, 1)
+	go func() {
+		m, fds, err := sock.Recv()
+		ch <- r{m, fds, err}
+	}()
+	select {
+	case got := <-ch:
+		if got.err != nil {
+			t.Fatalf("handoff recv: %v", got.err)
+		}
+		return got.m, got.fds
+	case <-time.After(5 * time.Second):
+		t.Fatal("no handoff message")
+		return handoff.Message{}, nil
+	}
+}
+
+func TestHandoffRoutedToNewestGenerationAndAnswered(t *testing.T) {
+	h := run(t, Config{})
+	old := h.started()
+	h.ready(old)
+	oldSock := h.env.handoff(old)
+	oldSock.Send(handoff.Message{Type: handoff.TypeAccept, Kinds: []string{"http"}}, nil)
+
+	// No newer worker takes http yet: refused at once, the sender keeps it.
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	conn, err := net.Dial("tcp", l.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	f, _ := conn.(*net.TCPConn).File()
+	defer f.Close()
+	send := func(id uint64) {
+		m := handoff.Message{Type: handoff.TypeHandoff, ID: id, Kind: "http", Conns: []handoff.Conn{{State: []byte("s")}}}
+		if err := oldSock.Send(m, []int{int(f.Fd())}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	send(1)
+	if m, _ := recv(t, oldSock); m.Type != handoff.TypeNak || m.ID != 1 || !strings.Contains(m.Reason, "no ready worker") {
+		t.Fatalf("answer %+v, want NAK id=1 naming the missing target", m)
+	}
+
+	h.s.post(evSignal{unix.SIGUSR2})
+	nw := h.started()
+	h.ready(nw)
+	h.killed(old, unix.SIGTERM)
+	newSock := h.env.handoff(nw)
+	newSock.Send(handoff.Message{Type: handoff.TypeAccept, Kinds: []string{"http"}}, nil)
+	// The ACCEPT comes through the new worker's own reader: wait for it.
+	for deadline := time.Now().Add(5 * time.Second); ; {
+		var taken bool
+		h.s.call(context.Background(), func() { taken = h.s.workers[nw].accepts["http"] })
+		if taken {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the new worker's ACCEPT was never recorded")
+		}
+		time.Sleep(time.Millisecond)
+	}
+
+	// Now it goes to the new worker, with its fd and state; its ACK comes
+	// back to the sender under the sender's own id.
+	send(7)
+	m, fds := recv(t, newSock)
+	defer handoff.CloseFDs(fds)
+	if m.Type != handoff.TypeHandoff || len(fds) != 1 || string(m.Conns[0].State) != "s" {
+		t.Fatalf("forwarded %+v with %d fds", m, len(fds))
+	}
+	newSock.Send(handoff.Message{Type: handoff.TypeAck, ID: m.ID}, nil)
+	if a, _ := recv(t, oldSock); a.Type != handoff.TypeAck || a.ID != 7 {
+		t.Fatalf("answer %+v, want ACK id=7", a)
+	}
+	// A target that refuses: the NAK reaches the sender with the reason.
+	send(8)
+	m, fds2 := recv(t, newSock)
+	handoff.CloseFDs(fds2)
+	newSock.Send(handoff.Message{Type: handoff.TypeNak, ID: m.ID, Reason: "busy"}, nil)
+	if a, _ := recv(t, oldSock); a.Type != handoff.TypeNak || a.ID != 8 || !strings.Contains(a.Reason, "busy") {
+		t.Fatalf("answer %+v, want NAK id=8 naming busy", a)
+	}
+	h.sync()
+	if st := h.s.hoStats; st.HandedOff != 1 || st.Refused != 2 {
+		t.Fatalf("stats %+v", st)
 	}
 }
