@@ -371,8 +371,10 @@ func (s *Supervisor) startWorker(g *generation, slot int) error {
 		if w.hsock, err = handoff.NewSocket(ours); err != nil {
 			s.log.Error("handoff channel", zap.Int("pid", pid), zap.Error(err))
 		} else {
-			// A worker that does not read its channel must not stall the loop.
-			w.hsock.SetSendTimeout(time.Second)
+			// A worker that stops reading its channel must not stall the
+			// loop: past the kernel's buffer (room for dozens of batches),
+			// a send fails within 100 ms and the batch is refused.
+			w.hsock.SetSendTimeout(100 * time.Millisecond)
 			go s.readHandoff(w, w.hsock)
 		}
 	}
