@@ -1,9 +1,12 @@
 package integration
 
 import (
+	"fmt"
 	"net"
 	"os"
+	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -75,5 +78,49 @@ time.sleep(60)`
 	p.waitLog(10*time.Second, "foreign notify message", msg("notify message from a process that is not a worker, dropped", "pid", os.Getpid()))
 	if p.hasLog(msg("worker is stopping on its own, replacing it")) {
 		t.Fatal("a foreign STOPPING=1 was acted on")
+	}
+}
+
+func TestFDStorePassesFdsToLaterGenerations(t *testing.T) {
+	dir := t.TempDir()
+	data := filepath.Join(dir, "data")
+	out := filepath.Join(dir, "out")
+	// Generation 1 stores an open file as "db"; generation 2 finds it after
+	// the listener, reads it, and removes it; generation 3 has no fd store.
+	py := fmt.Sprintf(`import os, socket, time, array
+gen = os.environ["UPGRADER_GENERATION"]
+names = os.environ.get("LISTEN_FDNAMES", "")
+s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+s.connect(os.environ["NOTIFY_SOCKET"])
+with open(%q, "a") as o:
+    o.write(f"gen={gen} fds={os.environ.get('LISTEN_FDS')} names={names}")
+    if gen == "1":
+        fd = os.open(%q, os.O_RDWR | os.O_CREAT)
+        os.write(fd, b"stored by generation 1")
+        s.sendmsg([b"FDSTORE=1\nFDNAME=db"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
+    if gen == "2":
+        o.write(" read=" + os.pread(4, 100, 0).decode())
+        s.send(b"FDSTOREREMOVE=1\nFDNAME=db")
+    o.write("\n")
+s.send(b"READY=1")
+time.sleep(60)`, out, data)
+	p := startUpgrader(t, "-l", "web=127.0.0.1:0", "--", "python3", "-c", py)
+	p.waitReady(1)
+	p.waitLog(5*time.Second, "fd kept", msg("fd store: kept"))
+	p.signal(syscall.SIGUSR2)
+	p.waitReady(2)
+	p.waitLog(5*time.Second, "fd removed", msg("fd store: removed"))
+	p.signal(syscall.SIGUSR2)
+	p.waitReady(3)
+	b, err := os.ReadFile(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := "gen=1 fds=1 names=web\ngen=2 fds=2 names=web:db read=stored by generation 1\ngen=3 fds=1 names=web\n"
+	if string(b) != want {
+		t.Fatalf("workers saw:\n%s\nwant:\n%s", b, want)
+	}
+	if st := p.status(); len(st.FDStore) != 0 {
+		t.Fatalf("fd store %v after FDSTOREREMOVE", st.FDStore)
 	}
 }

@@ -111,6 +111,9 @@ type Config struct {
 	// Watchdog, when > 0, is passed to workers as WATCHDOG_USEC; a ready
 	// worker that sends no WATCHDOG=1 for that long is replaced.
 	Watchdog time.Duration
+	// FDStoreMax bounds the fds workers may keep with FDSTORE=1
+	// (sd_notify(3)), as systemd's FileDescriptorStoreMax= (0: 64).
+	FDStoreMax int
 	// NoHandoff stops offering live-connection handoff (UPGRADER_HANDOFF_FD).
 	NoHandoff bool
 	// Sockets are passed to every worker as fds 3, 4, … in this order.
@@ -141,6 +144,9 @@ func (c *Config) setDefaults() {
 	}
 	if c.RestartWindow <= 0 {
 		c.RestartWindow = 60 * time.Second
+	}
+	if c.FDStoreMax <= 0 {
+		c.FDStoreMax = 64
 	}
 	if c.MaxDraining <= 0 {
 		c.MaxDraining = 4

@@ -20,6 +20,7 @@ type Status struct {
 	Upgrades    map[string]int   `json:"upgrades"` // by result: ok, failed
 	Restarts    int              `json:"worker_restarts"`
 	Handoffs    HandoffStats     `json:"handoffs"`
+	FDStore     []string         `json:"fd_store"` // names of the stored fds
 }
 
 // ListenerStatus describes one listener passed to workers.
@@ -92,6 +93,10 @@ func (s *Supervisor) snapshot() Status {
 		Upgrades: map[string]int{"ok": s.upgradesOK, "failed": s.upgradesFailed},
 		Restarts: s.restartCount,
 		Handoffs: s.hoStats,
+		FDStore:  []string{},
+	}
+	for _, f := range s.fdStore {
+		st.FDStore = append(st.FDStore, f.name)
 	}
 	if s.current != nil {
 		st.Current = s.current.n

@@ -89,6 +89,9 @@ type Supervisor struct {
 	nextHOID  uint64
 	rr        int // round-robin over handoff targets
 	hoStats   HandoffStats
+	// fdStore holds fds workers stored with FDSTORE=1, passed to every
+	// later worker after the listeners.
+	fdStore []storedFD
 	// Watchers of upgrades requested through Upgrade: those for the next
 	// generation to start, and those for the upgrade queued behind it.
 	startWatchers, queuedWatchers []chan Progress
@@ -163,6 +166,11 @@ func (s *Supervisor) post(ev event) {
 func (s *Supervisor) Run() error {
 	defer close(s.done)
 	defer s.env.close()
+	defer func() {
+		for _, st := range s.fdStore {
+			unix.Close(st.fd)
+		}
+	}()
 	dir := s.cfg.RuntimeDir
 	if dir == "" {
 		dir = os.TempDir()
@@ -304,16 +312,29 @@ func (s *Supervisor) startWorker(g *generation, slot int) error {
 		}
 		return err
 	}
+	readyFD := -1
+	if s.cfg.Ready.Kind == "fd" {
+		readyFD = s.cfg.Ready.FD
+	}
 	files := []int{0, 1, 2} // stdin is replaced by /dev/null in env.start
-	names := make([]string, len(s.cfg.Sockets))
-	for i, sock := range s.cfg.Sockets {
+	var names []string
+	for _, sock := range s.cfg.Sockets {
 		files = append(files, sock.FD)
-		names[i] = sock.Spec.Name
+		names = append(names, sock.Spec.Name)
+	}
+	// Then the fd store, as systemd passes it; LISTEN_FDS must be
+	// contiguous, so it stops short of --ready fd:N.
+	for _, st := range s.fdStore {
+		if len(files) == readyFD {
+			break
+		}
+		files = append(files, st.fd)
+		names = append(names, st.name)
 	}
 	env := append([]string(nil), s.baseEnv...)
-	if len(s.cfg.Sockets) > 0 {
+	if len(names) > 0 {
 		env = append(env,
-			"LISTEN_FDS="+strconv.Itoa(len(s.cfg.Sockets)),
+			"LISTEN_FDS="+strconv.Itoa(len(names)),
 			"LISTEN_FDNAMES="+strings.Join(names, ":"),
 			"LISTEN_PID=0") // the shim replaces it with the worker's pid
 	}
@@ -326,10 +347,6 @@ func (s *Supervisor) startWorker(g *generation, slot int) error {
 		"NOTIFY_SOCKET="+s.notifyPath,
 		"UPGRADER_GENERATION="+strconv.Itoa(g.n),
 		"UPGRADER_WORKER="+strconv.Itoa(slot))
-	readyFD := -1
-	if s.cfg.Ready.Kind == "fd" {
-		readyFD = s.cfg.Ready.FD
-	}
 	// The handoff channel goes at the first fd after the listeners that
 	// --ready fd:N does not use.
 	var ours, theirs *os.File
@@ -338,7 +355,7 @@ func (s *Supervisor) startWorker(g *generation, slot int) error {
 			return err
 		}
 		defer theirs.Close()
-		hfd := 3 + len(s.cfg.Sockets)
+		hfd := len(files)
 		if hfd == readyFD {
 			hfd++
 		}
@@ -645,9 +662,11 @@ func (s *Supervisor) reapGeneration(g *generation) {
 }
 
 func (s *Supervisor) onNotify(dg sdnotify.Datagram) {
-	for _, f := range dg.Files {
-		f.Close() // FDSTORE is not kept yet: never leak what we were sent
-	}
+	defer func() {
+		for _, f := range dg.Files {
+			f.Close() // the fd store keeps its own copies
+		}
+	}()
 	w, ok := s.workers[dg.Pid]
 	if !ok {
 		s.log.Warn("notify message from a process that is not a worker, dropped",
@@ -678,6 +697,11 @@ func (s *Supervisor) onNotify(dg sdnotify.Datagram) {
 	if m.Is("WATCHDOG", "trigger") && !w.asked {
 		s.replaceNow(w, "watchdog", "the worker sent WATCHDOG=trigger", unix.SIGABRT)
 		return
+	}
+	if m.Is("FDSTORE", "1") || m.Is("FDSTOREREMOVE", "1") {
+		s.onFDStore(w, m, dg.Files)
+	} else if len(dg.Files) > 0 {
+		s.log.Warn("notify message carried fds without FDSTORE=1, closed", append(fields, zap.Int("fds", len(dg.Files)))...)
 	}
 	if m.Is("READY", "1") && s.cfg.Ready.Kind == "notify" {
 		s.onReady(w)

@@ -497,3 +497,47 @@ func TestHandoffRoutedToNewestGenerationAndAnswered(t *testing.T) {
 		t.Fatalf("stats %+v", st)
 	}
 }
+
+func TestFDStoreBoundsAndNames(t *testing.T) {
+	h := run(t, Config{FDStoreMax: 2})
+	w := h.started()
+	h.ready(w)
+	store := func(fields ...string) {
+		r, wr, err := os.Pipe()
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer wr.Close()
+		var m sdnotify.Message
+		for i := 0; i+1 < len(fields); i += 2 {
+			m = append(m, sdnotify.Field{Key: fields[i], Value: fields[i+1]})
+		}
+		h.s.post(evNotify{sdnotify.Datagram{Pid: w, Message: m, Files: []*os.File{r}}})
+		h.sync()
+	}
+	names := func() []string {
+		var out []string
+		h.s.call(context.Background(), func() { out = h.s.snapshot().FDStore })
+		return out
+	}
+	store("FDSTORE", "1", "FDNAME", "db")
+	store("FDSTORE", "1")                    // default name
+	store("FDSTORE", "1", "FDNAME", "a:b")   // invalid name: refused
+	store("FDSTORE", "1", "FDNAME", "extra") // over FDStoreMax: refused
+	if got := strings.Join(names(), ","); got != "db,stored" {
+		t.Fatalf("fd store %q, want db,stored", got)
+	}
+	h.s.post(evNotify{sdnotify.Datagram{Pid: w, Message: sdnotify.Message{{Key: "FDSTOREREMOVE", Value: "1"}, {Key: "FDNAME", Value: "db"}}}})
+	h.sync()
+	if got := strings.Join(names(), ","); got != "stored" {
+		t.Fatalf("after removing db: %q", got)
+	}
+	// The next worker gets it after the listeners, under its name.
+	h.s.post(evSignal{unix.SIGUSR2})
+	spec := <-h.env.starts // generation 1's
+	spec = <-h.env.starts
+	env := strings.Join(spec.Env, "\n")
+	if !strings.Contains(env, "LISTEN_FDS=1\n") || !strings.Contains(env, "LISTEN_FDNAMES=stored\n") || len(spec.Files) < 4 {
+		t.Fatalf("worker env %q, files %v: want the stored fd at 3", env, spec.Files)
+	}
+}

@@ -93,6 +93,7 @@ type runFlags struct {
 	control       string
 	watchdog      time.Duration
 	noHandoff     bool
+	fdStoreMax    int
 }
 
 func run(args []string) error {
@@ -112,6 +113,7 @@ func run(args []string) error {
 	fs.StringVar(&f.health, "health", "", "serve /livez /readyz /status /metrics on `HOST:PORT` (default off)")
 	fs.StringVar(&f.control, "control", "", "control socket `PATH` (default upgrader.sock in the runtime directory; \"none\" for none)")
 	fs.DurationVar(&f.watchdog, "watchdog", 0, "workers get WATCHDOG_USEC; a worker silent this long is replaced (default off)")
+	fs.IntVar(&f.fdStoreMax, "fd-store-max", 64, "fds workers may keep with FDSTORE=1 for later generations")
 	fs.BoolVar(&f.noHandoff, "no-handoff", false, "do not offer live-connection handoff (UPGRADER_HANDOFF_FD) to workers")
 	fs.StringVar(&f.logFormat, "log-format", "console", "log format: console or json")
 	fs.StringVar(&f.logLevel, "log-level", "info", "log level: debug, info, warn, error")
@@ -156,6 +158,7 @@ func run(args []string) error {
 		RestartWindow: f.restartWindow,
 		Watchdog:      f.watchdog,
 		NoHandoff:     f.noHandoff,
+		FDStoreMax:    f.fdStoreMax,
 		RuntimeDir:    runtimeDir(),
 		Log:           log,
 		Sockets:       activated,

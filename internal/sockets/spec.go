@@ -89,6 +89,9 @@ func ParseSpec(v string) (Spec, error) {
 	return s, nil
 }
 
+// ValidName reports whether n is a valid LISTEN_FDNAMES entry.
+func ValidName(n string) bool { return checkName(n) == nil }
+
 func checkName(n string) error {
 	if n == "" {
 		return fmt.Errorf("empty NAME before '='")
