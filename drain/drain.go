@@ -72,6 +72,7 @@ type Server struct {
 	fallback  *fallbackListener
 	pendingHO int
 	handedOff int
+	serving   sync.WaitGroup // the listeners' Serve loops
 }
 
 // FatalError is returned by Serve after a drain that Fail started (a
@@ -137,14 +138,20 @@ func (s *Server) Serve(ctx context.Context, listeners []net.Listener) error {
 	if hl := opts.Handoff.Listener("http"); hl != nil {
 		// Connections handed to us. This listener ends when the channel
 		// does, which is no reason to stop serving the others.
-		go srv.Serve(handoffListener{hl, s})
+		s.serving.Add(1)
+		go func() {
+			defer s.serving.Done()
+			srv.Serve(handoffListener{hl, s})
+		}()
 		listeners = append(listeners[:len(listeners):len(listeners)], hl)
 	}
 	if opts.Handoff != nil {
 		go srv.Serve(s.fallback)
 	}
 	for _, l := range listeners[:cap(errc)] {
+		s.serving.Add(1)
 		go func() {
+			defer s.serving.Done()
 			l := net.Listener(handoffListener{l, s})
 			err := srv.Serve(l)
 			if s.draining.Load() {
@@ -240,6 +247,21 @@ func (s *Server) drain(listeners []net.Listener) {
 
 	timer := time.NewTimer(time.Until(deadline))
 	defer timer.Stop()
+	// Every connection the listeners gave out is registered once their
+	// Serve loops have returned; counting before that could miss one
+	// between Accept and its registration, and exit with it.
+	served := make(chan struct{})
+	go func() {
+		s.serving.Wait()
+		close(served)
+	}()
+	select {
+	case <-served:
+	case <-timer.C:
+		s.srv.Close()
+		s.fallback.Close()
+		return
+	}
 	// Idle connections go to the new generation now; the others when
 	// their response is written (track, on StateIdle).
 	s.kickIdle()

@@ -281,6 +281,8 @@ func (s *Server) sendBatch(batch []*hconn) {
 	s.handoffOn.Store(false)
 	for _, c := range batch {
 		c.reset()
+		// Registered before it leaves our hands, like an accepted one.
+		s.track(c, http.StateNew)
 		select {
 		case s.fallback.ch <- c:
 		case <-s.fallback.done:
