@@ -169,12 +169,7 @@ func TestHalfRequestAtDrainGetsItsResponse(t *testing.T) {
 }
 
 func TestNewGenerationWithoutHandoffDrainsByConnectionClose(t *testing.T) {
-	dir := t.TempDir()
-	script := filepath.Join(dir, "run")
-	writeScript(t, script, "exec "+helloBin)
-	p := startUpgrader(t, "-l", "127.0.0.1:0", "--", script)
-	addr := p.addr("")
-	p.waitReady(1)
+	p, script, addr := startScripted(t, "exec "+helloBin)
 	stop := runLoad(loadgen.Config{Addr: addr, Clients: 16, Mode: loadgen.KeepAlive, MaxIdle: 50 * time.Millisecond})
 	time.Sleep(300 * time.Millisecond)
 	// A worker without the library: it never announces ACCEPT.
@@ -192,12 +187,7 @@ func TestNewGenerationWithoutHandoffDrainsByConnectionClose(t *testing.T) {
 }
 
 func TestPythonWorkerTakesHandedOffConnections(t *testing.T) {
-	dir := t.TempDir()
-	script := filepath.Join(dir, "run")
-	writeScript(t, script, "exec "+helloBin)
-	p := startUpgrader(t, "-l", "127.0.0.1:0", "--", script)
-	addr := p.addr("")
-	p.waitReady(1)
+	p, script, addr := startScripted(t, "exec "+helloBin)
 	stop := runLoad(loadgen.Config{Addr: addr, Clients: 8, Mode: loadgen.KeepAlive, MaxIdle: 50 * time.Millisecond})
 	time.Sleep(300 * time.Millisecond)
 	writeScript(t, script, "exec python3 "+filepath.Join(repoRoot, "examples/python/worker.py"))

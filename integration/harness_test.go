@@ -391,3 +391,16 @@ func environ(t testing.TB, pid int) map[string]string {
 	}
 	return env
 }
+
+// startScripted runs upgrader on a start script that first execs body, and
+// returns once generation 1 is ready. Rewriting the script (writeScript)
+// puts a new version on disk for the next upgrade.
+func startScripted(t *testing.T, body string, args ...string) (p *proc, script, addr string) {
+	t.Helper()
+	script = filepath.Join(t.TempDir(), "run")
+	writeScript(t, script, body)
+	p = startUpgrader(t, append(append([]string{"-l", "127.0.0.1:0"}, args...), "--", script)...)
+	addr = p.addr("")
+	p.waitReady(1)
+	return p, script, addr
+}

@@ -243,12 +243,7 @@ func runCLI(t *testing.T, args ...string) (string, int) {
 }
 
 func TestUpgradeCommandFollowsProgress(t *testing.T) {
-	dir := t.TempDir()
-	script := filepath.Join(dir, "run")
-	writeScript(t, script, "exec "+helloBin)
-	p := startUpgrader(t, "-l", "127.0.0.1:0", "--", script)
-	addr := p.addr("")
-	p.waitReady(1)
+	p, script, addr := startScripted(t, "exec "+helloBin)
 	out, code := runCLI(t, "upgrade", "--control", p.control)
 	t.Logf("upgrader upgrade:\n%s", out)
 	for _, want := range []string{"generation 2 started", "generation 2 ready after", "generation 1 draining with", "done: generation 2 serving"} {

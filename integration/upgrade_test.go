@@ -105,12 +105,7 @@ func TestInFlightRequestCompletesAcrossUpgrade(t *testing.T) {
 }
 
 func TestFailedUpgradesKeepOldGenerationServing(t *testing.T) {
-	dir := t.TempDir()
-	script := filepath.Join(dir, "run")
-	writeScript(t, script, "exec "+helloBin)
-	p := startUpgrader(t, "-l", "127.0.0.1:0", "--ready-timeout", "2s", "--", script)
-	addr := p.addr("")
-	p.waitReady(1)
+	p, script, addr := startScripted(t, "exec "+helloBin, "--ready-timeout", "2s")
 	stop := runLoad(loadgen.Config{Addr: addr, Clients: 16, Mode: loadgen.NewConn})
 
 	// A version that exits 1 at start.
