@@ -247,8 +247,8 @@ func (s *Server) drain(listeners []net.Listener) {
 
 	timer := time.NewTimer(time.Until(deadline))
 	defer timer.Stop()
-	// Every connection the listeners gave out is registered once their
-	// Serve loops have returned; counting before that could miss one
+	// net/http registers an accepted connection (StateNew) before its Serve
+	// loop can return: once they all have, counting cannot miss one caught
 	// between Accept and its registration, and exit with it.
 	served := make(chan struct{})
 	go func() {

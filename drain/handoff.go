@@ -178,18 +178,15 @@ type handoffListener struct {
 	s *Server
 }
 
-// Accept registers each connection before net/http sees it: a drain that
-// begins between Accept and net/http's StateNew hook must still wait for it.
 func (l handoffListener) Accept() (net.Conn, error) {
 	c, err := l.Listener.Accept()
 	if err != nil {
 		return nil, err
 	}
-	if _, ok := c.(syscall.Conn); ok {
-		c = &hconn{Conn: c, s: l.s}
-	} // else TLS and other wrappers: not handed off
-	l.s.track(c, http.StateNew)
-	return c, nil
+	if _, ok := c.(syscall.Conn); !ok {
+		return c, nil // TLS and other wrappers: not handed off
+	}
+	return &hconn{Conn: c, s: l.s}, nil
 }
 
 // fallbackListener feeds connections whose handoff was refused back to this
@@ -281,7 +278,8 @@ func (s *Server) sendBatch(batch []*hconn) {
 	s.handoffOn.Store(false)
 	for _, c := range batch {
 		c.reset()
-		// Registered before it leaves our hands, like an accepted one.
+		// Registered before it leaves our hands: the fallback's Serve loop
+		// runs on past the drain, so the drain cannot wait for it.
 		s.track(c, http.StateNew)
 		select {
 		case s.fallback.ch <- c:

@@ -1,8 +1,10 @@
 package supervise
 
 import (
+	"cmp"
 	"context"
 	"errors"
+	"slices"
 	"time"
 )
 
@@ -129,11 +131,9 @@ func (s *Supervisor) snapshot() Status {
 }
 
 func sortWorkers(ws []WorkerStatus) {
-	for i := 1; i < len(ws); i++ {
-		for j := i; j > 0 && (ws[j].Slot < ws[j-1].Slot || ws[j].Slot == ws[j-1].Slot && ws[j].Pid < ws[j-1].Pid); j-- {
-			ws[j], ws[j-1] = ws[j-1], ws[j]
-		}
-	}
+	slices.SortFunc(ws, func(a, b WorkerStatus) int {
+		return cmp.Or(cmp.Compare(a.Slot, b.Slot), cmp.Compare(a.Pid, b.Pid))
+	})
 }
 
 // Progress is one step of an upgrade, as `upgrader upgrade` prints it.
