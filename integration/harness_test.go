@@ -18,6 +18,8 @@ import (
 	"time"
 
 	"github.com/seed6cb0314a/upgrader/integration/loadgen"
+	"github.com/seed6cb0314a/upgrader/internal/control"
+	"github.com/seed6cb0314a/upgrader/supervise"
 )
 
 // Binaries built once by TestMain.
@@ -403,4 +405,38 @@ func startScripted(t *testing.T, body string, args ...string) (p *proc, script, 
 	addr = p.addr("")
 	p.waitReady(1)
 	return p, script, addr
+}
+
+// tryStatus asks the running upgrader for its status over the control
+// socket; status is the same, failing the test on error.
+func (p *proc) tryStatus() (supervise.Status, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	var st supervise.Status
+	err := control.Do(ctx, p.control, control.Request{Command: "status"}, func(line []byte) error {
+		return json.Unmarshal(line, &st)
+	})
+	return st, err
+}
+
+// waitStatus polls the status until cond holds and returns that status; it
+// fails the test when upgrader exits first or timeout passes.
+func (p *proc) waitStatus(timeout time.Duration, what string, cond func(supervise.Status) bool) supervise.Status {
+	p.t.Helper()
+	deadline := time.Now().Add(timeout)
+	for {
+		st, err := p.tryStatus()
+		if err == nil && cond(st) {
+			return st
+		}
+		select {
+		case <-p.done:
+			p.t.Fatalf("upgrader exited (%v) before %s", p.err, what)
+		default:
+		}
+		if time.Now().After(deadline) {
+			p.t.Fatalf("not %s within %s (last status %+v, error %v)", what, timeout, st, err)
+		}
+		time.Sleep(5 * time.Millisecond) // polling interval, not synchronization
+	}
 }
