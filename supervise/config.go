@@ -101,10 +101,13 @@ type Config struct {
 	// ShutdownDelay is how long a graceful stop reports not-ready before
 	// any worker is asked to drain.
 	ShutdownDelay time.Duration
-	// MaxRestarts crash restarts within RestartWindow, with no ready worker
-	// left, make the supervisor give up.
+	// More than MaxRestarts restarts within RestartWindow, with no ready
+	// worker left, make the supervisor give up; 0 gives up at the first.
 	MaxRestarts   int
 	RestartWindow time.Duration
+	// GiveUpLinger is how long after giving up the supervisor stays, so
+	// that health probes see /readyz answer "gave up" (0: 3s).
+	GiveUpLinger time.Duration
 	// MaxDraining is how many generations may drain at once; beyond it the
 	// oldest is killed (0: 4).
 	MaxDraining int
@@ -112,7 +115,8 @@ type Config struct {
 	// worker that sends no WATCHDOG=1 for that long is replaced.
 	Watchdog time.Duration
 	// FDStoreMax bounds the fds workers may keep with FDSTORE=1
-	// (sd_notify(3)), as systemd's FileDescriptorStoreMax= (0: 64).
+	// (sd_notify(3)), as systemd's FileDescriptorStoreMax=; 0 turns the
+	// store off.
 	FDStoreMax int
 	// NoHandoff stops offering live-connection handoff (UPGRADER_HANDOFF_FD).
 	NoHandoff bool
@@ -123,6 +127,8 @@ type Config struct {
 	Log        *zap.Logger
 }
 
+// setDefaults fills in the fields whose zero value has no meaning of its
+// own; MaxRestarts and FDStoreMax keep theirs.
 func (c *Config) setDefaults() {
 	if c.Workers < 1 {
 		c.Workers = 1
@@ -130,25 +136,22 @@ func (c *Config) setDefaults() {
 	if c.Ready.Kind == "" {
 		c.Ready.Kind = "notify"
 	}
-	if c.ReadyTimeout <= 0 {
+	if c.ReadyTimeout == 0 {
 		c.ReadyTimeout = 60 * time.Second
 	}
-	if c.DrainTimeout <= 0 {
+	if c.DrainTimeout == 0 {
 		c.DrainTimeout = 30 * time.Second
 	}
 	if c.DrainSignal == 0 {
 		c.DrainSignal = syscall.SIGTERM
 	}
-	if c.MaxRestarts <= 0 {
-		c.MaxRestarts = 5
-	}
-	if c.RestartWindow <= 0 {
+	if c.RestartWindow == 0 {
 		c.RestartWindow = 60 * time.Second
 	}
-	if c.FDStoreMax <= 0 {
-		c.FDStoreMax = 64
+	if c.GiveUpLinger == 0 {
+		c.GiveUpLinger = 3 * time.Second
 	}
-	if c.MaxDraining <= 0 {
+	if c.MaxDraining == 0 {
 		c.MaxDraining = 4
 	}
 	if c.Log == nil {
@@ -160,6 +163,25 @@ func (c *Config) setDefaults() {
 func (c *Config) validate() error {
 	if len(c.Command) == 0 {
 		return fmt.Errorf("no COMMAND given after --")
+	}
+	for _, d := range []struct {
+		name string
+		v    time.Duration
+	}{
+		{"ready timeout", c.ReadyTimeout}, {"drain timeout", c.DrainTimeout}, {"shutdown delay", c.ShutdownDelay},
+		{"restart window", c.RestartWindow}, {"watchdog", c.Watchdog}, {"give-up linger", c.GiveUpLinger},
+	} {
+		if d.v < 0 {
+			return fmt.Errorf("%s %s: must not be negative", d.name, d.v)
+		}
+	}
+	for _, n := range []struct {
+		name string
+		v    int
+	}{{"max restarts", c.MaxRestarts}, {"fd store max", c.FDStoreMax}, {"max draining", c.MaxDraining}} {
+		if n.v < 0 {
+			return fmt.Errorf("%s %d: must not be negative", n.name, n.v)
+		}
 	}
 	if c.Ready.Kind == "fd" && c.Ready.FD < 3+len(c.Sockets) {
 		return fmt.Errorf("--ready fd:%d collides with the listeners at fds 3 to %d; pick fd:%d or higher",

@@ -8,12 +8,15 @@ import (
 	"os/exec"
 	"os/signal"
 	"path/filepath"
+	"strconv"
 	"strings"
+	"sync/atomic"
 	"syscall"
 
 	"github.com/coreos/go-systemd/v22/daemon"
 	"golang.org/x/sys/unix"
 
+	"github.com/seed6cb0314a/upgrader/internal/proctree"
 	"github.com/seed6cb0314a/upgrader/internal/sdnotify"
 	"github.com/seed6cb0314a/upgrader/internal/spawn"
 )
@@ -23,8 +26,14 @@ import (
 // the loop with post.
 type env interface {
 	// sources starts the OS event sources (signals, child exits, the notify
-	// socket in dir) and returns the NOTIFY_SOCKET path for workers.
-	sources(dir string, post func(event)) (notifyPath string, err error)
+	// socket in dir) and returns the NOTIFY_SOCKET path for workers. At
+	// most fdBudget fds received with FDSTORE=1 are held in events at once;
+	// others are closed as they arrive.
+	sources(dir string, fdBudget int, post func(event)) (notifyPath string, err error)
+	// processes reads the process table (nil when there is none to read).
+	processes() (proctree.Table, error)
+	// environ reads a process's initial environment (nil if unreadable).
+	environ(pid int) map[string]string
 	// lookPath resolves the command, as exec.LookPath.
 	lookPath(file string) (string, error)
 	// start starts a worker. When readyFD ≥ 0 the worker gets the write end
@@ -61,27 +70,20 @@ func newOSEnv() (*osEnv, error) {
 	return &osEnv{spawner: spawn.NewSpawner("/proc/self/exe"), devnull: devnull}, nil
 }
 
-func (e *osEnv) sources(dir string, post func(event)) (string, error) {
+func (e *osEnv) sources(dir string, fdBudget int, post func(event)) (string, error) {
+	removeStaleNotifyDirs(dir)
 	d, err := os.MkdirTemp(dir, fmt.Sprintf("upgrader-%d-", os.Getpid()))
 	if err != nil {
 		return "", fmt.Errorf("runtime directory %s: %w", dir, err)
 	}
 	e.dir = d
-	ns, err := sdnotify.Listen(filepath.Join(d, "notify.sock"))
+	ns, err := sdnotify.Listen(filepath.Join(d, "notify.sock"), fdBudget)
 	if err != nil {
 		os.RemoveAll(d)
 		return "", err
 	}
 	e.notify = ns
-	go func() {
-		for {
-			dg, err := ns.Recv()
-			if err != nil {
-				return // closed
-			}
-			post(evNotify{dg})
-		}
-	}()
+	go readNotify(ns, fdBudget, post)
 
 	e.sigs = make(chan os.Signal, 16)
 	signal.Notify(e.sigs, unix.SIGCHLD, unix.SIGUSR1, unix.SIGUSR2, unix.SIGHUP,
@@ -96,6 +98,53 @@ func (e *osEnv) sources(dir string, post func(event)) (string, error) {
 		}
 	}()
 	return ns.Path(), nil
+}
+
+// readNotify turns notify datagrams into events until the socket closes.
+// Fds are only worth holding for FDSTORE=1, and at most fdBudget of them at
+// once: the rest are closed here, before they queue up in events, so that
+// a flood of fds cannot exhaust the fd table.
+func readNotify(ns *sdnotify.Server, fdBudget int, post func(event)) {
+	var held atomic.Int64
+	for {
+		dg, err := ns.Recv()
+		if err != nil {
+			return // closed
+		}
+		ev := evNotify{dg: dg}
+		if n := int64(len(dg.Files)); n > 0 {
+			if dg.Err != nil || !dg.Message.Is("FDSTORE", "1") || held.Add(n) > int64(fdBudget) {
+				if dg.Err == nil && dg.Message.Is("FDSTORE", "1") {
+					held.Add(-n)
+				}
+				for _, f := range dg.Files {
+					f.Close()
+				}
+				ev.dg.Files, ev.dropped = nil, int(n)
+			} else {
+				ev.release = func() { held.Add(-n) }
+			}
+		}
+		post(ev)
+	}
+}
+
+// removeStaleNotifyDirs removes the notify directories that upgraders
+// killed without a chance to clean up left in dir: upgrader-PID-* whose
+// PID no longer runs.
+func removeStaleNotifyDirs(dir string) {
+	ents, _ := os.ReadDir(dir)
+	for _, ent := range ents {
+		rest, ok := strings.CutPrefix(ent.Name(), "upgrader-")
+		pidText, _, ok2 := strings.Cut(rest, "-")
+		pid, err := strconv.Atoi(pidText)
+		if !ok || !ok2 || err != nil || !ent.IsDir() || pid <= 0 {
+			continue
+		}
+		if err := unix.Kill(pid, 0); errors.Is(err, unix.ESRCH) {
+			os.RemoveAll(filepath.Join(dir, ent.Name()))
+		}
+	}
 }
 
 // reap collects every exited child without blocking, so no zombie stays.
@@ -160,6 +209,10 @@ func (e *osEnv) start(spec spawn.Spec, readyFD int, ready func(int)) (int, error
 func (e *osEnv) kill(pid int, sig syscall.Signal) error {
 	return unix.Kill(pid, sig)
 }
+
+func (e *osEnv) processes() (proctree.Table, error) { return proctree.Read("/proc") }
+
+func (e *osEnv) environ(pid int) map[string]string { return proctree.Environ("/proc", pid) }
 
 func (e *osEnv) notifyManager(state string) {
 	_, _ = daemon.SdNotify(false, state)

@@ -18,19 +18,21 @@ type storedFD struct {
 
 // onFDStore keeps or removes fds as systemd's fd store does (sd_notify(3),
 // sd_pid_notify_with_fds(3)): FDSTORE=1 keeps the fds that came with the
-// message under FDNAME (default "stored"), up to Config.FDStoreMax;
+// message under FDNAME (default "stored"), up to Config.FDStoreMax (0: the
+// store is off, and the notify socket takes no fds at all);
 // FDSTOREREMOVE=1 with FDNAME removes every fd of that name. Unlike
 // systemd, stored fds are not polled for hangup (as with FDPOLL=0).
 func (s *Supervisor) onFDStore(w *worker, m sdnotify.Message, files []*os.File) {
 	log := s.log.With(zap.Int("generation", w.gen.n), zap.Int("pid", w.pid))
 	name, named := m.Get("FDNAME")
 	if named && !sockets.ValidName(name) {
-		log.Warn("fd store: FDNAME is not a valid fd name (printable ASCII, no ':', at most 255), ignored", zap.String("fdname", name))
+		s.warn(w.pid, "fd store: FDNAME is not a valid fd name (printable ASCII, no ':', at most 255), ignored",
+			zap.Int("pid", w.pid), zap.String("fdname", name))
 		return
 	}
 	if m.Is("FDSTOREREMOVE", "1") {
 		if !named {
-			log.Warn("fd store: FDSTOREREMOVE=1 without FDNAME=, ignored")
+			s.warn(w.pid, "fd store: FDSTOREREMOVE=1 without FDNAME=, ignored", zap.Int("pid", w.pid))
 			return
 		}
 		kept := s.fdStore[:0]
@@ -49,20 +51,31 @@ func (s *Supervisor) onFDStore(w *worker, m sdnotify.Message, files []*os.File) 
 		name = "stored"
 	}
 	if len(files) == 0 {
-		log.Warn("fd store: FDSTORE=1 without fds, ignored")
+		s.warn(w.pid, "fd store: FDSTORE=1 without fds (or the store is off), ignored", zap.Int("pid", w.pid))
 		return
 	}
+	// One line per message, never one per fd: a flood of fds must not
+	// become a flood of log lines.
+	kept, full := 0, 0
+	var dupErr error
 	for _, f := range files {
 		if len(s.fdStore) >= s.cfg.FDStoreMax {
-			log.Warn("fd store full, fd not kept", zap.String("fdname", name), zap.Int("max", s.cfg.FDStoreMax))
+			full++
 			continue
 		}
 		fd, err := sockets.DupFD(f)
 		if err != nil {
-			log.Warn("fd store: cannot keep fd", zap.Error(err))
+			dupErr = err
 			continue
 		}
 		s.fdStore = append(s.fdStore, storedFD{name: name, fd: fd})
+		kept++
 	}
-	log.Info("fd store: kept", zap.String("fdname", name), zap.Int("fds", len(files)), zap.Int("stored", len(s.fdStore)))
+	if kept < len(files) {
+		s.warn(w.pid, "fd store: fds not kept", zap.Int("pid", w.pid), zap.String("fdname", name),
+			zap.Int("kept", kept), zap.Int("over_max", full), zap.Int("max", s.cfg.FDStoreMax), zap.NamedError("dup_error", dupErr))
+	}
+	if kept > 0 {
+		log.Info("fd store: kept", zap.String("fdname", name), zap.Int("fds", kept), zap.Int("stored", len(s.fdStore)))
+	}
 }

@@ -3,6 +3,7 @@ package supervise
 import (
 	"errors"
 	"fmt"
+	"time"
 
 	"go.uber.org/zap"
 
@@ -28,6 +29,86 @@ type pendingHandoff struct {
 	n      int
 }
 
+const (
+	// outboxSize is how many batches may wait to be sent to one worker;
+	// with at most 253 fds each, it bounds the fds held for a worker that
+	// does not read. Answers (ACK, NAK) carry no fds and have a queue of
+	// their own, answersSize deep, so that a sender that reads gets every
+	// one however fast they come.
+	outboxSize  = 4
+	answersSize = 1024
+	// sendTimeout bounds one send to a worker whose socket buffer is full.
+	sendTimeout = 100 * time.Millisecond
+	// maxUnanswered bounds the batches forwarded to one target that it
+	// has not answered; past it the target is skipped.
+	maxUnanswered = 64
+)
+
+// outMsg is a message waiting in a worker's outbox; fds are closed once sent.
+type outMsg struct {
+	m   handoff.Message
+	fds []int
+}
+
+var errOutboxFull = errors.New("the worker is not reading its handoff channel (outbox full)")
+
+// openHandoff gives w its channel: a reader that turns what w sends into
+// loop events, and a writer that sends what the loop queues, so that the
+// loop never blocks on a worker's socket.
+func (s *Supervisor) openHandoff(w *worker, sock *handoff.Socket) {
+	sock.SetSendTimeout(sendTimeout)
+	w.hsock = sock
+	w.out = make(chan outMsg, outboxSize)
+	w.answers = make(chan outMsg, answersSize)
+	go s.readHandoff(w, sock)
+	go s.writeHandoff(w, sock, w.out, w.answers)
+}
+
+// writeHandoff sends w's queues until closeHandoff closes them; a failed
+// send goes back to the loop, which answers for it.
+func (s *Supervisor) writeHandoff(w *worker, sock *handoff.Socket, out, answers <-chan outMsg) {
+	for out != nil || answers != nil {
+		var o outMsg
+		var ok bool
+		select {
+		case o, ok = <-answers:
+			if !ok {
+				answers = nil
+				continue
+			}
+		case o, ok = <-out:
+			if !ok {
+				out = nil
+				continue
+			}
+		}
+		err := sock.Send(o.m, o.fds)
+		handoff.CloseFDs(o.fds)
+		if err != nil {
+			s.post(evHandoffSendFailed{w: w, m: o.m, err: err})
+		}
+	}
+}
+
+// send queues m with fds (which it takes over) for w without blocking.
+func (s *Supervisor) send(w *worker, m handoff.Message, fds []int) error {
+	q := w.out
+	if m.Type != handoff.TypeHandoff {
+		q = w.answers
+	}
+	if q == nil {
+		handoff.CloseFDs(fds)
+		return errors.New("handoff channel closed")
+	}
+	select {
+	case q <- outMsg{m, fds}:
+		return nil
+	default:
+		handoff.CloseFDs(fds)
+		return errOutboxFull
+	}
+}
+
 // readHandoff turns w's handoff channel into loop events until it closes.
 func (s *Supervisor) readHandoff(w *worker, sock *handoff.Socket) {
 	for {
@@ -45,17 +126,20 @@ func (s *Supervisor) readHandoff(w *worker, sock *handoff.Socket) {
 // ready worker of the newest generation; the target's ACK or NAK goes back
 // to the sender, which keeps its copies until then.
 func (s *Supervisor) onHandoff(w *worker, m handoff.Message, fds []int, err error) {
-	// The kernel duplicated the fds into the forwarded message: ours are
-	// never needed past this point.
-	defer handoff.CloseFDs(fds)
 	if s.workers[w.pid] != w {
+		handoff.CloseFDs(fds)
 		return
 	}
 	log := s.log.With(zap.Int("generation", w.gen.n), zap.Int("pid", w.pid))
 	if err != nil {
+		handoff.CloseFDs(fds)
 		s.hoStats.Malformed++
-		log.Warn("malformed handoff message from worker, dropped", zap.Error(err))
+		s.warn(w.pid, "malformed handoff message from worker, dropped", zap.Int("generation", w.gen.n), zap.Int("pid", w.pid), zap.Error(err))
 		return
+	}
+	if m.Type != handoff.TypeHandoff {
+		handoff.CloseFDs(fds) // only a batch carries fds
+		fds = nil
 	}
 	switch m.Type {
 	case handoff.TypeAccept:
@@ -68,6 +152,7 @@ func (s *Supervisor) onHandoff(w *worker, m handoff.Message, fds []int, err erro
 		n := len(m.Conns)
 		target := s.handoffTarget(w, m.Kind)
 		if target == nil {
+			handoff.CloseFDs(fds)
 			s.hoStats.Refused += n
 			log.Info("handoff refused: no target", zap.String("kind", m.Kind), zap.Int("connections", n))
 			s.reply(w, handoff.Message{Type: handoff.TypeNak, ID: m.ID,
@@ -77,20 +162,23 @@ func (s *Supervisor) onHandoff(w *worker, m handoff.Message, fds []int, err erro
 		s.nextHOID++
 		fwd := m
 		fwd.ID = s.nextHOID
-		if err := target.hsock.Send(fwd, fds); err != nil {
+		if err := s.send(target, fwd, fds); err != nil {
 			s.hoStats.Refused += n
-			log.Warn("handoff forward failed", zap.Int("target_pid", target.pid), zap.Error(err))
+			s.stall(target, err)
 			s.reply(w, handoff.Message{Type: handoff.TypeNak, ID: m.ID, Reason: fmt.Sprintf("forward to worker pid %d: %v", target.pid, err)})
 			return
 		}
+		target.unanswered++
 		s.pendingHO[fwd.ID] = &pendingHandoff{from: w, fromID: m.ID, to: target, n: n}
 	case handoff.TypeAck, handoff.TypeNak:
 		p := s.pendingHO[m.ID]
 		if p == nil || p.to != w {
-			log.Warn("handoff answer for an unknown batch, dropped", zap.String("type", m.Type), zap.Uint64("id", m.ID))
+			s.warn(w.pid, "handoff answer for an unknown batch, dropped", zap.Int("pid", w.pid), zap.String("type", m.Type), zap.Uint64("id", m.ID))
 			return
 		}
 		delete(s.pendingHO, m.ID)
+		w.unanswered--
+		w.stalled = false // it reads and answers again
 		if m.Type == handoff.TypeAck {
 			s.hoStats.HandedOff += p.n
 			s.reply(p.from, handoff.Message{Type: handoff.TypeAck, ID: p.fromID})
@@ -100,8 +188,38 @@ func (s *Supervisor) onHandoff(w *worker, m handoff.Message, fds []int, err erro
 		log.Info("handoff refused by target", zap.String("reason", m.Reason), zap.Int("connections", p.n))
 		s.reply(p.from, handoff.Message{Type: handoff.TypeNak, ID: p.fromID, Reason: fmt.Sprintf("worker pid %d: %s", w.pid, m.Reason)})
 	default:
-		log.Warn("unexpected handoff message from worker, dropped", zap.String("type", m.Type))
+		s.warn(w.pid, "unexpected handoff message from worker, dropped", zap.Int("pid", w.pid), zap.String("type", m.Type))
 	}
+}
+
+// stall marks a target that did not take a batch: it is skipped until it
+// answers one it has.
+func (s *Supervisor) stall(w *worker, err error) {
+	if !w.stalled {
+		s.log.Warn("handoff target is not taking batches, skipping it", zap.Int("generation", w.gen.n),
+			zap.Int("pid", w.pid), zap.Error(err))
+	}
+	w.stalled = true
+}
+
+// onSendFailed answers for a message that could not be sent to w: a
+// forwarded batch goes back to its sender, refused.
+func (s *Supervisor) onSendFailed(w *worker, m handoff.Message, err error) {
+	if m.Type != handoff.TypeHandoff {
+		s.warn(w.pid, "handoff reply failed", zap.Int("pid", w.pid), zap.String("type", m.Type), zap.Error(err))
+		return
+	}
+	p := s.pendingHO[m.ID]
+	if p == nil || p.to != w {
+		return // answered already: the target went away
+	}
+	delete(s.pendingHO, m.ID)
+	w.unanswered--
+	s.hoStats.Refused += p.n
+	if !w.gone && !w.exited {
+		s.stall(w, err)
+	}
+	s.reply(p.from, handoff.Message{Type: handoff.TypeNak, ID: p.fromID, Reason: fmt.Sprintf("forward to worker pid %d: %v", w.pid, err)})
 }
 
 // handoffTarget picks, round robin, a ready worker of the active generation
@@ -115,7 +233,8 @@ func (s *Supervisor) handoffTarget(from *worker, kind string) *worker {
 	for i := 0; i < n; i++ {
 		s.rr++
 		w := g.slots[s.rr%n]
-		if w != nil && w != from && w.state == WorkerReady && !w.asked && w.hsock != nil && w.accepts[kind] {
+		if w != nil && w != from && w.state == WorkerReady && !w.asked && w.hsock != nil && w.accepts[kind] &&
+			!w.stalled && w.unanswered < maxUnanswered {
 			return w
 		}
 	}
@@ -126,8 +245,8 @@ func (s *Supervisor) reply(w *worker, m handoff.Message) {
 	if s.workers[w.pid] != w || w.hsock == nil {
 		return // the sender is gone: its copies went with it
 	}
-	if err := w.hsock.Send(m, nil); err != nil {
-		s.log.Warn("handoff reply failed", zap.Int("pid", w.pid), zap.String("type", m.Type), zap.Error(err))
+	if err := s.send(w, m, nil); err != nil {
+		s.warn(w.pid, "handoff reply failed", zap.Int("pid", w.pid), zap.String("type", m.Type), zap.Error(err))
 	}
 }
 
@@ -138,12 +257,16 @@ func (s *Supervisor) closeHandoff(w *worker) {
 	}
 	w.hsock.Close()
 	w.hsock = nil
+	close(w.out) // the writer fails what is left, fast, and closes its fds
+	close(w.answers)
+	w.out, w.answers = nil, nil
 	w.accepts = nil
 	// A sender that went away needs no answer (reply checks); a target
 	// that went away refuses what it had not answered.
 	for id, p := range s.pendingHO {
 		if p.to == w {
 			delete(s.pendingHO, id)
+			w.unanswered--
 			s.hoStats.Refused += p.n
 			s.reply(p.from, handoff.Message{Type: handoff.TypeNak, ID: p.fromID, Reason: fmt.Sprintf("worker pid %d went away", w.pid)})
 		}

@@ -36,20 +36,40 @@ const (
 )
 
 type worker struct {
-	gen       *generation
-	slot      int
-	pid       int
-	state     WorkerState
-	started   time.Time
-	readyAt   time.Time
-	status    string // last STATUS= line
-	asked     bool   // we asked it to stop: its exit is not a crash
-	stopTimer func() bool
-	readyStop func() bool
-	wdStop    func() bool // watchdog timer
-	lastPing  time.Time   // last WATCHDOG=1
-	hsock     *handoff.Socket
-	accepts   map[string]bool // handoff kinds it takes (ACCEPT)
+	gen     *generation
+	slot    int
+	pid     int // of its main process
+	state   WorkerState
+	started time.Time
+	readyAt time.Time
+	status  string // last STATUS= line
+	// readyTimeout is the bound on becoming ready, as EXTEND_TIMEOUT_USEC
+	// last set it (< 0: none).
+	readyTimeout time.Duration
+	asked        bool   // retired: its exit is not a crash
+	cause        string // why it was retired
+	killed       bool   // its tree was sent SIGKILL
+	// exited: its main process was reaped; lingering lists what is left of
+	// its process tree (lingerSignalled: and was sent the drain signal);
+	// gone: nothing is left, the worker is forgotten.
+	exited          bool
+	lingering       []int
+	lingerSignalled bool
+	gone            bool
+	// The one deadline timer (arm); timerSeq tells a stale firing apart.
+	timer    *time.Timer
+	timerSeq uint64
+	lastPing time.Time // last WATCHDOG=1
+	// The handoff channel: hsock, with out queueing what is sent on it
+	// (writeHandoff). A target that does not take its batches is stalled
+	// and skipped; unanswered counts batches forwarded to it awaiting an
+	// answer.
+	hsock      *handoff.Socket
+	out        chan outMsg // batches
+	answers    chan outMsg // ACK and NAK
+	stalled    bool
+	unanswered int
+	accepts    map[string]bool // handoff kinds it takes (ACCEPT)
 }
 
 type generation struct {

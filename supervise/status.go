@@ -4,6 +4,7 @@ import (
 	"cmp"
 	"context"
 	"errors"
+	"fmt"
 	"slices"
 	"time"
 )
@@ -11,8 +12,12 @@ import (
 // Status is a snapshot of the supervisor, taken by its loop. It is what
 // /status and `upgrader status --json` show.
 type Status struct {
-	Pid         int              `json:"pid"`
-	Ready       bool             `json:"ready"` // a generation serves and no stop has begun
+	Pid int `json:"pid"`
+	// Ready: a ready worker of the current generation is alive, no stop
+	// has begun and the supervisor has not given up. NotReady says why
+	// not, when it is false.
+	Ready       bool             `json:"ready"`
+	NotReady    string           `json:"not_ready,omitempty"`
 	Stopping    bool             `json:"stopping"`
 	GaveUp      bool             `json:"gave_up"`
 	Current     int              `json:"current_generation"` // 0 before the first is ready
@@ -52,6 +57,10 @@ type WorkerStatus struct {
 	Started time.Time   `json:"started"`
 	ReadyAt *time.Time  `json:"ready_at,omitempty"`
 	Status  string      `json:"status,omitempty"` // last STATUS= it sent
+	// Lingering lists what is left of its process tree once its main
+	// process has exited (stopped with the drain signal, killed at its
+	// deadline).
+	Lingering []int `json:"lingering,omitempty"`
 }
 
 // ErrNotRunning is returned by Status and Upgrade when the loop has ended.
@@ -62,7 +71,7 @@ var ErrNotRunning = errors.New("supervisor is not running")
 func (s *Supervisor) call(ctx context.Context, f func()) error {
 	done := make(chan struct{})
 	select {
-	case s.events <- evFunc{func() { f(); close(done) }}:
+	case s.calls <- evFunc{func() { f(); close(done) }}:
 	case <-s.done:
 		return ErrNotRunning
 	case <-ctx.Done():
@@ -91,7 +100,7 @@ func (s *Supervisor) snapshot() Status {
 		Pid:      s.pid,
 		Stopping: s.stopping,
 		GaveUp:   s.gaveUp,
-		Ready:    s.current != nil && !s.stopping && !s.gaveUp,
+		Ready:    s.current != nil && s.current.readyCount() > 0 && !s.stopping && !s.gaveUp,
 		Upgrades: map[string]int{"ok": s.upgradesOK, "failed": s.upgradesFailed},
 		Restarts: s.restartCount,
 		Handoffs: s.hoStats,
@@ -102,6 +111,17 @@ func (s *Supervisor) snapshot() Status {
 	}
 	if s.current != nil {
 		st.Current = s.current.n
+	}
+	switch {
+	case st.Ready:
+	case s.gaveUp:
+		st.NotReady = "gave up: " + s.stopErr.Error()
+	case s.stopping:
+		st.NotReady = "stopping"
+	case s.current == nil:
+		st.NotReady = "no generation ready yet"
+	default:
+		st.NotReady = fmt.Sprintf("no ready worker of generation %d alive", s.current.n)
 	}
 	if s.lastUp.Generation != 0 {
 		r := s.lastUp
@@ -117,7 +137,7 @@ func (s *Supervisor) snapshot() Status {
 			gs.ReadyAt = &t
 		}
 		for w := range g.live {
-			ws := WorkerStatus{Slot: w.slot, Pid: w.pid, State: w.state, Started: w.started, Status: w.status}
+			ws := WorkerStatus{Slot: w.slot, Pid: w.pid, State: w.state, Started: w.started, Status: w.status, Lingering: w.lingering}
 			if !w.readyAt.IsZero() {
 				t := w.readyAt
 				ws.ReadyAt = &t

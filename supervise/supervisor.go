@@ -2,7 +2,6 @@ package supervise
 
 import (
 	"fmt"
-	"math/rand/v2"
 	"os"
 	"strconv"
 	"strings"
@@ -27,35 +26,54 @@ type (
 		pid    int
 		status unix.WaitStatus
 	}
-	evNotify struct{ dg sdnotify.Datagram }
-	evReady  struct {
+	evNotify struct {
+		dg sdnotify.Datagram
+		// dropped counts fds the notify reader closed at once (they came
+		// without FDSTORE=1, or over the budget of fds in flight);
+		// release returns the budget held by dg.Files.
+		dropped int
+		release func()
+	}
+	evReady struct {
 		pid int
 		w   *worker
 	} // w is nil when it came by pid (fd readiness)
-	evReadyTimeout struct{ w *worker }
-	evDrainTimeout struct{ w *worker }
-	evRestart      struct {
+	evDeadline struct {
+		w   *worker
+		seq uint64
+	}
+	evRestart struct {
 		g    *generation
 		slot int
 	}
 	evShutdown struct{} // --shutdown-delay is over
+	evPoll     struct{} // look at lingering process trees again
 	evFunc     struct{ f func() }
-	evWatchdog struct{ w *worker }
 	evHandoff  struct {
 		w   *worker
 		m   handoff.Message
 		fds []int
 		err error
 	}
-	evHandoffClosed struct{ w *worker }
+	evHandoffClosed     struct{ w *worker }
+	evHandoffSendFailed struct {
+		w   *worker
+		m   handoff.Message
+		err error
+	}
 )
 
-// Backoff for crash restarts: base·2^k with ±20% jitter, capped; reset after
-// a worker stayed up for stableAfter.
 const (
+	// Backoff for crash restarts: base·2^k with ±20% jitter, capped; reset
+	// after a worker stayed up for stableAfter.
 	backoffBase = 100 * time.Millisecond
 	backoffMax  = 10 * time.Second
 	stableAfter = 10 * time.Second
+	// pollInterval is how often lingering process trees are looked at.
+	pollInterval = 50 * time.Millisecond
+	// recentExitTTL is how long a reaped worker's pid is still known, for
+	// its last notify messages.
+	recentExitTTL = 10 * time.Second
 )
 
 // Supervisor runs generations of workers. Create it with New, then call Run.
@@ -64,7 +82,10 @@ type Supervisor struct {
 	env    env
 	log    *zap.Logger
 	events chan event
-	done   chan struct{}
+	// calls carries Status and Upgrade requests apart from events, so that
+	// a flood of notify messages cannot delay them.
+	calls chan evFunc
+	done  chan struct{}
 
 	// State below is owned by the Run goroutine.
 	notifyPath string
@@ -74,14 +95,23 @@ type Supervisor struct {
 	pending    *generation   // the generation an upgrade is starting
 	gens       []*generation // every generation with live processes, oldest first
 	workers    map[int]*worker
-	queued     bool // one more upgrade asked for during this one
-	restarts   []time.Time
-	stopping   bool
-	stopErr    error
-	hooks      Hooks
-	lastUp     UpgradeResult
-	pid        int
-	gaveUp     bool
+	// recentExits holds the pids of workers reaped lately, for the notify
+	// messages they sent just before they exited.
+	recentExits map[int]time.Time
+	queued      bool // one more upgrade asked for during this one
+	restarts    []time.Time
+	stopping    bool
+	stopErr     error
+	hooks       Hooks
+	lastUp      UpgradeResult
+	pid         int
+	gaveUp      bool
+	lingerUntil time.Time // after giving up, exit no sooner than this
+	pollArmed   bool
+	swept       bool // stopping, and nothing is left below the supervisor
+	warns       *limiter
+	// afterEvent, for tests, sees every event once the loop has handled it.
+	afterEvent func(event)
 
 	upgradesOK, upgradesFailed, restartCount int
 	// Handoffs under way, by the id the supervisor gave the forwarded batch.
@@ -103,8 +133,9 @@ type Hooks struct {
 	// Upgrade is called when an upgrade ends, with its result.
 	Upgrade func(UpgradeResult)
 	// Restart is called when a worker is replaced unasked (crash,
-	// STOPPING=1, watchdog), with the reason.
-	Restart func(reason string)
+	// STOPPING=1, watchdog), with the cause: "exit", "stopping" or
+	// "watchdog".
+	Restart func(cause string)
 }
 
 // UpgradeResult describes one finished upgrade.
@@ -136,15 +167,18 @@ func newSupervisor(cfg Config, e env) (*Supervisor, error) {
 		return nil, err
 	}
 	return &Supervisor{
-		cfg:       cfg,
-		env:       e,
-		log:       cfg.Log,
-		events:    make(chan event, 256),
-		done:      make(chan struct{}),
-		workers:   make(map[int]*worker),
-		baseEnv:   workerBaseEnv(os.Environ()),
-		pid:       os.Getpid(),
-		pendingHO: make(map[uint64]*pendingHandoff),
+		cfg:         cfg,
+		env:         e,
+		log:         cfg.Log,
+		events:      make(chan event, 256),
+		calls:       make(chan evFunc),
+		done:        make(chan struct{}),
+		workers:     make(map[int]*worker),
+		recentExits: make(map[int]time.Time),
+		baseEnv:     workerBaseEnv(os.Environ()),
+		pid:         os.Getpid(),
+		pendingHO:   make(map[uint64]*pendingHandoff),
+		warns:       newLimiter(warnBurst, warnWindow),
 	}, nil
 }
 
@@ -160,9 +194,10 @@ func (s *Supervisor) post(ev event) {
 }
 
 // Run starts generation 1 and supervises until a stop: it returns nil after
-// a graceful or fast stop, and an error when generation 1 fails or the
-// supervisor gives up on crashing workers. Every child has been reaped when
-// it returns.
+// a graceful or fast stop (even one asked for before generation 1 was
+// ready), and an error when the supervisor gives up on crashing workers.
+// Every child has been reaped, and every process started below the
+// supervisor killed, when it returns.
 func (s *Supervisor) Run() error {
 	defer close(s.done)
 	defer s.env.close()
@@ -175,17 +210,41 @@ func (s *Supervisor) Run() error {
 	if dir == "" {
 		dir = os.TempDir()
 	}
-	path, err := s.env.sources(dir, s.post)
+	path, err := s.env.sources(dir, s.cfg.FDStoreMax, s.post)
 	if err != nil {
 		return err
 	}
 	s.notifyPath = path
 	s.startGeneration()
-	for !(s.stopping && len(s.workers) == 0) {
-		s.handle(<-s.events)
+	for !s.finished() {
+		// Calls first: a status request is answered even while a flood of
+		// events waits.
+		select {
+		case c := <-s.calls:
+			c.f()
+			continue
+		default:
+		}
+		select {
+		case c := <-s.calls:
+			c.f()
+		case ev := <-s.events:
+			s.handle(ev)
+			if s.afterEvent != nil {
+				s.afterEvent(ev)
+			}
+		}
+		s.sweep()
 	}
+	s.warns.flush(s.log)
 	s.env.notifyManager("STOPPING=1")
 	return s.stopErr
+}
+
+// finished reports whether a stop is complete: no worker, nothing else
+// below the supervisor, and any give-up linger over.
+func (s *Supervisor) finished() bool {
+	return s.stopping && s.liveWorkers() == 0 && s.swept && !time.Now().Before(s.lingerUntil)
 }
 
 func (s *Supervisor) handle(ev event) {
@@ -195,7 +254,7 @@ func (s *Supervisor) handle(ev event) {
 	case evExit:
 		s.onExit(ev.pid, ev.status)
 	case evNotify:
-		s.onNotify(ev.dg)
+		s.onNotify(ev)
 	case evReady:
 		w := ev.w
 		if w == nil {
@@ -204,33 +263,28 @@ func (s *Supervisor) handle(ev event) {
 		if w != nil && s.workers[w.pid] == w {
 			s.onReady(w)
 		}
-	case evReadyTimeout:
-		s.onReadyTimeout(ev.w)
-	case evDrainTimeout:
-		if s.workers[ev.w.pid] == ev.w {
-			s.log.Warn("worker did not drain in time, killing it",
-				zap.Int("generation", ev.w.gen.n), zap.Int("pid", ev.w.pid),
-				zap.Duration("drain_timeout", s.cfg.DrainTimeout))
-			s.env.kill(ev.w.pid, unix.SIGKILL)
-		}
+	case evDeadline:
+		s.onDeadline(ev.w, ev.seq)
 	case evRestart:
-		first := ev.g == s.pending && s.current == nil
-		if (ev.g == s.current || first) && ev.g.slots[ev.slot] == nil && !s.stopping {
+		if (ev.g == s.current || ev.g == s.pending) && ev.g.slots[ev.slot] == nil && !s.stopping && ev.g.state != GenFailed {
 			s.startWorker(ev.g, ev.slot)
 		}
 	case evShutdown:
 		s.drainAll()
-	case evWatchdog:
-		s.onWatchdog(ev.w)
+	case evPoll:
+		s.onPoll()
 	case evHandoff:
 		s.onHandoff(ev.w, ev.m, ev.fds, ev.err)
 	case evHandoffClosed:
 		s.closeHandoff(ev.w)
+	case evHandoffSendFailed:
+		s.onSendFailed(ev.w, ev.m, ev.err)
 	case evFunc:
 		ev.f()
 	}
 }
 
+// onSignal is where the supervisor's signals are handled.
 func (s *Supervisor) onSignal(sig syscall.Signal) {
 	switch sig {
 	case unix.SIGUSR2, unix.SIGHUP:
@@ -246,12 +300,14 @@ func (s *Supervisor) onSignal(sig syscall.Signal) {
 		s.beginStop(nil)
 	case unix.SIGQUIT:
 		s.log.Info("fast stop", zap.String("signal", "SIGQUIT"))
-		s.stopping = true
+		s.beginStop(nil)
 		s.killAll()
 	case unix.SIGUSR1:
 		if g := s.current; g != nil {
 			for w := range g.live {
-				s.env.kill(w.pid, unix.SIGUSR1)
+				if !w.exited {
+					s.env.kill(w.pid, unix.SIGUSR1)
+				}
 			}
 		}
 	}
@@ -295,6 +351,18 @@ func (s *Supervisor) startGeneration() {
 	s.log.Info("starting generation", zap.Int("generation", g.n), zap.Int("workers", s.cfg.Workers))
 	for i := range g.slots {
 		if err := s.startWorker(g, i); err != nil {
+			if s.current == nil {
+				// Nothing serves yet: a command that cannot be started
+				// is fatal, not a crash to retry.
+				s.log.Error("cannot start worker", zap.Int("generation", g.n), zap.Error(err))
+				g.state = GenFailed
+				g.reason = err.Error()
+				s.pending = nil
+				s.emit(g, Progress{Event: "failed", Reason: err.Error()})
+				s.beginStop(fmt.Errorf("generation %d: %w", g.n, err))
+				s.reapGeneration(g)
+				return
+			}
 			s.failGeneration(g, err.Error())
 			return
 		}
@@ -304,12 +372,17 @@ func (s *Supervisor) startGeneration() {
 // startWorker starts the worker for slot i of g. This is where every worker
 // process is started.
 func (s *Supervisor) startWorker(g *generation, slot int) error {
+	err := s.spawnWorker(g, slot)
+	if err != nil && g.state != GenStarting {
+		s.log.Error("cannot restart worker", zap.Int("generation", g.n), zap.Int("worker", slot), zap.Error(err))
+		s.scheduleRestart(g, slot)
+	}
+	return err
+}
+
+func (s *Supervisor) spawnWorker(g *generation, slot int) error {
 	path, err := s.env.lookPath(s.cfg.Command[0])
 	if err != nil {
-		if g.state != GenStarting {
-			s.log.Error("cannot restart worker", zap.Int("generation", g.n), zap.Int("worker", slot), zap.Error(err))
-			s.scheduleRestart(g, slot)
-		}
 		return err
 	}
 	readyFD := -1
@@ -373,32 +446,24 @@ func (s *Supervisor) startWorker(g *generation, slot int) error {
 		Pdeathsig: s.cfg.DrainSignal,
 	}
 	pid, err := s.env.start(spec, readyFD, func(pid int) { s.post(evReady{pid: pid}) })
-	if err != nil && ours != nil {
-		ours.Close()
-	}
 	if err != nil {
-		if g.state != GenStarting {
-			s.log.Error("cannot restart worker", zap.Int("generation", g.n), zap.Int("worker", slot), zap.Error(err))
-			s.scheduleRestart(g, slot)
+		if ours != nil {
+			ours.Close()
 		}
 		return err
 	}
-	w := &worker{gen: g, slot: slot, pid: pid, state: WorkerStarting, started: time.Now()}
+	w := &worker{gen: g, slot: slot, pid: pid, state: WorkerStarting, started: time.Now(), readyTimeout: s.cfg.ReadyTimeout}
 	if ours != nil {
-		if w.hsock, err = handoff.NewSocket(ours); err != nil {
+		if sock, err := handoff.NewSocket(ours); err != nil {
 			s.log.Error("handoff channel", zap.Int("pid", pid), zap.Error(err))
 		} else {
-			// A worker that stops reading its channel must not stall the
-			// loop: past the kernel's buffer (room for dozens of batches),
-			// a send fails within 100 ms and the batch is refused.
-			w.hsock.SetSendTimeout(100 * time.Millisecond)
-			go s.readHandoff(w, w.hsock)
+			s.openHandoff(w, sock)
 		}
 	}
 	g.slots[slot] = w
 	g.live[w] = struct{}{}
 	s.workers[pid] = w
-	w.readyStop = time.AfterFunc(s.cfg.ReadyTimeout, func() { s.post(evReadyTimeout{w}) }).Stop
+	s.arm(w, s.cfg.ReadyTimeout)
 	if s.cfg.Ready.Kind == "delay" {
 		time.AfterFunc(s.cfg.Ready.Delay, func() { s.post(evReady{w: w}) })
 	}
@@ -412,13 +477,14 @@ func (s *Supervisor) onReady(w *worker) {
 	}
 	w.state = WorkerReady
 	w.readyAt = time.Now()
-	w.readyStop()
 	g := w.gen
 	s.log.Info("worker ready", zap.Int("generation", g.n), zap.Int("worker", w.slot), zap.Int("pid", w.pid),
 		zap.Duration("after", w.readyAt.Sub(w.started)))
 	if s.cfg.Watchdog > 0 {
 		w.lastPing = w.readyAt
-		s.armWatchdog(w, s.cfg.Watchdog)
+		s.arm(w, s.cfg.Watchdog)
+	} else {
+		s.arm(w, -1)
 	}
 	if g.state == GenStarting && g.allReady() {
 		s.promote(g)
@@ -468,8 +534,8 @@ func (s *Supervisor) finishUpgrade(r UpgradeResult) {
 	}
 }
 
-// failGeneration stops a generation that could not become ready; the
-// active one, if any, keeps serving.
+// failGeneration stops an upgrade's generation that could not become
+// ready; the active one keeps serving.
 func (s *Supervisor) failGeneration(g *generation, reason string) {
 	if g.state != GenStarting {
 		return
@@ -480,17 +546,30 @@ func (s *Supervisor) failGeneration(g *generation, reason string) {
 	s.log.Error("generation failed", zap.Int("generation", g.n), zap.String("reason", reason))
 	s.emit(g, Progress{Event: "failed", Reason: reason})
 	for w := range g.live {
-		s.stopWorker(w)
+		s.retire(w, s.cfg.DrainSignal, "failed upgrade")
 	}
 	s.reapGeneration(g)
-	if s.current == nil {
-		// Nothing serves: there is no old generation to fall back on.
-		s.beginStop(fmt.Errorf("generation %d failed: %s", g.n, reason))
-		return
-	}
 	s.env.notifyManager(fmt.Sprintf("READY=1\nSTATUS=upgrade to generation %d failed: %s; generation %d serving", g.n, reason, s.current.n))
 	s.upgradesFailed++
 	s.finishUpgrade(UpgradeResult{Generation: g.n, Reason: reason, Started: g.started, ReadyAfter: time.Since(g.started)})
+}
+
+// cancelGeneration stops a starting generation because the supervisor
+// stops: not a failed upgrade, nothing counted, nothing told to the service
+// manager but the stop.
+func (s *Supervisor) cancelGeneration(g *generation) {
+	if g.state != GenStarting {
+		return
+	}
+	g.state = GenDraining
+	g.reason = "the supervisor is stopping"
+	s.pending = nil
+	s.log.Info("generation stopped before it was ready", zap.Int("generation", g.n))
+	s.emit(g, Progress{Event: "failed", Reason: g.reason})
+	for w := range g.live {
+		s.retire(w, s.cfg.DrainSignal, "stop")
+	}
+	s.reapGeneration(g)
 }
 
 // drainGeneration asks every worker of g to drain, and kills the oldest
@@ -502,7 +581,7 @@ func (s *Supervisor) drainGeneration(g *generation) {
 	g.state = GenDraining
 	s.log.Info("draining generation", zap.Int("generation", g.n), zap.Int("workers", len(g.live)))
 	for w := range g.live {
-		s.stopWorker(w)
+		s.retire(w, s.cfg.DrainSignal, "drain")
 	}
 	s.reapGeneration(g)
 	draining := 0
@@ -514,129 +593,23 @@ func (s *Supervisor) drainGeneration(g *generation) {
 		if draining++; draining > s.cfg.MaxDraining {
 			s.log.Warn("too many generations draining, killing the oldest", zap.Int("generation", old.n))
 			for w := range old.live {
-				s.env.kill(w.pid, unix.SIGKILL)
+				w.killed = true
+				s.killTree(w, unix.SIGKILL)
 			}
 		}
 	}
 }
 
-// stopWorker sends the drain signal to w once and arms its SIGKILL timer.
-func (s *Supervisor) stopWorker(w *worker) {
-	if w.asked {
-		return
-	}
-	w.asked = true
-	w.readyStop()
-	if w.wdStop != nil {
-		w.wdStop()
-	}
-	if w.state != WorkerDraining {
-		w.state = WorkerDraining
-		if err := s.env.kill(w.pid, s.cfg.DrainSignal); err != nil {
-			s.log.Warn("cannot signal worker", zap.Int("pid", w.pid), zap.Error(err))
-		}
-	}
-	if w.stopTimer == nil {
-		w.stopTimer = time.AfterFunc(s.cfg.DrainTimeout, func() { s.post(evDrainTimeout{w}) }).Stop
-	}
-}
-
-func (s *Supervisor) onReadyTimeout(w *worker) {
-	if s.workers[w.pid] != w || w.state != WorkerStarting {
-		return
-	}
-	reason := fmt.Sprintf("worker %d (pid %d) not ready within %s", w.slot, w.pid, s.cfg.ReadyTimeout)
-	if w.gen.state == GenStarting && s.current != nil {
-		s.failGeneration(w.gen, reason)
-		return
-	}
-	// A replacement worker, or one of the first generation, that hangs at
-	// start: kill it, and its exit counts as a crash.
-	s.log.Error("worker not ready in time, killing it", zap.Int("generation", w.gen.n),
-		zap.Int("pid", w.pid), zap.Duration("ready_timeout", s.cfg.ReadyTimeout))
-	s.env.kill(w.pid, unix.SIGKILL)
-}
-
 func (s *Supervisor) onExit(pid int, ws unix.WaitStatus) {
 	w, ok := s.workers[pid]
 	if !ok {
+		// An orphan reparented to us (we are the subreaper) ended: a
+		// lingering tree may be complete now.
 		s.log.Debug("reaped a process that is not a worker", zap.Int("pid", pid), zap.String("status", describeExit(ws)))
+		s.pollSoon()
 		return
 	}
-	delete(s.workers, pid)
-	g := w.gen
-	delete(g.live, w)
-	s.closeHandoff(w)
-	if w.stopTimer != nil {
-		w.stopTimer()
-	}
-	if w.wdStop != nil {
-		w.wdStop()
-	}
-	w.readyStop()
-	prev := w.state
-	w.state = WorkerExited
-	how := describeExit(ws)
-	inSlot := g.slots[w.slot] == w
-	if inSlot {
-		g.slots[w.slot] = nil
-	}
-	fields := []zap.Field{zap.Int("generation", g.n), zap.Int("worker", w.slot), zap.Int("pid", pid), zap.String("status", how)}
-	switch {
-	case g.state == GenStarting && s.current == nil && !w.asked && !s.stopping:
-		// The first generation has nothing to fall back on: its workers
-		// get crash restarts until it is ready, or until giving up.
-		s.log.Error("worker exited before it was ready", fields...)
-		s.crashRestart(g, w.slot)
-	case g.state == GenStarting:
-		s.log.Error("worker exited before it was ready", fields...)
-		s.failGeneration(g, fmt.Sprintf("worker %d (pid %d) %s before it was ready", w.slot, pid, how))
-	case w.asked || !inSlot:
-		s.log.Info("worker exited", fields...)
-	case g == s.current && !s.stopping:
-		s.log.Error("worker exited unasked", append(fields, zap.String("state", string(prev)))...)
-		if time.Since(w.started) >= stableAfter {
-			g.failures[w.slot] = 0
-		}
-		s.crashRestart(g, w.slot)
-	default:
-		s.log.Info("worker exited", fields...)
-	}
-	s.reapGeneration(g)
-}
-
-// crashRestart replaces the worker in slot of the active generation after a
-// backoff, or gives up when restarts come too fast with nothing ready left.
-func (s *Supervisor) crashRestart(g *generation, slot int) {
-	now := time.Now()
-	s.restarts = append(s.restarts, now)
-	for len(s.restarts) > 0 && now.Sub(s.restarts[0]) > s.cfg.RestartWindow {
-		s.restarts = s.restarts[1:]
-	}
-	g.restarts++
-	s.restartCount++
-	if s.hooks.Restart != nil {
-		s.hooks.Restart("exit")
-	}
-	if len(s.restarts) > s.cfg.MaxRestarts && g.readyCount() == 0 {
-		err := fmt.Errorf("giving up: %d crash restarts within %s and no ready worker left",
-			len(s.restarts), s.cfg.RestartWindow)
-		s.log.Error("giving up", zap.Int("restarts", len(s.restarts)), zap.Duration("window", s.cfg.RestartWindow))
-		s.gaveUp = true
-		s.env.notifyManager("STATUS=" + err.Error())
-		s.beginStop(err)
-		return
-	}
-	s.scheduleRestart(g, slot)
-}
-
-func (s *Supervisor) scheduleRestart(g *generation, slot int) {
-	k := min(g.failures[slot], 16)
-	g.failures[slot]++
-	d := min(backoffBase<<k, backoffMax)
-	d = time.Duration(float64(d) * (0.8 + 0.4*rand.Float64()))
-	s.log.Info("restarting worker", zap.Int("generation", g.n), zap.Int("worker", slot), zap.Duration("backoff", d))
-	time.AfterFunc(d, func() { s.post(evRestart{g, slot}) })
+	s.exited(w, ws)
 }
 
 // reapGeneration forgets a generation whose processes have all exited.
@@ -659,115 +632,6 @@ func (s *Supervisor) reapGeneration(g *generation) {
 			break
 		}
 	}
-}
-
-func (s *Supervisor) onNotify(dg sdnotify.Datagram) {
-	defer func() {
-		for _, f := range dg.Files {
-			f.Close() // the fd store keeps its own copies
-		}
-	}()
-	w, ok := s.workers[dg.Pid]
-	if !ok {
-		s.log.Warn("notify message from a process that is not a worker, dropped",
-			zap.Int("pid", dg.Pid), zap.Uint32("uid", dg.UID))
-		return
-	}
-	fields := []zap.Field{zap.Int("generation", w.gen.n), zap.Int("worker", w.slot), zap.Int("pid", w.pid)}
-	if dg.Err != nil {
-		s.log.Warn("malformed notify message, dropped", append(fields, zap.Error(dg.Err))...)
-		return
-	}
-	m := dg.Message
-	if v, ok := m.Get("STATUS"); ok {
-		w.status = v
-		s.log.Debug("worker status", append(fields, zap.String("status", v))...)
-	}
-	if v, ok := m.Get("ERRNO"); ok {
-		s.log.Warn("worker reports an error", append(fields, zap.String("errno", v))...)
-	}
-	if v, ok := m.Get("EXTEND_TIMEOUT_USEC"); ok && w.state == WorkerStarting {
-		usec, _ := strconv.ParseUint(v, 10, 64)
-		w.readyStop()
-		w.readyStop = time.AfterFunc(time.Duration(usec)*time.Microsecond, func() { s.post(evReadyTimeout{w}) }).Stop
-	}
-	if m.Is("WATCHDOG", "1") {
-		w.lastPing = time.Now()
-	}
-	if m.Is("WATCHDOG", "trigger") && !w.asked {
-		s.replaceNow(w, "watchdog", "the worker sent WATCHDOG=trigger", unix.SIGABRT)
-		return
-	}
-	if m.Is("FDSTORE", "1") || m.Is("FDSTOREREMOVE", "1") {
-		s.onFDStore(w, m, dg.Files)
-	} else if len(dg.Files) > 0 {
-		s.log.Warn("notify message carried fds without FDSTORE=1, closed", append(fields, zap.Int("fds", len(dg.Files)))...)
-	}
-	if m.Is("READY", "1") && s.cfg.Ready.Kind == "notify" {
-		s.onReady(w)
-	}
-	if m.Is("STOPPING", "1") && !w.asked {
-		s.onSelfStop(w)
-	}
-}
-
-// onSelfStop handles a worker that announced STOPPING=1 unasked: it hit a
-// fatal error and drains itself. Its slot is filled at once.
-func (s *Supervisor) onSelfStop(w *worker) {
-	s.replaceNow(w, "stopping", "the worker sent STOPPING=1 on its own", 0)
-}
-
-// replaceNow takes w out of its slot, starts its replacement at once, and
-// sends it sig (0: none, it is stopping by itself); it is killed if still
-// there after --drain-timeout. kind names the cause for metrics.
-func (s *Supervisor) replaceNow(w *worker, kind, reason string, sig syscall.Signal) {
-	g := w.gen
-	s.log.Warn("replacing worker", zap.Int("generation", g.n), zap.Int("worker", w.slot),
-		zap.Int("pid", w.pid), zap.String("reason", reason))
-	w.state = WorkerDraining
-	w.asked = true // its exit is expected now
-	w.readyStop()
-	if w.wdStop != nil {
-		w.wdStop()
-	}
-	if sig != 0 {
-		s.env.kill(w.pid, sig)
-	}
-	w.stopTimer = time.AfterFunc(s.cfg.DrainTimeout, func() { s.post(evDrainTimeout{w}) }).Stop
-	if g.state == GenStarting {
-		s.failGeneration(g, fmt.Sprintf("worker %d (pid %d): %s before it was ready", w.slot, w.pid, reason))
-		return
-	}
-	if g.slots[w.slot] == w {
-		g.slots[w.slot] = nil
-		if g == s.current && !s.stopping {
-			s.restarts = append(s.restarts, time.Now())
-			g.restarts++
-			s.restartCount++
-			if s.hooks.Restart != nil {
-				s.hooks.Restart(kind)
-			}
-			s.startWorker(g, w.slot)
-		}
-	}
-}
-
-// armWatchdog checks w again after d.
-func (s *Supervisor) armWatchdog(w *worker, d time.Duration) {
-	w.wdStop = time.AfterFunc(d, func() { s.post(evWatchdog{w}) }).Stop
-}
-
-// onWatchdog replaces a worker that sent no WATCHDOG=1 within --watchdog
-// (sd_watchdog_enabled(3)); like systemd, it is sent SIGABRT first.
-func (s *Supervisor) onWatchdog(w *worker) {
-	if s.workers[w.pid] != w || w.asked || w.state != WorkerReady {
-		return
-	}
-	if since := time.Since(w.lastPing); since < s.cfg.Watchdog {
-		s.armWatchdog(w, s.cfg.Watchdog-since)
-		return
-	}
-	s.replaceNow(w, "watchdog", fmt.Sprintf("no WATCHDOG=1 for %s", s.cfg.Watchdog), unix.SIGABRT)
 }
 
 // beginStop starts a graceful stop: not-ready at once, drain after the
@@ -797,17 +661,21 @@ func (s *Supervisor) beginStop(err error) {
 func (s *Supervisor) drainAll() {
 	for _, g := range append([]*generation(nil), s.gens...) {
 		if g.state == GenStarting {
-			s.failGeneration(g, "stopping")
+			s.cancelGeneration(g)
 			continue
 		}
 		s.drainGeneration(g)
 	}
 }
 
+// killAll kills every worker's process tree at once (a fast stop).
 func (s *Supervisor) killAll() {
 	s.stopping = true
-	for pid := range s.workers {
-		s.env.kill(pid, unix.SIGKILL)
+	for _, g := range s.gens {
+		for w := range g.live {
+			w.killed = true
+			s.killTree(w, unix.SIGKILL)
+		}
 	}
 }
 

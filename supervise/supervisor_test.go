@@ -16,6 +16,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/seed6cb0314a/upgrader/internal/handoff"
+	"github.com/seed6cb0314a/upgrader/internal/proctree"
 	"github.com/seed6cb0314a/upgrader/internal/sdnotify"
 	"github.com/seed6cb0314a/upgrader/internal/spawn"
 )
@@ -31,6 +32,11 @@ type fakeEnv struct {
 	// the worker on it.
 	mu       sync.Mutex
 	handoffs map[int]*handoff.Socket
+	// table is the process table processes returns (nil: none); envs the
+	// environments environ returns; managed records notifyManager.
+	table   proctree.Table
+	envs    map[int]map[string]string
+	managed []string
 }
 
 type kill struct {
@@ -43,7 +49,25 @@ func newFakeEnv() *fakeEnv {
 		handoffs: map[int]*handoff.Socket{}}
 }
 
-func (f *fakeEnv) sources(string, func(event)) (string, error) { return "/run/fake/notify", nil }
+func (f *fakeEnv) sources(string, int, func(event)) (string, error) { return "/run/fake/notify", nil }
+func (f *fakeEnv) processes() (proctree.Table, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.table == nil {
+		return nil, nil
+	}
+	t := proctree.Table{}
+	for k, v := range f.table {
+		t[k] = v
+	}
+	return t, nil
+}
+func (f *fakeEnv) setTable(t proctree.Table) { f.mu.Lock(); f.table = t; f.mu.Unlock() }
+func (f *fakeEnv) environ(pid int) map[string]string {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.envs[pid]
+}
 func (f *fakeEnv) lookPath(file string) (string, error) {
 	if file == "missing" {
 		return "", errors.New("not found")
@@ -82,27 +106,67 @@ func (f *fakeEnv) handoff(pid int) *handoff.Socket {
 	return f.handoffs[pid]
 }
 func (f *fakeEnv) kill(pid int, sig syscall.Signal) error { f.kills <- kill{pid, sig}; return nil }
-func (f *fakeEnv) notifyManager(string)                   {}
-func (f *fakeEnv) connections([]int) int                  { return 0 }
-func (f *fakeEnv) close()                                 {}
+func (f *fakeEnv) notifyManager(state string) {
+	f.mu.Lock()
+	f.managed = append(f.managed, state)
+	f.mu.Unlock()
+}
+func (f *fakeEnv) connections([]int) int { return 0 }
+func (f *fakeEnv) close()                {}
+
+// noRestarts asks run for Config.MaxRestarts 0 (0 there means the default).
+const noRestarts = -1
 
 type harness struct {
 	t   *testing.T
 	s   *Supervisor
 	env *fakeEnv
 	err chan error
+	// handled receives each event the loop has handled (the test hook).
+	handled chan event
+}
+
+// waitHandled waits until the loop has handled an event that match accepts.
+func (h *harness) waitHandled(what string, match func(event) bool) {
+	h.t.Helper()
+	timeout := time.After(5 * time.Second)
+	for {
+		select {
+		case ev := <-h.handled:
+			if match(ev) {
+				return
+			}
+		case <-timeout:
+			h.t.Fatalf("the loop handled no %s", what)
+		}
+	}
 }
 
 func run(t *testing.T, cfg Config) *harness {
 	t.Helper()
 	cfg.Command = []string{"server"}
 	cfg.Log = zaptest.NewLogger(t)
+	if cfg.GiveUpLinger == 0 {
+		cfg.GiveUpLinger = time.Millisecond
+	}
+	switch cfg.MaxRestarts {
+	case 0:
+		cfg.MaxRestarts = 5 // the command line's default
+	case noRestarts:
+		cfg.MaxRestarts = 0
+	}
 	env := newFakeEnv()
 	s, err := newSupervisor(cfg, env)
 	if err != nil {
 		t.Fatal(err)
 	}
-	h := &harness{t: t, s: s, env: env, err: make(chan error, 1)}
+	h := &harness{t: t, s: s, env: env, err: make(chan error, 1), handled: make(chan event, 4096)}
+	s.afterEvent = func(ev event) {
+		select {
+		case h.handled <- ev:
+		default:
+		}
+	}
 	go func() { h.err <- s.Run() }()
 	t.Cleanup(func() {
 		select {
@@ -112,6 +176,9 @@ func run(t *testing.T, cfg Config) *harness {
 			for {
 				select {
 				case k := <-env.kills:
+					env.mu.Lock()
+					delete(env.table, k.pid)
+					env.mu.Unlock()
 					s.post(evExit{pid: k.pid, status: 9})
 				case <-s.done:
 					return
@@ -175,7 +242,7 @@ func (h *harness) killedAll(sig syscall.Signal, pids ...int) {
 }
 
 func (h *harness) ready(pid int) {
-	h.s.post(evNotify{sdnotify.Datagram{Pid: pid, Message: sdnotify.Message{{Key: "READY", Value: "1"}}}})
+	h.s.post(evNotify{dg: sdnotify.Datagram{Pid: pid, Message: sdnotify.Message{{Key: "READY", Value: "1"}}}})
 }
 
 func (h *harness) exit(pid, code int) { h.s.post(evExit{pid: pid, status: unix.WaitStatus(code << 8)}) }
@@ -300,7 +367,7 @@ func TestSelfStoppingWorkerIsReplacedAtOnce(t *testing.T) {
 	h := run(t, Config{})
 	w := h.started()
 	h.ready(w)
-	h.s.post(evNotify{sdnotify.Datagram{Pid: w, Message: sdnotify.Message{{Key: "STOPPING", Value: "1"}}}})
+	h.s.post(evNotify{dg: sdnotify.Datagram{Pid: w, Message: sdnotify.Message{{Key: "STOPPING", Value: "1"}}}})
 	r := h.started()
 	h.ready(r)
 	h.exit(w, 1) // its own drain ends: expected, not a crash
@@ -460,17 +527,10 @@ func TestHandoffRoutedToNewestGenerationAndAnswered(t *testing.T) {
 	newSock := h.env.handoff(nw)
 	newSock.Send(handoff.Message{Type: handoff.TypeAccept, Kinds: []string{"http"}}, nil)
 	// The ACCEPT comes through the new worker's own reader: wait for it.
-	for deadline := time.Now().Add(5 * time.Second); ; {
-		var taken bool
-		h.s.call(context.Background(), func() { taken = h.s.workers[nw].accepts["http"] })
-		if taken {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("the new worker's ACCEPT was never recorded")
-		}
-		time.Sleep(time.Millisecond)
-	}
+	h.waitHandled("ACCEPT from the new worker", func(ev event) bool {
+		e, ok := ev.(evHandoff)
+		return ok && e.w.pid == nw && e.m.Type == handoff.TypeAccept
+	})
 
 	// Now it goes to the new worker, with its fd and state; its ACK comes
 	// back to the sender under the sender's own id.
@@ -512,7 +572,7 @@ func TestFDStoreBoundsAndNames(t *testing.T) {
 		for i := 0; i+1 < len(fields); i += 2 {
 			m = append(m, sdnotify.Field{Key: fields[i], Value: fields[i+1]})
 		}
-		h.s.post(evNotify{sdnotify.Datagram{Pid: w, Message: m, Files: []*os.File{r}}})
+		h.s.post(evNotify{dg: sdnotify.Datagram{Pid: w, Message: m, Files: []*os.File{r}}})
 		h.sync()
 	}
 	names := func() []string {
@@ -527,7 +587,7 @@ func TestFDStoreBoundsAndNames(t *testing.T) {
 	if got := strings.Join(names(), ","); got != "db,stored" {
 		t.Fatalf("fd store %q, want db,stored", got)
 	}
-	h.s.post(evNotify{sdnotify.Datagram{Pid: w, Message: sdnotify.Message{{Key: "FDSTOREREMOVE", Value: "1"}, {Key: "FDNAME", Value: "db"}}}})
+	h.s.post(evNotify{dg: sdnotify.Datagram{Pid: w, Message: sdnotify.Message{{Key: "FDSTOREREMOVE", Value: "1"}, {Key: "FDNAME", Value: "db"}}}})
 	h.sync()
 	if got := strings.Join(names(), ","); got != "stored" {
 		t.Fatalf("after removing db: %q", got)

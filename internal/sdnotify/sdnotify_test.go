@@ -9,6 +9,7 @@ import (
 	"unicode/utf8"
 
 	"github.com/coreos/go-systemd/v22/daemon"
+	"golang.org/x/sys/unix"
 )
 
 func TestParse(t *testing.T) {
@@ -79,7 +80,7 @@ func FuzzParse(f *testing.F) {
 // worker would, and checks the kernel-vouched pid.
 func TestServerSeesSenderCredentials(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "notify.sock")
-	s, err := Listen(path)
+	s, err := Listen(path, 4)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -118,5 +119,41 @@ func TestServerSeesSenderCredentials(t *testing.T) {
 	}
 	if _, err := os.Stat(path); !os.IsNotExist(err) {
 		t.Fatalf("socket file left behind: %v", err)
+	}
+}
+
+// TestServerTakesAtMostMaxFDs sends more fds than the server takes: only
+// maxFDs reach this process, the kernel closes the rest, and the datagram
+// says so.
+func TestServerTakesAtMostMaxFDs(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "notify.sock")
+	s, err := Listen(path, 2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	c, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Net: "unixgram"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	fds := make([]int, 10)
+	for i := range fds {
+		fds[i] = int(os.Stdin.Fd())
+	}
+	if _, _, err := c.WriteMsgUnix([]byte("FDSTORE=1"), unix.UnixRights(fds...), &net.UnixAddr{Name: path, Net: "unixgram"}); err != nil {
+		t.Fatal(err)
+	}
+	d, err := s.Recv()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		for _, f := range d.Files {
+			f.Close()
+		}
+	}()
+	if len(d.Files) > 2 || d.Err == nil || !strings.Contains(d.Err.Error(), "more than 2 fds") {
+		t.Fatalf("got %d fds, error %v; want at most 2 and an error naming the bound", len(d.Files), d.Err)
 	}
 }

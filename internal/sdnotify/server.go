@@ -1,7 +1,6 @@
 package sdnotify
 
 import (
-	"errors"
 	"fmt"
 	"net"
 	"os"
@@ -17,8 +16,9 @@ const maxFDsPerMessage = 253
 // with SO_PASSCRED set, so that every datagram carries its sender's
 // credentials (unix(7), SCM_CREDENTIALS).
 type Server struct {
-	conn *net.UnixConn
-	path string
+	conn   *net.UnixConn
+	path   string
+	maxFDs int
 }
 
 // Datagram is one message received by a Server.
@@ -39,7 +39,13 @@ type Datagram struct {
 
 // Listen creates a notify socket bound to path, a filesystem path that must
 // not exist yet. Access is governed by the directory that holds it.
-func Listen(path string) (*Server, error) {
+//
+// maxFDs bounds the SCM_RIGHTS fds taken from one datagram (at most 253,
+// the kernel's SCM_MAX_FD; 0 takes none): the kernel closes the excess
+// itself (MSG_CTRUNC, unix(7)), so a sender cannot fill this process's fd
+// table with fds that would only be closed again.
+func Listen(path string, maxFDs int) (*Server, error) {
+	maxFDs = min(max(maxFDs, 0), maxFDsPerMessage)
 	conn, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: path, Net: "unixgram"})
 	if err != nil {
 		return nil, fmt.Errorf("notify socket %s: %w", path, err)
@@ -59,7 +65,7 @@ func Listen(path string) (*Server, error) {
 		conn.Close()
 		return nil, fmt.Errorf("notify socket %s: SO_PASSCRED: %w", path, err)
 	}
-	return &Server{conn: conn, path: path}, nil
+	return &Server{conn: conn, path: path, maxFDs: maxFDs}, nil
 }
 
 // Path is the address to put in NOTIFY_SOCKET.
@@ -71,7 +77,11 @@ func (s *Server) Path() string { return s.path }
 // (then it wraps net.ErrClosed).
 func (s *Server) Recv() (Datagram, error) {
 	buf := make([]byte, MaxMessageSize+1)
-	oob := make([]byte, unix.CmsgSpace(unix.SizeofUcred)+unix.CmsgSpace(4*maxFDsPerMessage))
+	oobn := unix.CmsgSpace(unix.SizeofUcred)
+	if s.maxFDs > 0 {
+		oobn += unix.CmsgSpace(4 * s.maxFDs)
+	}
+	oob := make([]byte, oobn)
 	n, oobn, flags, _, err := s.conn.ReadMsgUnix(buf, oob)
 	if err != nil {
 		return Datagram{}, fmt.Errorf("notify socket %s: %w", s.path, err)
@@ -93,7 +103,7 @@ func (s *Server) Recv() (Datagram, error) {
 	case flags&unix.MSG_TRUNC != 0 || n > MaxMessageSize:
 		d.Err = fmt.Errorf("notify message larger than %d bytes", MaxMessageSize)
 	case flags&unix.MSG_CTRUNC != 0:
-		d.Err = errors.New("notify message carried more fds than accepted")
+		d.Err = fmt.Errorf("notify message carried more than %d fds", s.maxFDs)
 	default:
 		d.Message, d.Err = Parse(buf[:n])
 	}

@@ -1,0 +1,119 @@
+// Package proctree reads the process table from /proc (proc(5)) so that a
+// supervisor can find every descendant of the processes it started, even
+// those that left their process group or session, or were reparented to it
+// as a subreaper (PR_SET_CHILD_SUBREAPER, prctl(2)).
+package proctree
+
+import (
+	"bytes"
+	"fmt"
+	"os"
+	"strconv"
+	"strings"
+)
+
+// Proc is one process as /proc/PID/stat shows it.
+type Proc struct {
+	Pid, PPid, Pgid, Sid int
+	// State is stat's one-letter state: R, S, D, Z (zombie), T, …
+	State byte
+}
+
+// Table is a snapshot of every process visible in /proc, by pid.
+type Table map[int]Proc
+
+// Read takes a snapshot from root (normally "/proc"). Processes that exit
+// while it reads are left out; the error is non-nil only when root cannot
+// be listed.
+func Read(root string) (Table, error) {
+	ents, err := os.ReadDir(root)
+	if err != nil {
+		return nil, fmt.Errorf("process table %s: %w", root, err)
+	}
+	t := make(Table, len(ents))
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		b, err := os.ReadFile(root + "/" + e.Name() + "/stat")
+		if err != nil {
+			continue // gone
+		}
+		if p, err := ParseStat(b); err == nil && p.Pid == pid {
+			t[pid] = p
+		}
+	}
+	return t, nil
+}
+
+// ParseStat parses the start of a /proc/PID/stat line: "pid (comm) state
+// ppid pgrp session …". comm may hold spaces and parentheses, so it is cut
+// at the last ')'.
+func ParseStat(b []byte) (Proc, error) {
+	open := bytes.IndexByte(b, '(')
+	end := bytes.LastIndexByte(b, ')')
+	if open < 1 || end < open || end+2 > len(b) {
+		return Proc{}, fmt.Errorf("proc stat %.60q: no (comm)", b)
+	}
+	pid, err := strconv.Atoi(string(bytes.TrimSpace(b[:open])))
+	if err != nil {
+		return Proc{}, fmt.Errorf("proc stat %.60q: pid: %w", b, err)
+	}
+	f := strings.Fields(string(b[end+1:]))
+	if len(f) < 4 || len(f[0]) != 1 {
+		return Proc{}, fmt.Errorf("proc stat %.60q: too few fields", b)
+	}
+	p := Proc{Pid: pid, State: f[0][0]}
+	for i, dst := range []*int{&p.PPid, &p.Pgid, &p.Sid} {
+		if *dst, err = strconv.Atoi(f[1+i]); err != nil {
+			return Proc{}, fmt.Errorf("proc stat %.60q: field %d: %w", b, 4+i, err)
+		}
+	}
+	return p, nil
+}
+
+// Children maps each pid to its live (not zombie) children.
+func (t Table) Children() map[int][]int {
+	out := make(map[int][]int, len(t))
+	for _, p := range t {
+		if p.State != 'Z' {
+			out[p.PPid] = append(out[p.PPid], p.Pid)
+		}
+	}
+	return out
+}
+
+// Descendants returns every live process below root (root excluded).
+func (t Table) Descendants(root int) []int {
+	return t.Below(t.Children(), root)
+}
+
+// Below walks kids from root and returns every pid below it, root excluded.
+func (t Table) Below(kids map[int][]int, root int) []int {
+	var out []int
+	stack := append([]int(nil), kids[root]...)
+	for len(stack) > 0 {
+		pid := stack[len(stack)-1]
+		stack = stack[:len(stack)-1]
+		out = append(out, pid)
+		stack = append(stack, kids[pid]...)
+	}
+	return out
+}
+
+// Environ reads a process's initial environment (/proc/PID/environ) as
+// KEY → value; nil when it cannot be read (gone, or not ours to read).
+func Environ(root string, pid int) map[string]string {
+	b, err := os.ReadFile(fmt.Sprintf("%s/%d/environ", root, pid))
+	if err != nil {
+		return nil
+	}
+	env := map[string]string{}
+	for _, kv := range bytes.Split(b, []byte{0}) {
+		if k, v, ok := strings.Cut(string(kv), "="); ok {
+			env[k] = v
+		}
+	}
+	return env
+}

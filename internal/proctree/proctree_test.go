@@ -1,0 +1,52 @@
+package proctree
+
+import (
+	"os"
+	"os/exec"
+	"slices"
+	"testing"
+)
+
+func TestParseStat(t *testing.T) {
+	p, err := ParseStat([]byte("4242 (a) b (c)) S 1 4242 4242 0 -1 4194560 0"))
+	if err != nil || p != (Proc{Pid: 4242, PPid: 1, Pgid: 4242, Sid: 4242, State: 'S'}) {
+		t.Fatalf("ParseStat = %+v, %v", p, err)
+	}
+	for _, bad := range []string{"", "12 (x", "x (y) S 1 2 3", "12 (y) S 1 2", "12 (y) SS 1 2 3"} {
+		if _, err := ParseStat([]byte(bad)); err == nil {
+			t.Errorf("ParseStat(%q) accepted", bad)
+		}
+	}
+}
+
+// A real child and grandchild are found below this process, and the
+// grandchild's environment is readable.
+func TestReadFindsDescendants(t *testing.T) {
+	cmd := exec.Command("sh", "-c", "sleep 30 & wait")
+	cmd.Env = append(os.Environ(), "PROCTREE_MARK=1")
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer cmd.Wait()
+	defer cmd.Process.Kill()
+	for {
+		tab, err := Read("/proc")
+		if err != nil {
+			t.Fatal(err)
+		}
+		d := tab.Descendants(os.Getpid())
+		if !slices.Contains(d, cmd.Process.Pid) {
+			t.Fatalf("child %d not among descendants %v", cmd.Process.Pid, d)
+		}
+		if len(tab.Descendants(cmd.Process.Pid)) == 1 {
+			gc := tab.Descendants(cmd.Process.Pid)[0]
+			if Environ("/proc", gc)["PROCTREE_MARK"] != "1" {
+				t.Fatalf("grandchild %d environment lacks PROCTREE_MARK", gc)
+			}
+			if tab[gc].Pgid != tab[cmd.Process.Pid].Pgid {
+				t.Fatalf("grandchild group %d, want its parent's %d", tab[gc].Pgid, tab[cmd.Process.Pid].Pgid)
+			}
+			return
+		}
+	}
+}

@@ -1,0 +1,155 @@
+package supervise
+
+import (
+	"math"
+	"strconv"
+	"time"
+
+	"go.uber.org/zap"
+	"golang.org/x/sys/unix"
+)
+
+// Repeated warnings about one sender's input are limited to warnBurst per
+// warnWindow; the rest are counted and reported as one line.
+const (
+	warnBurst  = 5
+	warnWindow = time.Second
+)
+
+// onNotify handles one sd_notify(3) datagram from a worker.
+func (s *Supervisor) onNotify(ev evNotify) {
+	dg := ev.dg
+	defer func() {
+		for _, f := range dg.Files {
+			f.Close() // the fd store keeps its own copies
+		}
+		if ev.release != nil {
+			ev.release()
+		}
+	}()
+	w, ok := s.workers[dg.Pid]
+	if !ok {
+		if _, recent := s.recentExits[dg.Pid]; recent {
+			// Sent just before it exited; its exit was handled first.
+			s.log.Debug("notify message from a worker that has exited, dropped", zap.Int("pid", dg.Pid))
+			return
+		}
+		s.warn(dg.Pid, "notify message from a process that is not a worker, dropped",
+			zap.Int("pid", dg.Pid), zap.Uint32("uid", dg.UID))
+		return
+	}
+	fields := []zap.Field{zap.Int("generation", w.gen.n), zap.Int("worker", w.slot), zap.Int("pid", w.pid)}
+	if ev.dropped > 0 {
+		s.warn(w.pid, "notify message: fds not taken (no FDSTORE=1, or too many in flight), closed",
+			append(fields, zap.Int("fds", ev.dropped))...)
+	}
+	if dg.Err != nil {
+		s.warn(w.pid, "malformed notify message, dropped", append(fields, zap.Error(dg.Err))...)
+		return
+	}
+	m := dg.Message
+	if v, ok := m.Get("STATUS"); ok {
+		w.status = v
+		s.log.Debug("worker status", append(fields, zap.String("status", v))...)
+	}
+	if v, ok := m.Get("ERRNO"); ok {
+		s.warn(w.pid, "worker reports an error", append(fields, zap.String("errno", v))...)
+	}
+	if v, ok := m.Get("EXTEND_TIMEOUT_USEC"); ok && w.state == WorkerStarting {
+		s.extendReadyTimeout(w, v, fields)
+	}
+	if m.Is("WATCHDOG", "1") {
+		w.lastPing = time.Now()
+	}
+	if m.Is("WATCHDOG", "trigger") && !w.asked {
+		s.replace(w, "watchdog", "the worker sent WATCHDOG=trigger", unix.SIGABRT)
+		return
+	}
+	if m.Is("FDSTORE", "1") || m.Is("FDSTOREREMOVE", "1") {
+		s.onFDStore(w, m, dg.Files)
+	}
+	if m.Is("READY", "1") && s.cfg.Ready.Kind == "notify" {
+		s.onReady(w)
+	}
+	if m.Is("STOPPING", "1") && !w.asked {
+		s.replace(w, "stopping", "the worker sent STOPPING=1 on its own", 0)
+	}
+}
+
+// extendReadyTimeout applies EXTEND_TIMEOUT_USEC=v (sd_notify(3)): the
+// worker has v µs from now to become ready. A value too large for a
+// time.Duration (up to 2^64−1, systemd's USEC_INFINITY) means no bound.
+func (s *Supervisor) extendReadyTimeout(w *worker, v string, fields []zap.Field) {
+	usec, err := strconv.ParseUint(v, 10, 64)
+	if err != nil {
+		s.warn(w.pid, "EXTEND_TIMEOUT_USEC is not a number of microseconds, ignored", append(fields, zap.String("value", v))...)
+		return
+	}
+	if usec > math.MaxInt64/uint64(time.Microsecond) {
+		w.readyTimeout = -1
+		s.arm(w, -1)
+		s.log.Info("worker's ready timeout lifted (EXTEND_TIMEOUT_USEC beyond any duration)", fields...)
+		return
+	}
+	w.readyTimeout = time.Duration(usec) * time.Microsecond
+	s.arm(w, w.readyTimeout)
+}
+
+// warn logs a warning about what the process pid sent, limited per pid.
+func (s *Supervisor) warn(pid int, msg string, fields ...zap.Field) {
+	if s.warns.allow(pid, time.Now(), s.log) {
+		s.log.Warn(msg, fields...)
+	}
+}
+
+// limiter lets burst events per key through in each window and counts the
+// rest; the count is logged when the key's next window opens, or at flush.
+type limiter struct {
+	burst  int
+	window time.Duration
+	keys   map[int]*bucket
+}
+
+type bucket struct {
+	start         time.Time
+	n, suppressed int
+}
+
+func newLimiter(burst int, window time.Duration) *limiter {
+	return &limiter{burst: burst, window: window, keys: map[int]*bucket{}}
+}
+
+// allow reports whether an event for key may be logged now. Opening a new
+// window first logs the counts of windows that have passed.
+func (l *limiter) allow(key int, now time.Time, log *zap.Logger) bool {
+	b := l.keys[key]
+	if b == nil || now.Sub(b.start) >= l.window {
+		l.expire(now, log)
+		b = &bucket{start: now}
+		l.keys[key] = b
+	}
+	if b.n < l.burst {
+		b.n++
+		return true
+	}
+	b.suppressed++
+	return false
+}
+
+// expire logs the counts of passed windows and forgets them, so that many
+// senders cannot grow the map without bound.
+func (l *limiter) expire(now time.Time, log *zap.Logger) {
+	for k, b := range l.keys {
+		if now.Sub(b.start) < l.window {
+			continue
+		}
+		if b.suppressed > 0 {
+			log.Warn("warnings suppressed", zap.Int("pid", k), zap.Int("suppressed", b.suppressed),
+				zap.Duration("within", l.window))
+		}
+		delete(l.keys, k)
+	}
+}
+
+// flush logs every count still held.
+func (l *limiter) flush(log *zap.Logger) { l.expire(time.Now().Add(l.window), log) }
