@@ -290,7 +290,7 @@ func run(args []string) error {
 		}()
 	}
 	if cl != nil {
-		go control.Serve(ctx, cl, controlHandler(sup))
+		go control.Serve(ctx, cl, controlHandler(sup), log.Named("control"))
 	}
 	if f.pidFile != "" {
 		if err := os.WriteFile(f.pidFile, fmt.Appendf(nil, "%d\n", os.Getpid()), 0o644); err != nil {

@@ -28,6 +28,8 @@ import (
 	"syscall"
 	"time"
 
+	"go.uber.org/zap"
+
 	"github.com/seed6cb0314a/upgrader/internal/sockets"
 )
 
@@ -90,25 +92,58 @@ func Listen(path string) (net.Listener, error) {
 	return l, nil
 }
 
-// Serve answers requests on l until ctx is done. Each connection carries one
-// request.
-func Serve(ctx context.Context, l net.Listener, h Handler) {
-	go func() {
-		<-ctx.Done()
-		l.Close()
-	}()
+// Accept retries back off from minBackoff, doubling up to maxBackoff, as
+// net/http's Server.Serve does.
+const (
+	minBackoff = 5 * time.Millisecond
+	maxBackoff = time.Second
+)
+
+// requestTimeout bounds how long a client may take to send its request,
+// and writeTimeout how long one reply line may wait for a client that does
+// not read: a stuck client must not hold a goroutine and an fd for ever.
+const (
+	requestTimeout = 10 * time.Second
+	writeTimeout   = 10 * time.Second
+)
+
+// Serve answers requests on l until ctx is done or l is closed; it closes l
+// when ctx is done. Each connection carries one request.
+//
+// Any other Accept error (EMFILE and ENFILE when the fd table is full,
+// ECONNABORTED, ENOBUFS, …) is logged to log and retried after a backoff:
+// the control socket is the operator's way in, and a supervisor that
+// stopped answering on it after a burst of connections could no longer be
+// upgraded or inspected, though the fds come free again moments later.
+func Serve(ctx context.Context, l net.Listener, h Handler, log *zap.Logger) {
+	stop := context.AfterFunc(ctx, func() { l.Close() })
+	defer stop()
+	var delay time.Duration
 	for {
 		c, err := l.Accept()
 		if err != nil {
-			return
+			if ctx.Err() != nil || errors.Is(err, net.ErrClosed) {
+				return
+			}
+			delay = min(max(2*delay, minBackoff), maxBackoff)
+			log.Warn("control socket: accept failed, retrying", zap.Error(err), zap.Duration("retry_in", delay))
+			t := time.NewTimer(delay)
+			select {
+			case <-t.C:
+			case <-ctx.Done():
+				t.Stop()
+				return
+			}
+			continue
 		}
+		delay = 0
 		go serveConn(ctx, c, h)
 	}
 }
 
 func serveConn(ctx context.Context, c net.Conn, h Handler) {
 	defer c.Close()
-	c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	c.SetReadDeadline(time.Now().Add(requestTimeout))
 	br := bufio.NewReaderSize(c, MaxRequestSize)
 	line, err := br.ReadSlice('\n')
 	if err != nil && !(errors.Is(err, io.EOF) && len(line) > 0) {
@@ -117,18 +152,23 @@ func serveConn(ctx context.Context, c net.Conn, h Handler) {
 		} else {
 			err = fmt.Errorf("control request: %w", err)
 		}
+		c.SetWriteDeadline(time.Now().Add(writeTimeout))
 		json.NewEncoder(c).Encode(Reply{Error: err.Error()})
 		return
 	}
 	c.SetReadDeadline(time.Time{})
 	enc := json.NewEncoder(c)
+	send := func(v any) error {
+		c.SetWriteDeadline(time.Now().Add(writeTimeout))
+		return enc.Encode(v)
+	}
 	r, err := ParseRequest(bytes.TrimRight(line, "\r\n"))
 	if err != nil {
-		enc.Encode(Reply{Error: err.Error()})
+		send(Reply{Error: err.Error()})
 		return
 	}
-	if err := h(ctx, r, enc.Encode); err != nil {
-		enc.Encode(Reply{Error: err.Error()})
+	if err := h(ctx, r, send); err != nil {
+		send(Reply{Error: err.Error()})
 	}
 }
 
