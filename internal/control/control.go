@@ -75,9 +75,15 @@ func ParseRequest(line []byte) (Request, error) {
 type Handler func(ctx context.Context, r Request, send func(v any) error) error
 
 // Listen binds the control socket at path with mode 0600, replacing a stale
-// socket file; the error names the path.
+// socket file (its upgrader was killed). When another upgrader answers there
+// it refuses, with an error that names the path and the way out, instead of
+// taking the socket over: that upgrader would lose its control socket for
+// good. The error names the path.
 func Listen(path string) (net.Listener, error) {
 	if err := sockets.RemoveStale(path, true); err != nil {
+		if errors.Is(err, sockets.ErrInUse) {
+			return nil, inUse(path, err)
+		}
 		return nil, fmt.Errorf("--control %s: %w", path, err)
 	}
 	// Bind under a umask so the socket is never reachable by others, not
@@ -87,9 +93,29 @@ func Listen(path string) (net.Listener, error) {
 	l, err := net.Listen("unix", path)
 	syscall.Umask(old)
 	if err != nil {
+		// Another upgrader bound it between the probe and the bind.
+		if errors.Is(err, syscall.EADDRINUSE) {
+			return nil, inUse(path, err)
+		}
 		return nil, fmt.Errorf("--control %s: %w", path, err)
 	}
 	return l, nil
+}
+
+// inUse is the error for a control socket path that a live server holds;
+// it says which upgrader when that server answers a status request.
+func inUse(path string, cause error) error {
+	who := "a server that does not answer status requests"
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	var st struct {
+		Pid int `json:"pid"`
+	}
+	if Do(ctx, path, Request{Command: "status"}, func(b []byte) error { return json.Unmarshal(b, &st) }) == nil && st.Pid > 0 {
+		who = fmt.Sprintf("another upgrader (pid %d)", st.Pid)
+	}
+	return fmt.Errorf("--control %s: %s answers on this control socket; to run a second upgrader, give it its own with --control PATH (or --control none): %w",
+		path, who, cause)
 }
 
 // Accept retries back off from minBackoff, doubling up to maxBackoff, as
