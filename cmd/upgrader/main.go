@@ -240,6 +240,25 @@ func run(args []string) error {
 	if err != nil {
 		return err
 	}
+	// What would make a second upgrader step on a running one is refused
+	// before anything is bound.
+	if f.pidFile != "" {
+		if err := checkPidFile(f.pidFile); err != nil {
+			return err
+		}
+	}
+	var cl net.Listener
+	if f.control != "none" {
+		path := f.control
+		if path == "" {
+			path = filepath.Join(cfg.RuntimeDir, "upgrader.sock")
+		}
+		if cl, err = control.Listen(path); err != nil {
+			return err
+		}
+		defer cl.Close() // unlinks the socket file
+		log.Info("control socket", zap.String("path", path))
+	}
 	for _, spec := range specs {
 		sock, err := sockets.Bind(spec)
 		if err != nil {
@@ -254,18 +273,6 @@ func run(args []string) error {
 		if hl, err = health.Listen(f.health); err != nil {
 			return err
 		}
-	}
-	var cl net.Listener
-	if f.control != "none" {
-		path := f.control
-		if path == "" {
-			path = filepath.Join(cfg.RuntimeDir, "upgrader.sock")
-		}
-		if cl, err = control.Listen(path); err != nil {
-			return err
-		}
-		defer os.Remove(path)
-		log.Info("control socket", zap.String("path", path))
 	}
 	sup, err := supervise.New(cfg)
 	if err != nil {
@@ -293,10 +300,11 @@ func run(args []string) error {
 		go control.Serve(ctx, cl, controlHandler(sup), log.Named("control"))
 	}
 	if f.pidFile != "" {
-		if err := os.WriteFile(f.pidFile, fmt.Appendf(nil, "%d\n", os.Getpid()), 0o644); err != nil {
-			return fmt.Errorf("--pid-file: %w", err)
+		remove, err := writePidFile(f.pidFile)
+		if err != nil {
+			return err
 		}
-		defer os.Remove(f.pidFile)
+		defer remove()
 	}
 	return sup.Run()
 }
