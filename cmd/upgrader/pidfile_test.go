@@ -6,6 +6,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 )
 
@@ -116,5 +117,35 @@ func TestWritePidFile(t *testing.T) {
 
 	if _, err := writePidFile(filepath.Join(dir, "no", "such", "dir.pid")); err == nil || !strings.Contains(err.Error(), "--pid-file") {
 		t.Fatalf("unwritable pid file: %v", err)
+	}
+}
+
+// A pid file left by a killed upgrader may name a pid reused by another
+// program, which USR2 would kill.
+func TestUpgradeByPidFileSignalsOnlyAnUpgrader(t *testing.T) {
+	other := exec.Command("sleep", "60")
+	if err := other.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan error, 1)
+	go func() { exited <- other.Wait() }()
+	defer func() { other.Process.Kill(); <-exited }()
+	p := filepath.Join(t.TempDir(), "upgrader.pid")
+	if err := os.WriteFile(p, fmt.Appendf(nil, "%d\n", other.Process.Pid), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	err := signalPidFile(p)
+	if err == nil || !strings.Contains(err.Error(), p) || !strings.Contains(err.Error(), "not an upgrader") {
+		t.Fatalf("signalPidFile on another program's pid: %v", err)
+	}
+	// Still running: a USR2 would have ended it. Kill(0) only checks.
+	if err := other.Process.Signal(syscall.Signal(0)); err != nil {
+		t.Fatalf("sleep is gone: %v", err)
+	}
+	select {
+	case err := <-exited:
+		exited <- err
+		t.Fatalf("sleep exited: %v", err)
+	default:
 	}
 }
