@@ -131,6 +131,11 @@ func signalPidFile(pidFile string) error {
 	if err != nil || pid <= 1 {
 		return fmt.Errorf("--pid-file %s: %q is not a pid", pidFile, bytes.TrimSpace(b))
 	}
+	// After a SIGKILL the file stays and its pid may be reused: USR2 would
+	// kill whatever program has it now.
+	if !isUpgrader(pid) {
+		return fmt.Errorf("--pid-file %s: pid %d is not an upgrader (left by one that was killed?); not signalling it", pidFile, pid)
+	}
 	if err := syscall.Kill(pid, syscall.SIGUSR2); err != nil {
 		return fmt.Errorf("signal supervisor pid %d: %w", pid, err)
 	}

@@ -77,6 +77,7 @@ Run 'upgrader run --help' for the flags.
 `
 
 type runFlags struct {
+	command       []string
 	listen        []string
 	workers       int
 	ready         string
@@ -94,9 +95,51 @@ type runFlags struct {
 	watchdog      time.Duration
 	noHandoff     bool
 	fdStoreMax    int
+	maxDraining   int
 }
 
-func run(args []string) error {
+// validate rejects values the supervisor would otherwise replace by a
+// default without a word: a typo such as --drain-timeout -30s must not run
+// with 30s. The error names the flag and is a usage error.
+func (f *runFlags) validate() error {
+	for _, d := range []struct {
+		name     string
+		v        time.Duration
+		zeroIsOK bool // 0 means off
+	}{
+		{"ready-timeout", f.readyTimeout, false},
+		{"drain-timeout", f.drainTimeout, false},
+		{"restart-window", f.restartWindow, false},
+		{"shutdown-delay", f.shutdownDelay, true},
+		{"watchdog", f.watchdog, true},
+	} {
+		switch {
+		case d.v < 0:
+			return fmt.Errorf("%w: --%s %s: want a duration of 0 or more", errUsage, d.name, d.v)
+		case d.v == 0 && !d.zeroIsOK:
+			return fmt.Errorf("%w: --%s 0: want a duration greater than 0", errUsage, d.name)
+		}
+	}
+	for _, n := range []struct {
+		name string
+		v    int
+		min  int
+	}{
+		{"workers", f.workers, 1},
+		{"max-restarts", f.maxRestarts, 0},
+		{"fd-store-max", f.fdStoreMax, 0},
+		{"max-draining", f.maxDraining, 1},
+	} {
+		if n.v < n.min {
+			return fmt.Errorf("%w: --%s %d: want at least %d", errUsage, n.name, n.v, n.min)
+		}
+	}
+	return nil
+}
+
+// parseRunFlags parses the command line of "upgrader run"; --help gives
+// flag.ErrHelp.
+func parseRunFlags(args []string) (runFlags, error) {
 	var f runFlags
 	fs := flag.NewFlagSet("upgrader run", flag.ContinueOnError)
 	fs.SetInterspersed(false) // everything after COMMAND belongs to COMMAND
@@ -106,26 +149,59 @@ func run(args []string) error {
 	fs.DurationVar(&f.readyTimeout, "ready-timeout", 60*time.Second, "fail an upgrade whose workers are not ready within this")
 	fs.DurationVar(&f.drainTimeout, "drain-timeout", 30*time.Second, "SIGKILL a draining worker after this")
 	fs.StringVar(&f.drainSignal, "drain-signal", "TERM", "signal that asks a worker to drain")
-	fs.DurationVar(&f.shutdownDelay, "shutdown-delay", 0, "on TERM/INT, report not-ready this long before draining")
+	fs.DurationVar(&f.shutdownDelay, "shutdown-delay", 0, "on TERM/INT, report not-ready this long before draining (0: off)")
 	fs.StringVar(&f.pidFile, "pid-file", "", "write the supervisor's pid to this file")
-	fs.IntVar(&f.maxRestarts, "max-restarts", 5, "crash restarts within --restart-window, with no ready worker left, before giving up")
+	fs.IntVar(&f.maxRestarts, "max-restarts", 5, "crash restarts within --restart-window, with no ready worker left, before giving up (0: give up at the first)")
 	fs.DurationVar(&f.restartWindow, "restart-window", 60*time.Second, "window for --max-restarts")
 	fs.StringVar(&f.health, "health", "", "serve /livez /readyz /status /metrics on `HOST:PORT` (default off)")
 	fs.StringVar(&f.control, "control", "", "control socket `PATH` (default upgrader.sock in the runtime directory; \"none\" for none)")
-	fs.DurationVar(&f.watchdog, "watchdog", 0, "workers get WATCHDOG_USEC; a worker silent this long is replaced (default off)")
-	fs.IntVar(&f.fdStoreMax, "fd-store-max", 64, "fds workers may keep with FDSTORE=1 for later generations")
+	fs.DurationVar(&f.watchdog, "watchdog", 0, "workers get WATCHDOG_USEC; a worker silent this long is replaced (0: off)")
+	fs.IntVar(&f.fdStoreMax, "fd-store-max", 64, "fds workers may keep with FDSTORE=1 for later generations (0: fd store off)")
+	fs.IntVar(&f.maxDraining, "max-draining", 4, "generations that may drain at once; beyond it the oldest is killed")
 	fs.BoolVar(&f.noHandoff, "no-handoff", false, "do not offer live-connection handoff (UPGRADER_HANDOFF_FD) to workers")
 	fs.StringVar(&f.logFormat, "log-format", "console", "log format: console or json")
 	fs.StringVar(&f.logLevel, "log-level", "info", "log level: debug, info, warn, error")
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
-			return nil
+			return f, err
 		}
-		return fmt.Errorf("%w: %v", errUsage, err)
+		return f, fmt.Errorf("%w: %v", errUsage, err)
 	}
-	command := fs.Args()
-	if len(command) == 0 {
-		return fmt.Errorf("%w: no COMMAND: upgrader [flags] -- COMMAND [ARG...]", errUsage)
+	f.command = fs.Args()
+	if len(f.command) == 0 {
+		return f, fmt.Errorf("%w: no COMMAND: upgrader [flags] -- COMMAND [ARG...]", errUsage)
+	}
+	return f, nil
+}
+
+// config is the supervisor's configuration from the flags, values passed
+// through unchanged: 0 means something of its own to the supervisor.
+func (f *runFlags) config() supervise.Config {
+	return supervise.Config{
+		Command:       f.command,
+		Workers:       f.workers,
+		ReadyTimeout:  f.readyTimeout,
+		DrainTimeout:  f.drainTimeout,
+		ShutdownDelay: f.shutdownDelay,
+		MaxRestarts:   f.maxRestarts,
+		RestartWindow: f.restartWindow,
+		MaxDraining:   f.maxDraining,
+		Watchdog:      f.watchdog,
+		NoHandoff:     f.noHandoff,
+		FDStoreMax:    f.fdStoreMax,
+	}
+}
+
+func run(args []string) error {
+	f, err := parseRunFlags(args)
+	if errors.Is(err, flag.ErrHelp) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	if err := f.validate(); err != nil {
+		return err
 	}
 	// Socket activation in: read LISTEN_* once, before anything else.
 	activated, err := adoptListeners()
@@ -148,37 +224,40 @@ func run(args []string) error {
 			zap.String("address", sock.Addr()), zap.String("from", "LISTEN_FDS"))
 	}
 
-	cfg := supervise.Config{
-		Command:       command,
-		Workers:       f.workers,
-		ReadyTimeout:  f.readyTimeout,
-		DrainTimeout:  f.drainTimeout,
-		ShutdownDelay: f.shutdownDelay,
-		MaxRestarts:   f.maxRestarts,
-		RestartWindow: f.restartWindow,
-		Watchdog:      f.watchdog,
-		NoHandoff:     f.noHandoff,
-		FDStoreMax:    f.fdStoreMax,
-		RuntimeDir:    runtimeDir(),
-		Log:           log,
-		Sockets:       activated,
-	}
-	if f.workers < 1 {
-		return fmt.Errorf("%w: --workers %d: want at least 1", errUsage, f.workers)
-	}
+	cfg := f.config()
+	cfg.RuntimeDir, cfg.Log, cfg.Sockets = runtimeDir(), log, activated
 	if cfg.Ready, err = supervise.ParseReadyMode(f.ready); err != nil {
 		return fmt.Errorf("%w: %v", errUsage, err)
 	}
 	if cfg.DrainSignal, err = supervise.ParseSignal(f.drainSignal); err != nil {
 		return fmt.Errorf("%w: --drain-signal: %v", errUsage, err)
 	}
-	specs := make([]sockets.Spec, 0, len(f.listen))
-	for _, v := range f.listen {
-		spec, err := sockets.ParseSpec(v)
-		if err != nil {
-			return fmt.Errorf("%w: %v", errUsage, err)
+	inherited := make([]string, len(activated))
+	for i, sock := range activated {
+		inherited[i] = sock.Spec.Name
+	}
+	specs, err := parseListeners(f.listen, inherited)
+	if err != nil {
+		return err
+	}
+	// What would make a second upgrader step on a running one is refused
+	// before anything is bound.
+	if f.pidFile != "" {
+		if err := checkPidFile(f.pidFile); err != nil {
+			return err
 		}
-		specs = append(specs, spec)
+	}
+	var cl net.Listener
+	if f.control != "none" {
+		path := f.control
+		if path == "" {
+			path = filepath.Join(cfg.RuntimeDir, "upgrader.sock")
+		}
+		if cl, err = control.Listen(path); err != nil {
+			return err
+		}
+		defer cl.Close() // unlinks the socket file
+		log.Info("control socket", zap.String("path", path))
 	}
 	for _, spec := range specs {
 		sock, err := sockets.Bind(spec)
@@ -194,18 +273,6 @@ func run(args []string) error {
 		if hl, err = health.Listen(f.health); err != nil {
 			return err
 		}
-	}
-	var cl net.Listener
-	if f.control != "none" {
-		path := f.control
-		if path == "" {
-			path = filepath.Join(cfg.RuntimeDir, "upgrader.sock")
-		}
-		if cl, err = control.Listen(path); err != nil {
-			return err
-		}
-		defer os.Remove(path)
-		log.Info("control socket", zap.String("path", path))
 	}
 	sup, err := supervise.New(cfg)
 	if err != nil {
@@ -230,15 +297,44 @@ func run(args []string) error {
 		}()
 	}
 	if cl != nil {
-		go control.Serve(ctx, cl, controlHandler(sup))
+		go control.Serve(ctx, cl, controlHandler(sup), log.Named("control"))
 	}
 	if f.pidFile != "" {
-		if err := os.WriteFile(f.pidFile, fmt.Appendf(nil, "%d\n", os.Getpid()), 0o644); err != nil {
-			return fmt.Errorf("--pid-file: %w", err)
+		remove, err := writePidFile(f.pidFile)
+		if err != nil {
+			return err
 		}
-		defer os.Remove(f.pidFile)
+		defer remove()
 	}
 	return sup.Run()
+}
+
+// parseListeners parses the --listen values. Workers find their listeners
+// by name (LISTEN_FDNAMES), so a name given twice, by two --listen values or
+// by a --listen value and a socket-activated fd (inherited names, in
+// LISTEN_FDS order), would hand a worker two sockets where it asks for one:
+// that is a usage error naming both. Names repeated within LISTEN_FDNAMES are
+// systemd's business (a socket unit names all its fds alike) and are kept.
+func parseListeners(values, inherited []string) ([]sockets.Spec, error) {
+	specs := make([]sockets.Spec, 0, len(values))
+	from := map[string]string{} // name → who gave it, for the error
+	for i, n := range inherited {
+		if _, ok := from[n]; !ok {
+			from[n] = fmt.Sprintf("the socket-activated fd %d (LISTEN_FDNAMES)", 3+i)
+		}
+	}
+	for _, v := range values {
+		spec, err := sockets.ParseSpec(v)
+		if err != nil {
+			return nil, fmt.Errorf("%w: %v", errUsage, err)
+		}
+		if prev, ok := from[spec.Name]; ok {
+			return nil, fmt.Errorf("%w: --listen %q: listener name %q is already taken by %s; give one of them another NAME=", errUsage, v, spec.Name, prev)
+		}
+		from[spec.Name] = fmt.Sprintf("--listen %q", v)
+		specs = append(specs, spec)
+	}
+	return specs, nil
 }
 
 // runtimeDir is where the notify socket goes: systemd's RuntimeDirectory=,

@@ -15,7 +15,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
-	"log"
+	"log/slog"
 	"net"
 	"os"
 	"os/signal"
@@ -44,18 +44,22 @@ type session struct {
 func main() {
 	addr := flag.String("addr", "127.0.0.1:7000", "address to bind when no listener is inherited")
 	flag.Parse()
-	log.SetPrefix(fmt.Sprintf("counter[%d] ", os.Getpid()))
+	log := slog.New(slog.NewTextHandler(os.Stderr, nil)).With("worker", "counter", "pid", os.Getpid())
+	fatal := func(err error) {
+		log.Error("exiting", "error", err)
+		os.Exit(1)
+	}
 	fds, err := inherit.New()
 	if err != nil {
-		log.Fatal(err)
+		fatal(err)
 	}
 	l, err := fds.Listen("", "tcp", *addr)
 	if err != nil {
-		log.Fatal(err)
+		fatal(err)
 	}
 	handoffs, err := fds.Handoffs(kind)
 	if err != nil {
-		log.Fatal(err)
+		fatal(err)
 	}
 	pid, gen := os.Getpid(), inherit.Generation()
 
@@ -92,7 +96,7 @@ func main() {
 		go accept(hl)
 	}
 	if err := inherit.Ready(); err != nil {
-		log.Fatal(err)
+		fatal(err)
 	}
 
 	sig := make(chan os.Signal, 1)

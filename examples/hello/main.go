@@ -14,7 +14,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"log"
+	"log/slog"
 	"net"
 	"net/http"
 	"os"
@@ -33,17 +33,23 @@ func main() {
 	name := flag.String("listener", "", "name of the inherited listener to serve (default: every inherited stream listener)")
 	drainTimeout := flag.Duration("drain-timeout", 25*time.Second, "close what is left of the connections after this")
 	flag.Parse()
-	log.SetPrefix(fmt.Sprintf("hello[%d] ", os.Getpid()))
+	// Structured, like the supervisor's own logs, so that a log pipeline
+	// parses the worker's lines too.
+	log := slog.New(slog.NewTextHandler(os.Stderr, nil)).With("worker", "hello", "pid", os.Getpid())
+	fatal := func(err error) {
+		log.Error("exiting", "error", err)
+		os.Exit(1)
+	}
 
 	fds, err := inherit.New()
 	if err != nil {
-		log.Fatal(err)
+		fatal(err)
 	}
 	var listeners []net.Listener
 	for {
 		l, err := fds.Listen(*name, "tcp", *addr)
 		if err != nil {
-			log.Fatal(err)
+			fatal(err)
 		}
 		listeners = append(listeners, l)
 		// Without a name, serve every inherited stream listener; a fresh
@@ -80,9 +86,15 @@ func main() {
 	// generation, and hand ours to the next one (nil when not offered).
 	handoffs, err := fds.Handoffs("http")
 	if err != nil {
-		log.Fatal(err)
+		fatal(err)
 	}
-	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	srv := &http.Server{
+		Handler:           mux,
+		ReadHeaderTimeout: 10 * time.Second,
+		// net/http's own reports (accept errors, TLS handshakes, panics)
+		// would otherwise go out as bare standard-library log lines.
+		ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn),
+	}
 	d := drain.New(srv, drain.Options{Timeout: *drainTimeout, Handoff: handoffs})
 	// sd_watchdog_enabled(3): ping at half the interval while not hung.
 	if every, err := daemon.SdWatchdogEnabled(false); err == nil && every > 0 {
@@ -95,6 +107,6 @@ func main() {
 		})
 	}
 	if err := d.Serve(context.Background(), listeners); err != nil {
-		log.Fatal(err)
+		fatal(err)
 	}
 }

@@ -28,6 +28,8 @@ import (
 	"syscall"
 	"time"
 
+	"go.uber.org/zap"
+
 	"github.com/seed6cb0314a/upgrader/internal/sockets"
 )
 
@@ -73,9 +75,15 @@ func ParseRequest(line []byte) (Request, error) {
 type Handler func(ctx context.Context, r Request, send func(v any) error) error
 
 // Listen binds the control socket at path with mode 0600, replacing a stale
-// socket file; the error names the path.
+// socket file (its upgrader was killed). When another upgrader answers there
+// it refuses, with an error that names the path and the way out, instead of
+// taking the socket over: that upgrader would lose its control socket for
+// good. The error names the path.
 func Listen(path string) (net.Listener, error) {
 	if err := sockets.RemoveStale(path, true); err != nil {
+		if errors.Is(err, sockets.ErrInUse) {
+			return nil, inUse(path, err)
+		}
 		return nil, fmt.Errorf("--control %s: %w", path, err)
 	}
 	// Bind under a umask so the socket is never reachable by others, not
@@ -85,30 +93,83 @@ func Listen(path string) (net.Listener, error) {
 	l, err := net.Listen("unix", path)
 	syscall.Umask(old)
 	if err != nil {
+		// Another upgrader bound it between the probe and the bind.
+		if errors.Is(err, syscall.EADDRINUSE) {
+			return nil, inUse(path, err)
+		}
 		return nil, fmt.Errorf("--control %s: %w", path, err)
 	}
 	return l, nil
 }
 
-// Serve answers requests on l until ctx is done. Each connection carries one
-// request.
-func Serve(ctx context.Context, l net.Listener, h Handler) {
-	go func() {
-		<-ctx.Done()
-		l.Close()
-	}()
+// inUse is the error for a control socket path that a live server holds;
+// it says which upgrader when that server answers a status request.
+func inUse(path string, cause error) error {
+	who := "a server that does not answer status requests"
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	var st struct {
+		Pid int `json:"pid"`
+	}
+	if Do(ctx, path, Request{Command: "status"}, func(b []byte) error { return json.Unmarshal(b, &st) }) == nil && st.Pid > 0 {
+		who = fmt.Sprintf("another upgrader (pid %d)", st.Pid)
+	}
+	return fmt.Errorf("--control %s: %s answers on this control socket; to run a second upgrader, give it its own with --control PATH (or --control none): %w",
+		path, who, cause)
+}
+
+// Accept retries back off from minBackoff, doubling up to maxBackoff, as
+// net/http's Server.Serve does.
+const (
+	minBackoff = 5 * time.Millisecond
+	maxBackoff = time.Second
+)
+
+// requestTimeout bounds how long a client may take to send its request,
+// and writeTimeout how long one reply line may wait for a client that does
+// not read: a stuck client must not hold a goroutine and an fd for ever.
+const (
+	requestTimeout = 10 * time.Second
+	writeTimeout   = 10 * time.Second
+)
+
+// Serve answers requests on l until ctx is done or l is closed; it closes l
+// when ctx is done. Each connection carries one request.
+//
+// Any other Accept error (EMFILE and ENFILE when the fd table is full,
+// ECONNABORTED, ENOBUFS, …) is logged to log and retried after a backoff:
+// the control socket is the operator's way in, and a supervisor that
+// stopped answering on it after a burst of connections could no longer be
+// upgraded or inspected, though the fds come free again moments later.
+func Serve(ctx context.Context, l net.Listener, h Handler, log *zap.Logger) {
+	stop := context.AfterFunc(ctx, func() { l.Close() })
+	defer stop()
+	var delay time.Duration
 	for {
 		c, err := l.Accept()
 		if err != nil {
-			return
+			if ctx.Err() != nil || errors.Is(err, net.ErrClosed) {
+				return
+			}
+			delay = min(max(2*delay, minBackoff), maxBackoff)
+			log.Warn("control socket: accept failed, retrying", zap.Error(err), zap.Duration("retry_in", delay))
+			t := time.NewTimer(delay)
+			select {
+			case <-t.C:
+			case <-ctx.Done():
+				t.Stop()
+				return
+			}
+			continue
 		}
+		delay = 0
 		go serveConn(ctx, c, h)
 	}
 }
 
 func serveConn(ctx context.Context, c net.Conn, h Handler) {
 	defer c.Close()
-	c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	c.SetReadDeadline(time.Now().Add(requestTimeout))
 	br := bufio.NewReaderSize(c, MaxRequestSize)
 	line, err := br.ReadSlice('\n')
 	if err != nil && !(errors.Is(err, io.EOF) && len(line) > 0) {
@@ -117,18 +178,23 @@ func serveConn(ctx context.Context, c net.Conn, h Handler) {
 		} else {
 			err = fmt.Errorf("control request: %w", err)
 		}
+		c.SetWriteDeadline(time.Now().Add(writeTimeout))
 		json.NewEncoder(c).Encode(Reply{Error: err.Error()})
 		return
 	}
 	c.SetReadDeadline(time.Time{})
 	enc := json.NewEncoder(c)
+	send := func(v any) error {
+		c.SetWriteDeadline(time.Now().Add(writeTimeout))
+		return enc.Encode(v)
+	}
 	r, err := ParseRequest(bytes.TrimRight(line, "\r\n"))
 	if err != nil {
-		enc.Encode(Reply{Error: err.Error()})
+		send(Reply{Error: err.Error()})
 		return
 	}
-	if err := h(ctx, r, enc.Encode); err != nil {
-		enc.Encode(Reply{Error: err.Error()})
+	if err := h(ctx, r, send); err != nil {
+		send(Reply{Error: err.Error()})
 	}
 }
 

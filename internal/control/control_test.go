@@ -7,7 +7,8 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
-	"time"
+
+	"go.uber.org/zap/zaptest"
 )
 
 func TestParseRequest(t *testing.T) {
@@ -52,13 +53,18 @@ func TestServeAndDo(t *testing.T) {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	go Serve(ctx, l, func(ctx context.Context, r Request, send func(any) error) error {
+	handler := func(ctx context.Context, r Request, send func(any) error) error {
 		if r.Command == "status" {
 			send(map[string]int{"n": 1})
 			return send(map[string]int{"n": 2})
 		}
 		return errors.New("upgrade refused: stopping")
-	})
+	}
+	served := make(chan struct{})
+	go func() {
+		defer close(served)
+		Serve(ctx, l, handler, zaptest.NewLogger(t))
+	}()
 	var got []int
 	err = Do(ctx, path, Request{Command: "status"}, func(b []byte) error {
 		var m map[string]int
@@ -78,7 +84,7 @@ func TestServeAndDo(t *testing.T) {
 		t.Fatalf("Listen on a live socket: %v", err)
 	}
 	cancel()
-	time.Sleep(50 * time.Millisecond)
+	<-served // Serve returns once the listener is closed
 	if err := Do(context.Background(), path, Request{Command: "status"}, func([]byte) error { return nil }); err == nil || !strings.Contains(err.Error(), "no upgrader answers") {
 		t.Fatalf("after close: %v", err)
 	}

@@ -141,9 +141,16 @@ func (s *Socket) Close() error {
 	return err
 }
 
+// ErrInUse is what RemoveStale returns, wrapped with the path, when a
+// server answers at the path.
+var ErrInUse = errors.New("address already in use: a server answers there")
+
 // RemoveStale removes the Unix socket file at path when nothing listens
-// behind it (a crash left it). It returns an error when a server answers
-// there (probe: stream sockets only), or when path is not a socket.
+// behind it (a crash or a SIGKILL left it). It returns an error wrapping
+// ErrInUse when a server answers there (probe: stream sockets only), and an
+// error when path is not a socket or the probe fails for another reason
+// than a refused connection (say, permission denied): only a refusal proves
+// the file stale.
 func RemoveStale(path string, probe bool) error {
 	fi, err := os.Lstat(path)
 	if errors.Is(err, os.ErrNotExist) {
@@ -156,12 +163,17 @@ func RemoveStale(path string, probe bool) error {
 		return fmt.Errorf("%s exists and is not a socket", path)
 	}
 	if probe {
-		if c, err := net.Dial("unix", path); err == nil {
+		c, err := net.Dial("unix", path)
+		switch {
+		case err == nil:
 			c.Close()
-			return fmt.Errorf("%s: address already in use: a server answers there", path)
+			return fmt.Errorf("%s: %w", path, ErrInUse)
+		case errors.Is(err, syscall.ECONNREFUSED), errors.Is(err, os.ErrNotExist):
+		default:
+			return fmt.Errorf("%s: cannot tell whether a server answers there: %w", path, err)
 		}
 	}
-	if err := os.Remove(path); err != nil {
+	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return fmt.Errorf("removing stale socket: %w", err)
 	}
 	return nil
