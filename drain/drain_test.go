@@ -29,9 +29,13 @@ func TestDrainAnswersIdleConnectionsWithConnectionClose(t *testing.T) {
 		t.Fatal(err)
 	}
 	release := make(chan struct{})
+	started := make(chan struct{})
 	mux := http.NewServeMux()
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {})
-	mux.HandleFunc("/slow", func(w http.ResponseWriter, r *http.Request) { <-release })
+	mux.HandleFunc("/slow", func(w http.ResponseWriter, r *http.Request) {
+		close(started)
+		<-release
+	})
 	srv := &http.Server{Handler: mux}
 	ctx, cancel := context.WithCancel(context.Background())
 	drained := make(chan struct{})
@@ -57,25 +61,38 @@ func TestDrainAnswersIdleConnectionsWithConnectionClose(t *testing.T) {
 	bbr := bufio.NewReader(busy)
 	slow := make(chan *http.Response, 1)
 	go func() { slow <- rawRequest(t, busy, bbr, "/slow") }()
-	time.Sleep(100 * time.Millisecond)
+	select {
+	case <-started: // the request is in flight
+	case <-time.After(10 * time.Second):
+		t.Fatal("the slow request's handler did not start")
+	}
 
 	cancel() // the drain signal
 	<-drained
-	time.Sleep(100 * time.Millisecond)
 	// The idle connection was not closed under us: the next request is
 	// answered, with Connection: close.
 	if resp := rawRequest(t, idle, ibr, "/"); resp.StatusCode != 200 || !resp.Close {
 		t.Fatalf("request on an idle connection during drain: %d, close=%v", resp.StatusCode, resp.Close)
 	}
-	// New connections are no longer accepted by this server.
-	if c, err := net.DialTimeout("tcp", l.Addr().String(), time.Second); err == nil {
+	// New connections are no longer accepted by this server: the drain
+	// closes the listener right after OnDrain.
+	for deadline := time.Now().Add(5 * time.Second); ; {
+		c, err := net.DialTimeout("tcp", l.Addr().String(), time.Second)
+		if err != nil {
+			break
+		}
 		c.Close()
-		t.Fatal("listener still accepts after the drain began")
+		if time.Now().After(deadline) {
+			t.Fatal("listener still accepts 5s after the drain began")
+		}
+		time.Sleep(time.Millisecond) // polling interval
 	}
+	// A negative check over a fixed short window: Serve does not return
+	// while a request is in flight.
 	select {
 	case err := <-served:
 		t.Fatalf("Serve returned (%v) with a request in flight", err)
-	default:
+	case <-time.After(100 * time.Millisecond):
 	}
 	close(release)
 	if resp := <-slow; resp.StatusCode != 200 || !resp.Close {

@@ -19,8 +19,9 @@ import (
 	"github.com/seed6cb0314a/upgrader/integration/loadgen"
 )
 
-// BenchmarkUpgrade measures one upgrade: from USR2 until the old generation
-// has exited, less the new worker's own start-up (start until READY=1).
+// BenchmarkUpgrade measures one upgrade: from the request on the control
+// socket until the old generation has exited ("done"), less the new
+// generation's own start-up (its "ready" event's ready_after_ms).
 // That remainder is what upgrader itself costs.
 //
 //	go test -run '^$' -bench Upgrade -benchtime 50x ./integration
@@ -30,13 +31,17 @@ func BenchmarkUpgrade(b *testing.B) {
 	var total, startup time.Duration
 	b.ResetTimer()
 	for i := 0; i < b.N; i++ {
-		gen := i + 2
 		t0 := time.Now()
-		p.signal(syscall.SIGUSR2)
-		p.waitLog(30*time.Second, "old generation exited", msg("generation exited", "generation", gen-1))
+		evs, _ := p.upgrade(30 * time.Second)
 		total += time.Since(t0)
-		ready := p.waitLog(time.Second, "worker ready", msg("worker ready", "generation", gen))
-		startup += time.Duration(ready["after"].(float64) * float64(time.Second))
+		for _, e := range evs {
+			switch e.Event {
+			case "ready":
+				startup += time.Duration(e.ReadyAfterMS) * time.Millisecond
+			case "failed":
+				b.Fatalf("upgrade failed: %+v", evs)
+			}
+		}
 	}
 	b.StopTimer()
 	b.ReportMetric(float64(total.Microseconds())/float64(b.N)/1000, "ms/upgrade")
@@ -60,14 +65,13 @@ func BenchmarkThroughput(b *testing.B) {
 		return r.RPS()
 	}
 	for i := 0; i < b.N; i++ {
-		// Bare: hello binds its own listener.
-		bare := exec.Command(helloBin, "-addr", "127.0.0.1:18999")
+		// Bare: hello binds its own listener, on a port the kernel picks.
+		bare := exec.Command(helloBin, "-addr", "127.0.0.1:0")
 		bare.Env = append(os.Environ(), "NOTIFY_SOCKET=")
 		if err := bare.Start(); err != nil {
 			b.Fatal(err)
 		}
-		waitDial(b, "127.0.0.1:18999")
-		bareRPS := load("127.0.0.1:18999")
+		bareRPS := load(waitListening(b, bare.Process.Pid))
 		bare.Process.Signal(syscall.SIGTERM)
 		bare.Wait()
 
@@ -83,15 +87,17 @@ func BenchmarkThroughput(b *testing.B) {
 	}
 }
 
-func waitDial(b testing.TB, addr string) {
-	for i := 0; i < 200; i++ {
-		if c, err := net.Dial("tcp", addr); err == nil {
-			c.Close()
-			return
+// waitListening returns the address of the one TCP listener pid holds, once
+// it has bound it.
+func waitListening(b testing.TB, pid int) string {
+	for i := 0; i < 1000; i++ {
+		if as := listeningAddrs(pid); len(as) == 1 {
+			return as[0]
 		}
-		time.Sleep(10 * time.Millisecond)
+		time.Sleep(10 * time.Millisecond) // polling interval
 	}
-	b.Fatalf("%s never answered", addr)
+	b.Fatalf("pid %d never listened", pid)
+	return ""
 }
 
 func rssKiB(b testing.TB, pid int) int {
@@ -121,15 +127,26 @@ func BenchmarkHandoff10k(b *testing.B) {
 		p := startUpgrader(b, "-l", "127.0.0.1:0", "--", helloBin)
 		addr := p.addr("")
 		p.waitReady(1)
-		drainTime := func(gen int) time.Duration {
-			d := p.waitLog(time.Minute, "draining", msg("draining generation", "generation", gen-1))
-			e := p.waitLog(time.Minute, "exited", msg("generation exited", "generation", gen-1))
-			return time.Duration((e["ts"].(float64) - d["ts"].(float64)) * float64(time.Second))
+		// From the "draining" progress event until "done" (the old
+		// generation has exited).
+		drainTime := func() time.Duration {
+			evs, at := p.upgrade(time.Minute)
+			var from time.Time
+			for i, e := range evs {
+				switch e.Event {
+				case "draining":
+					from = at[i]
+				case "done":
+					if !from.IsZero() {
+						return at[i].Sub(from)
+					}
+				}
+			}
+			b.Fatalf("upgrade progress %+v: no draining then done", evs)
+			return 0
 		}
 		// Baseline: an upgrade with no connection open.
-		p.signal(syscall.SIGUSR2)
-		p.waitReady(2)
-		base := drainTime(2)
+		base := drainTime()
 
 		conns := make([]net.Conn, n)
 		readers := make([]*bufio.Reader, n)
@@ -158,9 +175,7 @@ func BenchmarkHandoff10k(b *testing.B) {
 		for err := range errs {
 			b.Fatal(err)
 		}
-		p.signal(syscall.SIGUSR2)
-		p.waitReady(3)
-		loaded := drainTime(3)
+		loaded := drainTime()
 
 		// Every connection is alive and now served by generation 3.
 		failed := 0

@@ -14,16 +14,8 @@ import (
 	"time"
 
 	"github.com/seed6cb0314a/upgrader/integration/loadgen"
+	"github.com/seed6cb0314a/upgrader/supervise"
 )
-
-// upgradeTo sends USR2 and waits until generation gen is ready and the one
-// before it has exited.
-func (p *proc) upgradeTo(gen int) {
-	p.t.Helper()
-	p.signal(syscall.SIGUSR2)
-	p.waitReady(gen)
-	p.waitLog(30*time.Second, fmt.Sprintf("generation %d exited", gen-1), msg("generation exited", "generation", gen-1))
-}
 
 func TestHandoffKeepsKeepAliveConnectionsOpen(t *testing.T) {
 	p := startUpgrader(t, "-l", "127.0.0.1:0", "-w", "2", "--", helloBin)
@@ -144,13 +136,14 @@ func TestStatefulSessionSurvivesUpgrades(t *testing.T) {
 func TestHalfRequestAtDrainGetsItsResponse(t *testing.T) {
 	p, c, br := helloConn(t)
 	rawPost(t, c, br)
-	// Half a request, then the upgrade, then the rest.
+	old := p.workerPids(1)[0]
+	// Half a request, read by the worker; then the upgrade, until the
+	// worker has begun its drain (it stopped accepting); then the rest.
 	c.Write([]byte("POST / HTTP/1.1\r\nHost: x\r\nContent-"))
-	time.Sleep(50 * time.Millisecond)
+	waitConsumed(t, c, old)
 	p.signal(syscall.SIGUSR2)
 	p.waitReady(2)
-	p.waitLog(5*time.Second, "generation 1 draining", msg("draining generation", "generation", 1))
-	time.Sleep(100 * time.Millisecond)
+	waitNotListening(t, old)
 	c.Write([]byte("Length: 5\r\n\r\nhello"))
 	c.SetDeadline(time.Now().Add(10 * time.Second))
 	resp, err := http.ReadResponse(br, nil)
@@ -162,7 +155,7 @@ func TestHalfRequestAtDrainGetsItsResponse(t *testing.T) {
 		t.Fatalf("status %d", resp.StatusCode)
 	}
 	// The connection lives on, now with the new generation.
-	p.waitLog(10*time.Second, "generation 1 exited", msg("generation exited", "generation", 1))
+	p.waitExited(1)
 	if code, gen, _ := rawPost(t, c, br); code != 200 || gen != "2" {
 		t.Fatalf("next request: %d from generation %s, want generation 2", code, gen)
 	}
@@ -170,13 +163,13 @@ func TestHalfRequestAtDrainGetsItsResponse(t *testing.T) {
 
 func TestNewGenerationWithoutHandoffDrainsByConnectionClose(t *testing.T) {
 	p, script, addr := startScripted(t, "exec "+helloBin)
-	stop := runLoad(loadgen.Config{Addr: addr, Clients: 16, Mode: loadgen.KeepAlive, MaxIdle: 50 * time.Millisecond})
-	time.Sleep(300 * time.Millisecond)
+	l := startLoad(loadgen.Config{Addr: addr, Clients: 16, Mode: loadgen.KeepAlive, MaxIdle: 50 * time.Millisecond})
+	l.waitServed(t, 1, 200) // every client has its connection to generation 1
 	// A worker without the library: it never announces ACCEPT.
 	writeScript(t, script, "exec env -u UPGRADER_HANDOFF_FD "+helloBin)
 	p.upgradeTo(2)
-	time.Sleep(300 * time.Millisecond)
-	r := stop()
+	l.waitServed(t, 2, 100)
+	r := l.stop()
 	requireNoFailures(t, r)
 	if r.ServerCloses < 16 || r.ClosedUnderClient != 0 {
 		t.Fatalf("%d polite closes, %d under the client; want every connection closed politely", r.ServerCloses, r.ClosedUnderClient)
@@ -188,12 +181,12 @@ func TestNewGenerationWithoutHandoffDrainsByConnectionClose(t *testing.T) {
 
 func TestPythonWorkerTakesHandedOffConnections(t *testing.T) {
 	p, script, addr := startScripted(t, "exec "+helloBin)
-	stop := runLoad(loadgen.Config{Addr: addr, Clients: 8, Mode: loadgen.KeepAlive, MaxIdle: 50 * time.Millisecond})
-	time.Sleep(300 * time.Millisecond)
+	l := startLoad(loadgen.Config{Addr: addr, Clients: 8, Mode: loadgen.KeepAlive, MaxIdle: 50 * time.Millisecond})
+	l.waitServed(t, 1, 100) // every client has its connection to generation 1
 	writeScript(t, script, "exec python3 "+filepath.Join(repoRoot, "examples/python/worker.py"))
 	p.upgradeTo(2)
-	time.Sleep(500 * time.Millisecond)
-	r := stop()
+	l.waitServed(t, 2, 100)
+	r := l.stop()
 	requireNoFailures(t, r)
 	st := p.status()
 	if st.Handoffs.HandedOff == 0 || r.Generations["2"] == 0 || r.ConnsAcrossGenerations == 0 {
@@ -215,15 +208,9 @@ s.send(b"READY=1")
 time.sleep(60)`
 	p := startUpgrader(t, "--", "python3", "-c", py)
 	p.waitReady(1)
-	for i := 0; i < 2; i++ {
-		m, idx := p.waitLogFrom(0, 5*time.Second, "malformed handoff message", msg("malformed handoff message from worker, dropped"))
-		if e := m["error"].(string); !strings.Contains(e, "malformed handoff message") {
-			t.Errorf("error %q", e)
-		}
-		p.mu.Lock()
-		p.logs = append(p.logs[:idx], p.logs[idx+1:]...) // find the second one next
-		p.mu.Unlock()
-	}
+	p.waitStatus(5*time.Second, "two malformed handoff messages counted", func(st supervise.Status) bool {
+		return st.Handoffs.Malformed >= 2
+	})
 	if st := p.status(); st.Handoffs.Malformed != 2 || !st.Ready {
 		t.Fatalf("status %+v", st)
 	}
@@ -238,7 +225,7 @@ func TestPipelinedRequestsAtDrainAreNotLost(t *testing.T) {
 	if _, err := c.Write([]byte(req)); err != nil {
 		t.Fatal(err)
 	}
-	time.Sleep(100 * time.Millisecond)
+	waitConsumed(t, c, p.workerPids(1)[0]) // both requests are in the worker
 	p.signal(syscall.SIGUSR2)
 	c.SetDeadline(time.Now().Add(10 * time.Second))
 	for i := 1; i <= 2; i++ {
@@ -251,7 +238,7 @@ func TestPipelinedRequestsAtDrainAreNotLost(t *testing.T) {
 			t.Fatalf("pipelined response %d: %d from generation %s; want 200 from 1", i, resp.StatusCode, resp.Header.Get("X-Generation"))
 		}
 	}
-	p.waitLog(10*time.Second, "generation 1 exited", msg("generation exited", "generation", 1))
+	p.waitExited(1)
 	if code, gen, _ := rawPost(t, c, br); code != 200 || gen != "2" {
 		t.Fatalf("next request: %d from generation %s, want generation 2", code, gen)
 	}

@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -81,6 +82,9 @@ type proc struct {
 	readerDone chan struct{}
 	// control is the control socket's path.
 	control string
+	// workers holds every worker pid seen in a status reply, for the
+	// cleanup.
+	workers map[int]bool
 }
 
 // startUpgrader runs upgrader with args (JSON logs added) and returns once
@@ -105,7 +109,7 @@ func startUpgrader(t testing.TB, args ...string) *proc {
 		t.Fatal(err)
 	}
 	p := &proc{t: t, cmd: cmd, pid: cmd.Process.Pid, done: make(chan struct{}), readerDone: make(chan struct{}),
-		control: filepath.Join(dir, "control.sock")}
+		control: filepath.Join(dir, "control.sock"), workers: map[int]bool{}}
 	p.cond = sync.NewCond(&p.mu)
 	go p.read(r)
 	go func() {
@@ -125,14 +129,12 @@ func startUpgrader(t testing.TB, args ...string) *proc {
 		}
 		// Workers get the drain signal when upgrader dies (PR_SET_PDEATHSIG),
 		// but one still inside a wrapper script may swallow it: stop every
-		// worker this upgrader started that is still its orphan.
+		// worker of this upgrader seen in its status that is still its
+		// orphan (or, by a race, its child).
 		p.mu.Lock()
-		for _, m := range p.logs {
-			if m["msg"] == "worker started" {
-				pid := int(m["pid"].(float64))
-				if ppid, ok := parentOf(pid); ok && (ppid == 1 || ppid == p.pid) {
-					syscall.Kill(pid, syscall.SIGKILL)
-				}
+		for pid := range p.workers {
+			if ppid, ok := parentOf(pid); ok && (ppid == 1 || ppid == p.pid) {
+				syscall.Kill(pid, syscall.SIGKILL)
 			}
 		}
 		p.mu.Unlock()
@@ -179,87 +181,236 @@ func (p *proc) tail(n int) string {
 	return strings.Join(p.raw[max(0, len(p.raw)-n):], "\n")
 }
 
-// waitLog waits until a log entry satisfies match and returns it.
-func (p *proc) waitLog(timeout time.Duration, what string, match func(map[string]any) bool) map[string]any {
-	p.t.Helper()
-	m, _ := p.waitLogFrom(0, timeout, what, match)
-	return m
-}
-
-// waitLogFrom is waitLog over the entries from index from on; it also
-// returns the entry's index. match must not call other proc methods.
-func (p *proc) waitLogFrom(from int, timeout time.Duration, what string, match func(map[string]any) bool) (map[string]any, int) {
+// expectLogged is for tests whose subject is what upgrader logs (the spec
+// says "dropped and logged"), never for synchronization: the test first
+// waits on state for the event to have happened, and timeout only covers
+// the log pipe's latency. match should look at the entry's content (the
+// input it names), not at the message's wording. match must not call other
+// proc methods.
+func (p *proc) expectLogged(timeout time.Duration, what string, match func(map[string]any) bool) map[string]any {
 	p.t.Helper()
 	deadline := time.Now().Add(timeout)
 	timer := time.AfterFunc(timeout, func() { p.mu.Lock(); p.cond.Broadcast(); p.mu.Unlock() })
 	defer timer.Stop()
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	for i := from; ; {
+	for i := 0; ; {
 		for ; i < len(p.logs); i++ {
 			if match(p.logs[i]) {
-				return p.logs[i], i
+				return p.logs[i]
 			}
 		}
 		select {
 		case <-p.readerDone:
-			p.mu.Unlock()
-			defer p.mu.Lock()
-			p.t.Fatalf("upgrader exited (%v) before logging %s", p.err, what)
 		default:
+			if time.Now().Before(deadline) {
+				p.cond.Wait()
+				continue
+			}
 		}
-		if time.Now().After(deadline) {
-			p.mu.Unlock()
-			defer p.mu.Lock()
-			p.t.Fatalf("no log of %s within %s", what, timeout)
-		}
-		p.cond.Wait()
+		p.mu.Unlock()
+		defer p.mu.Lock()
+		p.t.Fatalf("upgrader did not log %s", what)
 	}
 }
 
-// msg matches a log entry by message and, optionally, integer fields.
-func msg(text string, kv ...any) func(map[string]any) bool {
-	return func(m map[string]any) bool {
-		if m["msg"] != text {
+// status is tryStatus, failing the test on error.
+func (p *proc) status() supervise.Status {
+	p.t.Helper()
+	st, err := p.tryStatus()
+	if err != nil {
+		p.t.Fatalf("status: %v", err)
+	}
+	return st
+}
+
+// tryStatus asks the running upgrader for its status over the control
+// socket, and remembers the worker pids it names for the cleanup.
+func (p *proc) tryStatus() (supervise.Status, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	var st supervise.Status
+	err := control.Do(ctx, p.control, control.Request{Command: "status"}, func(line []byte) error {
+		return json.Unmarshal(line, &st)
+	})
+	if err == nil {
+		p.mu.Lock()
+		for _, g := range st.Generations {
+			for _, w := range g.Workers {
+				if w.Pid > 0 {
+					p.workers[w.Pid] = true
+				}
+			}
+		}
+		p.mu.Unlock()
+	}
+	return st, err
+}
+
+// waitStatus polls the status until cond holds and returns that status; it
+// fails the test when upgrader exits first or timeout passes.
+func (p *proc) waitStatus(timeout time.Duration, what string, cond func(supervise.Status) bool) supervise.Status {
+	p.t.Helper()
+	deadline := time.Now().Add(timeout)
+	for {
+		st, err := p.tryStatus()
+		if err == nil && cond(st) {
+			return st
+		}
+		select {
+		case <-p.done:
+			p.t.Fatalf("upgrader exited (%v) before %s", p.err, what)
+		default:
+		}
+		if time.Now().After(deadline) {
+			p.t.Fatalf("not %s within %s (last status %+v, error %v)", what, timeout, st, err)
+		}
+		time.Sleep(5 * time.Millisecond) // polling interval, not synchronization
+	}
+}
+
+// genOf returns generation n in st, or nil once it has exited.
+func genOf(st supervise.Status, n int) *supervise.GenStatus {
+	for i := range st.Generations {
+		if st.Generations[i].Generation == n {
+			return &st.Generations[i]
+		}
+	}
+	return nil
+}
+
+// generationReady reports whether generation gen is serving: it is the
+// current one, active, with no worker still starting and one ready; or a
+// later generation has replaced it.
+func generationReady(st supervise.Status, gen int) bool {
+	if st.Current != gen {
+		return st.Current > gen
+	}
+	g := genOf(st, gen)
+	if g == nil || g.State != supervise.GenActive {
+		return false
+	}
+	ready := 0
+	for _, w := range g.Workers {
+		switch w.State {
+		case supervise.WorkerReady:
+			ready++
+		case supervise.WorkerStarting:
 			return false
 		}
-		for i := 0; i+1 < len(kv); i += 2 {
-			want := kv[i+1]
-			if n, ok := want.(int); ok {
-				want = float64(n)
+	}
+	return ready > 0
+}
+
+// addr returns the address of the listener named name (the first, if
+// empty), from the status once the control socket answers.
+func (p *proc) addr(name string) string {
+	p.t.Helper()
+	var a string
+	p.waitStatus(10*time.Second, "listener "+name+" in the status", func(st supervise.Status) bool {
+		for _, l := range st.Listeners {
+			if name == "" || l.Name == name {
+				a = l.Address
+				return true
 			}
-			if m[kv[i].(string)] != want {
+		}
+		return false
+	})
+	return a
+}
+
+// healthAddr returns the address of the --health endpoints: upgrader binds
+// them before its control socket, so once that answers they are the one
+// listening TCP socket upgrader holds that is not a worker listener.
+func (p *proc) healthAddr() string {
+	p.t.Helper()
+	st := p.waitStatus(10*time.Second, "the control socket answers", func(supervise.Status) bool { return true })
+	known := map[string]bool{}
+	for _, l := range st.Listeners {
+		known[l.Address] = true
+	}
+	var found []string
+	for _, a := range listeningAddrs(p.pid) {
+		if !known[a] {
+			found = append(found, a)
+		}
+	}
+	if len(found) != 1 {
+		p.t.Fatalf("upgrader listens on %v besides its listeners %v; want exactly the health endpoints", found, st.Listeners)
+	}
+	return found[0]
+}
+
+// waitReady waits until generation gen serves (generationReady).
+func (p *proc) waitReady(gen int) supervise.Status {
+	p.t.Helper()
+	return p.waitStatus(30*time.Second, fmt.Sprintf("generation %d ready", gen), func(st supervise.Status) bool {
+		return generationReady(st, gen)
+	})
+}
+
+// waitExited waits until generation gen has no process left.
+func (p *proc) waitExited(gen int) supervise.Status {
+	p.t.Helper()
+	return p.waitStatus(30*time.Second, fmt.Sprintf("generation %d exited", gen), func(st supervise.Status) bool {
+		return genOf(st, gen) == nil
+	})
+}
+
+// upgradeTo sends USR2 and waits until generation gen is ready and every
+// older one has exited.
+func (p *proc) upgradeTo(gen int) {
+	p.t.Helper()
+	p.signal(syscall.SIGUSR2)
+	p.waitStatus(30*time.Second, fmt.Sprintf("generation %d ready and the older ones exited", gen), func(st supervise.Status) bool {
+		if !generationReady(st, gen) {
+			return false
+		}
+		for _, g := range st.Generations {
+			if g.Generation < gen {
 				return false
 			}
 		}
 		return true
-	}
+	})
 }
 
-// hasLog reports whether any entry so far matches.
-func (p *proc) hasLog(match func(map[string]any) bool) bool {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	for _, m := range p.logs {
-		if match(m) {
-			return true
+// upgrade asks for an upgrade over the control socket and follows it
+// until "done" or "failed"; it returns the progress events, each with the
+// time it arrived.
+func (p *proc) upgrade(timeout time.Duration) ([]supervise.Progress, []time.Time) {
+	p.t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	var evs []supervise.Progress
+	var at []time.Time
+	err := control.Do(ctx, p.control, control.Request{Command: "upgrade", Wait: true}, func(line []byte) error {
+		var e supervise.Progress
+		if err := json.Unmarshal(line, &e); err != nil {
+			return fmt.Errorf("progress %q: %w", line, err)
+		}
+		evs, at = append(evs, e), append(at, time.Now())
+		return nil
+	})
+	if err != nil {
+		p.t.Fatalf("upgrade: %v (progress %+v)", err, evs)
+	}
+	if n := len(evs); n == 0 || (evs[n-1].Event != "done" && evs[n-1].Event != "failed") {
+		p.t.Fatalf("upgrade progress %+v does not end in done or failed", evs)
+	}
+	return evs, at
+}
+
+// workerPids lists the pids of generation gen's workers.
+func (p *proc) workerPids(gen int) []int {
+	p.t.Helper()
+	var pids []int
+	if g := genOf(p.status(), gen); g != nil {
+		for _, w := range g.Workers {
+			pids = append(pids, w.Pid)
 		}
 	}
-	return false
-}
-
-// addr waits for the "listening" entry of the listener named name (any, if
-// empty) and returns its address.
-func (p *proc) addr(name string) string {
-	m := p.waitLog(10*time.Second, "listening "+name, func(m map[string]any) bool {
-		return m["msg"] == "listening" && (name == "" || m["name"] == name)
-	})
-	return m["address"].(string)
-}
-
-func (p *proc) waitReady(gen int) {
-	p.t.Helper()
-	p.waitLog(30*time.Second, fmt.Sprintf("generation %d ready", gen), msg("generation ready", "generation", gen))
+	return pids
 }
 
 func (p *proc) signal(sig syscall.Signal) {
@@ -287,18 +438,61 @@ func (p *proc) wait(timeout time.Duration) int {
 	return p.cmd.ProcessState.ExitCode()
 }
 
-// runLoad runs loadgen in the background; the returned func waits for it.
-func runLoad(cfg loadgen.Config) (stop func() loadgen.Result) {
+// load is loadgen running in the background.
+type load struct {
+	cancel context.CancelFunc
+	res    chan loadgen.Result
+	mu     sync.Mutex
+	served map[string]int // OK responses so far, by generation
+}
+
+// startLoad runs loadgen in the background.
+func startLoad(cfg loadgen.Config) *load {
 	ctx, cancel := context.WithCancel(context.Background())
 	if cfg.Duration == 0 {
 		cfg.Duration = 2 * time.Minute // a bound, in case the test forgets to stop it
 	}
-	res := make(chan loadgen.Result, 1)
-	go func() { res <- loadgen.Run(ctx, cfg) }()
-	return func() loadgen.Result {
-		cancel()
-		return <-res
+	l := &load{cancel: cancel, res: make(chan loadgen.Result, 1), served: map[string]int{}}
+	cfg.OnOK = func(gen string) {
+		l.mu.Lock()
+		l.served[gen]++
+		l.mu.Unlock()
 	}
+	go func() { l.res <- loadgen.Run(ctx, cfg) }()
+	return l
+}
+
+// stop ends the load and returns its result.
+func (l *load) stop() loadgen.Result {
+	l.cancel()
+	return <-l.res
+}
+
+// count is the number of OK responses from generation gen so far.
+func (l *load) count(gen int) int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.served[strconv.Itoa(gen)]
+}
+
+// waitServed waits until generation gen has answered n more OK responses
+// than it had at the call.
+func (l *load) waitServed(t testing.TB, gen, n int) {
+	t.Helper()
+	want := l.count(gen) + n
+	deadline := time.Now().Add(30 * time.Second)
+	for l.count(gen) < want {
+		if time.Now().After(deadline) {
+			t.Fatalf("the load got %d OK responses from generation %d within 30s, want %d", l.count(gen), gen, want)
+		}
+		time.Sleep(time.Millisecond) // polling interval
+	}
+}
+
+// runLoad runs loadgen in the background; the returned func stops it and
+// returns the result.
+func runLoad(cfg loadgen.Config) (stop func() loadgen.Result) {
+	return startLoad(cfg).stop
 }
 
 // requireNoFailures fails the test when any request failed.
@@ -405,38 +599,4 @@ func startScripted(t *testing.T, body string, args ...string) (p *proc, script, 
 	addr = p.addr("")
 	p.waitReady(1)
 	return p, script, addr
-}
-
-// tryStatus asks the running upgrader for its status over the control
-// socket; status is the same, failing the test on error.
-func (p *proc) tryStatus() (supervise.Status, error) {
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	var st supervise.Status
-	err := control.Do(ctx, p.control, control.Request{Command: "status"}, func(line []byte) error {
-		return json.Unmarshal(line, &st)
-	})
-	return st, err
-}
-
-// waitStatus polls the status until cond holds and returns that status; it
-// fails the test when upgrader exits first or timeout passes.
-func (p *proc) waitStatus(timeout time.Duration, what string, cond func(supervise.Status) bool) supervise.Status {
-	p.t.Helper()
-	deadline := time.Now().Add(timeout)
-	for {
-		st, err := p.tryStatus()
-		if err == nil && cond(st) {
-			return st
-		}
-		select {
-		case <-p.done:
-			p.t.Fatalf("upgrader exited (%v) before %s", p.err, what)
-		default:
-		}
-		if time.Now().After(deadline) {
-			p.t.Fatalf("not %s within %s (last status %+v, error %v)", what, timeout, st, err)
-		}
-		time.Sleep(5 * time.Millisecond) // polling interval, not synchronization
-	}
 }

@@ -1,7 +1,7 @@
 package integration
 
 import (
-	"context"
+	"bufio"
 	"encoding/json"
 	"io"
 	"net"
@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -16,34 +17,8 @@ import (
 	"time"
 
 	"github.com/seed6cb0314a/upgrader/integration/loadgen"
-	"github.com/seed6cb0314a/upgrader/internal/control"
 	"github.com/seed6cb0314a/upgrader/supervise"
 )
-
-func (p *proc) status() supervise.Status {
-	p.t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	var st supervise.Status
-	err := control.Do(ctx, p.control, control.Request{Command: "status"}, func(b []byte) error { return json.Unmarshal(b, &st) })
-	if err != nil {
-		p.t.Fatalf("status: %v", err)
-	}
-	return st
-}
-
-func (p *proc) workerPids(gen int) []int {
-	for _, g := range p.status().Generations {
-		if g.Generation == gen {
-			var pids []int
-			for _, w := range g.Workers {
-				pids = append(pids, w.Pid)
-			}
-			return pids
-		}
-	}
-	return nil
-}
 
 func get(url string) (int, string, error) {
 	c := http.Client{Timeout: 5 * time.Second}
@@ -60,16 +35,27 @@ func TestKilledWorkerIsReplacedWithoutRefusals(t *testing.T) {
 	p := startUpgrader(t, "-l", "127.0.0.1:0", "-w", "2", "--", helloBin)
 	addr := p.addr("")
 	p.waitReady(1)
-	stop := runLoad(loadgen.Config{Addr: addr, Clients: 16, Mode: loadgen.NewConn})
-	time.Sleep(500 * time.Millisecond)
+	l := startLoad(loadgen.Config{Addr: addr, Clients: 16, Mode: loadgen.NewConn})
+	l.waitServed(t, 1, 100)
 	victim := p.workerPids(1)[0]
 	if err := syscall.Kill(victim, syscall.SIGKILL); err != nil {
 		t.Fatal(err)
 	}
-	_, i := p.waitLogFrom(0, 10*time.Second, "killed worker noticed", msg("worker exited unasked", "pid", victim))
-	p.waitLogFrom(i, 10*time.Second, "replacement ready", msg("worker ready", "generation", 1))
-	time.Sleep(500 * time.Millisecond)
-	r := stop()
+	p.waitStatus(10*time.Second, "the killed worker replaced", func(st supervise.Status) bool {
+		g := genOf(st, 1)
+		if g == nil || len(g.Workers) != 2 {
+			return false
+		}
+		for _, w := range g.Workers {
+			if w.Pid == victim || w.State != supervise.WorkerReady {
+				return false
+			}
+		}
+		return true
+	})
+	// The load goes on a while with the replacement.
+	l.waitServed(t, 1, 100)
+	r := l.stop()
 	t.Logf("load: %s", r)
 	if r.Counts[loadgen.Refused] != 0 {
 		t.Fatalf("%d connections refused", r.Counts[loadgen.Refused])
@@ -87,20 +73,16 @@ func TestKilledWorkerIsReplacedWithoutRefusals(t *testing.T) {
 
 func TestCrashingWorkerMakesUpgraderGiveUp(t *testing.T) {
 	p := startUpgrader(t, "--health", "127.0.0.1:0", "--max-restarts", "3", "--", "sh", "-c", "echo crashing >&2; exit 3")
-	hm := p.waitLog(10*time.Second, "health endpoints", msg("health endpoints"))
-	url := "http://" + hm["address"].(string) + "/readyz"
-	if code, body, err := get(url); err == nil && code != 503 {
-		t.Errorf("/readyz %d %q while every worker crashes, want 503", code, body)
+	url := "http://" + p.healthAddr() + "/readyz"
+	if code, body, err := get(url); err != nil || code != 503 {
+		t.Errorf("/readyz %d %q %v while every worker crashes, want 503", code, body, err)
 	}
 	if code := p.wait(30 * time.Second); code == 0 {
 		t.Fatal("upgrader exited 0 after giving up")
 	}
-	gave := p.waitLog(time.Second, "giving up", msg("giving up"))
-	if gave["restarts"].(float64) != 4 {
-		t.Errorf("gave up after %v restarts, want more than --max-restarts 3", gave["restarts"])
-	}
+	// The exit message, upgrader's last words to the operator, says why.
 	if !strings.Contains(p.tail(5), "giving up: 4 crash restarts") {
-		t.Errorf("exit message does not say why:\n%s", p.tail(5))
+		t.Errorf("exit message does not say it gave up after 4 restarts, more than --max-restarts 3:\n%s", p.tail(5))
 	}
 }
 
@@ -110,59 +92,76 @@ func TestHandlerPanicUnderLoad(t *testing.T) {
 	p.waitReady(1)
 	victim := p.workerPids(1)[0]
 	stop := runLoad(loadgen.Config{Addr: addr, Clients: 16, Mode: loadgen.NewConn})
-	// Requests in flight on the same (only) worker when it panics.
-	var wg sync.WaitGroup
-	slow := make([]int, 4)
+	// Requests in flight on the same (only) worker when it panics: each is
+	// read by the worker before the panicking request is sent.
+	type reply struct {
+		code int
+		pid  string
+		err  error
+	}
+	slow := make([]chan reply, 4)
 	for i := range slow {
-		wg.Add(1)
+		c, err := net.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		if _, err := c.Write([]byte("POST /?sleep=2s HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 2\r\n\r\nhi")); err != nil {
+			t.Fatal(err)
+		}
+		waitConsumed(t, c, victim)
+		slow[i] = make(chan reply, 1)
 		go func() {
-			defer wg.Done()
-			code, _, err := get("http://" + addr + "/?sleep=1s")
+			c.SetDeadline(time.Now().Add(10 * time.Second))
+			resp, err := http.ReadResponse(bufio.NewReader(c), nil)
 			if err != nil {
-				t.Errorf("in-flight request: %v", err)
+				slow[i] <- reply{err: err}
+				return
 			}
-			slow[i] = code
+			resp.Body.Close()
+			slow[i] <- reply{code: resp.StatusCode, pid: resp.Header.Get("X-Pid")}
 		}()
 	}
-	time.Sleep(200 * time.Millisecond)
 	code, _, err := get("http://" + addr + "/?panic=1")
 	if err != nil || code != 500 {
 		t.Fatalf("panicking request: %d, %v; want 500", code, err)
 	}
-	wg.Wait()
-	for i, c := range slow {
-		if c != 200 {
-			t.Errorf("in-flight request %d: %d, want 200", i, c)
+	// The replacement starts while the panicking worker still finishes
+	// what it has in flight (2s).
+	p.waitStatus(10*time.Second, "a replacement started beside the panicking worker", func(st supervise.Status) bool {
+		g := genOf(st, 1)
+		if g == nil {
+			return false
+		}
+		old, other := false, false
+		for _, w := range g.Workers {
+			old = old || w.Pid == victim
+			other = other || w.Pid != victim
+		}
+		if !old && !other {
+			return false
+		}
+		if !old {
+			t.Fatalf("the panicking worker exited before its replacement started: %+v", g.Workers)
+		}
+		return other
+	})
+	for i, ch := range slow {
+		if r := <-ch; r.err != nil || r.code != 200 || r.pid != strconv.Itoa(victim) {
+			t.Errorf("in-flight request %d: %d from pid %s, %v; want 200 from the panicking worker %d", i, r.code, r.pid, r.err, victim)
 		}
 	}
-	p.waitLog(10*time.Second, "panicking worker exited", msg("worker exited", "pid", victim))
-	time.Sleep(200 * time.Millisecond)
+	p.waitStatus(10*time.Second, "the panicking worker gone and its replacement ready", func(st supervise.Status) bool {
+		g := genOf(st, 1)
+		return g != nil && len(g.Workers) == 1 && g.Workers[0].Pid != victim && g.Workers[0].State == supervise.WorkerReady
+	})
 	requireNoFailures(t, stop())
-	// The replacement started before the panicking worker exited.
-	p.mu.Lock()
-	replaced, exited := -1, -1
-	for i, m := range p.logs {
-		if replaced < 0 && m["msg"] == "worker started" && m["pid"] != float64(victim) && m["generation"] == 1.0 && i > 0 && p.logs[i-1]["msg"] == "replacing worker" {
-			replaced = i
-		}
-		if m["msg"] == "worker exited" && m["pid"] == float64(victim) {
-			exited = i
-			if s := m["status"].(string); s != "exited with status 1" {
-				t.Errorf("panicking worker %s, want exit status 1", s)
-			}
-		}
-	}
-	p.mu.Unlock()
-	if replaced < 0 || replaced > exited {
-		t.Fatalf("replacement started at log line %d, panicking worker exited at %d", replaced, exited)
-	}
 }
 
 func TestReadyzThroughUpgradesAndShutdownDelay(t *testing.T) {
 	p := startUpgrader(t, "-l", "127.0.0.1:0", "--health", "127.0.0.1:0", "--shutdown-delay", "1s", "--", helloBin)
 	addr := p.addr("")
-	hm := p.waitLog(10*time.Second, "health endpoints", msg("health endpoints"))
-	readyz := "http://" + hm["address"].(string) + "/readyz"
+	readyz := "http://" + p.healthAddr() + "/readyz"
 	p.waitReady(1)
 
 	var mu sync.Mutex
@@ -185,13 +184,21 @@ func TestReadyzThroughUpgradesAndShutdownDelay(t *testing.T) {
 			mu.Lock()
 			codes = append(codes, code)
 			mu.Unlock()
-			time.Sleep(5 * time.Millisecond)
+			time.Sleep(5 * time.Millisecond) // probing interval
 		}
 	}()
+	probes := func() int {
+		mu.Lock()
+		defer mu.Unlock()
+		return len(codes)
+	}
 	for gen := 2; gen <= 11; gen++ {
 		p.signal(syscall.SIGUSR2)
 		p.waitReady(gen)
-		time.Sleep(50 * time.Millisecond)
+		// Probes between this upgrade and the next, too.
+		for n := probes(); probes() < n+2; {
+			time.Sleep(time.Millisecond) // polling interval
+		}
 	}
 	mu.Lock()
 	probing = false
@@ -207,21 +214,27 @@ func TestReadyzThroughUpgradesAndShutdownDelay(t *testing.T) {
 	// TERM: /readyz turns 503 at once and stays so through the shutdown
 	// delay, while the service itself still answers.
 	stopLoad := runLoad(loadgen.Config{Addr: addr, Clients: 8, Mode: loadgen.NewConn})
-	time.Sleep(100 * time.Millisecond)
+	term := time.Now()
 	p.signal(syscall.SIGTERM)
-	time.Sleep(20 * time.Millisecond)
-	deadline := time.Now().Add(800 * time.Millisecond)
+	p.waitStatus(time.Second, "stopping", func(st supervise.Status) bool { return st.Stopping })
+	// A fixed window inside the 1s delay: every probe in it must say 503.
 	n := 0
-	for time.Now().Before(deadline) {
+	for time.Since(term) < 800*time.Millisecond {
 		code, body, err := get(readyz)
 		if err != nil || code != 503 {
 			t.Fatalf("/readyz after TERM: %d %q %v, want 503", code, body, err)
 		}
 		n++
-		time.Sleep(10 * time.Millisecond)
+		time.Sleep(10 * time.Millisecond) // probing interval
 	}
-	if p.hasLog(msg("draining generation", "generation", 11)) {
-		t.Fatal("draining began before --shutdown-delay was over")
+	if g := genOf(p.status(), 11); g == nil || g.State == supervise.GenDraining || g.State == supervise.GenExited {
+		t.Fatalf("generation 11 %+v draining before --shutdown-delay was over", g)
+	} else {
+		for _, w := range g.Workers {
+			if w.State != supervise.WorkerReady {
+				t.Fatalf("worker %+v not ready before --shutdown-delay was over", w)
+			}
+		}
 	}
 	requireNoFailures(t, stopLoad())
 	t.Logf("%d /readyz probes during the shutdown delay, all 503", n)
@@ -283,20 +296,49 @@ func TestSocketActivationWithTwoNamedSockets(t *testing.T) {
 	if _, err := exec.LookPath("systemd-socket-activate"); err != nil {
 		t.Fatalf("systemd-socket-activate is needed (.ci/run installs the systemd package): %v", err)
 	}
-	web, api := freePort(t), freePort(t)
 	dir := t.TempDir()
 	ctl := filepath.Join(dir, "control.sock")
-	cmd := exec.Command("systemd-socket-activate", "-l", web, "-l", api, "--fdname=web:api",
-		upgraderBin, "--log-format", "json", "--control", ctl, "--", helloBin)
-	cmd.Stderr = os.Stderr
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
+	// systemd-socket-activate refuses port 0, so it gets ports the kernel
+	// just handed out and released; should another process take one in
+	// between, it fails to bind and the test tries other ports.
+	var cmd *exec.Cmd
+	var pid int
+	var web, api string
+	for attempt := 1; web == "" || api == ""; attempt++ {
+		if attempt > 5 {
+			t.Fatal("systemd-socket-activate bound no free ports in 5 attempts")
+		}
+		web, api = freePort(t), freePort(t)
+		cmd = exec.Command("systemd-socket-activate", "-l", web, "-l", api, "--fdname=web:api",
+			upgraderBin, "--log-format", "json", "--control", ctl, "--", helloBin)
+		cmd.Stderr = os.Stderr
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		pid = cmd.Process.Pid
+		exited := make(chan struct{})
+		go func() { cmd.Wait(); close(exited) }()
+		// It holds the listeners at fds 3 and 4 until the first connection.
+		for deadline := time.Now().Add(10 * time.Second); listenerAt(pid, 3) != web || listenerAt(pid, 4) != api; {
+			if time.Now().After(deadline) {
+				syscall.Kill(pid, syscall.SIGKILL)
+				t.Fatalf("systemd-socket-activate holds no listeners on %s and %s at fds 3 and 4 after 10s", web, api)
+			}
+			select {
+			case <-exited:
+				web, api = "", ""
+			case <-time.After(5 * time.Millisecond): // polling interval
+				continue
+			}
+			break
+		}
+		if web != "" {
+			defer func() {
+				syscall.Kill(pid, syscall.SIGTERM)
+				<-exited
+			}()
+		}
 	}
-	pid := cmd.Process.Pid
-	defer func() {
-		syscall.Kill(pid, syscall.SIGTERM)
-		cmd.Wait()
-	}()
 	// systemd-socket-activate starts upgrader on the first connection; that
 	// connection waits in the backlog until a worker is ready.
 	for _, addr := range []string{web, api} {
@@ -307,7 +349,7 @@ func TestSocketActivationWithTwoNamedSockets(t *testing.T) {
 			if code, body, err = get("http://" + addr + "/"); err == nil {
 				break
 			}
-			time.Sleep(100 * time.Millisecond)
+			time.Sleep(100 * time.Millisecond) // retry interval
 		}
 		if err != nil || code != 200 {
 			t.Fatalf("%s: %d %q %v", addr, code, body, err)
@@ -336,21 +378,24 @@ func TestWatchdogReplacesHungWorker(t *testing.T) {
 	addr := p.addr("")
 	p.waitReady(1)
 	victim := p.workerPids(1)[0]
-	time.Sleep(time.Second) // the pings keep it alive meanwhile
-	if p.hasLog(msg("replacing worker")) {
-		t.Fatal("a worker that pings was replaced")
+	// A negative check over a fixed window of twice the watchdog interval:
+	// a worker that pings is kept.
+	for start := time.Now(); time.Since(start) < time.Second; time.Sleep(50 * time.Millisecond) {
+		if pids := p.workerPids(1); len(pids) != 1 || pids[0] != victim {
+			t.Fatalf("a worker that pings was replaced: workers %v, was %d", pids, victim)
+		}
 	}
 	if code, _, err := get("http://" + addr + "/?hang=1"); err != nil || code != 200 {
 		t.Fatalf("hang request: %d %v", code, err)
 	}
-	r := p.waitLog(5*time.Second, "hung worker replaced", msg("replacing worker", "pid", victim))
-	if !strings.Contains(r["reason"].(string), "no WATCHDOG=1 for 500ms") {
-		t.Errorf("reason %q", r["reason"])
-	}
-	p.waitLog(5*time.Second, "hung worker gone", msg("worker exited", "pid", victim))
-	p.waitLog(5*time.Second, "replacement ready", func(m map[string]any) bool {
-		return m["msg"] == "worker ready" && m["pid"] != float64(victim)
+	// The hung worker still runs, and only the watchdog ends it.
+	p.waitStatus(5*time.Second, "the hung worker gone and its replacement ready", func(st supervise.Status) bool {
+		g := genOf(st, 1)
+		return g != nil && len(g.Workers) == 1 && g.Workers[0].Pid != victim && g.Workers[0].State == supervise.WorkerReady
 	})
+	if c, body, err := get("http://" + addr + "/"); err != nil || c != 200 || strings.Contains(body, "pid "+strconv.Itoa(victim)+" ") {
+		t.Fatalf("after the watchdog: %d %q %v; want the replacement serving", c, body, err)
+	}
 }
 
 func TestRecoveryBadInput(t *testing.T) {
@@ -359,7 +404,7 @@ func TestRecoveryBadInput(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer busy.Close()
-	p := startUpgrader(t, "--health", busy.Addr().String(), "--", helloBin)
+	p := startUpgrader(t, "--health", busy.Addr().String(), "-l", "127.0.0.1:0", "--", helloBin)
 	if code := p.wait(10 * time.Second); code == 0 || !strings.Contains(p.tail(5), "--health \""+busy.Addr().String()+"\"") {
 		t.Errorf("--health on a busy port: exit %d:\n%s", code, p.tail(5))
 	}
@@ -373,7 +418,7 @@ func TestRecoveryBadInput(t *testing.T) {
 
 	// A control request that is not valid gets an error naming it, and the
 	// supervisor carries on.
-	q := startUpgrader(t, "--", helloBin)
+	q := startUpgrader(t, "-l", "127.0.0.1:0", "--", helloBin)
 	q.waitReady(1)
 	for req, want := range map[string]string{
 		"reboot\n":                    `control request "reboot"`,

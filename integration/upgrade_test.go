@@ -1,8 +1,10 @@
 package integration
 
 import (
+	"bufio"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -14,6 +16,7 @@ import (
 	"time"
 
 	"github.com/seed6cb0314a/upgrader/integration/loadgen"
+	"github.com/seed6cb0314a/upgrader/supervise"
 )
 
 // upgradeUnderLoad runs n upgrades by USR2 under load, interval apart, and
@@ -24,14 +27,14 @@ import (
 func upgradeUnderLoad(t *testing.T, p *proc, cfg loadgen.Config, n int, interval time.Duration) loadgen.Result {
 	t.Helper()
 	p.waitReady(1)
-	stop := runLoad(cfg)
+	l := startLoad(cfg)
 	for i := 0; i < n; i++ {
-		time.Sleep(interval)
+		time.Sleep(interval) // each generation serves the load this long
 		p.signal(syscall.SIGUSR2)
 		p.waitReady(i + 2)
 	}
-	time.Sleep(200 * time.Millisecond) // let the newest generation serve some
-	return stop()
+	l.waitServed(t, n+1, 50) // the newest generation serves the load
+	return l.stop()
 }
 
 func requireGenerations(t *testing.T, r loadgen.Result, from, to int) {
@@ -82,9 +85,20 @@ func TestInFlightRequestCompletesAcrossUpgrade(t *testing.T) {
 		gen  string
 		err  error
 	}
+	// A request that is in generation 1's worker before the upgrade.
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if _, err := c.Write([]byte("POST /?sleep=3s HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nx")); err != nil {
+		t.Fatal(err)
+	}
+	waitConsumed(t, c, p.workerPids(1)[0])
 	done := make(chan reply, 1)
 	go func() {
-		resp, err := http.Post("http://"+addr+"/?sleep=3s", "text/plain", strings.NewReader("x"))
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		resp, err := http.ReadResponse(bufio.NewReader(c), nil)
 		if err != nil {
 			done <- reply{err: err}
 			return
@@ -93,26 +107,37 @@ func TestInFlightRequestCompletesAcrossUpgrade(t *testing.T) {
 		resp.Body.Close()
 		done <- reply{code: resp.StatusCode, gen: resp.Header.Get("X-Generation")}
 	}()
-	time.Sleep(500 * time.Millisecond)
 	p.signal(syscall.SIGUSR2)
 	p.waitReady(2)
-	p.waitLog(5*time.Second, "generation 1 draining", msg("draining generation", "generation", 1))
+	p.waitStatus(5*time.Second, "generation 1 draining", func(st supervise.Status) bool {
+		g := genOf(st, 1)
+		return g == nil || g.State == supervise.GenDraining
+	})
 	r := <-done
 	if r.err != nil || r.code != 200 || r.gen != "1" {
 		t.Fatalf("in-flight request: code %d, generation %q, err %v; want 200 from generation 1", r.code, r.gen, r.err)
 	}
-	p.waitLog(10*time.Second, "generation 1 exited", msg("generation exited", "generation", 1))
+	p.waitExited(1)
 }
 
 func TestFailedUpgradesKeepOldGenerationServing(t *testing.T) {
 	p, script, addr := startScripted(t, "exec "+helloBin, "--ready-timeout", "2s")
-	stop := runLoad(loadgen.Config{Addr: addr, Clients: 16, Mode: loadgen.NewConn})
+	l := startLoad(loadgen.Config{Addr: addr, Clients: 16, Mode: loadgen.NewConn})
+	failed := func(gen int) string {
+		t.Helper()
+		st := p.waitStatus(10*time.Second, fmt.Sprintf("upgrade to generation %d over", gen), func(st supervise.Status) bool {
+			return st.LastUpgrade != nil && st.LastUpgrade.Generation == gen
+		})
+		if st.LastUpgrade.OK || st.Current != 1 {
+			t.Fatalf("upgrade %+v, generation %d current; want a failed upgrade and generation 1 serving", st.LastUpgrade, st.Current)
+		}
+		return st.LastUpgrade.Reason
+	}
 
 	// A version that exits 1 at start.
 	writeScript(t, script, "echo 'cannot start: bad config' >&2; exit 1")
 	p.signal(syscall.SIGUSR2)
-	f := p.waitLog(10*time.Second, "generation 2 failed", msg("generation failed", "generation", 2))
-	if reason := f["reason"].(string); !strings.Contains(reason, "exited with status 1 before it was ready") {
+	if reason := failed(2); !strings.Contains(reason, "exited with status 1 before it was ready") {
 		t.Errorf("failure reason %q does not say the worker exited 1 before ready", reason)
 	}
 
@@ -120,13 +145,12 @@ func TestFailedUpgradesKeepOldGenerationServing(t *testing.T) {
 	// it is stopped by the drain signal, so what it accepted still completes.
 	writeScript(t, script, "exec env -u NOTIFY_SOCKET "+helloBin)
 	p.signal(syscall.SIGUSR2)
-	f = p.waitLog(10*time.Second, "generation 3 failed", msg("generation failed", "generation", 3))
-	if reason := f["reason"].(string); !strings.Contains(reason, "not ready within 2s") {
+	if reason := failed(3); !strings.Contains(reason, "not ready within 2s") {
 		t.Errorf("failure reason %q does not name the ready timeout", reason)
 	}
-	p.waitLog(10*time.Second, "generation 3 exited", msg("generation exited", "generation", 3))
-	time.Sleep(300 * time.Millisecond)
-	r := stop()
+	p.waitExited(3)
+	l.waitServed(t, 1, 100) // generation 1 serves on after generation 3 has gone
+	r := l.stop()
 	requireNoFailures(t, r)
 	if r.Generations["1"] == 0 || r.Generations["2"] != 0 {
 		t.Fatalf("served by %v; want generation 1 throughout", r.Generations)
@@ -147,14 +171,17 @@ func TestQueuedUpgrade(t *testing.T) {
 	p := startUpgrader(t, "-l", "127.0.0.1:0", "--", script)
 	p.waitReady(1)
 	p.signal(syscall.SIGUSR2)
-	p.waitLog(5*time.Second, "generation 2 starting", msg("starting generation", "generation", 2))
+	p.waitStatus(5*time.Second, "generation 2 starting", func(st supervise.Status) bool { return genOf(st, 2) != nil })
 	p.signal(syscall.SIGUSR2)
 	p.signal(syscall.SIGUSR2)
 	p.waitReady(2)
 	p.waitReady(3)
-	time.Sleep(1500 * time.Millisecond)
-	if p.hasLog(msg("starting generation", "generation", 4)) {
-		t.Fatal("two USR2s during an upgrade queued more than one upgrade")
+	// A negative check over a fixed window of two start-ups of the slow
+	// starter: no fourth generation appears.
+	for start := time.Now(); time.Since(start) < time.Second; time.Sleep(20 * time.Millisecond) {
+		if st := p.status(); st.Current != 3 || len(st.Generations) == 0 || st.Generations[len(st.Generations)-1].Generation != 3 {
+			t.Fatalf("two USR2s during an upgrade queued more than one upgrade: current %d, generations %+v", st.Current, st.Generations)
+		}
 	}
 }
 
@@ -185,15 +212,10 @@ func TestPythonAndNodeWorkersUpgradeUnderLoad(t *testing.T) {
 func TestNoLeaksAfter100Upgrades(t *testing.T) {
 	p := startUpgrader(t, "-l", "127.0.0.1:0", "-l", "unix://"+filepath.Join(t.TempDir(), "s.sock"), "--workers", "2", "--", helloBin)
 	p.waitReady(1)
-	upgrade := func(gen int) {
-		p.signal(syscall.SIGUSR2)
-		p.waitReady(gen)
-		p.waitLog(30*time.Second, fmt.Sprintf("generation %d exited", gen-1), msg("generation exited", "generation", gen-1))
-	}
-	upgrade(2)
+	p.upgradeTo(2)
 	first := countFDs(t, p.pid)
 	for gen := 3; gen <= 101; gen++ {
-		upgrade(gen)
+		p.upgradeTo(gen)
 	}
 	if after := countFDs(t, p.pid); after != first {
 		t.Fatalf("supervisor has %d fds after 100 upgrades, %d after the first", after, first)
@@ -252,8 +274,7 @@ func TestWorkerContract(t *testing.T) {
 	// reads from /proc is exactly what upgrader gave it.
 	p := startUpgrader(t, "-l", "web=127.0.0.1:0", "-l", "udp://127.0.0.1:0", "--ready", "delay:100ms", "--", "sleep", "60")
 	p.waitReady(1)
-	started := p.waitLog(time.Second, "worker started", msg("worker started", "generation", 1))
-	pid := int(started["pid"].(float64))
+	pid := p.workerPids(1)[0]
 	env := environ(t, pid)
 	if env["LISTEN_PID"] != strconv.Itoa(pid) {
 		t.Errorf("LISTEN_PID=%s, worker pid %d", env["LISTEN_PID"], pid)

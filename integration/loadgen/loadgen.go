@@ -69,6 +69,10 @@ type Config struct {
 	Timeout time.Duration
 	// Body is the POST body (default 16 bytes).
 	Body []byte
+	// OnOK, if set, is called with the X-Generation of every OK response,
+	// from the clients' goroutines, so that a test can wait on what the
+	// load has seen.
+	OnOK func(generation string)
 }
 
 // Result is what a run saw.
@@ -266,6 +270,9 @@ func (c *client) one() {
 		c.lat = append(c.lat, time.Since(start))
 		c.gens[gen]++
 		c.seen(gen)
+		if c.cfg.OnOK != nil {
+			c.cfg.OnOK(gen)
+		}
 	} else {
 		if c.reused && class != Non2xx {
 			c.closedUnder++
