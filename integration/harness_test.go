@@ -91,10 +91,20 @@ type proc struct {
 // it has started; the test's cleanup kills it by pid if it still runs.
 func startUpgrader(t testing.TB, args ...string) *proc {
 	t.Helper()
+	return startUpgraderEnv(t, nil, args...)
+}
+
+// startUpgraderEnv is startUpgrader with env added to upgrader's
+// environment (and so to its workers').
+func startUpgraderEnv(t testing.TB, env []string, args ...string) *proc {
+	t.Helper()
 	dir := t.TempDir()
 	cmd := exec.Command(upgraderBin, append([]string{"run", "--log-format", "json", "--log-level", "debug",
 		"--control", filepath.Join(dir, "control.sock")}, args...)...)
 	cmd.Dir = dir
+	if env != nil {
+		cmd.Env = append(os.Environ(), env...)
+	}
 	// Our own pipe, not StderrPipe: workers inherit it and may outlive a
 	// killed upgrader, and Wait must not wait for them.
 	r, w, err := os.Pipe()

@@ -81,7 +81,7 @@ func TestCrashingWorkerMakesUpgraderGiveUp(t *testing.T) {
 		t.Fatal("upgrader exited 0 after giving up")
 	}
 	// The exit message, upgrader's last words to the operator, says why.
-	if !strings.Contains(p.tail(5), "giving up: 4 crash restarts") {
+	if !strings.Contains(p.tail(5), "giving up: 4 restarts") {
 		t.Errorf("exit message does not say it gave up after 4 restarts, more than --max-restarts 3:\n%s", p.tail(5))
 	}
 }

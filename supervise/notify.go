@@ -2,6 +2,7 @@ package supervise
 
 import (
 	"math"
+	"slices"
 	"strconv"
 	"time"
 
@@ -34,9 +35,11 @@ func (s *Supervisor) onNotify(ev evNotify) {
 			s.log.Debug("notify message from a worker that has exited, dropped", zap.Int("pid", dg.Pid))
 			return
 		}
-		s.warn(dg.Pid, "notify message from a process that is not a worker, dropped",
-			zap.Int("pid", dg.Pid), zap.Uint32("uid", dg.UID))
-		return
+		if w = s.treeMember(dg.Pid); w == nil {
+			s.warn(dg.Pid, "notify message from a process that is not a worker, dropped",
+				zap.Int("pid", dg.Pid), zap.Uint32("uid", dg.UID))
+			return
+		}
 	}
 	fields := []zap.Field{zap.Int("generation", w.gen.n), zap.Int("worker", w.slot), zap.Int("pid", w.pid)}
 	if ev.dropped > 0 {
@@ -74,6 +77,29 @@ func (s *Supervisor) onNotify(ev evNotify) {
 	if m.Is("STOPPING", "1") && !w.asked {
 		s.replace(w, "stopping", "the worker sent STOPPING=1 on its own", 0)
 	}
+}
+
+// treeMember finds the running worker whose process tree holds pid, as
+// systemd's NotifyAccess=all accepts any process of the service: a start
+// script that does not exec its server (npm start, a shell wrapper) leaves
+// the server a child of the worker, and its READY=1 counts for the worker.
+// Pids found in no tree are remembered for a while, so that a flood from a
+// stranger costs one process-table scan a second, not one per datagram.
+func (s *Supervisor) treeMember(pid int) *worker {
+	now := time.Now()
+	if until, ok := s.strangers[pid]; ok && now.Before(until) {
+		return nil
+	}
+	for w, pids := range s.trees() {
+		if !w.exited && slices.Contains(pids, pid) {
+			return w
+		}
+	}
+	if len(s.strangers) > 4096 {
+		clear(s.strangers)
+	}
+	s.strangers[pid] = now.Add(time.Second)
+	return nil
 }
 
 // extendReadyTimeout applies EXTEND_TIMEOUT_USEC=v (sd_notify(3)): the

@@ -98,6 +98,9 @@ type Supervisor struct {
 	// recentExits holds the pids of workers reaped lately, for the notify
 	// messages they sent just before they exited.
 	recentExits map[int]time.Time
+	// strangers holds pids whose notify messages came from no worker's
+	// tree, until when they are not looked up again.
+	strangers   map[int]time.Time
 	queued      bool // one more upgrade asked for during this one
 	restarts    []time.Time
 	stopping    bool
@@ -175,6 +178,7 @@ func newSupervisor(cfg Config, e env) (*Supervisor, error) {
 		done:        make(chan struct{}),
 		workers:     make(map[int]*worker),
 		recentExits: make(map[int]time.Time),
+		strangers:   make(map[int]time.Time),
 		baseEnv:     workerBaseEnv(os.Environ()),
 		pid:         os.Getpid(),
 		pendingHO:   make(map[uint64]*pendingHandoff),

@@ -51,17 +51,9 @@ func controlHandler(sup *supervise.Supervisor) control.Handler {
 
 // snapshot turns a supervisor status into what the health endpoints serve.
 func snapshot(st supervise.Status) health.Snapshot {
-	snap := health.Snapshot{Ready: st.Ready, Status: st, Generations: map[string]int{}}
+	snap := health.Snapshot{Ready: st.Ready, Reason: st.NotReady, Status: st, Generations: map[string]int{}}
 	for _, g := range st.Generations {
 		snap.Generations[string(g.State)]++
-	}
-	switch {
-	case st.GaveUp:
-		snap.Reason = "gave up on crashing workers"
-	case st.Stopping:
-		snap.Reason = "stopping"
-	case st.Current == 0:
-		snap.Reason = "no generation ready yet"
 	}
 	return snap
 }

@@ -361,12 +361,14 @@ func newLogger(format, level string) (*zap.Logger, error) {
 		cfg = zap.NewProductionConfig()
 	case "console":
 		cfg = zap.NewDevelopmentConfig()
-		cfg.DisableStacktrace = true
 		cfg.DisableCaller = true
 	default:
 		return nil, fmt.Errorf("--log-format %q: want json or console", format)
 	}
 	cfg.Level = zap.NewAtomicLevelAt(lvl)
+	// A stack trace says where in upgrader an error was logged, which is
+	// noise to an operator: the message and its fields say what happened.
+	cfg.DisableStacktrace = true
 	cfg.Sampling = nil
 	cfg.OutputPaths, cfg.ErrorOutputPaths = []string{"stderr"}, []string{"stderr"}
 	return cfg.Build(zap.Fields(zap.Int("supervisor_pid", os.Getpid())))
