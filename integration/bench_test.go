@@ -100,17 +100,21 @@ func waitListening(b testing.TB, pid int) string {
 	return ""
 }
 
-func rssKiB(b testing.TB, pid int) int {
+func rssKiB(b testing.TB, pid int) int { return procStatusKiB(b, pid, "VmRSS") }
+
+// procStatusKiB reads a size field of /proc/PID/status (proc(5)) in KiB.
+func procStatusKiB(b testing.TB, pid int, field string) int {
 	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
 	if err != nil {
 		b.Fatal(err)
 	}
 	for _, line := range strings.Split(string(data), "\n") {
-		if v, ok := strings.CutPrefix(line, "VmRSS:"); ok {
+		if v, ok := strings.CutPrefix(line, field+":"); ok {
 			n, _ := strconv.Atoi(strings.Fields(v)[0])
 			return n
 		}
 	}
+	b.Fatalf("no %s in /proc/%d/status", field, pid)
 	return 0
 }
 

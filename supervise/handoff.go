@@ -42,6 +42,11 @@ const (
 	// maxUnanswered bounds the batches forwarded to one target that it
 	// has not answered; past it the target is skipped.
 	maxUnanswered = 64
+	// answerTimeout bounds the wait for a target's answer to a batch it
+	// was sent. Targets answer on receipt (docs/handoff.md), within a
+	// millisecond or so; past it the batch goes back to its sender, refused,
+	// and the target is skipped until it answers again.
+	answerTimeout = 2 * time.Second
 )
 
 // outMsg is a message waiting in a worker's outbox; fds are closed once sent.
@@ -170,6 +175,8 @@ func (s *Supervisor) onHandoff(w *worker, m handoff.Message, fds []int, err erro
 		}
 		target.unanswered++
 		s.pendingHO[fwd.ID] = &pendingHandoff{from: w, fromID: m.ID, to: target, n: n}
+		id := fwd.ID
+		time.AfterFunc(answerTimeout, func() { s.post(evHandoffTimeout{id}) })
 	case handoff.TypeAck, handoff.TypeNak:
 		p := s.pendingHO[m.ID]
 		if p == nil || p.to != w {
@@ -209,17 +216,31 @@ func (s *Supervisor) onSendFailed(w *worker, m handoff.Message, err error) {
 		s.warn(w.pid, "handoff reply failed", zap.Int("pid", w.pid), zap.String("type", m.Type), zap.Error(err))
 		return
 	}
-	p := s.pendingHO[m.ID]
+	s.refuseBack(m.ID, w, fmt.Errorf("forward to worker pid %d: %w", w.pid, err))
+}
+
+// refuseBack ends a forwarded batch that its target w did not take: the
+// sender gets a NAK and keeps serving its connections; w is skipped until
+// it answers again.
+func (s *Supervisor) refuseBack(id uint64, w *worker, err error) {
+	p := s.pendingHO[id]
 	if p == nil || p.to != w {
-		return // answered already: the target went away
+		return // answered already, or the target went away
 	}
-	delete(s.pendingHO, m.ID)
+	delete(s.pendingHO, id)
 	w.unanswered--
 	s.hoStats.Refused += p.n
 	if !w.gone && !w.exited {
 		s.stall(w, err)
 	}
-	s.reply(p.from, handoff.Message{Type: handoff.TypeNak, ID: p.fromID, Reason: fmt.Sprintf("forward to worker pid %d: %v", w.pid, err)})
+	s.reply(p.from, handoff.Message{Type: handoff.TypeNak, ID: p.fromID, Reason: err.Error()})
+}
+
+// onAnswerTimeout refuses a batch its target has not answered in time.
+func (s *Supervisor) onAnswerTimeout(id uint64) {
+	if p := s.pendingHO[id]; p != nil {
+		s.refuseBack(id, p.to, fmt.Errorf("worker pid %d did not answer within %s", p.to.pid, answerTimeout))
+	}
 }
 
 // handoffTarget picks, round robin, a ready worker of the active generation

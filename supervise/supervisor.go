@@ -56,6 +56,7 @@ type (
 		err error
 	}
 	evHandoffClosed     struct{ w *worker }
+	evHandoffTimeout    struct{ id uint64 }
 	evHandoffSendFailed struct {
 		w   *worker
 		m   handoff.Message
@@ -283,6 +284,8 @@ func (s *Supervisor) handle(ev event) {
 		s.closeHandoff(ev.w)
 	case evHandoffSendFailed:
 		s.onSendFailed(ev.w, ev.m, ev.err)
+	case evHandoffTimeout:
+		s.onAnswerTimeout(ev.id)
 	case evFunc:
 		ev.f()
 	}
