@@ -1,0 +1,55 @@
+package integration
+
+import (
+	"flag"
+	"path/filepath"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/seed6cb0314a/upgrader/integration/loadgen"
+)
+
+var soak = flag.Int("soak", 30, "upgrades in TestSoakUpgrades (1000 for the long soak)")
+
+// TestSoakUpgrades upgrades every 50 ms under keep-alive load, -soak times
+// (30 in the default run; the long soak is 1000):
+//
+//	go test -race -run TestSoakUpgrades -soak 1000 -timeout 30m ./integration
+//
+// Zero failed requests; the supervisor's fds the same at the end as after
+// the first upgrade, its RSS printed every 100 upgrades; no zombies.
+func TestSoakUpgrades(t *testing.T) {
+	p := startUpgrader(t, "-l", "127.0.0.1:0", "-l", "unix://"+filepath.Join(t.TempDir(), "s.sock"), "--workers", "2", "--", helloBin)
+	addr := p.addr("tcp-127.0.0.1-0")
+	p.waitReady(1)
+	l := startLoad(loadgen.Config{Addr: addr, Clients: 16, Mode: loadgen.KeepAlive, MaxIdle: 50 * time.Millisecond, Duration: time.Hour})
+	p.upgradeTo(2)
+	firstFDs, firstRSS := countFDs(t, p.pid), rssKiB(t, p.pid)
+	next := time.Now()
+	for gen := 3; gen <= *soak+1; gen++ {
+		next = next.Add(50 * time.Millisecond)
+		time.Sleep(time.Until(next)) // the pace of upgrades, not synchronization
+		p.signal(syscall.SIGUSR2)
+		p.waitReady(gen)
+		if gen%100 == 0 {
+			t.Logf("generation %d: supervisor fds %d, RSS %d KiB", gen, countFDs(t, p.pid), rssKiB(t, p.pid))
+		}
+	}
+	r := l.stop()
+	p.upgradeTo(*soak + 2) // every older generation exited
+	lastFDs, lastRSS := countFDs(t, p.pid), rssKiB(t, p.pid)
+	t.Logf("%d upgrades: supervisor fds %d → %d, RSS %d → %d KiB", *soak, firstFDs, lastFDs, firstRSS, lastRSS)
+	requireNoFailures(t, r)
+	if lastFDs != firstFDs {
+		t.Fatalf("supervisor fds %d after the soak, %d after the first upgrade", lastFDs, firstFDs)
+	}
+	for pid, st := range children(t, p.pid) {
+		if st == "Z" {
+			t.Errorf("zombie child %d", pid)
+		}
+	}
+	if code := p.stop(syscall.SIGTERM, 60*time.Second); code != 0 {
+		t.Fatalf("graceful stop exited %d", code)
+	}
+}
