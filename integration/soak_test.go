@@ -15,11 +15,30 @@ var soak = flag.Int("soak", 30, "upgrades in TestSoakUpgrades (1000 for the long
 // TestSoakUpgrades upgrades every 50 ms under keep-alive load, -soak times
 // (30 in the default run; the long soak is 1000):
 //
-//	go test -race -run TestSoakUpgrades -soak 1000 -timeout 30m ./integration
+//	go test -race -run TestSoakUpgrades -timeout 30m ./integration -soak=1000
 //
 // Zero failed requests; the supervisor's fds the same at the end as after
 // the first upgrade, its RSS printed every 100 upgrades; no zombies.
-func TestSoakUpgrades(t *testing.T) {
+func TestSoakUpgrades(t *testing.T) { soakUpgrades(t) }
+
+type soakFigures struct{ firstFDs, lastFDs, firstRSS, lastRSS, requests int }
+
+// BenchmarkSoakUpgrades is the same soak with upgrader built without the
+// race detector, whose own memory would otherwise be in the RSS figures:
+//
+//	go test -run '^$' -bench SoakUpgrades -benchtime 1x -timeout 30m ./integration -soak=1000
+func BenchmarkSoakUpgrades(b *testing.B) {
+	for i := 0; i < b.N; i++ {
+		f := soakUpgrades(b)
+		b.ReportMetric(float64(f.firstFDs), "fds-first")
+		b.ReportMetric(float64(f.lastFDs), "fds-last")
+		b.ReportMetric(float64(f.firstRSS)/1024, "rss-first-MiB")
+		b.ReportMetric(float64(f.lastRSS)/1024, "rss-last-MiB")
+		b.ReportMetric(float64(f.requests), "requests")
+	}
+}
+
+func soakUpgrades(t testing.TB) soakFigures {
 	p := startUpgrader(t, "-l", "127.0.0.1:0", "-l", "unix://"+filepath.Join(t.TempDir(), "s.sock"), "--workers", "2", "--", helloBin)
 	addr := p.addr("tcp-127.0.0.1-0")
 	p.waitReady(1)
@@ -32,7 +51,7 @@ func TestSoakUpgrades(t *testing.T) {
 		time.Sleep(time.Until(next)) // the pace of upgrades, not synchronization
 		p.signal(syscall.SIGUSR2)
 		p.waitReady(gen)
-		if gen%100 == 0 {
+		if gen%250 == 0 {
 			t.Logf("generation %d: supervisor fds %d, RSS %d KiB", gen, countFDs(t, p.pid), rssKiB(t, p.pid))
 		}
 	}
@@ -52,4 +71,5 @@ func TestSoakUpgrades(t *testing.T) {
 	if code := p.stop(syscall.SIGTERM, 60*time.Second); code != 0 {
 		t.Fatalf("graceful stop exited %d", code)
 	}
+	return soakFigures{firstFDs, lastFDs, firstRSS, lastRSS, r.Requests}
 }
