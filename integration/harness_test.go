@@ -20,6 +20,7 @@ import (
 
 	"github.com/seed6cb0314a/upgrader/integration/loadgen"
 	"github.com/seed6cb0314a/upgrader/internal/control"
+	"github.com/seed6cb0314a/upgrader/internal/proctree"
 	"github.com/seed6cb0314a/upgrader/supervise"
 )
 
@@ -533,24 +534,14 @@ func writeScript(t testing.TB, path, body string) {
 // children lists the pids whose parent is pid, with their state letter.
 func children(t testing.TB, pid int) map[int]string {
 	t.Helper()
+	tab, err := proctree.Read("/proc")
+	if err != nil {
+		t.Fatal(err)
+	}
 	out := map[int]string{}
-	ents, _ := os.ReadDir("/proc")
-	for _, e := range ents {
-		b, err := os.ReadFile(filepath.Join("/proc", e.Name(), "stat"))
-		if err != nil {
-			continue
-		}
-		s := string(b)
-		i := strings.LastIndexByte(s, ')')
-		if i < 0 {
-			continue
-		}
-		var state string
-		var ppid, self int
-		fmt.Sscan(s[i+2:], &state, &ppid)
-		fmt.Sscan(s, &self)
-		if ppid == pid {
-			out[self] = state
+	for _, p := range tab {
+		if p.PPid == pid {
+			out[p.Pid] = string(p.State)
 		}
 	}
 	return out
@@ -571,29 +562,16 @@ func parentOf(pid int) (int, bool) {
 	if err != nil {
 		return 0, false
 	}
-	s := string(b)
-	i := strings.LastIndexByte(s, ')')
-	if i < 0 {
-		return 0, false
-	}
-	var state string
-	var ppid int
-	fmt.Sscan(s[i+2:], &state, &ppid)
-	return ppid, state != "Z"
+	p, err := proctree.ParseStat(b)
+	return p.PPid, err == nil && p.State != 'Z'
 }
 
 // environ reads a process's environment from /proc.
 func environ(t testing.TB, pid int) map[string]string {
 	t.Helper()
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/environ", pid))
-	if err != nil {
-		t.Fatal(err)
-	}
-	env := map[string]string{}
-	for _, kv := range strings.Split(string(b), "\x00") {
-		if k, v, ok := strings.Cut(kv, "="); ok {
-			env[k] = v
-		}
+	env := proctree.Environ("/proc", pid)
+	if env == nil {
+		t.Fatalf("cannot read the environment of pid %d", pid)
 	}
 	return env
 }

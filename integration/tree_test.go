@@ -1,18 +1,16 @@
 package integration
 
 import (
-	"bytes"
 	"fmt"
 	"math/rand/v2"
 	"net"
-	"os"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/seed6cb0314a/upgrader/internal/proctree"
 	"github.com/seed6cb0314a/upgrader/supervise"
 )
 
@@ -20,27 +18,16 @@ import (
 // puts in upgrader's environment: every process upgrader started, directly
 // or not, inherits it, whatever group or session it moved to.
 func marked(mark string) map[int]map[string]string {
+	k, v, _ := strings.Cut(mark, "=")
 	out := map[int]map[string]string{}
-	ents, _ := os.ReadDir("/proc")
-	for _, e := range ents {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil {
-			continue
-		}
-		b, err := os.ReadFile(filepath.Join("/proc", e.Name(), "environ"))
-		if err != nil || !bytes.Contains(b, []byte(mark)) {
-			continue
-		}
-		if ppid, alive := parentOf(pid); !alive || ppid == 0 {
+	tab, _ := proctree.Read("/proc")
+	for pid, p := range tab {
+		if p.State == 'Z' {
 			continue // a zombie holds nothing
 		}
-		env := map[string]string{}
-		for _, kv := range strings.Split(string(b), "\x00") {
-			if k, v, ok := strings.Cut(kv, "="); ok {
-				env[k] = v
-			}
+		if env := proctree.Environ("/proc", pid); env[k] == v {
+			out[pid] = env
 		}
-		out[pid] = env
 	}
 	return out
 }

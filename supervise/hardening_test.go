@@ -2,8 +2,11 @@ package supervise
 
 import (
 	"context"
+	"fmt"
 	"net"
 	"os"
+	"os/exec"
+	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
@@ -329,5 +332,49 @@ func TestWarningsAreLimitedPerSenderAndCounted(t *testing.T) {
 	sup := logs.FilterMessage("warnings suppressed").All()
 	if len(sup) != 1 || sup[0].ContextMap()["suppressed"] != int64(1000-warnBurst) || sup[0].ContextMap()["pid"] != int64(42) {
 		t.Fatalf("suppressed count lines: %+v", sup)
+	}
+}
+
+// The last message of a worker whose exit was handled first is not a
+// stranger's: no warning is counted for its pid.
+func TestNotifyJustAfterExitIsNotAStranger(t *testing.T) {
+	h := run(t, Config{})
+	w := h.started()
+	h.ready(w)
+	h.exit(w, 1)
+	h.notify(w, "STATUS", "bye")
+	h.sync()
+	var warned bool
+	h.s.call(context.Background(), func() { _, warned = h.s.warns.keys[w] })
+	if warned {
+		t.Fatal("a notify message sent just before the worker exited was warned about as a stranger's")
+	}
+	h.notify(w+1000, "STATUS", "hi")
+	h.sync()
+	h.s.call(context.Background(), func() { _, warned = h.s.warns.keys[w+1000] })
+	if !warned {
+		t.Fatal("a stranger's message was not warned about")
+	}
+}
+
+func TestStaleNotifyDirsAreRemoved(t *testing.T) {
+	dir := t.TempDir()
+	dead := exec.Command("true")
+	if err := dead.Run(); err != nil {
+		t.Fatal(err)
+	}
+	stale := filepath.Join(dir, fmt.Sprintf("upgrader-%d-123", dead.Process.Pid))
+	live := filepath.Join(dir, fmt.Sprintf("upgrader-%d-456", os.Getpid()))
+	other := filepath.Join(dir, "upgrader-notapid-1")
+	for _, d := range []string{stale, live, other} {
+		if err := os.Mkdir(d, 0o700); err != nil {
+			t.Fatal(err)
+		}
+	}
+	removeStaleNotifyDirs(dir)
+	for d, want := range map[string]bool{stale: false, live: true, other: true} {
+		if _, err := os.Stat(d); (err == nil) != want {
+			t.Errorf("%s: exists %v, want %v", d, err == nil, want)
+		}
 	}
 }
