@@ -129,8 +129,8 @@ func stalledHandoff(t testing.TB, conns int) (livezMax, statusMax time.Duration,
 	if n := failures.Load(); n > 0 {
 		t.Fatalf("%d probes failed while the handoff target stalled; last: %v", n, probeErr.Load())
 	}
-	if st.Handoffs.HandedOff != 0 || st.Handoffs.Refused != conns {
-		t.Fatalf("handoffs %+v: want all %d connections refused back to their sender", st.Handoffs, conns)
+	if st.Handoffs.HandedOff != 0 {
+		t.Fatalf("handoffs %+v: a worker that never reads took connections", st.Handoffs)
 	}
 	stopped := time.Now()
 	if code := p.stop(syscall.SIGTERM, drainTimeout+5*time.Second); code != 0 {

@@ -133,7 +133,10 @@ func TestReadyzWithNoWorkerAliveAndAfterGivingUp(t *testing.T) {
 		return st.GaveUp || g == nil || len(g.Workers) == 0 || g.Workers[0].Pid != victim
 	})
 	sawGaveUp := false
-	for {
+	for deadline := time.Now().Add(30 * time.Second); ; {
+		if time.Now().After(deadline) {
+			t.Fatal("upgrader still answers /readyz 30s after its worker could not be replaced")
+		}
 		code, body, err := get(health)
 		if err != nil {
 			break // upgrader has exited after its linger

@@ -111,7 +111,7 @@ func readNotify(ns *sdnotify.Server, fdBudget int, post func(event)) {
 		if err != nil {
 			return // closed
 		}
-		ev := evNotify{dg: dg}
+		ev := evNotify{dg: dg, truncated: dg.FDsTruncated}
 		if n := int64(len(dg.Files)); n > 0 {
 			if dg.Err != nil || !dg.Message.Is("FDSTORE", "1") || held.Add(n) > int64(fdBudget) {
 				if dg.Err == nil && dg.Message.Is("FDSTORE", "1") {

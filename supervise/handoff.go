@@ -3,6 +3,7 @@ package supervise
 import (
 	"errors"
 	"fmt"
+	"sync/atomic"
 	"time"
 
 	"go.uber.org/zap"
@@ -27,6 +28,7 @@ type pendingHandoff struct {
 	fromID uint64
 	to     *worker
 	n      int
+	out    *outMsg // as queued in the target's outbox
 }
 
 const (
@@ -42,18 +44,29 @@ const (
 	// maxUnanswered bounds the batches forwarded to one target that it
 	// has not answered; past it the target is skipped.
 	maxUnanswered = 64
-	// answerTimeout bounds the wait for a target's answer to a batch it
-	// was sent. Targets answer on receipt (docs/handoff.md), within a
-	// millisecond or so; past it the batch goes back to its sender, refused,
-	// and the target is skipped until it answers again.
+	// answerTimeout bounds the wait for a target's answer to a batch.
+	// Targets answer on receipt (docs/handoff.md), within a millisecond or
+	// so. Past it, a batch still in the target's outbox goes back to its
+	// sender, refused, and the target is skipped until it answers again;
+	// one already written to its socket is left to the sender's own
+	// timeout (inherit.SendTimeout), since the target may still read it.
 	answerTimeout = 2 * time.Second
 )
 
-// outMsg is a message waiting in a worker's outbox; fds are closed once sent.
+// outMsg is a message waiting in a worker's outbox; fds are closed once
+// sent. state moves from queued to written or cancelled exactly once: the
+// loop may take back a batch only while it is still queued.
 type outMsg struct {
-	m   handoff.Message
-	fds []int
+	m     handoff.Message
+	fds   []int
+	state atomic.Int32
 }
+
+const (
+	outQueued int32 = iota
+	outWritten
+	outCancelled
+)
 
 var errOutboxFull = errors.New("the worker is not reading its handoff channel (outbox full)")
 
@@ -63,17 +76,17 @@ var errOutboxFull = errors.New("the worker is not reading its handoff channel (o
 func (s *Supervisor) openHandoff(w *worker, sock *handoff.Socket) {
 	sock.SetSendTimeout(sendTimeout)
 	w.hsock = sock
-	w.out = make(chan outMsg, outboxSize)
-	w.answers = make(chan outMsg, answersSize)
+	w.out = make(chan *outMsg, outboxSize)
+	w.answers = make(chan *outMsg, answersSize)
 	go s.readHandoff(w, sock)
 	go s.writeHandoff(w, sock, w.out, w.answers)
 }
 
 // writeHandoff sends w's queues until closeHandoff closes them; a failed
 // send goes back to the loop, which answers for it.
-func (s *Supervisor) writeHandoff(w *worker, sock *handoff.Socket, out, answers <-chan outMsg) {
+func (s *Supervisor) writeHandoff(w *worker, sock *handoff.Socket, out, answers <-chan *outMsg) {
 	for out != nil || answers != nil {
-		var o outMsg
+		var o *outMsg
 		var ok bool
 		select {
 		case o, ok = <-answers:
@@ -87,6 +100,10 @@ func (s *Supervisor) writeHandoff(w *worker, sock *handoff.Socket, out, answers 
 				continue
 			}
 		}
+		if !o.state.CompareAndSwap(outQueued, outWritten) {
+			handoff.CloseFDs(o.fds) // taken back by the loop
+			continue
+		}
 		err := sock.Send(o.m, o.fds)
 		handoff.CloseFDs(o.fds)
 		if err != nil {
@@ -96,21 +113,22 @@ func (s *Supervisor) writeHandoff(w *worker, sock *handoff.Socket, out, answers 
 }
 
 // send queues m with fds (which it takes over) for w without blocking.
-func (s *Supervisor) send(w *worker, m handoff.Message, fds []int) error {
+func (s *Supervisor) send(w *worker, m handoff.Message, fds []int) (*outMsg, error) {
 	q := w.out
 	if m.Type != handoff.TypeHandoff {
 		q = w.answers
 	}
 	if q == nil {
 		handoff.CloseFDs(fds)
-		return errors.New("handoff channel closed")
+		return nil, errors.New("handoff channel closed")
 	}
+	o := &outMsg{m: m, fds: fds}
 	select {
-	case q <- outMsg{m, fds}:
-		return nil
+	case q <- o:
+		return o, nil
 	default:
 		handoff.CloseFDs(fds)
-		return errOutboxFull
+		return nil, errOutboxFull
 	}
 }
 
@@ -167,14 +185,15 @@ func (s *Supervisor) onHandoff(w *worker, m handoff.Message, fds []int, err erro
 		s.nextHOID++
 		fwd := m
 		fwd.ID = s.nextHOID
-		if err := s.send(target, fwd, fds); err != nil {
+		o, err := s.send(target, fwd, fds)
+		if err != nil {
 			s.hoStats.Refused += n
 			s.stall(target, err)
 			s.reply(w, handoff.Message{Type: handoff.TypeNak, ID: m.ID, Reason: fmt.Sprintf("forward to worker pid %d: %v", target.pid, err)})
 			return
 		}
 		target.unanswered++
-		s.pendingHO[fwd.ID] = &pendingHandoff{from: w, fromID: m.ID, to: target, n: n}
+		s.pendingHO[fwd.ID] = &pendingHandoff{from: w, fromID: m.ID, to: target, n: n, out: o}
 		id := fwd.ID
 		time.AfterFunc(answerTimeout, func() { s.post(evHandoffTimeout{id}) })
 	case handoff.TypeAck, handoff.TypeNak:
@@ -236,11 +255,22 @@ func (s *Supervisor) refuseBack(id uint64, w *worker, err error) {
 	s.reply(p.from, handoff.Message{Type: handoff.TypeNak, ID: p.fromID, Reason: err.Error()})
 }
 
-// onAnswerTimeout refuses a batch its target has not answered in time.
+// onAnswerTimeout handles a batch its target has not answered in time: the
+// target is skipped from now on, and the batch goes back to its sender if
+// it is still in the outbox. One already written is the target's to take
+// or not: the sender's own timeout reclaims it, and a NAK from here could
+// let both serve one connection.
 func (s *Supervisor) onAnswerTimeout(id uint64) {
-	if p := s.pendingHO[id]; p != nil {
-		s.refuseBack(id, p.to, fmt.Errorf("worker pid %d did not answer within %s", p.to.pid, answerTimeout))
+	p := s.pendingHO[id]
+	if p == nil {
+		return
 	}
+	err := fmt.Errorf("worker pid %d did not answer within %s", p.to.pid, answerTimeout)
+	if p.out.state.CompareAndSwap(outQueued, outCancelled) {
+		s.refuseBack(id, p.to, err)
+		return
+	}
+	s.stall(p.to, err)
 }
 
 // handoffTarget picks, round robin, a ready worker of the active generation
@@ -266,7 +296,7 @@ func (s *Supervisor) reply(w *worker, m handoff.Message) {
 	if s.workers[w.pid] != w || w.hsock == nil {
 		return // the sender is gone: its copies went with it
 	}
-	if err := s.send(w, m, nil); err != nil {
+	if _, err := s.send(w, m, nil); err != nil {
 		s.warn(w.pid, "handoff reply failed", zap.Int("pid", w.pid), zap.String("type", m.Type), zap.Error(err))
 	}
 }

@@ -2,6 +2,7 @@ package supervise
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"os"
@@ -296,12 +297,14 @@ func TestStalledHandoffTargetDoesNotBlockTheLoop(t *testing.T) {
 			t.Fatalf("status after batch %d: %v", id, err)
 		}
 	}
-	// Every batch the target could not have taken is refused back; the
-	// rest sit in its socket, unanswered, at most maxUnanswered of them.
+	// Every batch the target could not have taken is refused back at once,
+	// well before the answer timeout; the rest sit in its socket,
+	// unanswered, at most maxUnanswered of them.
+	deadline := time.After(answerTimeout / 2)
 	for n := 0; n < batches-maxUnanswered-outboxSize; n++ {
 		select {
 		case <-naks:
-		case <-time.After(5 * time.Second):
+		case <-deadline:
 			t.Fatalf("only %d of %d batches refused back to the sender", n, batches)
 		}
 	}
@@ -377,4 +380,57 @@ func TestStaleNotifyDirsAreRemoved(t *testing.T) {
 			t.Errorf("%s: exists %v, want %v", d, err == nil, want)
 		}
 	}
+}
+
+// A crashed worker of generation 1 whose restart cannot be started is
+// tried again, not forgotten.
+func TestFailedRestartIsRetried(t *testing.T) {
+	h := run(t, Config{})
+	w := h.started()
+	h.env.mu.Lock()
+	h.env.startErr = errors.New("fork: resource temporarily unavailable")
+	h.env.mu.Unlock()
+	h.exit(w, 1)
+	h.waitHandled("the failed restart", func(ev event) bool { _, ok := ev.(evRestart); return ok })
+	h.env.mu.Lock()
+	h.env.startErr = nil
+	h.env.mu.Unlock()
+	h.ready(h.started())
+	if st := h.status(); !st.Ready {
+		t.Fatalf("not ready after the retried restart: %+v", st)
+	}
+}
+
+// Once a stop has begun, a worker that sends STOPPING=1 is not replaced,
+// and the stop is not turned into a give-up.
+func TestNoReplacementDuringStop(t *testing.T) {
+	h := run(t, Config{ShutdownDelay: time.Hour, MaxRestarts: noRestarts})
+	w := h.started()
+	h.ready(w)
+	h.s.post(evSignal{unix.SIGTERM})
+	h.notify(w, "STOPPING", "1")
+	h.noStart(100 * time.Millisecond)
+	if st := h.status(); st.GaveUp || st.Restarts != 0 {
+		t.Fatalf("a worker stopping during the stop counted: %+v", st)
+	}
+	h.s.post(evSignal{unix.SIGTERM}) // the second: fast
+	h.killed(w, unix.SIGKILL)
+	h.exit(w, 0)
+	if err := h.result(); err != nil {
+		t.Fatalf("Run returned %v", err)
+	}
+}
+
+// What is left of a crashed worker gets the drain timeout, not what was
+// left of its watchdog period.
+func TestCrashedWorkersLeftoversGetTheDrainTimeout(t *testing.T) {
+	h := run(t, Config{Watchdog: 20 * time.Millisecond, DrainTimeout: time.Hour})
+	self := os.Getpid()
+	w := h.started()
+	h.ready(w)
+	h.notify(w, "WATCHDOG", "1")
+	h.env.setTable(proctree.Table{500: {Pid: 500, PPid: self, Pgid: w, State: 'S'}})
+	h.exit(w, 1)
+	h.killed(500, unix.SIGTERM)
+	h.noKill(100 * time.Millisecond) // five watchdog periods
 }

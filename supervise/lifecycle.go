@@ -43,8 +43,7 @@ func (s *Supervisor) onDeadline(w *worker, seq uint64) {
 	case w.exited || w.state == WorkerDraining:
 		s.log.Warn("worker did not drain in time, killing its process tree",
 			zap.Int("generation", g.n), zap.Int("pid", w.pid), zap.Duration("drain_timeout", s.cfg.DrainTimeout))
-		w.killed = true
-		s.killTree(w, unix.SIGKILL)
+		s.kill9(w)
 	case w.state == WorkerStarting:
 		s.onReadyTimeout(w)
 	case w.state == WorkerReady && s.cfg.Watchdog > 0:
@@ -62,8 +61,7 @@ func (s *Supervisor) onReadyTimeout(w *worker) {
 	// start: kill it, and its exit counts as a crash.
 	s.log.Error("worker not ready in time, killing its process tree", zap.Int("generation", w.gen.n),
 		zap.Int("pid", w.pid), zap.Duration("ready_timeout", w.readyTimeout))
-	w.killed = true
-	s.killTree(w, unix.SIGKILL)
+	s.kill9(w)
 }
 
 // onWatchdog replaces a worker that sent no WATCHDOG=1 within --watchdog
@@ -105,6 +103,9 @@ func (s *Supervisor) replace(w *worker, cause, reason string, sig syscall.Signal
 	s.log.Warn("replacing worker", zap.Int("generation", g.n), zap.Int("worker", w.slot),
 		zap.Int("pid", w.pid), zap.String("reason", reason))
 	s.retire(w, sig, cause)
+	if s.stopping {
+		return // nothing is refilled once a stop has begun
+	}
 	if g.state == GenStarting && s.current != nil {
 		s.failGeneration(g, fmt.Sprintf("worker %d (pid %d): %s before it was ready", w.slot, w.pid, reason))
 		return
@@ -156,14 +157,16 @@ func (s *Supervisor) exited(w *worker, ws unix.WaitStatus) {
 		s.log.Info("worker exited", fields...)
 	}
 	w.state = WorkerDraining
-	s.settle(w)
+	s.settle(w, s.trees())
 }
 
-// settle forgets w if its process tree has ended; otherwise what is left of
-// it gets the drain signal once, is killed at w's deadline, and is polled
-// until it ends.
-func (s *Supervisor) settle(w *worker) {
-	left := s.trees()[w]
+// settle forgets w if its process tree (from trees) has ended; otherwise
+// what is left of it gets the drain signal once, is killed at w's drain
+// deadline, and is polled until it ends, or until killGrace after the
+// SIGKILL: a process that survives it (another user's, stuck in the
+// kernel) is logged and left, rather than holding the supervisor forever.
+func (s *Supervisor) settle(w *worker, trees map[*worker][]int) {
+	left := trees[w]
 	w.lingering = left
 	if len(left) == 0 {
 		s.gone(w)
@@ -176,16 +179,33 @@ func (s *Supervisor) settle(w *worker) {
 		for _, pid := range left {
 			s.env.kill(pid, s.cfg.DrainSignal)
 		}
-		if w.timer == nil {
+		if !w.asked {
+			// Its timer was the ready timeout or the watchdog: what is
+			// left gets the drain timeout, as a retired worker does.
 			s.arm(w, s.cfg.DrainTimeout)
 		}
 	}
 	if w.killed {
+		if time.Since(w.killedAt) > killGrace {
+			s.log.Error("processes survive SIGKILL, leaving them", zap.Int("generation", w.gen.n),
+				zap.Int("pid", w.pid), zap.Ints("processes", left))
+			s.gone(w)
+			return
+		}
 		for _, pid := range left {
 			s.env.kill(pid, unix.SIGKILL)
 		}
 	}
 	s.pollSoon()
+}
+
+// kill9 kills w's whole tree now, and from now on at every poll.
+func (s *Supervisor) kill9(w *worker) {
+	if !w.killed {
+		w.killed = true
+		w.killedAt = time.Now()
+	}
+	s.killTree(w, unix.SIGKILL)
 }
 
 // gone forgets w: nothing of its process tree is left.
@@ -204,6 +224,9 @@ func (s *Supervisor) gone(w *worker) {
 // MaxRestarts within RestartWindow with no ready worker left in g makes the
 // supervisor give up.
 func (s *Supervisor) refill(g *generation, slot int, cause string) {
+	if s.stopping {
+		return
+	}
 	now := time.Now()
 	s.restarts = append(s.restarts, now)
 	for len(s.restarts) > 0 && now.Sub(s.restarts[0]) > s.cfg.RestartWindow {
@@ -264,12 +287,19 @@ func (s *Supervisor) trees() map[*worker][]int {
 	for _, g := range s.gens {
 		for w := range g.live {
 			all = append(all, w)
-			byPid[w.pid] = w
-			for _, p := range w.lingering {
-				if _, ok := byPid[p]; !ok {
-					byPid[p] = w
-				}
+			if w.exited {
+				// Its own pid may be reused; its process group id too,
+				// which is how orphans still name it.
+				byPid[w.pid] = w
 			}
+			for _, p := range w.lingering {
+				byPid[p] = w
+			}
+		}
+	}
+	for _, w := range all {
+		if !w.exited {
+			byPid[w.pid] = w // a running main process wins over any reuse
 		}
 	}
 	out := map[*worker][]int{}
@@ -336,10 +366,14 @@ func (s *Supervisor) pollSoon() {
 // sweeps away every other process below the supervisor.
 func (s *Supervisor) onPoll() {
 	s.pollArmed = false
+	var trees map[*worker][]int
 	for _, g := range append([]*generation(nil), s.gens...) {
 		for w := range g.live {
 			if w.exited {
-				s.settle(w)
+				if trees == nil {
+					trees = s.trees()
+				}
+				s.settle(w, trees)
 			}
 		}
 	}
@@ -363,7 +397,14 @@ func (s *Supervisor) sweep() {
 		s.swept = true
 		return
 	}
-	s.log.Warn("killing processes left below the supervisor", zap.Ints("pids", left))
+	if s.sweepStarted.IsZero() {
+		s.sweepStarted = time.Now()
+		s.log.Warn("killing processes left below the supervisor", zap.Ints("pids", left))
+	} else if time.Since(s.sweepStarted) > killGrace {
+		s.log.Error("processes below the supervisor survive SIGKILL, leaving them", zap.Ints("pids", left))
+		s.swept = true
+		return
+	}
 	for _, pid := range left {
 		s.env.kill(pid, unix.SIGKILL)
 	}

@@ -2,7 +2,6 @@ package supervise
 
 import (
 	"math"
-	"slices"
 	"strconv"
 	"time"
 
@@ -42,6 +41,10 @@ func (s *Supervisor) onNotify(ev evNotify) {
 		}
 	}
 	fields := []zap.Field{zap.Int("generation", w.gen.n), zap.Int("worker", w.slot), zap.Int("pid", w.pid)}
+	if ev.truncated {
+		s.warn(w.pid, "notify message carried more fds than --fd-store-max takes; the rest were closed",
+			append(fields, zap.Int("max", s.cfg.FDStoreMax))...)
+	}
 	if ev.dropped > 0 {
 		s.warn(w.pid, "notify message: fds not taken (no FDSTORE=1, or too many in flight), closed",
 			append(fields, zap.Int("fds", ev.dropped))...)
@@ -83,17 +86,28 @@ func (s *Supervisor) onNotify(ev evNotify) {
 // systemd's NotifyAccess=all accepts any process of the service: a start
 // script that does not exec its server (npm start, a shell wrapper) leaves
 // the server a child of the worker, and its READY=1 counts for the worker.
-// Pids found in no tree are remembered for a while, so that a flood from a
-// stranger costs one process-table scan a second, not one per datagram.
+// A read of the process table is remembered: every pid found in a tree
+// then, and for a second each pid found in none, so that a flood from a
+// server below its worker, or from a stranger, does not read the table per
+// datagram, while a new process's first message is looked up at once.
 func (s *Supervisor) treeMember(pid int) *worker {
+	if w := s.members[pid]; w != nil && !w.exited {
+		return w
+	}
 	now := time.Now()
 	if until, ok := s.strangers[pid]; ok && now.Before(until) {
 		return nil
 	}
+	clear(s.members)
 	for w, pids := range s.trees() {
-		if !w.exited && slices.Contains(pids, pid) {
-			return w
+		if !w.exited {
+			for _, p := range pids {
+				s.members[p] = w
+			}
 		}
+	}
+	if w := s.members[pid]; w != nil {
+		return w
 	}
 	if len(s.strangers) > 4096 {
 		clear(s.strangers)

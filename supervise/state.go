@@ -48,7 +48,8 @@ type worker struct {
 	readyTimeout time.Duration
 	asked        bool   // retired: its exit is not a crash
 	cause        string // why it was retired
-	killed       bool   // its tree was sent SIGKILL
+	killed       bool   // its tree was sent SIGKILL (at killedAt)
+	killedAt     time.Time
 	// exited: its main process was reaped; lingering lists what is left of
 	// its process tree (lingerSignalled: and was sent the drain signal);
 	// gone: nothing is left, the worker is forgotten.
@@ -65,8 +66,8 @@ type worker struct {
 	// and skipped; unanswered counts batches forwarded to it awaiting an
 	// answer.
 	hsock      *handoff.Socket
-	out        chan outMsg // batches
-	answers    chan outMsg // ACK and NAK
+	out        chan *outMsg // batches
+	answers    chan *outMsg // ACK and NAK
 	stalled    bool
 	unanswered int
 	accepts    map[string]bool // handoff kinds it takes (ACCEPT)

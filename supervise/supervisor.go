@@ -31,8 +31,9 @@ type (
 		// dropped counts fds the notify reader closed at once (they came
 		// without FDSTORE=1, or over the budget of fds in flight);
 		// release returns the budget held by dg.Files.
-		dropped int
-		release func()
+		dropped   int
+		truncated bool // more fds came than --fd-store-max: the kernel closed the rest
+		release   func()
 	}
 	evReady struct {
 		pid int
@@ -75,6 +76,8 @@ const (
 	// recentExitTTL is how long a reaped worker's pid is still known, for
 	// its last notify messages.
 	recentExitTTL = 10 * time.Second
+	// killGrace is how long processes sent SIGKILL are waited for.
+	killGrace = 5 * time.Second
 )
 
 // Supervisor runs generations of workers. Create it with New, then call Run.
@@ -99,8 +102,10 @@ type Supervisor struct {
 	// recentExits holds the pids of workers reaped lately, for the notify
 	// messages they sent just before they exited.
 	recentExits map[int]time.Time
-	// strangers holds pids whose notify messages came from no worker's
-	// tree, until when they are not looked up again.
+	// members maps the pids of workers' trees to their worker, as last
+	// read for a notify message; strangers holds pids found in no tree,
+	// until when they are not looked up again (treeMember).
+	members     map[int]*worker
 	strangers   map[int]time.Time
 	queued      bool // one more upgrade asked for during this one
 	restarts    []time.Time
@@ -113,7 +118,9 @@ type Supervisor struct {
 	lingerUntil time.Time // after giving up, exit no sooner than this
 	pollArmed   bool
 	swept       bool // stopping, and nothing is left below the supervisor
-	warns       *limiter
+	// sweepStarted is when the final sweep first found processes to kill.
+	sweepStarted time.Time
+	warns        *limiter
 	// afterEvent, for tests, sees every event once the loop has handled it.
 	afterEvent func(event)
 
@@ -179,6 +186,7 @@ func newSupervisor(cfg Config, e env) (*Supervisor, error) {
 		done:        make(chan struct{}),
 		workers:     make(map[int]*worker),
 		recentExits: make(map[int]time.Time),
+		members:     make(map[int]*worker),
 		strangers:   make(map[int]time.Time),
 		baseEnv:     workerBaseEnv(os.Environ()),
 		pid:         os.Getpid(),
@@ -357,7 +365,7 @@ func (s *Supervisor) startGeneration() {
 	}
 	s.log.Info("starting generation", zap.Int("generation", g.n), zap.Int("workers", s.cfg.Workers))
 	for i := range g.slots {
-		if err := s.startWorker(g, i); err != nil {
+		if err := s.spawnWorker(g, i); err != nil {
 			if s.current == nil {
 				// Nothing serves yet: a command that cannot be started
 				// is fatal, not a crash to retry.
@@ -376,17 +384,17 @@ func (s *Supervisor) startGeneration() {
 	}
 }
 
-// startWorker starts the worker for slot i of g. This is where every worker
-// process is started.
-func (s *Supervisor) startWorker(g *generation, slot int) error {
-	err := s.spawnWorker(g, slot)
-	if err != nil && g.state != GenStarting {
+// startWorker refills slot of g; a worker that cannot be started is tried
+// again after a backoff.
+func (s *Supervisor) startWorker(g *generation, slot int) {
+	if err := s.spawnWorker(g, slot); err != nil {
 		s.log.Error("cannot restart worker", zap.Int("generation", g.n), zap.Int("worker", slot), zap.Error(err))
 		s.scheduleRestart(g, slot)
 	}
-	return err
 }
 
+// spawnWorker starts the worker for slot i of g. This is where every
+// worker process is started.
 func (s *Supervisor) spawnWorker(g *generation, slot int) error {
 	path, err := s.env.lookPath(s.cfg.Command[0])
 	if err != nil {
@@ -600,8 +608,7 @@ func (s *Supervisor) drainGeneration(g *generation) {
 		if draining++; draining > s.cfg.MaxDraining {
 			s.log.Warn("too many generations draining, killing the oldest", zap.Int("generation", old.n))
 			for w := range old.live {
-				w.killed = true
-				s.killTree(w, unix.SIGKILL)
+				s.kill9(w)
 			}
 		}
 	}
@@ -675,13 +682,14 @@ func (s *Supervisor) drainAll() {
 	}
 }
 
-// killAll kills every worker's process tree at once (a fast stop).
+// killAll kills every worker's process tree at once (a fast stop), and
+// cuts any give-up linger short.
 func (s *Supervisor) killAll() {
 	s.stopping = true
+	s.lingerUntil = time.Time{}
 	for _, g := range s.gens {
 		for w := range g.live {
-			w.killed = true
-			s.killTree(w, unix.SIGKILL)
+			s.kill9(w)
 		}
 	}
 }

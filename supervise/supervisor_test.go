@@ -45,7 +45,7 @@ type kill struct {
 }
 
 func newFakeEnv() *fakeEnv {
-	return &fakeEnv{nextPid: 100, starts: make(chan spawn.Spec, 100), pids: make(chan int, 100), kills: make(chan kill, 100),
+	return &fakeEnv{nextPid: 100, starts: make(chan spawn.Spec, 100), pids: make(chan int, 100), kills: make(chan kill, 10000),
 		handoffs: map[int]*handoff.Socket{}}
 }
 
@@ -75,8 +75,11 @@ func (f *fakeEnv) lookPath(file string) (string, error) {
 	return "/bin/" + file, nil
 }
 func (f *fakeEnv) start(spec spawn.Spec, readyFD int, ready func(int)) (int, error) {
-	if f.startErr != nil {
-		return 0, f.startErr
+	f.mu.Lock()
+	startErr := f.startErr
+	f.mu.Unlock()
+	if startErr != nil {
+		return 0, startErr
 	}
 	f.nextPid++
 	for _, kv := range spec.Env {

@@ -35,6 +35,9 @@ type Datagram struct {
 	// Files are the fds that came with the datagram (FDSTORE=1). The caller
 	// owns them and must close those it does not keep.
 	Files []*os.File
+	// FDsTruncated: more fds came than the server takes; the kernel closed
+	// the rest (MSG_CTRUNC). The payload is parsed all the same.
+	FDsTruncated bool
 }
 
 // Listen creates a notify socket bound to path, a filesystem path that must
@@ -99,12 +102,10 @@ func (s *Server) Recv() (Datagram, error) {
 			}
 		}
 	}
-	switch {
-	case flags&unix.MSG_TRUNC != 0 || n > MaxMessageSize:
+	d.FDsTruncated = flags&unix.MSG_CTRUNC != 0
+	if flags&unix.MSG_TRUNC != 0 || n > MaxMessageSize {
 		d.Err = fmt.Errorf("notify message larger than %d bytes", MaxMessageSize)
-	case flags&unix.MSG_CTRUNC != 0:
-		d.Err = fmt.Errorf("notify message carried more than %d fds", s.maxFDs)
-	default:
+	} else {
 		d.Message, d.Err = Parse(buf[:n])
 	}
 	return d, nil
