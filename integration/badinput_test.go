@@ -11,7 +11,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/seed6cb0314a/upgrader/supervise"
+	"github.com/seed6cb0314a/upgrader/internal/supervise"
 )
 
 func TestBadInputIsNamed(t *testing.T) {

@@ -21,7 +21,7 @@ import (
 	"github.com/seed6cb0314a/upgrader/integration/loadgen"
 	"github.com/seed6cb0314a/upgrader/internal/control"
 	"github.com/seed6cb0314a/upgrader/internal/proctree"
-	"github.com/seed6cb0314a/upgrader/supervise"
+	"github.com/seed6cb0314a/upgrader/internal/supervise"
 )
 
 // Binaries built once by TestMain.

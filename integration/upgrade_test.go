@@ -16,7 +16,7 @@ import (
 	"time"
 
 	"github.com/seed6cb0314a/upgrader/integration/loadgen"
-	"github.com/seed6cb0314a/upgrader/supervise"
+	"github.com/seed6cb0314a/upgrader/internal/supervise"
 )
 
 // upgradeUnderLoad runs n upgrades by USR2 under load, interval apart, and

@@ -17,7 +17,7 @@ import (
 
 	"github.com/seed6cb0314a/upgrader/health"
 	"github.com/seed6cb0314a/upgrader/internal/control"
-	"github.com/seed6cb0314a/upgrader/supervise"
+	"github.com/seed6cb0314a/upgrader/internal/supervise"
 )
 
 // controlHandler answers control-socket requests from the supervisor.

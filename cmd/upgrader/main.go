@@ -24,7 +24,7 @@ import (
 	"github.com/seed6cb0314a/upgrader/internal/control"
 	"github.com/seed6cb0314a/upgrader/internal/sockets"
 	"github.com/seed6cb0314a/upgrader/internal/spawn"
-	"github.com/seed6cb0314a/upgrader/supervise"
+	"github.com/seed6cb0314a/upgrader/internal/supervise"
 )
 
 // version is set at build time with -ldflags "-X main.version=…".
