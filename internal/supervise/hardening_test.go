@@ -15,6 +15,7 @@ import (
 
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
+	"go.uber.org/zap/zaptest"
 	"go.uber.org/zap/zaptest/observer"
 	"golang.org/x/sys/unix"
 
@@ -433,4 +434,25 @@ func TestCrashedWorkersLeftoversGetTheDrainTimeout(t *testing.T) {
 	h.exit(w, 1)
 	h.killed(500, unix.SIGTERM)
 	h.noKill(100 * time.Millisecond) // five watchdog periods
+}
+
+// A first generation whose worker cannot be started at all ends Run with
+// the reason, rather than waiting for an event that never comes.
+func TestFirstGenerationThatCannotStartEndsRun(t *testing.T) {
+	env := newFakeEnv()
+	env.startErr = errors.New("fork: resource temporarily unavailable")
+	s, err := newSupervisor(Config{Command: []string{"server"}, Log: zaptest.NewLogger(t)}, env)
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- s.Run() }()
+	select {
+	case err := <-done:
+		if err == nil || !strings.Contains(err.Error(), "resource temporarily unavailable") {
+			t.Fatalf("Run returned %v, want the start error", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("Run did not return after generation 1 could not start")
+	}
 }

@@ -229,7 +229,11 @@ func (s *Supervisor) Run() error {
 	}
 	s.notifyPath = path
 	s.startGeneration()
-	for !s.finished() {
+	for {
+		s.sweep()
+		if s.finished() {
+			break
+		}
 		// Calls first: a status request is answered even while a flood of
 		// events waits.
 		select {
@@ -247,7 +251,6 @@ func (s *Supervisor) Run() error {
 				s.afterEvent(ev)
 			}
 		}
-		s.sweep()
 	}
 	s.warns.flush(s.log)
 	s.env.notifyManager("STOPPING=1")
