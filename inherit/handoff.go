@@ -150,7 +150,8 @@ func (h *Handoffs) Close() error {
 }
 
 // Listener returns the listener on which connections of kind arrive, as if
-// accepted; nil for a kind not passed to Handoffs. Each is a *Conn.
+// accepted, each a *Conn; nil for a kind not passed to Handoffs, and on a
+// nil *Handoffs.
 func (h *Handoffs) Listener(kind string) *Listener {
 	if h == nil {
 		return nil
@@ -299,8 +300,10 @@ type Outgoing struct {
 // SendTimeout bounds how long Send waits for upgrader's answer.
 const SendTimeout = 5 * time.Second
 
-// Send hands conns (at most 253) of kind to a ready worker of the newest
-// generation, through upgrader, and waits for the answer. On nil the
+// Send hands conns (at most 253, the kernel's SCM_MAX_FD) of kind to a
+// ready worker of the newest generation, through upgrader: one HANDOFF
+// message of docs/handoff.md with their fds as SCM_RIGHTS (unix(7)). It
+// waits for the answer, ACK or NAK, at most SendTimeout. On nil the
 // receiver owns them and the caller must close its copies; on error
 // (refused: no ready worker takes kind, the target failed; timeout;
 // channel closed) the connections are untouched and still the caller's to
@@ -447,7 +450,9 @@ func (l *Listener) Pending() int {
 	return l.reserved + len(l.queue)
 }
 
-// Accept waits for the next handed-off connection.
+// Accept waits for the next handed-off connection, a *Conn. Once the
+// listener is closed and every connection taken has been returned, it
+// returns net.ErrClosed.
 func (l *Listener) Accept() (net.Conn, error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
@@ -462,8 +467,8 @@ func (l *Listener) Accept() (net.Conn, error) {
 	return c, nil
 }
 
-// Close stops the listener taking more connections (further handoffs are
-// refused, and their senders keep them). Connections already acknowledged
+// Close stops the listener taking more connections (further handoffs of its
+// kind are refused with NAK, and their senders keep them). Connections already acknowledged
 // are still returned by Accept, which fails only once they are all out:
 // dropping them would lose their requests.
 func (l *Listener) Close() error {

@@ -154,8 +154,8 @@ func (s *Set) Inherited(sock any) bool {
 // yet taken, keyed by its LISTEN_FDNAMES name, in fd order within a name,
 // as go-systemd's activation.ListenersWithNames does. It binds nothing: the
 // map is empty when none was inherited. On an error (an fd that net cannot
-// use, named with its name and number) the listeners taken so far are
-// closed and returned to no one.
+// use, named by its LISTEN_FDNAMES name) the listeners taken so far are
+// closed and the map is nil.
 func (s *Set) Listeners() (map[string][]net.Listener, error) {
 	out := map[string][]net.Listener{}
 	for {
