@@ -181,6 +181,9 @@ func TestHandoffsTwiceClosesNothing(t *testing.T) {
 	if err != nil || h1 == nil {
 		t.Fatalf("Handoffs: %v, %v", h1, err)
 	}
+	// Closed before the test ends, not by the cleanup's closing of
+	// upgrader's end: its release would then overlap the next test's.
+	defer h1.Close()
 	if m, _ := recv(t, up); m.Type != handoff.TypeAccept {
 		t.Fatalf("first message %+v, want ACCEPT", m)
 	}
@@ -503,6 +506,8 @@ func TestHandoffsLogToTheLogger(t *testing.T) {
 		t.Fatalf("the channel stopped after a malformed message: %+v", m)
 	}
 	h.Close()
+	// Taken, so that no finalizer closes it during a later test.
+	accept(t, h.Listener(KindHTTP)).Close()
 	restore()
 	var stderr bytes.Buffer
 	r.SetReadDeadline(time.Now().Add(100 * time.Millisecond)) // the write end is closed by restore: EOF comes at once
