@@ -89,7 +89,14 @@ func (s *Set) Handoffs(kinds ...string) (*Handoffs, error) {
 	// copy: the Set must never use that number again.
 	fd := s.handoffFD
 	s.handoffFD = -1
-	h, err := newHandoffs(os.NewFile(uintptr(fd), "handoff"), kinds, s.log)
+	sock, err := handoff.NewSocket(os.NewFile(uintptr(fd), "handoff"))
+	if err != nil {
+		// Already "handoff fd N: cause" (a dup that failed, out of fds):
+		// wrapping it in the variable's name too would say it twice.
+		s.handoffErr = err
+		return nil, err
+	}
+	h, err := newHandoffs(sock, kinds, s.log)
 	if err != nil {
 		s.handoffErr = fmt.Errorf("%s=%d: %w", HandoffEnv, fd, err)
 		return nil, s.handoffErr
@@ -98,12 +105,10 @@ func (s *Set) Handoffs(kinds ...string) (*Handoffs, error) {
 	return h, nil
 }
 
-// newHandoffs takes over f, a SOCK_SEQPACKET socket, and sends ACCEPT.
-func newHandoffs(f *os.File, kinds []string, log *slog.Logger) (*Handoffs, error) {
-	sock, err := handoff.NewSocket(f)
-	if err != nil {
-		return nil, err
-	}
+// newHandoffs takes over sock, sends ACCEPT and starts serving it; on an
+// error sock is closed.
+func newHandoffs(sock *handoff.Socket, kinds []string, log *slog.Logger) (*Handoffs, error) {
+	var err error
 	h := &Handoffs{sock: sock, kinds: map[string]*Listener{}, log: log, waiting: map[uint64]chan error{},
 		toConvert: make(chan received, 4*handoff.MaxFDs), converted: make(chan struct{}), done: make(chan struct{})}
 	if h.park, err = newParker(log); err != nil {
