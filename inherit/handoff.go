@@ -3,9 +3,10 @@ package inherit
 import (
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"os"
-	"strconv"
+	"sort"
 	"sync"
 	"syscall"
 	"time"
@@ -16,64 +17,110 @@ import (
 	"github.com/seed6cb0314a/upgrader/internal/sockets"
 )
 
+// KindHTTP is the handoff kind of idle HTTP/1.x keep-alive connections
+// between two requests, the kind net/http servers take through drain
+// (docs/handoff.md). Other kinds are the applications' own.
+const KindHTTP = "http"
+
 // Handoffs is the worker's end of upgrader's live-connection handoff
 // channel (UPGRADER_HANDOFF_FD; the protocol is in docs/handoff.md). A new
 // worker receives connections from a draining one through it; a draining
 // worker sends its connections through it.
+//
+// A nil *Handoffs, what Set.Handoffs returns when there is no channel, is
+// ready to use: Listener returns nil, Send returns ErrNoHandoff and Close
+// does nothing.
 type Handoffs struct {
 	sock  *handoff.Socket
-	kinds map[string]*Listener
+	kinds map[string]*Listener // fixed at creation: read without a lock
+	log   *slog.Logger
 
 	mu        sync.Mutex
 	nextID    uint64
 	waiting   map[uint64]chan error
 	closed    bool
-	wg        sync.WaitGroup // connections being converted
-	toConvert chan received
-	park      *parker // idle HTTP connections, until readable
+	toConvert chan received // closed by read when it ends
+	converted chan struct{} // closed by convert when it ends
+	park      *parker       // idle HTTP connections, until readable
+	closeOnce sync.Once
+	done      chan struct{} // closed once everything is released
 }
 
-// ErrNoHandoff is returned by Send when the process has no handoff channel.
-var ErrNoHandoff = errors.New("no handoff channel (not run by upgrader, or --no-handoff)")
+// ErrNoHandoff is returned by Send when the process has no handoff channel,
+// or no longer has one (Close, or upgrader closed it).
+var ErrNoHandoff = errors.New("no handoff channel (not run by upgrader, --no-handoff, or closed)")
 
-// Handoffs opens the handoff channel named by UPGRADER_HANDOFF_FD and tells
-// upgrader which kinds of connection this worker takes ("http" for
-// net/http servers; any name of 1-32 [a-z0-9._-] for the application's
-// own). It returns nil and no error when there is no channel: the worker
-// then neither receives nor sends connections. The error names the
-// variable when it does not name a SOCK_SEQPACKET socket.
+// Handoffs opens the handoff channel New took from UPGRADER_HANDOFF_FD and
+// tells upgrader, with the ACCEPT message of docs/handoff.md, which kinds of
+// connection this worker takes (KindHTTP for net/http servers; any name of
+// 1-32 [a-z0-9._-] for the application's own). Connections arrive on
+// Listener(kind) until Close.
+//
+// When the process has no channel (not run by upgrader, or run with
+// --no-handoff) it returns nil and no error: a nil *Handoffs neither
+// receives nor sends, and drain treats it as "no handoff". ACCEPT is sent
+// once, so a later call returns the same *Handoffs when its kinds are among
+// the first call's, and an error naming both lists otherwise. The error
+// names UPGRADER_HANDOFF_FD when it does not name an AF_UNIX SOCK_SEQPACKET
+// socket (unix(7)), and the kind when one is not valid.
 func (s *Set) Handoffs(kinds ...string) (*Handoffs, error) {
-	v := os.Getenv("UPGRADER_HANDOFF_FD")
-	if v == "" {
+	for _, k := range kinds {
+		if !handoff.ValidKind(k) {
+			return nil, fmt.Errorf("handoff kind %q: want 1-32 of [a-z0-9._-]", k)
+		}
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if h := s.handoffs; h != nil {
+		for _, k := range kinds {
+			if h.kinds[k] == nil {
+				return nil, fmt.Errorf("handoff kinds %q: the channel already takes %q, and ACCEPT is sent once (docs/handoff.md)", kinds, h.kindList())
+			}
+		}
+		return h, nil
+	}
+	if s.handoffErr != nil {
+		return nil, s.handoffErr
+	}
+	if s.handoffFD < 0 {
 		return nil, nil
 	}
-	fd, err := strconv.Atoi(v)
-	if err != nil || fd < 3 {
-		return nil, fmt.Errorf("UPGRADER_HANDOFF_FD=%q: not an fd number", v)
-	}
-	if _, err := unix.FcntlInt(uintptr(fd), unix.F_GETFD, 0); err != nil {
-		return nil, fmt.Errorf("UPGRADER_HANDOFF_FD=%d: fd is not open", fd)
-	}
-	unix.CloseOnExec(fd)
+	// The fd passes to the socket, which closes it once it has its own
+	// copy: the Set must never use that number again.
+	fd := s.handoffFD
+	s.handoffFD = -1
 	sock, err := handoff.NewSocket(os.NewFile(uintptr(fd), "handoff"))
 	if err != nil {
-		return nil, fmt.Errorf("UPGRADER_HANDOFF_FD=%d: %w", fd, err)
+		// Already "handoff fd N: cause" (a dup that failed, out of fds):
+		// wrapping it in the variable's name too would say it twice.
+		s.handoffErr = err
+		return nil, err
 	}
-	h := &Handoffs{sock: sock, kinds: map[string]*Listener{}, waiting: map[uint64]chan error{},
-		toConvert: make(chan received, 4*handoff.MaxFDs)}
-	if h.park, err = newParker(); err != nil {
+	h, err := newHandoffs(sock, kinds, s.log)
+	if err != nil {
+		s.handoffErr = fmt.Errorf("%s=%d: %w", HandoffEnv, fd, err)
+		return nil, s.handoffErr
+	}
+	s.handoffs = h
+	return h, nil
+}
+
+// newHandoffs takes over sock, sends ACCEPT and starts serving it; on an
+// error sock is closed.
+func newHandoffs(sock *handoff.Socket, kinds []string, log *slog.Logger) (*Handoffs, error) {
+	var err error
+	h := &Handoffs{sock: sock, kinds: map[string]*Listener{}, log: log, waiting: map[uint64]chan error{},
+		toConvert: make(chan received, 4*handoff.MaxFDs), converted: make(chan struct{}), done: make(chan struct{})}
+	if h.park, err = newParker(log); err != nil {
 		sock.Close()
 		return nil, err
 	}
 	for _, k := range kinds {
-		if !handoff.ValidKind(k) {
-			sock.Close()
-			return nil, fmt.Errorf("handoff kind %q: want 1-32 of [a-z0-9._-]", k)
-		}
 		h.kinds[k] = newListener(k, h)
 	}
 	if err := sock.Send(handoff.Message{Type: handoff.TypeAccept, Kinds: kinds}, nil); err != nil {
 		sock.Close()
+		h.park.close()
 		return nil, err
 	}
 	go h.read()
@@ -81,8 +128,35 @@ func (s *Set) Handoffs(kinds ...string) (*Handoffs, error) {
 	return h, nil
 }
 
+func (h *Handoffs) kindList() []string {
+	ks := make([]string, 0, len(h.kinds))
+	for k := range h.kinds {
+		ks = append(ks, k)
+	}
+	sort.Strings(ks)
+	return ks
+}
+
+// Close ends the channel: upgrader routes no more connections here, a Send
+// waiting for its answer returns ErrNoHandoff (its connections are still
+// the caller's), and every Listener is closed. Connections already taken
+// (acknowledged), parked idle ones included, are still returned by their
+// Listener's Accept: dropping them would lose their clients. When Close
+// returns, the channel's goroutines have ended and its fds (the socket, the
+// epoll instance) are closed. It is safe to call more than once, and on a
+// nil *Handoffs; it always returns nil.
+func (h *Handoffs) Close() error {
+	if h == nil {
+		return nil
+	}
+	h.closeOnce.Do(func() { h.sock.Close() }) // read's Recv returns, and read releases the rest
+	<-h.done
+	return nil
+}
+
 // Listener returns the listener on which connections of kind arrive, as if
-// accepted; nil for a kind not passed to Handoffs. Each is a *Conn.
+// accepted, each a *Conn; nil for a kind not passed to Handoffs, and on a
+// nil *Handoffs.
 func (h *Handoffs) Listener(kind string) *Listener {
 	if h == nil {
 		return nil
@@ -90,16 +164,21 @@ func (h *Handoffs) Listener(kind string) *Listener {
 	return h.kinds[kind]
 }
 
+// read serves the channel until it ends (Close, or upgrader closed it),
+// then releases everything.
 func (h *Handoffs) read() {
+	defer h.shut()
 	for {
 		m, fds, err := h.sock.Recv()
 		if err != nil && !errors.Is(err, handoff.ErrMalformed) {
-			h.shut()
+			if !errors.Is(err, handoff.ErrClosed) && !errors.Is(err, net.ErrClosed) {
+				h.log.Warn("handoff channel failed; taking and sending no more connections", "error", err)
+			}
 			return
 		}
 		if err != nil {
 			handoff.CloseFDs(fds)
-			fmt.Fprintf(os.Stderr, "upgrader handoff: dropped a message from upgrader: %v\n", err)
+			h.log.Warn("handoff: dropped a malformed message from upgrader", "error", err)
 			continue
 		}
 		switch m.Type {
@@ -144,12 +223,11 @@ func (h *Handoffs) receive(m handoff.Message, fds []int) {
 	h.sock.Send(handoff.Message{Type: handoff.TypeAck, ID: m.ID}, nil)
 	for i, fd := range fds {
 		c := m.Conns[i]
-		if h.park != nil && m.Kind == "http" && len(c.Buffered) == 0 {
+		if m.Kind == KindHTTP && len(c.Buffered) == 0 {
 			// HTTP clients speak first: nothing to do until they do.
 			h.park.park(fd, l, c.State)
 			continue
 		}
-		h.wg.Add(1)
 		h.toConvert <- received{fd, c, l}
 	}
 }
@@ -163,15 +241,15 @@ type received struct {
 // convert turns received fds into connections in order, off the reading
 // goroutine, so that a large handoff does not delay the next message.
 func (h *Handoffs) convert() {
+	defer close(h.converted)
 	for r := range h.toConvert {
 		c, err := fileConn(r.fd)
 		if err != nil {
-			fmt.Fprintf(os.Stderr, "upgrader handoff: connection lost: %v\n", err)
+			h.log.Warn("handoff: a connection taken could not be used, closed", "kind", r.l.kind, "error", err)
 			r.l.deliver(nil, 1)
-		} else {
-			r.l.deliver([]*Conn{{Conn: c, Kind: r.l.kind, State: r.c.State, pending: r.c.Buffered}}, 1)
+			continue
 		}
-		h.wg.Done()
+		r.l.deliver([]*Conn{{Conn: c, Kind: r.l.kind, State: r.c.State, pending: r.c.Buffered}}, 1)
 	}
 }
 
@@ -191,8 +269,12 @@ func fileConn(fd int) (net.Conn, error) {
 	return c, err
 }
 
+// shut releases the channel once read has ended: conversions finish, Sends
+// waiting fail, the listeners close (delivering what is parked for them)
+// and the parker's epoll instance and goroutine go.
 func (h *Handoffs) shut() {
-	h.wg.Wait()
+	close(h.toConvert) // read, the only sender, has returned
+	<-h.converted
 	h.mu.Lock()
 	h.closed = true
 	for id, ch := range h.waiting {
@@ -203,6 +285,9 @@ func (h *Handoffs) shut() {
 	for _, l := range h.kinds {
 		l.Close()
 	}
+	h.park.close()
+	h.closeOnce.Do(func() { h.sock.Close() }) // upgrader ended it: release our end too
+	close(h.done)
 }
 
 // Outgoing is one connection to hand off.
@@ -220,8 +305,10 @@ type Outgoing struct {
 // SendTimeout bounds how long Send waits for upgrader's answer.
 const SendTimeout = 5 * time.Second
 
-// Send hands conns (at most 253) of kind to a ready worker of the newest
-// generation, through upgrader, and waits for the answer. On nil the
+// Send hands conns (at most 253, the kernel's SCM_MAX_FD) of kind to a
+// ready worker of the newest generation, through upgrader: one HANDOFF
+// message of docs/handoff.md with their fds as SCM_RIGHTS (unix(7)). It
+// waits for the answer, ACK or NAK, at most SendTimeout. On nil the
 // receiver owns them and the caller must close its copies; on error
 // (refused: no ready worker takes kind, the target failed; timeout;
 // channel closed) the connections are untouched and still the caller's to
@@ -368,7 +455,9 @@ func (l *Listener) Pending() int {
 	return l.reserved + len(l.queue)
 }
 
-// Accept waits for the next handed-off connection.
+// Accept waits for the next handed-off connection, a *Conn. Once the
+// listener is closed and every connection taken has been returned, it
+// returns net.ErrClosed.
 func (l *Listener) Accept() (net.Conn, error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
@@ -383,8 +472,8 @@ func (l *Listener) Accept() (net.Conn, error) {
 	return c, nil
 }
 
-// Close stops the listener taking more connections (further handoffs are
-// refused, and their senders keep them). Connections already acknowledged
+// Close stops the listener taking more connections (further handoffs of its
+// kind are refused with NAK, and their senders keep them). Connections already acknowledged
 // are still returned by Accept, which fails only once they are all out:
 // dropping them would lose their requests.
 func (l *Listener) Close() error {
@@ -392,7 +481,7 @@ func (l *Listener) Close() error {
 	l.closed = true
 	l.cond.Broadcast()
 	l.mu.Unlock()
-	if l.h != nil && l.h.park != nil {
+	if l.h != nil {
 		l.h.park.flush(l)
 	}
 	return nil

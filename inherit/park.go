@@ -1,9 +1,10 @@
 package inherit
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
-	"os"
+	"log/slog"
 	"sync"
 
 	"golang.org/x/sys/unix"
@@ -13,12 +14,20 @@ import (
 // (HTTP) as bare fds in an epoll set until their client sends something.
 // Ten thousand idle keep-alive connections thus cost ten thousand
 // epoll_ctl calls, not ten thousand net.Conns, goroutines and buffers.
+//
+// Its goroutine owns epfd and efd: it closes them when it ends, after
+// close wakes it through efd (closing an epoll fd does not wake a thread
+// blocked in epoll_wait on it, and its number could be reused meanwhile).
 type parker struct {
 	epfd int
+	efd  int // eventfd(2) in the set: written by close to wake wait
+	log  *slog.Logger
 
-	mu     sync.Mutex
-	parked map[int]parkedConn
-	closed bool
+	mu        sync.Mutex
+	parked    map[int]parkedConn
+	closed    bool
+	closeOnce sync.Once
+	done      chan struct{} // closed when wait has released everything
 }
 
 type parkedConn struct {
@@ -26,14 +35,36 @@ type parkedConn struct {
 	state []byte
 }
 
-func newParker() (*parker, error) {
+func newParker(log *slog.Logger) (*parker, error) {
 	epfd, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
 	if err != nil {
 		return nil, fmt.Errorf("handoff: epoll_create1: %w", err)
 	}
-	p := &parker{epfd: epfd, parked: map[int]parkedConn{}}
+	efd, err := unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
+	if err != nil {
+		unix.Close(epfd)
+		return nil, fmt.Errorf("handoff: eventfd: %w", err)
+	}
+	ev := unix.EpollEvent{Events: unix.EPOLLIN, Fd: int32(efd)}
+	if err := unix.EpollCtl(epfd, unix.EPOLL_CTL_ADD, efd, &ev); err != nil {
+		unix.Close(epfd)
+		unix.Close(efd)
+		return nil, fmt.Errorf("handoff: epoll_ctl: %w", err)
+	}
+	p := &parker{epfd: epfd, efd: efd, log: log, parked: map[int]parkedConn{}, done: make(chan struct{})}
 	go p.wait()
 	return p, nil
+}
+
+// close delivers what is still parked, and returns once the goroutine has
+// ended and closed the epoll instance and eventfd.
+func (p *parker) close() {
+	p.closeOnce.Do(func() {
+		var one [8]byte // eventfd(2) adds a native-endian uint64
+		binary.NativeEndian.PutUint64(one[:], 1)
+		unix.Write(p.efd, one[:])
+	})
+	<-p.done
 }
 
 // park adds fd, owned by the parker from now on; if it cannot, it delivers
@@ -50,29 +81,44 @@ func (p *parker) park(fd int, l *Listener, state []byte) {
 		delete(p.parked, fd)
 	}
 	p.mu.Unlock()
-	deliverFD(fd, l, state)
+	p.deliver(fd, l, state)
 }
 
-// wait delivers parked connections as they turn readable.
+// wait delivers parked connections as they turn readable, until close.
 func (p *parker) wait() {
+	defer close(p.done)
 	events := make([]unix.EpollEvent, 256)
-	for {
-		n, err := unix.EpollWait(p.epfd, events, 1000)
+	for stop := false; !stop; {
+		n, err := unix.EpollWait(p.epfd, events, -1)
 		if errors.Is(err, unix.EINTR) {
 			continue
 		}
-		ready := make([]int, n)
-		for i := range ready {
-			ready[i] = int(events[i].Fd)
+		if err != nil {
+			p.log.Warn("handoff: epoll_wait failed; delivering the parked connections now", "error", err)
+			stop = true
+		}
+		ready := make([]int, 0, n)
+		for _, ev := range events[:max(n, 0)] {
+			if int(ev.Fd) == p.efd {
+				stop = true
+				continue
+			}
+			ready = append(ready, int(ev.Fd))
 		}
 		p.take(ready)
-		p.mu.Lock()
-		closed := p.closed
-		p.mu.Unlock()
-		if closed || err != nil {
-			return
-		}
 	}
+	// Nothing is parked from here on (park delivers at once), and what
+	// still is goes to its listener: each was acknowledged to its sender.
+	p.mu.Lock()
+	p.closed = true
+	rest := make([]int, 0, len(p.parked))
+	for fd := range p.parked {
+		rest = append(rest, fd)
+	}
+	p.mu.Unlock()
+	p.take(rest)
+	unix.Close(p.epfd)
+	unix.Close(p.efd)
 }
 
 // flush delivers every connection parked for l: it is closing, and they
@@ -104,15 +150,15 @@ func (p *parker) take(fds []int) {
 	}
 	p.mu.Unlock()
 	for i, fd := range got {
-		deliverFD(fd, meta[i].l, meta[i].state)
+		p.deliver(fd, meta[i].l, meta[i].state)
 	}
 }
 
-// deliverFD turns fd into a connection for l (which counted it reserved).
-func deliverFD(fd int, l *Listener, state []byte) {
+// deliver turns fd into a connection for l (which counted it reserved).
+func (p *parker) deliver(fd int, l *Listener, state []byte) {
 	c, err := fileConn(fd)
 	if err != nil {
-		fmt.Fprintf(os.Stderr, "upgrader handoff: connection lost: %v\n", err)
+		p.log.Warn("handoff: a connection taken could not be used, closed", "kind", l.kind, "error", err)
 		l.deliver(nil, 1)
 		return
 	}

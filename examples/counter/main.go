@@ -25,6 +25,8 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/coreos/go-systemd/v22/daemon"
+
 	"github.com/seed6cb0314a/upgrader/drain"
 	"github.com/seed6cb0314a/upgrader/inherit"
 )
@@ -49,7 +51,7 @@ func main() {
 		log.Error("exiting", "error", err)
 		os.Exit(1)
 	}
-	fds, err := inherit.New()
+	fds, err := inherit.New(inherit.WithLogger(log))
 	if err != nil {
 		fatal(err)
 	}
@@ -102,7 +104,7 @@ func main() {
 	sig := make(chan os.Signal, 1)
 	signal.Notify(sig, syscall.SIGTERM, syscall.SIGINT)
 	<-sig
-	inherit.Notify("STOPPING=1")
+	inherit.Notify(daemon.SdNotifyStopping)
 	l.Close()
 	if hl := handoffs.Listener(kind); hl != nil {
 		hl.Close()
@@ -133,6 +135,7 @@ func main() {
 		}
 	}
 	wg.Wait()
+	handoffs.Close()
 }
 
 // serve answers lines until the client goes, or until stop: then it returns

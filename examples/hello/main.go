@@ -6,7 +6,10 @@
 // clean exit 1); ?hang=1 stops the sd_notify watchdog pings, as a deadlock
 // would.
 //
-// Under upgrader it serves the inherited listener; on its own it binds -addr.
+// Under upgrader (or systemd socket activation) it serves every inherited
+// stream listener, or the one named by -listener; datagram sockets and
+// fd-store entries it inherits are not its business. It binds -addr only when
+// no stream listener is inherited, so that it also runs on its own.
 package main
 
 import (
@@ -41,22 +44,16 @@ func main() {
 		os.Exit(1)
 	}
 
-	fds, err := inherit.New()
+	fds, err := inherit.New(inherit.WithLogger(log))
 	if err != nil {
 		fatal(err)
 	}
-	var listeners []net.Listener
-	for {
-		l, err := fds.Listen(*name, "tcp", *addr)
-		if err != nil {
-			fatal(err)
-		}
-		listeners = append(listeners, l)
-		// Without a name, serve every inherited stream listener; a fresh
-		// bind happens only once.
-		if *name != "" || len(listeners) >= fds.Inherited() {
-			break
-		}
+	listeners, err := listen(fds, *name, *addr)
+	if err != nil {
+		fatal(err)
+	}
+	for _, l := range listeners {
+		log.Info("serving", "addr", l.Addr().String(), "inherited", fds.Inherited(l))
 	}
 
 	pid, gen := strconv.Itoa(os.Getpid()), strconv.Itoa(inherit.Generation())
@@ -84,7 +81,7 @@ func main() {
 	})
 	// Live connections: take idle keep-alive connections from a draining
 	// generation, and hand ours to the next one (nil when not offered).
-	handoffs, err := fds.Handoffs("http")
+	handoffs, err := fds.Handoffs(inherit.KindHTTP)
 	if err != nil {
 		fatal(err)
 	}
@@ -101,7 +98,7 @@ func main() {
 		d.Go(func() {
 			for range time.Tick(every / 2) {
 				if !hung.Load() {
-					inherit.Notify("WATCHDOG=1")
+					inherit.Notify(daemon.SdNotifyWatchdog)
 				}
 			}
 		})
@@ -109,4 +106,28 @@ func main() {
 	if err := d.Serve(context.Background(), listeners); err != nil {
 		fatal(err)
 	}
+}
+
+// listen returns the listener called name (inherited, or bound on addr), or
+// without a name every inherited stream listener, binding addr only when
+// none was inherited.
+func listen(fds *inherit.Set, name, addr string) ([]net.Listener, error) {
+	if name == "" {
+		byName, err := fds.Listeners()
+		if err != nil {
+			return nil, err
+		}
+		var all []net.Listener
+		for _, ls := range byName {
+			all = append(all, ls...)
+		}
+		if len(all) > 0 {
+			return all, nil
+		}
+	}
+	l, err := fds.Listen(name, "tcp", addr)
+	if err != nil {
+		return nil, err
+	}
+	return []net.Listener{l}, nil
 }

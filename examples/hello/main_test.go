@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -12,7 +13,9 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -32,12 +35,7 @@ func TestAcceptErrorsLogStructured(t *testing.T) {
 		t.Skip("needs prlimit(1):", err)
 	}
 	dir := t.TempDir()
-	upgrader, hello := filepath.Join(dir, "upgrader"), filepath.Join(dir, "hello")
-	for pkg, out := range map[string]string{"../../cmd/upgrader": upgrader, ".": hello} {
-		if b, err := exec.Command("go", "build", "-o", out, pkg).CombinedOutput(); err != nil {
-			t.Fatalf("go build %s: %v\n%s", pkg, err, b)
-		}
-	}
+	upgrader, hello := binaries(t)
 	ctl := filepath.Join(dir, "control.sock")
 	// prlimit execs hello in its own process, so LISTEN_PID still matches.
 	const maxFDs = 32
@@ -154,4 +152,162 @@ func TestAcceptErrorsLogStructured(t *testing.T) {
 	if acceptErrors == 0 {
 		t.Fatalf("no accept error reported though hello ran out of fds; stderr:\n%s", &stderr)
 	}
+}
+
+var (
+	buildOnce             sync.Once
+	buildDir              string
+	upgraderBin, helloBin string
+	buildErr              error
+)
+
+// TestMain removes the binaries built for the tests.
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if buildDir != "" {
+		os.RemoveAll(buildDir)
+	}
+	os.Exit(code)
+}
+
+// binaries builds upgrader and hello once for every test.
+func binaries(t *testing.T) (upgrader, hello string) {
+	t.Helper()
+	buildOnce.Do(func() {
+		if buildDir, buildErr = os.MkdirTemp("", "hello-test-"); buildErr != nil {
+			return
+		}
+		upgraderBin, helloBin = filepath.Join(buildDir, "upgrader"), filepath.Join(buildDir, "hello")
+		for pkg, out := range map[string]string{"../../cmd/upgrader": upgraderBin, ".": helloBin} {
+			if b, err := exec.Command("go", "build", "-o", out, pkg).CombinedOutput(); err != nil {
+				buildErr = fmt.Errorf("go build %s: %v\n%s", pkg, err, b)
+				return
+			}
+		}
+	})
+	if buildErr != nil {
+		t.Fatal(buildErr)
+	}
+	return upgraderBin, helloBin
+}
+
+// Issue 8, finding 3: with a TCP and a UDP socket inherited, hello serves
+// the TCP one and binds nothing of its own. It used to take as many
+// listeners as it inherited fds: the UDP socket counted, found no stream
+// listener, and bound one on -addr.
+func TestServesInheritedListenersOnly(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds and runs the binaries")
+	}
+	upgrader, hello := binaries(t)
+	ctl := filepath.Join(t.TempDir(), "control.sock")
+	cmd := exec.Command(upgrader, "--control", ctl, "-l", "web=tcp://127.0.0.1:0", "-l", "dns=udp://127.0.0.1:0", "--",
+		hello, "-addr", "127.0.0.1:0")
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
+	defer func() {
+		cmd.Process.Kill()
+		<-exited
+	}()
+
+	var web string
+	var pid int
+	for deadline := time.Now().Add(30 * time.Second); ; {
+		var st struct {
+			Ready     bool `json:"ready"`
+			Listeners []struct {
+				Network string `json:"network"`
+				Address string `json:"address"`
+			} `json:"listeners"`
+			Generations []struct {
+				Workers []struct {
+					Pid int `json:"pid"`
+				} `json:"workers"`
+			} `json:"generations"`
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		err := control.Do(ctx, ctl, control.Request{Command: "status"}, func(b []byte) error { return json.Unmarshal(b, &st) })
+		cancel()
+		if err == nil && st.Ready && len(st.Generations) == 1 && len(st.Generations[0].Workers) == 1 {
+			for _, l := range st.Listeners {
+				if strings.HasPrefix(l.Network, "tcp") {
+					web = l.Address
+				}
+			}
+			pid = st.Generations[0].Workers[0].Pid
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("hello not ready: %v; stderr:\n%s", err, &stderr)
+		}
+		select {
+		case err := <-exited:
+			t.Fatalf("upgrader exited: %v; stderr:\n%s", err, &stderr)
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+	// hello is ready: it has every listener it will have.
+	got := listening(t, pid)
+	if len(got) != 1 || got[0] != web {
+		t.Fatalf("hello listens on %q, want only the inherited %s; stderr:\n%s", got, web, &stderr)
+	}
+	resp, err := http.Get("http://" + web + "/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("GET on the inherited listener: %s", resp.Status)
+	}
+}
+
+// listening lists the addresses of the listening TCP sockets pid holds:
+// the sockets of /proc/PID/net/tcp{,6} in state LISTEN whose inode is one
+// of /proc/PID/fd.
+func listening(t *testing.T, pid int) []string {
+	t.Helper()
+	held := map[string]bool{}
+	dir := fmt.Sprintf("/proc/%d/fd", pid)
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range ents {
+		target, _ := os.Readlink(filepath.Join(dir, e.Name()))
+		if in, ok := strings.CutPrefix(target, "socket:["); ok {
+			held[strings.TrimSuffix(in, "]")] = true
+		}
+	}
+	var out []string
+	for _, table := range []string{"tcp", "tcp6"} {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/net/%s", pid, table))
+		if err != nil {
+			continue
+		}
+		for _, line := range strings.Split(string(b), "\n")[1:] {
+			fs := strings.Fields(line)
+			if len(fs) < 10 || fs[3] != "0A" || !held[fs[9]] {
+				continue
+			}
+			out = append(out, procAddr(fs[1]))
+		}
+	}
+	return out
+}
+
+// procAddr decodes /proc/net/tcp's address: the IP as 32-bit words in host
+// (little-endian) order, then the port, in hex.
+func procAddr(s string) string {
+	h, p, _ := strings.Cut(s, ":")
+	b, _ := hex.DecodeString(h)
+	for i := 0; i+4 <= len(b); i += 4 {
+		b[i], b[i+1], b[i+2], b[i+3] = b[i+3], b[i+2], b[i+1], b[i]
+	}
+	port, _ := strconv.ParseUint(p, 16, 16)
+	return net.JoinHostPort(net.IP(b).String(), strconv.FormatUint(port, 10))
 }

@@ -1,0 +1,539 @@
+package inherit
+
+import (
+	"bytes"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"runtime"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/seed6cb0314a/upgrader/internal/handoff"
+	"github.com/seed6cb0314a/upgrader/internal/sockets"
+)
+
+// fakeUpgrader gives the test process a handoff channel as upgrader gives
+// a worker one: a SOCK_SEQPACKET socket pair, one end's number in
+// UPGRADER_HANDOFF_FD. It returns upgrader's end and the worker's fd
+// number. Raw fds, not *os.File: the worker's end passes to the code under
+// test, and a finalizer of ours must not close that number later.
+func fakeUpgrader(t *testing.T) (*handoff.Socket, int) {
+	t.Helper()
+	up, wfd, raw := fakeUpgraderRaw(t)
+	unix.Close(raw)
+	return up, wfd
+}
+
+// fakeUpgraderRaw is fakeUpgrader, with a raw copy of upgrader's end too,
+// for datagrams that handoff.Socket would not send.
+func fakeUpgraderRaw(t *testing.T) (up *handoff.Socket, wfd, raw int) {
+	t.Helper()
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv(HandoffEnv, strconv.Itoa(fds[1]))
+	raw, err = unix.FcntlInt(uintptr(fds[0]), unix.F_DUPFD_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	up, err = handoff.NewSocket(os.NewFile(uintptr(fds[0]), "upgrader"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { up.Close() })
+	return up, fds[1], raw
+}
+
+// recv is up.Recv, failing the test after 10 s.
+func recv(t *testing.T, up *handoff.Socket) (handoff.Message, []int) {
+	t.Helper()
+	type res struct {
+		m   handoff.Message
+		fds []int
+		err error
+	}
+	ch := make(chan res, 1)
+	go func() {
+		m, fds, err := up.Recv()
+		ch <- res{m, fds, err}
+	}()
+	select {
+	case r := <-ch:
+		if r.err != nil {
+			t.Fatalf("upgrader's end: %v", r.err)
+		}
+		return r.m, r.fds
+	case <-time.After(10 * time.Second):
+		t.Fatal("upgrader's end received nothing in 10s")
+	}
+	panic("unreachable")
+}
+
+// tcpPair returns both ends of a loopback TCP connection.
+func tcpPair(t *testing.T) (server *net.TCPConn, client net.Conn) {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	client, err = net.Dial("tcp", l.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := l.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { client.Close(); s.Close() })
+	return s.(*net.TCPConn), client
+}
+
+// handOff sends conn to the worker as upgrader forwards a HANDOFF, and
+// returns the worker's answer. upgrader's copy of the fd is closed.
+func handOff(t *testing.T, up *handoff.Socket, id uint64, kind string, conn *net.TCPConn, c handoff.Conn) handoff.Message {
+	t.Helper()
+	fd, err := sockets.DupFD(conn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(fd)
+	if err := up.Send(handoff.Message{Type: handoff.TypeHandoff, ID: id, Kind: kind, Conns: []handoff.Conn{c}}, []int{fd}); err != nil {
+		t.Fatal(err)
+	}
+	m, fds := recv(t, up)
+	handoff.CloseFDs(fds)
+	return m
+}
+
+// accept is l.Accept, failing the test after 10 s.
+func accept(t *testing.T, l net.Listener) net.Conn {
+	t.Helper()
+	ch := make(chan net.Conn, 1)
+	go func() {
+		c, err := l.Accept()
+		if err != nil {
+			t.Errorf("Accept: %v", err)
+		}
+		ch <- c
+	}()
+	select {
+	case c := <-ch:
+		if c == nil {
+			t.FailNow()
+		}
+		return c
+	case <-time.After(10 * time.Second):
+		t.Fatal("Accept returned nothing in 10s")
+	}
+	panic("unreachable")
+}
+
+// openFDs maps this process's open fds to what they are (readlink of
+// /proc/self/fd/N).
+func openFDs(t *testing.T) map[int]string {
+	t.Helper()
+	ents, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := map[int]string{}
+	for _, e := range ents {
+		fd, _ := strconv.Atoi(e.Name())
+		if target, err := os.Readlink(filepath.Join("/proc/self/fd", e.Name())); err == nil {
+			out[fd] = target
+		}
+	}
+	return out
+}
+
+// waitFor polls cond (state, not time) until it holds, for up to 10 s.
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	for deadline := time.Now().Add(10 * time.Second); !cond(); {
+		if time.Now().After(deadline) {
+			t.Fatalf("never: %s", what)
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+// Issue 8, finding 2: a second Handoffs looked UPGRADER_HANDOFF_FD up
+// again, found the number reused (by the first call's epoll instance, or
+// anything the process opened since) and closed it.
+func TestHandoffsTwiceClosesNothing(t *testing.T) {
+	up, wfd := fakeUpgrader(t)
+	s, err := New()
+	if err != nil {
+		t.Fatal(err)
+	}
+	h1, err := s.Handoffs("http")
+	if err != nil || h1 == nil {
+		t.Fatalf("Handoffs: %v, %v", h1, err)
+	}
+	// Closed before the test ends, not by the cleanup's closing of
+	// upgrader's end: its release would then overlap the next test's.
+	defer h1.Close()
+	if m, _ := recv(t, up); m.Type != handoff.TypeAccept {
+		t.Fatalf("first message %+v, want ACCEPT", m)
+	}
+	// The channel's number is free again (the socket has its own copy):
+	// open something there, as the process might.
+	if _, err := unix.FcntlInt(uintptr(wfd), unix.F_GETFD, 0); err == unix.EBADF {
+		var p [2]int
+		if err := unix.Pipe2(p[:], unix.O_CLOEXEC); err != nil {
+			t.Fatal(err)
+		}
+		defer unix.Close(p[0])
+		if err := unix.Dup3(p[1], wfd, unix.O_CLOEXEC); err != nil {
+			t.Fatal(err)
+		}
+		unix.Close(p[1])
+		defer unix.Close(wfd)
+	}
+	before := openFDs(t)
+
+	h2, err := s.Handoffs("http")
+	if err != nil || h2 != h1 {
+		t.Errorf("second Handoffs(http) = %p, %v; want the first, %p", h2, err, h1)
+	}
+	after := openFDs(t)
+	for fd, what := range before {
+		if after[fd] != what {
+			t.Errorf("fd %d (%s) closed or replaced by the second Handoffs", fd, what)
+		}
+	}
+	if v, ok := os.LookupEnv(HandoffEnv); ok {
+		t.Errorf("%s=%s still set after New: a child would take it", HandoffEnv, v)
+	}
+	// Kinds beyond the first call's cannot be added: ACCEPT went once.
+	if _, err := s.Handoffs("http", "counter"); err == nil || !strings.Contains(err.Error(), "counter") {
+		t.Errorf("Handoffs with a new kind: %v, want an error naming it", err)
+	}
+	// The first is still served: a connection handed to it arrives.
+	sc, cc := tcpPair(t)
+	if m := handOff(t, up, 1, "http", sc, handoff.Conn{State: []byte("s")}); m.Type != handoff.TypeAck {
+		t.Fatalf("answer %+v, want ACK", m)
+	}
+	io.WriteString(cc, "GET / HTTP/1.1\r\n")
+	c := accept(t, h1.Listener("http"))
+	c.Close()
+}
+
+// Issue 8, finding 2: an UPGRADER_HANDOFF_FD that names something else is
+// reported once, naming the variable, and that fd is left open (the old
+// code closed whatever lived at the number).
+func TestHandoffsBadFDIsNotClosed(t *testing.T) {
+	var p [2]int
+	if err := unix.Pipe2(p[:], unix.O_CLOEXEC); err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(p[0])
+	defer unix.Close(p[1])
+	t.Setenv(HandoffEnv, strconv.Itoa(p[1]))
+	s, err := New()
+	if err != nil {
+		t.Fatal(err)
+	}
+	h, err := s.Handoffs("http")
+	if h != nil || err == nil {
+		t.Fatalf("Handoffs on a pipe: %v, %v; want an error", h, err)
+	}
+	want := fmt.Sprintf("%s=%d: ", HandoffEnv, p[1])
+	if msg := err.Error(); !strings.HasPrefix(msg, want) || strings.Count(strings.ToLower(msg), "handoff") != 1 || !strings.Contains(msg, "SOCK_SEQPACKET") {
+		t.Errorf("error %q: want it to start %q, say what was wanted, and not stutter", msg, want)
+	}
+	if _, err := unix.FcntlInt(uintptr(p[1]), unix.F_GETFD, 0); err != nil {
+		t.Fatalf("the fd UPGRADER_HANDOFF_FD named was closed: %v", err)
+	}
+	if _, err := unix.Write(p[1], []byte("x")); err != nil {
+		t.Fatalf("the pipe no longer works: %v", err)
+	}
+}
+
+// Without UPGRADER_HANDOFF_FD there is no channel: nil, no error, and the
+// nil *Handoffs is safe to use.
+func TestHandoffsWithoutChannel(t *testing.T) {
+	t.Setenv(HandoffEnv, "")
+	os.Unsetenv(HandoffEnv)
+	s, err := New()
+	if err != nil {
+		t.Fatal(err)
+	}
+	h, err := s.Handoffs(KindHTTP)
+	if h != nil || err != nil {
+		t.Fatalf("Handoffs = %v, %v; want nil, nil", h, err)
+	}
+	if h.Listener(KindHTTP) != nil || h.Listener(KindHTTP).Pending() != 0 || h.Close() != nil {
+		t.Fatal("a nil *Handoffs misbehaves")
+	}
+	sc, _ := tcpPair(t)
+	if err := h.Send(KindHTTP, []Outgoing{{Conn: sc}}); err != ErrNoHandoff {
+		t.Fatalf("Send on nil: %v, want ErrNoHandoff", err)
+	}
+}
+
+// Issue 8, finding 7: the taking side. ACCEPT goes at start; a HANDOFF of
+// an application kind is acknowledged and its connection comes out of the
+// listener with its state, its buffered bytes first; an unknown kind is
+// refused.
+func TestHandoffsReceive(t *testing.T) {
+	up, _ := fakeUpgrader(t)
+	s, err := New()
+	if err != nil {
+		t.Fatal(err)
+	}
+	h, err := s.Handoffs(KindHTTP, "counter")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	if m, _ := recv(t, up); m.Type != handoff.TypeAccept || strings.Join(m.Kinds, ",") != "http,counter" {
+		t.Fatalf("first message %+v, want ACCEPT kinds=http,counter", m)
+	}
+
+	sc, cc := tcpPair(t)
+	if m := handOff(t, up, 7, "counter", sc, handoff.Conn{State: []byte("5"), Buffered: []byte("abc")}); m.Type != handoff.TypeAck || m.ID != 7 {
+		t.Fatalf("answer %+v, want ACK id=7", m)
+	}
+	sc.Close() // the sender lets go on ACK
+	c := accept(t, h.Listener("counter")).(*Conn)
+	defer c.Close()
+	if c.Kind != "counter" || string(c.State) != "5" || string(c.Pending()) != "abc" {
+		t.Fatalf("conn kind=%q state=%q pending=%q", c.Kind, c.State, c.Pending())
+	}
+	io.WriteString(cc, "def")
+	got := make([]byte, 6)
+	if _, err := io.ReadFull(c, got); err != nil || string(got) != "abcdef" {
+		t.Fatalf("read %q, %v; want the buffered bytes, then the socket's", got, err)
+	}
+	io.WriteString(c, "ok")
+	if _, err := io.ReadFull(cc, got[:2]); err != nil || string(got[:2]) != "ok" {
+		t.Fatalf("client read %q, %v", got[:2], err)
+	}
+
+	sc2, _ := tcpPair(t)
+	if m := handOff(t, up, 8, "other", sc2, handoff.Conn{}); m.Type != handoff.TypeNak || m.ID != 8 || !strings.Contains(m.Reason, "other") {
+		t.Fatalf("answer %+v, want NAK id=8 naming the kind", m)
+	}
+}
+
+// Issue 8, finding 7: an idle HTTP connection is parked in the epoll set,
+// not turned into a net.Conn, until its client speaks.
+func TestHandoffsParkIdleHTTP(t *testing.T) {
+	up, _ := fakeUpgrader(t)
+	s, err := New()
+	if err != nil {
+		t.Fatal(err)
+	}
+	h, err := s.Handoffs(KindHTTP)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	recv(t, up) // ACCEPT
+	sc, cc := tcpPair(t)
+	if m := handOff(t, up, 1, KindHTTP, sc, handoff.Conn{}); m.Type != handoff.TypeAck {
+		t.Fatalf("answer %+v, want ACK", m)
+	}
+	sc.Close()
+	l := h.Listener(KindHTTP)
+	parked := func() int {
+		h.park.mu.Lock()
+		defer h.park.mu.Unlock()
+		return len(h.park.parked)
+	}
+	waitFor(t, "the connection parked", func() bool { return parked() == 1 })
+	l.mu.Lock()
+	queued := len(l.queue)
+	l.mu.Unlock()
+	if queued != 0 || l.Pending() != 1 {
+		t.Fatalf("parked connection: queued %d, pending %d; want 0 queued (not delivered yet), 1 pending", queued, l.Pending())
+	}
+	io.WriteString(cc, "GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+	c := accept(t, l)
+	defer c.Close()
+	if parked() != 0 {
+		t.Fatal("still parked after delivery")
+	}
+	buf := make([]byte, 4)
+	if _, err := io.ReadFull(c, buf); err != nil || string(buf) != "GET " {
+		t.Fatalf("read %q, %v", buf, err)
+	}
+}
+
+// Issue 8, finding 7: sending. Send passes the fd with its state and waits
+// for upgrader's answer: nil on ACK, an error with the reason on NAK.
+func TestHandoffsSend(t *testing.T) {
+	up, _ := fakeUpgrader(t)
+	s, err := New()
+	if err != nil {
+		t.Fatal(err)
+	}
+	h, err := s.Handoffs()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	recv(t, up) // ACCEPT
+	sc, cc := tcpPair(t)
+	for _, answer := range []string{handoff.TypeAck, handoff.TypeNak} {
+		done := make(chan error, 1)
+		go func() { done <- h.Send("counter", []Outgoing{{Conn: sc, State: []byte("9"), Buffered: []byte("x")}}) }()
+		m, fds := recv(t, up)
+		if m.Type != handoff.TypeHandoff || m.Kind != "counter" || len(fds) != 1 || string(m.Conns[0].State) != "9" || string(m.Conns[0].Buffered) != "x" {
+			t.Fatalf("upgrader got %+v with %d fds", m, len(fds))
+		}
+		// The fd passed is the connection: what the client writes is read there.
+		io.WriteString(cc, "z")
+		b := make([]byte, 1)
+		if n, err := unix.Read(fds[0], b); n != 1 || err != nil || b[0] != 'z' {
+			t.Fatalf("read on the passed fd: %d %v", n, err)
+		}
+		handoff.CloseFDs(fds)
+		up.Send(handoff.Message{Type: answer, ID: m.ID, Reason: "full"}, nil)
+		err := <-done
+		if answer == handoff.TypeAck && err != nil {
+			t.Fatalf("Send after ACK: %v", err)
+		}
+		if answer == handoff.TypeNak && (err == nil || !strings.Contains(err.Error(), "full")) {
+			t.Fatalf("Send after NAK: %v, want the reason", err)
+		}
+	}
+}
+
+// Issue 8, finding 5: Close ends the goroutines and closes the socket and
+// epoll instance; a connection parked at that moment still comes out of
+// Accept (it was acknowledged), then Accept reports the listener closed.
+func TestHandoffsCloseReleases(t *testing.T) {
+	up, _ := fakeUpgrader(t)
+	sc, cc := tcpPair(t)
+	fdsBefore := openFDs(t)
+	goroutines := runtime.NumGoroutine()
+
+	s, err := New()
+	if err != nil {
+		t.Fatal(err)
+	}
+	h, err := s.Handoffs(KindHTTP)
+	if err != nil {
+		t.Fatal(err)
+	}
+	recv(t, up) // ACCEPT
+	if m := handOff(t, up, 1, KindHTTP, sc, handoff.Conn{}); m.Type != handoff.TypeAck {
+		t.Fatalf("answer %+v, want ACK", m)
+	}
+	waitFor(t, "the connection parked", func() bool {
+		h.park.mu.Lock()
+		defer h.park.mu.Unlock()
+		return len(h.park.parked) == 1
+	})
+	if err := h.Close(); err != nil {
+		t.Fatal(err)
+	}
+	h.Close() // twice is fine
+	l := h.Listener(KindHTTP)
+	c := accept(t, l)
+	io.WriteString(cc, "x")
+	if b := make([]byte, 1); func() error { _, err := io.ReadFull(c, b); return err }() != nil {
+		t.Fatal("the connection parked at Close does not work")
+	}
+	c.Close()
+	if _, err := l.Accept(); err == nil {
+		t.Fatal("Accept after Close and the last connection: no error")
+	}
+	if err := h.Send("x", nil); err != ErrNoHandoff {
+		t.Fatalf("Send after Close: %v, want ErrNoHandoff", err)
+	}
+	after := openFDs(t)
+	for fd, what := range after {
+		if fdsBefore[fd] != what {
+			t.Errorf("fd %d (%s) still open after Close", fd, what)
+		}
+	}
+	waitFor(t, "the goroutines gone", func() bool { return runtime.NumGoroutine() <= goroutines })
+	// upgrader's end sees the channel closed.
+	if _, _, err := up.Recv(); err != handoff.ErrClosed {
+		t.Fatalf("upgrader's end after Close: %v, want ErrClosed", err)
+	}
+}
+
+// Issue 8, finding 4: reports go to the caller's logger, never to stderr.
+func TestHandoffsLogToTheLogger(t *testing.T) {
+	up, _, raw := fakeUpgraderRaw(t)
+	defer unix.Close(raw)
+	// Catch fd 2 for the test's length: the old code wrote there.
+	saved, err := unix.Dup(2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r, w, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	unix.Dup2(int(w.Fd()), 2)
+	w.Close()
+	restore := sync.OnceFunc(func() { unix.Dup2(saved, 2); unix.Close(saved) })
+	defer restore()
+
+	var buf syncBuffer
+	s, err := New(WithLogger(slog.New(slog.NewTextHandler(&buf, nil))))
+	if err != nil {
+		t.Fatal(err)
+	}
+	h, err := s.Handoffs(KindHTTP)
+	if err != nil {
+		t.Fatal(err)
+	}
+	recv(t, up) // ACCEPT
+	// A malformed message: dropped, reported, and the channel goes on.
+	if err := unix.Sendmsg(raw, []byte("UPGRADER/1 BOGUS\n"), nil, nil, 0); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the malformed message logged", func() bool { return strings.Contains(buf.String(), "malformed") })
+	sc, _ := tcpPair(t)
+	if m := handOff(t, up, 2, KindHTTP, sc, handoff.Conn{State: []byte("a")}); m.Type != handoff.TypeAck {
+		t.Fatalf("the channel stopped after a malformed message: %+v", m)
+	}
+	h.Close()
+	// Taken, so that no finalizer closes it during a later test.
+	accept(t, h.Listener(KindHTTP)).Close()
+	restore()
+	var stderr bytes.Buffer
+	r.SetReadDeadline(time.Now().Add(100 * time.Millisecond)) // the write end is closed by restore: EOF comes at once
+	io.Copy(&stderr, r)
+	r.Close()
+	if stderr.Len() != 0 {
+		t.Fatalf("wrote to stderr: %q", stderr.String())
+	}
+	if !strings.Contains(buf.String(), "level=WARN") {
+		t.Fatalf("log %q", buf.String())
+	}
+}
+
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
