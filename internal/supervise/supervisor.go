@@ -8,6 +8,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/coreos/go-systemd/v22/daemon"
 	"go.uber.org/zap"
 	"golang.org/x/sys/unix"
 
@@ -253,7 +254,7 @@ func (s *Supervisor) Run() error {
 		}
 	}
 	s.warns.flush(s.log)
-	s.env.notifyManager("STOPPING=1")
+	s.env.notifyManager(daemon.SdNotifyStopping)
 	return s.stopErr
 }
 
@@ -364,7 +365,7 @@ func (s *Supervisor) startGeneration() {
 	g.watchers, s.startWatchers = s.startWatchers, nil
 	s.emit(g, Progress{Event: "started"})
 	if s.current != nil {
-		s.env.notifyManager(fmt.Sprintf("RELOADING=1\nMONOTONIC_USEC=%d\nSTATUS=upgrading to generation %d", monotonicUsec(), g.n))
+		s.env.notifyManager(fmt.Sprintf("%s\nMONOTONIC_USEC=%d\nSTATUS=upgrading to generation %d", daemon.SdNotifyReloading, monotonicUsec(), g.n))
 	}
 	s.log.Info("starting generation", zap.Int("generation", g.n), zap.Int("workers", s.cfg.Workers))
 	for i := range g.slots {
@@ -516,7 +517,7 @@ func (s *Supervisor) promote(g *generation) {
 	old := s.current
 	s.current, s.pending = g, nil
 	s.log.Info("generation ready", zap.Int("generation", g.n), zap.Duration("after", g.readyAt.Sub(g.started)))
-	s.env.notifyManager(fmt.Sprintf("READY=1\nSTATUS=generation %d serving with %d workers", g.n, len(g.slots)))
+	s.env.notifyManager(fmt.Sprintf("%s\nSTATUS=generation %d serving with %d workers", daemon.SdNotifyReady, g.n, len(g.slots)))
 	s.emit(g, Progress{Event: "ready", ReadyAfterMS: g.readyAt.Sub(g.started).Milliseconds()})
 	if old == nil {
 		s.emit(g, Progress{Event: "done"})
@@ -567,7 +568,7 @@ func (s *Supervisor) failGeneration(g *generation, reason string) {
 		s.retire(w, s.cfg.DrainSignal, "failed upgrade")
 	}
 	s.reapGeneration(g)
-	s.env.notifyManager(fmt.Sprintf("READY=1\nSTATUS=upgrade to generation %d failed: %s; generation %d serving", g.n, reason, s.current.n))
+	s.env.notifyManager(fmt.Sprintf("%s\nSTATUS=upgrade to generation %d failed: %s; generation %d serving", daemon.SdNotifyReady, g.n, reason, s.current.n))
 	s.upgradesFailed++
 	s.finishUpgrade(UpgradeResult{Generation: g.n, Reason: reason, Started: g.started, ReadyAfter: time.Since(g.started)})
 }
@@ -667,7 +668,7 @@ func (s *Supervisor) beginStop(err error) {
 		close(ch)
 	}
 	s.queuedWatchers, s.startWatchers = nil, nil
-	s.env.notifyManager("STOPPING=1")
+	s.env.notifyManager(daemon.SdNotifyStopping)
 	if err != nil || s.cfg.ShutdownDelay <= 0 {
 		s.drainAll()
 		return
