@@ -15,6 +15,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log"
 	"net"
 	"net/http"
@@ -396,6 +397,19 @@ func (w *closeWriter) Write(b []byte) (int, error) {
 		w.WriteHeader(http.StatusOK)
 	}
 	return w.ResponseWriter.Write(b)
+}
+
+// ReadFrom keeps net/http's own ReadFrom reachable, so that io.Copy to the
+// response (http.FileServer does it) can use sendfile(2) on the connection.
+// Like Write, it decides Connection: close before the header goes out.
+func (w *closeWriter) ReadFrom(r io.Reader) (int64, error) {
+	if !w.wrote {
+		w.WriteHeader(http.StatusOK)
+	}
+	if rf, ok := w.ResponseWriter.(io.ReaderFrom); ok {
+		return rf.ReadFrom(r)
+	}
+	return io.Copy(writerOnly{w.ResponseWriter}, r)
 }
 
 // Unwrap lets http.ResponseController reach the real writer.
