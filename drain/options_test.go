@@ -47,6 +47,10 @@ func startServe(t *testing.T, srv *http.Server, opts Options) (d *Server, addr s
 	return d, l.Addr().String(), stop
 }
 
+// noKeepAlive's connections close after each response, so that none stays
+// idle to hold up a drain until its deadline.
+var noKeepAlive = &http.Client{Transport: &http.Transport{DisableKeepAlives: true}, Timeout: 30 * time.Second}
+
 func panicky() http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if r.URL.Path == "/panic" {
@@ -80,7 +84,7 @@ func captureStderr(t *testing.T, f func()) string {
 func TestCaughtPanicIsSilentWithoutLogger(t *testing.T) {
 	out := captureStderr(t, func() {
 		d, addr, stop := startServe(t, &http.Server{Handler: panicky()}, Options{Timeout: 5 * time.Second})
-		resp, err := http.Get("http://" + addr + "/panic")
+		resp, err := noKeepAlive.Get("http://" + addr + "/panic")
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -104,7 +108,7 @@ func TestCaughtPanicGoesToLogger(t *testing.T) {
 	var buf syncBuffer
 	logger := slog.New(slog.NewTextHandler(&buf, nil))
 	_, addr, stop := startServe(t, &http.Server{Handler: panicky()}, Options{Timeout: 5 * time.Second, Logger: logger})
-	resp, err := http.Get("http://" + addr + "/panic")
+	resp, err := noKeepAlive.Get("http://" + addr + "/panic")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -151,7 +155,7 @@ func TestNoRecoverLeavesPanicsToNetHTTP(t *testing.T) {
 	if d.Draining() {
 		t.Fatal("a handler panic drained the worker despite NoRecover")
 	}
-	resp, err := http.Get("http://" + addr + "/")
+	resp, err := noKeepAlive.Get("http://" + addr + "/")
 	if err != nil {
 		t.Fatal(err)
 	}
