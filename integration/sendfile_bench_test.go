@@ -69,7 +69,14 @@ func runFileServer(mode, dir string) error {
 			return err
 		}
 		defer ours.Close()
-		os.Setenv("UPGRADER_HANDOFF_FD", strconv.Itoa(int(theirs.Fd())))
+		// inherit closes the fd it is given: give it a dup, so that
+		// theirs is closed once, here.
+		fd, err := syscall.Dup(int(theirs.Fd()))
+		theirs.Close()
+		if err != nil {
+			return err
+		}
+		os.Setenv("UPGRADER_HANDOFF_FD", strconv.Itoa(fd))
 		set, err := inherit.New()
 		if err != nil {
 			return err
