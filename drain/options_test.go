@@ -19,7 +19,7 @@ import (
 
 // startServe runs Serve on a fresh loopback listener; stop cancels it and
 // returns Serve's error.
-func startServe(t *testing.T, srv *http.Server, opts Options) (d *Server, addr string, stop func() error) {
+func startServe(t testing.TB, srv *http.Server, opts Options) (d *Server, addr string, stop func() error) {
 	t.Helper()
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
