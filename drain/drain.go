@@ -15,7 +15,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"log"
+	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"os"
@@ -33,6 +34,21 @@ import (
 type connKey struct{}
 
 // Options tune Serve. The zero value is usable.
+//
+// What Serve takes over, and how to keep each:
+//   - signals: Signals (default SIGTERM and SIGINT) start the drain, and are
+//     not delivered to the process's default handling while Serve runs
+//     (signal.NotifyContext); cancel Serve's ctx to drain on your own
+//     terms instead.
+//   - readiness: READY=1 on $NOTIFY_SOCKET once serving, STOPPING=1 when
+//     the drain begins (sd_notify(3)); NoReady skips READY=1 for a process
+//     that reports readiness itself.
+//   - srv.ConnState and srv.ConnContext: New installs its own, which call
+//     the ones already set first (ConnContext) or last (ConnState); set
+//     them before New, never after.
+//   - srv.Handler: wrapped for the Connection: close marking and, unless
+//     NoRecover, with Recover, which turns a handler panic into a 500 and a
+//     drain of the whole worker.
 type Options struct {
 	// Timeout is how long a drain may take before the remaining connections
 	// are closed (default 25s: under upgrader's default --drain-timeout of 30s).
@@ -43,6 +59,15 @@ type Options struct {
 	NoReady bool
 	// OnDrain, if set, is called when the drain begins.
 	OnDrain func()
+	// NoRecover leaves handler panics to net/http, which logs them to
+	// srv.ErrorLog and closes that connection only, instead of Recover's
+	// 500 and drain of the worker (Fail). Go's panics still call Fail.
+	NoRecover bool
+	// Logger receives the panics that Recover and Go catch, with their
+	// stacks, at level Error. nil: they are not logged (the error still
+	// reaches Serve's caller as a *FatalError). The library never writes
+	// to os.Stderr or the global log.
+	Logger *slog.Logger
 	// Handoff, when set (inherit.Set.Handoffs), hands idle HTTP/1.1
 	// connections to the newest generation at drain instead of closing
 	// them; a busy one goes as soon as its response is written. Without
@@ -89,9 +114,10 @@ func Serve(ctx context.Context, srv *http.Server, listeners []net.Listener, opts
 	return New(srv, opts).Serve(ctx, listeners)
 }
 
-// New prepares srv for draining: it installs its own srv.ConnState (calling
-// the one already set) and wraps srv.Handler with the Connection: close
-// marking and with Recover. Set both before calling New.
+// New prepares srv for draining: it installs its own srv.ConnState and
+// srv.ConnContext (calling the ones already set) and wraps srv.Handler with
+// the Connection: close marking and, unless Options.NoRecover, with Recover.
+// Set all three before calling New.
 func New(srv *http.Server, opts Options) *Server {
 	if opts.Timeout <= 0 {
 		opts.Timeout = 25 * time.Second
@@ -121,15 +147,25 @@ func New(srv *http.Server, opts Options) *Server {
 		}
 		return context.WithValue(ctx, connKey{}, c)
 	}
-	srv.Handler = s.wrap(s.Recover(h))
+	if !opts.NoRecover {
+		h = s.Recover(h)
+	}
+	srv.Handler = s.wrap(h)
 	return s
 }
 
 // Serve serves on every listener until one of the drain signals arrives,
 // ctx is done, or Fail is called; then it drains and returns: nil, or a
-// *FatalError after Fail. It returns early with the error of a listener
-// that fails other than by being closed. It sends READY=1 once serving
-// unless Options.NoReady.
+// *FatalError after Fail. It sends READY=1 once serving unless
+// Options.NoReady.
+//
+// Serve owns the listeners: it closes every one before it returns (at the
+// drain, so that the other generation takes what is queued on the shared
+// sockets). It returns early, with no drain, when READY=1 cannot be sent or
+// a listener fails other than by being closed: then it closes the
+// listeners and srv (srv.Close, dropping its connections), and returns
+// only once none of its Serve loops runs. The handoff listener
+// (Options.Handoff.Listener("http")) is closed with them.
 func (s *Server) Serve(ctx context.Context, listeners []net.Listener) error {
 	srv, opts := s.srv, s.opts
 	ctx, stop := signal.NotifyContext(ctx, opts.Signals...)
@@ -162,6 +198,7 @@ func (s *Server) Serve(ctx context.Context, listeners []net.Listener) error {
 	}
 	if !opts.NoReady {
 		if err := inherit.Ready(); err != nil {
+			s.abort(listeners)
 			return err
 		}
 	}
@@ -170,8 +207,7 @@ func (s *Server) Serve(ctx context.Context, listeners []net.Listener) error {
 	case <-s.fatal:
 	case err := <-errc:
 		if err != nil {
-			s.closeListeners(listeners)
-			srv.Close()
+			s.abort(listeners)
 			return err
 		}
 	}
@@ -197,8 +233,9 @@ func (s *Server) Fail(err error) {
 
 // Recover wraps h so that a panic in it answers that request with 500
 // (when nothing was written yet) and calls Fail: the auto-restart pattern
-// of Node.js cluster. http.ErrAbortHandler passes through, as net/http
-// expects. New applies it to srv.Handler already.
+// of Node.js cluster. The panic goes to Options.Logger.
+// http.ErrAbortHandler passes through, as net/http expects. New applies it
+// to srv.Handler already, unless Options.NoRecover.
 func (s *Server) Recover(h http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		defer func() {
@@ -210,7 +247,7 @@ func (s *Server) Recover(h http.Handler) http.Handler {
 				panic(v)
 			}
 			err := fmt.Errorf("panic serving %s %s: %v", r.Method, r.URL.Path, v)
-			log.Printf("drain: %v\n%s", err, debug.Stack())
+			s.logPanic(err)
 			w.Header().Set("Connection", "close")
 			w.WriteHeader(http.StatusInternalServerError)
 			s.Fail(err)
@@ -219,19 +256,28 @@ func (s *Server) Recover(h http.Handler) http.Handler {
 	})
 }
 
-// Go runs f on a new goroutine; if f panics, the panic is logged and Fail
-// is called instead of crashing the process with requests in flight.
+// Go runs f on a new goroutine; if f panics, the panic goes to
+// Options.Logger and Fail is called instead of crashing the process with
+// requests in flight.
 func (s *Server) Go(f func()) {
 	go func() {
 		defer func() {
 			if v := recover(); v != nil {
 				err := fmt.Errorf("panic in background goroutine: %v", v)
-				log.Printf("drain: %v\n%s", err, debug.Stack())
+				s.logPanic(err)
 				s.Fail(err)
 			}
 		}()
 		f()
 	}()
+}
+
+// logPanic reports a caught panic with the stack of the goroutine that
+// panicked (called from its deferred recover, so the stack is still there).
+func (s *Server) logPanic(err error) {
+	if s.opts.Logger != nil {
+		s.opts.Logger.Error("drain: caught a panic, draining the worker", "error", err, "stack", string(debug.Stack()))
+	}
 }
 
 func (s *Server) drain(listeners []net.Listener) {
@@ -280,6 +326,14 @@ func (s *Server) drain(listeners []net.Listener) {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 	defer cancel()
 	_ = s.srv.Shutdown(ctx)
+}
+
+// abort stops serving without a drain, and waits for the Serve loops.
+func (s *Server) abort(listeners []net.Listener) {
+	s.closeListeners(listeners)
+	s.srv.Close()
+	s.fallback.Close()
+	s.serving.Wait()
 }
 
 func (s *Server) closeListeners(ls []net.Listener) {
@@ -396,6 +450,19 @@ func (w *closeWriter) Write(b []byte) (int, error) {
 		w.WriteHeader(http.StatusOK)
 	}
 	return w.ResponseWriter.Write(b)
+}
+
+// ReadFrom keeps net/http's own ReadFrom reachable, so that io.Copy to the
+// response (http.FileServer does it) can use sendfile(2) on the connection.
+// Like Write, it decides Connection: close before the header goes out.
+func (w *closeWriter) ReadFrom(r io.Reader) (int64, error) {
+	if !w.wrote {
+		w.WriteHeader(http.StatusOK)
+	}
+	if rf, ok := w.ResponseWriter.(io.ReaderFrom); ok {
+		return rf.ReadFrom(r)
+	}
+	return io.Copy(writerOnly{w.ResponseWriter}, r)
 }
 
 // Unwrap lets http.ResponseController reach the real writer.

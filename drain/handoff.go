@@ -145,6 +145,28 @@ func (c *hconn) Close() error {
 	return c.Conn.Close()
 }
 
+// ReadFrom passes net/http's response copies (http.FileServer, io.Copy to
+// a ResponseWriter) straight to the socket's own ReadFrom, which uses
+// sendfile(2) or splice(2) for files and pipes: without it every byte would
+// cross user space in 32 KiB writes. It is the write side, so it needs none
+// of Read's takeover bookkeeping, and takes no lock.
+func (c *hconn) ReadFrom(r io.Reader) (int64, error) {
+	w := c.Conn
+	if ic, ok := w.(*inherit.Conn); ok {
+		// A handed-off connection: its wrapper only buffers reads, so
+		// writes may go to the socket beneath it.
+		w = ic.Conn
+	}
+	if rf, ok := w.(io.ReaderFrom); ok {
+		return rf.ReadFrom(r)
+	}
+	return io.Copy(writerOnly{w}, r)
+}
+
+// writerOnly hides a writer's ReadFrom, so that io.Copy cannot call back
+// into it.
+type writerOnly struct{ io.Writer }
+
 // CloseWrite lets net/http half-close before closing, as it does for a
 // *net.TCPConn, so that a client's unread bytes do not turn into a reset.
 func (c *hconn) CloseWrite() error {

@@ -1,0 +1,404 @@
+package drain
+
+import (
+	"bufio"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+// handoffServer runs Serve with a handoff channel to a fake upgrader on a
+// real loopback listener. Every response carries X-From: old.
+func handoffServer(t *testing.T, ack func() bool) (u *fakeUpgrader, d *Server, addr string, drain func() error) {
+	t.Helper()
+	u, h := newFakeUpgrader(t, ack, true)
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.Copy(io.Discard, r.Body)
+		w.Header().Set("X-From", "old")
+	})}
+	d, addr, drain = startServe(t, srv, Options{Timeout: 20 * time.Second, Handoff: h})
+	return u, d, addr, drain
+}
+
+// takerAnswers serves one request on a connection the fake upgrader took,
+// as the new generation would, and says so in X-From.
+// It runs on its own goroutine: the result comes on the channel.
+func takerAnswers(t *testing.T, u *fakeUpgrader) <-chan error {
+	t.Helper()
+	res := make(chan error, 1)
+	go func() {
+		var c net.Conn
+		select {
+		case c = <-u.taken:
+		case <-time.After(20 * time.Second):
+			res <- errors.New("no connection was handed off")
+			return
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		req, err := http.ReadRequest(bufio.NewReader(c))
+		if err != nil {
+			res <- fmt.Errorf("the taker could not read a whole request on the handed-off connection: %v", err)
+			return
+		}
+		body, _ := io.ReadAll(req.Body)
+		if string(body) != "x" {
+			res <- fmt.Errorf("taker got body %q, want %q", body, "x")
+			return
+		}
+		_, err = io.WriteString(c, "HTTP/1.1 200 OK\r\nX-From: new\r\nContent-Length: 0\r\n\r\n")
+		res <- err
+	}()
+	return res
+}
+
+func dialKeepAlive(t *testing.T, addr string) (net.Conn, *bufio.Reader) {
+	t.Helper()
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c, bufio.NewReader(c)
+}
+
+// An idle keep-alive connection goes to the new generation at the drain:
+// its next request is read whole there, and the old worker's Serve returns
+// with it counted as handed off.
+func TestHandoffTakesIdleConnection(t *testing.T) {
+	u, d, addr, drain := handoffServer(t, func() bool { return true })
+	c, br := dialKeepAlive(t, addr)
+	if resp := rawRequest(t, c, br, "/"); resp.Header.Get("X-From") != "old" || resp.Close {
+		t.Fatalf("before the drain: X-From %q, close %v", resp.Header.Get("X-From"), resp.Close)
+	}
+	if err := drain(); err != nil {
+		t.Fatal(err)
+	}
+	if n := d.HandedOff(); n != 1 {
+		t.Fatalf("HandedOff %d, want 1", n)
+	}
+	taker := takerAnswers(t, u)
+	resp := rawRequest(t, c, br, "/")
+	if err := <-taker; err != nil {
+		t.Fatal(err)
+	}
+	if resp.Header.Get("X-From") != "new" {
+		t.Fatalf("request after the handoff answered by %q", resp.Header.Get("X-From"))
+	}
+}
+
+// A connection accepted but silent so far (StateNew) is handed off too.
+func TestHandoffTakesNewConnection(t *testing.T) {
+	var states sync.Map
+	u, h := newFakeUpgrader(t, func() bool { return true }, true)
+	newSeen := make(chan struct{}, 1)
+	srv := &http.Server{
+		Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { w.Header().Set("X-From", "old") }),
+		ConnState: func(c net.Conn, st http.ConnState) {
+			states.Store(c, st)
+			if st == http.StateNew {
+				newSeen <- struct{}{}
+			}
+		},
+	}
+	d, addr, drain := startServe(t, srv, Options{Timeout: 20 * time.Second, Handoff: h})
+	c, br := dialKeepAlive(t, addr)
+	<-newSeen
+	if err := drain(); err != nil {
+		t.Fatal(err)
+	}
+	if d.HandedOff() != 1 {
+		t.Fatalf("HandedOff %d, want 1", d.HandedOff())
+	}
+	taker := takerAnswers(t, u)
+	if resp := rawRequest(t, c, br, "/"); resp.Header.Get("X-From") != "new" {
+		t.Fatalf("answered by %q", resp.Header.Get("X-From"))
+	}
+	if err := <-taker; err != nil {
+		t.Fatal(err)
+	}
+}
+
+// A refused handoff (NAK) leaves the connection with the old worker, which
+// answers its next request with Connection: close and then lets Serve
+// return.
+func TestRefusedHandoffIsServedHere(t *testing.T) {
+	u, d, addr, drain := handoffServer(t, func() bool { return false })
+	c, br := dialKeepAlive(t, addr)
+	rawRequest(t, c, br, "/")
+	drained := make(chan error, 1)
+	go func() { drained <- drain() }()
+	select {
+	case <-u.batches:
+	case <-time.After(20 * time.Second):
+		t.Fatal("no handoff was attempted")
+	}
+	resp := rawRequest(t, c, br, "/")
+	if resp.Header.Get("X-From") != "old" || !resp.Close {
+		t.Fatalf("after a refused handoff: X-From %q, close %v; want old, close", resp.Header.Get("X-From"), resp.Close)
+	}
+	if err := <-drained; err != nil {
+		t.Fatal(err)
+	}
+	if d.HandedOff() != 0 {
+		t.Fatalf("HandedOff %d after a NAK", d.HandedOff())
+	}
+}
+
+// Half a request already read by net/http when the drain begins: the
+// connection is not taken (the bytes are in net/http's buffer); the request
+// is finished and answered here, and the connection goes once idle again.
+func TestHandoffLeavesHalfReadRequestHere(t *testing.T) {
+	u, d, addr, drain := handoffServer(t, func() bool { return true })
+	c, br := dialKeepAlive(t, addr)
+	rawRequest(t, c, br, "/")
+	half := "POST /half HTTP/1.1\r\nHost: x\r\n"
+	if _, err := io.WriteString(c, half); err != nil {
+		t.Fatal(err)
+	}
+	// Wait until net/http has read those bytes.
+	waitFor(t, "net/http to read half a request", func() bool {
+		d.mu.Lock()
+		defer d.mu.Unlock()
+		for c := range d.conns {
+			if hc, ok := c.(*hconn); ok {
+				hc.mu.Lock()
+				got := hc.delivered > hc.idleMark
+				hc.mu.Unlock()
+				if got {
+					return true
+				}
+			}
+		}
+		return false
+	})
+	drained := make(chan error, 1)
+	go func() { drained <- drain() }()
+	waitFor(t, "the drain to begin", d.Draining)
+	if _, err := io.WriteString(c, "Content-Length: 1\r\n\r\nx"); err != nil {
+		t.Fatal(err)
+	}
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.Header.Get("X-From") != "old" || resp.StatusCode != 200 {
+		t.Fatalf("half-read request: %d from %q, want 200 from old", resp.StatusCode, resp.Header.Get("X-From"))
+	}
+	// Now idle: handed off.
+	if err := <-drained; err != nil {
+		t.Fatal(err)
+	}
+	if d.HandedOff() != 1 {
+		t.Fatalf("HandedOff %d, want 1 once idle", d.HandedOff())
+	}
+	taker := takerAnswers(t, u)
+	if resp := rawRequest(t, c, br, "/"); resp.Header.Get("X-From") != "new" {
+		t.Fatalf("answered by %q", resp.Header.Get("X-From"))
+	}
+	if err := <-taker; err != nil {
+		t.Fatal(err)
+	}
+}
+
+// waitFor polls cond, a state of the code under test that has no event.
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	for deadline := time.Now().Add(20 * time.Second); !cond(); {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(time.Millisecond) // polling interval
+	}
+}
+
+// recordingConn records net/http's use of a connection: the size of every
+// Read, and whether it called Close; eof makes every later Read return
+// errTakenOver, as hconn's takeover does.
+type recordingConn struct {
+	net.Conn
+	mu     sync.Mutex
+	reads  []int
+	closed chan struct{}
+	once   sync.Once
+	eof    atomic.Bool
+	wrote  atomic.Int64
+}
+
+func (c *recordingConn) Read(p []byte) (int, error) {
+	c.mu.Lock()
+	c.reads = append(c.reads, len(p))
+	c.mu.Unlock()
+	if c.eof.Load() {
+		return 0, errTakenOver
+	}
+	return c.Conn.Read(p)
+}
+
+func (c *recordingConn) Write(p []byte) (int, error) {
+	c.wrote.Add(int64(len(p)))
+	return c.Conn.Write(p)
+}
+
+func (c *recordingConn) Close() error {
+	c.once.Do(func() { close(c.closed) })
+	return c.Conn.Close()
+}
+
+func (c *recordingConn) readSizes() []int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return append([]int(nil), c.reads...)
+}
+
+// oneConnListener accepts real loopback connections wrapped in
+// recordingConns, then fails with errDone once closed.
+type recordingListener struct {
+	net.Listener
+	conns chan *recordingConn
+	eof   bool
+}
+
+func (l *recordingListener) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err != nil {
+		return nil, err
+	}
+	rc := &recordingConn{Conn: c, closed: make(chan struct{})}
+	rc.eof.Store(l.eof)
+	l.conns <- rc
+	return rc, nil
+}
+
+// The takeover (handoff.go) rests on three behaviours of net/http that no
+// API promises. Each is checked here directly, so that a Go release that
+// changes one fails this test by name instead of silently losing
+// handoffs, or connections.
+func TestNetHTTPAssumptions(t *testing.T) {
+	serve := func(t *testing.T, eof bool) (*recordingListener, string) {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		rl := &recordingListener{Listener: l, conns: make(chan *recordingConn, 4), eof: eof}
+		srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {})}
+		go srv.Serve(rl)
+		t.Cleanup(func() { srv.Close() })
+		return rl, l.Addr().String()
+	}
+
+	t.Run("reads a whole 4096-byte buffer only when it holds no byte", func(t *testing.T) {
+		rl, addr := serve(t, false)
+		c, br := dialKeepAlive(t, addr)
+		rc := <-rl.conns
+		// Reads into net/http's buffer, leaving out the 1-byte background
+		// reads it makes while a handler runs.
+		sized := func(n int) []int {
+			var out []int
+			waitFor(t, "net/http's next read", func() bool {
+				out = out[:0]
+				for _, s := range rc.readSizes() {
+					if s != 1 {
+						out = append(out, s)
+					}
+				}
+				return len(out) >= n
+			})
+			return out
+		}
+		if got := sized(1)[0]; got != httpReadBuffer {
+			t.Fatalf("net/http's first read on a new connection asks for %d bytes, drain assumes %d (httpReadBuffer): handoffs would never happen", got, httpReadBuffer)
+		}
+		rawRequest(t, c, br, "/")
+		// Idle after a response (the first read got the request): the
+		// pending read must again be a whole buffer.
+		if got := sized(2)[1]; got != httpReadBuffer {
+			t.Fatalf("net/http's read on an idle connection asks for %d bytes, drain assumes %d (httpReadBuffer): idle connections would never be handed off", got, httpReadBuffer)
+		}
+		// Holding bytes (a pipelined request's start), it must ask for
+		// less: the signal that makes drain leave such a connection alone.
+		// The idle read gets both; the next one, with "POST / HT" held, is
+		// for the rest.
+		c.Write([]byte("POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nxPOST / HT"))
+		resp, err := http.ReadResponse(br, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if got := sized(3); got[2] >= httpReadBuffer {
+			t.Fatalf("holding 9 bytes of a request, net/http asked for %d bytes (reads %v), drain assumes less than %d: it would take a connection with a request in net/http's buffer", got[2], got, httpReadBuffer)
+		}
+	})
+
+	t.Run("drops a connection silently on EOF, and closes it", func(t *testing.T) {
+		for _, when := range []string{"new", "idle"} {
+			rl, addr := serve(t, when == "new")
+			c, br := dialKeepAlive(t, addr)
+			rc := <-rl.conns
+			if when == "idle" {
+				rawRequest(t, c, br, "/")
+				rc.wrote.Store(0)
+				rc.eof.Store(true)
+				// Wake the pending idle read, as the takeover does.
+				rc.Conn.SetReadDeadline(time.Unix(1, 0))
+			}
+			select {
+			case <-rc.closed:
+			case <-time.After(10 * time.Second):
+				t.Fatalf("%s connection: net/http did not call Close after its read got errTakenOver (%v): a taken connection would never be handed off", when, errTakenOver)
+			}
+			if w := rc.wrote.Load(); w != 0 {
+				t.Fatalf("%s connection: net/http wrote %d bytes after its read got errTakenOver (%v): the client would see them, and the taker's answer after them", when, w, errTakenOver)
+			}
+		}
+	})
+
+	t.Run("registers a connection (StateNew) before Serve returns", func(t *testing.T) {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer l.Close()
+		var registered atomic.Bool
+		srv := &http.Server{ConnState: func(c net.Conn, st http.ConnState) {
+			if st == http.StateNew {
+				registered.Store(true)
+			}
+		}}
+		defer srv.Close()
+		dl := &failAfterOne{Listener: l}
+		c, err := net.Dial("tcp", l.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		if err := srv.Serve(dl); !errors.Is(err, errListenerDone) {
+			t.Fatalf("Serve: %v", err)
+		}
+		if !registered.Load() {
+			t.Fatal("net/http's Serve returned before ConnState(StateNew) for a connection it accepted: the drain could miss it and exit with it")
+		}
+	})
+}
+
+var errListenerDone = errors.New("listener done")
+
+// failAfterOne accepts one connection, then fails.
+type failAfterOne struct {
+	net.Listener
+	n int
+}
+
+func (l *failAfterOne) Accept() (net.Conn, error) {
+	if l.n++; l.n > 1 {
+		return nil, errListenerDone
+	}
+	return l.Listener.Accept()
+}
