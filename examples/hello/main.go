@@ -92,7 +92,7 @@ func main() {
 		// would otherwise go out as bare standard-library log lines.
 		ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn),
 	}
-	d := drain.New(srv, drain.Options{Timeout: *drainTimeout, Handoff: handoffs})
+	d := drain.New(srv, drain.Options{Timeout: *drainTimeout, Handoff: handoffs, Logger: log})
 	// sd_watchdog_enabled(3): ping at half the interval while not hung.
 	if every, err := daemon.SdWatchdogEnabled(false); err == nil && every > 0 {
 		d.Go(func() {
