@@ -315,14 +315,10 @@ func (s *Server) sendBatch(batch []*hconn) {
 	s.signalClosed()
 }
 
-// Handoff hands one connection of the application's own protocol, with its
-// state and any bytes read but not consumed, to a ready worker of the
-// newest generation that took kind (inherit.Set.Handoffs), and closes it
-// here. On error the connection is untouched and still the caller's to
-// serve or close.
+// Handoff is h.Handoff(conn, kind, state, buffered): connections of an
+// application's own protocol need nothing of the HTTP drain.
+//
+// Deprecated: use (*inherit.Handoffs).Handoff.
 func Handoff(h *inherit.Handoffs, conn net.Conn, kind string, state, buffered []byte) error {
-	if err := h.Send(kind, []inherit.Outgoing{{Conn: conn, State: state, Buffered: buffered}}); err != nil {
-		return err
-	}
-	return conn.Close()
+	return h.Handoff(conn, kind, state, buffered)
 }

@@ -3,7 +3,7 @@
 // "inc" adds one and answers "<counter> pid=<pid> generation=<n>".
 //
 // On drain it hands every session to the new generation with its counter
-// as state (drain.Handoff) and any bytes it had read but not consumed, so
+// as state ((*inherit.Handoffs).Handoff) and any bytes it had read but not consumed, so
 // a client never notices the upgrade. Sessions it cannot hand off are told
 // "bye" and closed.
 //
@@ -27,7 +27,6 @@ import (
 
 	"github.com/coreos/go-systemd/v22/daemon"
 
-	"github.com/seed6cb0314a/upgrader/drain"
 	"github.com/seed6cb0314a/upgrader/inherit"
 )
 
@@ -87,8 +86,8 @@ func main() {
 				return
 			}
 			counter := 0
-			if hc, ok := c.(*inherit.Conn); ok {
-				counter, _ = strconv.Atoi(string(hc.State)) // a session resumed
+			if _, state, ok := inherit.StateOf(c); ok {
+				counter, _ = strconv.Atoi(string(state)) // a session resumed
 			}
 			start(c, counter)
 		}
@@ -128,7 +127,7 @@ func main() {
 		// Bytes read but not consumed travel with the session.
 		rest, _ := s.r.Peek(s.r.Buffered())
 		buffered := append([]byte(s.pending), rest...)
-		err := drain.Handoff(handoffs, s.conn, kind, []byte(strconv.Itoa(s.counter)), buffered)
+		err := handoffs.Handoff(s.conn, kind, []byte(strconv.Itoa(s.counter)), buffered)
 		if err != nil {
 			fmt.Fprintf(s.conn, "bye\n")
 			s.conn.Close()
