@@ -14,7 +14,6 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/seed6cb0314a/upgrader/internal/handoff"
-	"github.com/seed6cb0314a/upgrader/internal/sockets"
 )
 
 // KindHTTP is the handoff kind of idle HTTP/1.x keep-alive connections
@@ -313,28 +312,30 @@ const SendTimeout = 5 * time.Second
 // (refused: no ready worker takes kind, the target failed; timeout;
 // channel closed) the connections are untouched and still the caller's to
 // serve or close.
+//
+// The conns' own fds are sent, not duplicates: SCM_RIGHTS gives the
+// receiver its own reference to each socket when sendmsg(2) runs, so a dup
+// (and its close) per connection would buy nothing. Each conn's fd is held
+// through its syscall.RawConn.Control for the length of the sendmsg, so
+// that a Close from elsewhere in the meantime waits instead of freeing the
+// fd number for reuse; a conn already closed fails Send, with nothing sent.
 func (h *Handoffs) Send(kind string, conns []Outgoing) error {
 	if h == nil {
 		return ErrNoHandoff
 	}
-	m := handoff.Message{Type: handoff.TypeHandoff, Kind: kind}
-	fds := make([]int, 0, len(conns))
-	defer func() {
-		for _, fd := range fds {
-			unix.Close(fd)
-		}
-	}()
-	for _, o := range conns {
+	m := handoff.Message{Type: handoff.TypeHandoff, Kind: kind, Conns: make([]handoff.Conn, len(conns))}
+	rcs := make([]syscall.RawConn, len(conns))
+	for i, o := range conns {
 		sc, ok := o.Conn.(syscall.Conn)
 		if !ok {
 			return fmt.Errorf("handoff: %T has no fd to pass", o.Conn)
 		}
-		fd, err := sockets.DupFD(sc)
+		rc, err := sc.SyscallConn()
 		if err != nil {
 			return fmt.Errorf("handoff: %w", err)
 		}
-		fds = append(fds, fd)
-		m.Conns = append(m.Conns, handoff.Conn{State: o.State, Buffered: o.Buffered})
+		rcs[i] = rc
+		m.Conns[i] = handoff.Conn{State: o.State, Buffered: o.Buffered}
 	}
 	ch := make(chan error, 1)
 	h.mu.Lock()
@@ -346,7 +347,8 @@ func (h *Handoffs) Send(kind string, conns []Outgoing) error {
 	m.ID = h.nextID
 	h.waiting[m.ID] = ch
 	h.mu.Unlock()
-	if err := h.sock.Send(m, fds); err != nil {
+	err := withFDs(rcs, make([]int, 0, len(rcs)), func(fds []int) error { return h.sock.Send(m, fds) })
+	if err != nil {
 		h.forget(m.ID)
 		return err
 	}
@@ -357,6 +359,21 @@ func (h *Handoffs) Send(kind string, conns []Outgoing) error {
 		h.forget(m.ID)
 		return fmt.Errorf("handoff: no answer from upgrader within %s", SendTimeout)
 	}
+}
+
+// withFDs calls f with the fds of rcs, each held open (RawConn.Control)
+// until f returns: one Control inside the next, so at most 253 deep.
+func withFDs(rcs []syscall.RawConn, fds []int, f func([]int) error) error {
+	if len(rcs) == 0 {
+		return f(fds)
+	}
+	var ferr error
+	if err := rcs[0].Control(func(fd uintptr) {
+		ferr = withFDs(rcs[1:], append(fds, int(fd)), f)
+	}); err != nil {
+		return fmt.Errorf("handoff: %w", err)
+	}
+	return ferr
 }
 
 func (h *Handoffs) forget(id uint64) {
