@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"slices"
 	"sort"
 	"sync"
 	"syscall"
@@ -43,7 +44,16 @@ type Handoffs struct {
 	park      *parker       // idle HTTP connections, until readable
 	closeOnce sync.Once
 	done      chan struct{} // closed once everything is released
+
+	fdMu     sync.Mutex
+	fdTable  int  // fd table size reserved so far (under fdMu)
+	fdGrowth bool // a reserveFDs goroutine runs (under fdMu)
+	growing  sync.WaitGroup
 }
+
+// minFDTable is the fd table reserved when a channel opens: room for a
+// few full batches.
+const minFDTable = 1024
 
 // ErrNoHandoff is returned by Send when the process has no handoff channel,
 // or no longer has one (Close, or upgrader closed it).
@@ -122,9 +132,37 @@ func newHandoffs(sock *handoff.Socket, kinds []string, log *slog.Logger) (*Hando
 		h.park.close()
 		return nil, err
 	}
+	h.reserveFDs(0)
 	go h.read()
 	go h.convert()
 	return h, nil
+}
+
+// reserveFDs keeps the fd table ahead of the fds received (top, the
+// highest so far): once half of it is used, a goroutine grows it to four
+// times its size (handoff.Socket.ReserveFDs says why), while the rest
+// takes the next batches.
+func (h *Handoffs) reserveFDs(top int) {
+	h.fdMu.Lock()
+	defer h.fdMu.Unlock()
+	if h.fdGrowth || top < h.fdTable/2 {
+		return
+	}
+	n := max(minFDTable, 4*h.fdTable)
+	for n <= 2*top {
+		n *= 2
+	}
+	h.fdGrowth = true
+	h.growing.Add(1)
+	go func() {
+		defer h.growing.Done()
+		if err := h.sock.ReserveFDs(n); err != nil {
+			h.log.Debug("handoff: could not reserve fds ahead", "fds", n, "error", err)
+		}
+		h.fdMu.Lock()
+		h.fdTable, h.fdGrowth = n, false
+		h.fdMu.Unlock()
+	}()
 }
 
 func (h *Handoffs) kindList() []string {
@@ -220,6 +258,9 @@ func (h *Handoffs) receive(m handoff.Message, fds []int) {
 		return
 	}
 	h.sock.Send(handoff.Message{Type: handoff.TypeAck, ID: m.ID}, nil)
+	if len(fds) > 0 {
+		h.reserveFDs(slices.Max(fds))
+	}
 	for i, fd := range fds {
 		c := m.Conns[i]
 		if m.Kind == KindHTTP && len(c.Buffered) == 0 {
@@ -286,6 +327,7 @@ func (h *Handoffs) shut() {
 	}
 	h.park.close()
 	h.closeOnce.Do(func() { h.sock.Close() }) // upgrader ended it: release our end too
+	h.growing.Wait()
 	close(h.done)
 }
 

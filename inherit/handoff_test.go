@@ -606,3 +606,48 @@ func (s *syncBuffer) String() string {
 	defer s.mu.Unlock()
 	return s.b.String()
 }
+
+// Issue 8, finding 8: a worker that takes handoffs grows its fd table ahead
+// of the fds it receives (each growth inside recvmsg would stall the
+// channel for an RCU grace period): room for a few batches at once, and
+// more as batches fill it.
+func TestHandoffsReserveFDTableAhead(t *testing.T) {
+	size := func() int {
+		b, err := os.ReadFile("/proc/self/status")
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, l := range strings.Split(string(b), "\n") {
+			if v, ok := strings.CutPrefix(l, "FDSize:"); ok {
+				n, _ := strconv.Atoi(strings.TrimSpace(v))
+				return n
+			}
+		}
+		t.Fatal("no FDSize in /proc/self/status")
+		return 0
+	}
+	up, _ := fakeUpgrader(t)
+	s, err := New()
+	if err != nil {
+		t.Fatal(err)
+	}
+	h, err := s.Handoffs(KindHTTP)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	recv(t, up) // ACCEPT
+	waitFor(t, "an fd table of 1024", func() bool { return size() >= minFDTable })
+	// A batch whose fds reach past half the table grows it further.
+	var fds []int
+	for len(fds) == 0 || fds[len(fds)-1] < size()/2 {
+		fd, err := unix.Dup(0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		fds = append(fds, fd)
+	}
+	defer handoff.CloseFDs(fds)
+	h.reserveFDs(fds[len(fds)-1])
+	waitFor(t, "the fd table to grow past the fds received", func() bool { return size() > 2*fds[len(fds)-1] })
+}
