@@ -71,9 +71,10 @@ type Options struct {
 	// 500 and drain of the worker (Fail). Go's panics still call Fail.
 	NoRecover bool
 	// Logger receives the panics that Recover and Go catch, with their
-	// stacks, at level Error. nil: they are not logged (the error still
-	// reaches Serve's caller as a *FatalError). The library never writes
-	// to os.Stderr or the global log.
+	// stacks, at level Error, and the first refused handoff (after which
+	// connections drain here) at level Info. nil: they are not logged (a
+	// panic still reaches Serve's caller as a *FatalError). The library
+	// never writes to os.Stderr or the global log.
 	Logger *slog.Logger
 	// Handoff, when set (inherit.Set.Handoffs), hands idle HTTP/1.1
 	// connections to the newest generation at drain instead of closing
@@ -99,12 +100,20 @@ type Server struct {
 	// Handoff (handoff.go). handoffOn is true while connections go to the
 	// new generation rather than close; pendingHO counts connections taken
 	// from net/http whose handoff has not been answered (under mu).
-	handoffOn atomic.Bool
-	batch     []*hconn // taken, not yet sent (under mu)
-	fallback  *fallbackListener
-	pendingHO int
-	handedOff int
-	serving   sync.WaitGroup // the listeners' Serve loops
+	handoffOn   atomic.Bool
+	queue       []*hconn // taken, not yet sent (under mu)
+	inFlight    int      // batches sent, not answered (under mu)
+	windowArmed bool     // a batchWindow timer runs (under mu)
+	windowDue   bool     // the queue's partial batch may go (under mu)
+	fallback    *fallbackListener
+	pendingHO   int
+	handedOff   int
+	serving     sync.WaitGroup // the listeners' Serve loops
+
+	closeMu  sync.Mutex
+	toClose  []*hconn // handed off, our copies still open (under closeMu)
+	closerOn bool     // closeCopies' goroutine runs (under closeMu)
+	closing  sync.WaitGroup
 }
 
 // FatalError is returned by Serve after a drain that Fail started (a

@@ -31,40 +31,7 @@ type fakeUpgrader struct {
 // from the sender's point of view.
 func newFakeUpgrader(t testing.TB, ack func() bool, keep bool) (*fakeUpgrader, *inherit.Handoffs) {
 	t.Helper()
-	ours, theirs, err := handoff.Pair()
-	if err != nil {
-		t.Fatal(err)
-	}
-	// inherit wraps the fd in a file of its own and closes it: give it a
-	// dup, so that theirs is closed once, here.
-	rc, err := theirs.SyscallConn()
-	if err != nil {
-		t.Fatal(err)
-	}
-	var fd int
-	var derr error
-	rc.Control(func(f uintptr) { fd, derr = unix.Dup(int(f)) })
-	theirs.Close()
-	if derr != nil {
-		t.Fatal(derr)
-	}
-	t.Setenv("UPGRADER_HANDOFF_FD", strconv.Itoa(fd))
-	set, err := inherit.New()
-	if err != nil {
-		t.Fatal(err)
-	}
-	h, err := set.Handoffs("http")
-	if err != nil || h == nil {
-		t.Fatalf("Handoffs: %v, %v", h, err)
-	}
-	sock, err := handoff.NewSocket(ours)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { sock.Close() })
-	if m, _, err := sock.Recv(); err != nil || m.Type != handoff.TypeAccept {
-		t.Fatalf("first message %+v, %v: want ACCEPT", m, err)
-	}
+	sock, h := handoffChannel(t)
 	u := &fakeUpgrader{sock: sock, taken: make(chan net.Conn, 20000), batches: make(chan int, 1000)}
 	go func() {
 		for {
@@ -103,4 +70,46 @@ func newFakeUpgrader(t testing.TB, ack func() bool, keep bool) (*fakeUpgrader, *
 		}
 	}()
 	return u, h
+}
+
+// handoffChannel opens a handoff channel, points UPGRADER_HANDOFF_FD at one
+// end, and returns upgrader's end, past the ACCEPT, and the worker's
+// inherit.Handoffs for "http".
+func handoffChannel(t testing.TB) (*handoff.Socket, *inherit.Handoffs) {
+	t.Helper()
+	ours, theirs, err := handoff.Pair()
+	if err != nil {
+		t.Fatal(err)
+	}
+	// inherit wraps the fd in a file of its own and closes it: give it a
+	// dup, so that theirs is closed once, here.
+	rc, err := theirs.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var fd int
+	var derr error
+	rc.Control(func(f uintptr) { fd, derr = unix.Dup(int(f)) })
+	theirs.Close()
+	if derr != nil {
+		t.Fatal(derr)
+	}
+	t.Setenv("UPGRADER_HANDOFF_FD", strconv.Itoa(fd))
+	set, err := inherit.New()
+	if err != nil {
+		t.Fatal(err)
+	}
+	h, err := set.Handoffs("http")
+	if err != nil || h == nil {
+		t.Fatalf("Handoffs: %v, %v", h, err)
+	}
+	sock, err := handoff.NewSocket(ours)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { sock.Close() })
+	if m, _, err := sock.Recv(); err != nil || m.Type != handoff.TypeAccept {
+		t.Fatalf("first message %+v, %v: want ACCEPT", m, err)
+	}
+	return sock, h
 }

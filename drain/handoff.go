@@ -56,6 +56,7 @@ type hconn struct {
 	kicked       bool  // our deadline is set, not net/http's
 	httpDeadline time.Time
 	taken        bool // Read refused net/http: Close hands off
+	handing      bool // Close has queued it for handoff
 }
 
 // eligible reports whether net/http holds none of c's bytes, for a read
@@ -133,13 +134,21 @@ func (c *hconn) setIdle(idle bool) {
 	c.mu.Unlock()
 }
 
-// Close hands the connection off when Read refused it to net/http.
+// Close hands the connection off when Read refused it to net/http. Only
+// the first Close does: net/http may call it again (srv.Close at the drain
+// deadline) while the connection is queued or in flight, and then its
+// batch's answer decides who closes it.
 func (c *hconn) Close() error {
 	c.mu.Lock()
-	taken := c.taken
+	taken, first := c.taken, !c.handing
+	if taken {
+		c.handing = true
+	}
 	c.mu.Unlock()
 	if taken {
-		c.s.takenConn(c)
+		if first {
+			c.s.takenConn(c)
+		}
 		return nil
 	}
 	return c.Conn.Close()
@@ -189,7 +198,7 @@ func (c *hconn) SyscallConn() (syscall.RawConn, error) {
 // one again, to be served here.
 func (c *hconn) reset() {
 	c.mu.Lock()
-	c.taken, c.want, c.kicked, c.idle = false, false, false, false
+	c.taken, c.handing, c.want, c.kicked, c.idle = false, false, false, false, false
 	c.Conn.SetReadDeadline(c.httpDeadline)
 	c.mu.Unlock()
 }
@@ -240,37 +249,88 @@ type fallbackAddr struct{}
 func (fallbackAddr) Network() string { return "fallback" }
 func (fallbackAddr) String() string  { return "handoff-fallback" }
 
-// takenConn adds a connection net/http let go of to the batch being
-// filled. The goroutine that fills a batch sends it: a batcher goroutine of
-// its own would wait behind every connection goroutine the drain woke up.
-// A timer sends the last, partial batch.
-func (s *Server) takenConn(c *hconn) {
-	s.mu.Lock()
-	s.pendingHO++
-	s.batch = append(s.batch, c)
-	var full []*hconn
-	switch len(s.batch) {
-	case handoff.MaxFDs:
-		full, s.batch = s.batch, nil
-	case 1:
-		time.AfterFunc(batchWindow, s.flushBatch)
-	}
-	s.mu.Unlock()
-	if full != nil {
-		s.sendBatch(full) // on this goroutine, which has nothing else to do
-	}
-}
+// Taken connections go out in batches of up to handoff.MaxFDs, at most
+// maxInFlight of them awaiting an answer at once; the others wait in
+// s.queue, holding nothing but memory (Send passes the connections' own
+// fds, and a batch's fds are referenced by the kernel only while it is in
+// the channel). A batch goes out when it is full, or batchWindow after
+// the first connection of a partial one was taken, or, once that window
+// has passed, as soon as a slot is free. The goroutine that frees a slot
+// or fills a batch sends: a batcher goroutine of its own would wait behind
+// every connection goroutine the drain woke up.
+//
+// Every taken connection is counted in s.pendingHO from takenConn until
+// its batch is answered: the drain cannot end with one queued, in flight,
+// or on its way back to net/http.
+const maxInFlight = 4
 
 // batchWindow is how long a partial batch waits for more connections.
 const batchWindow = 500 * time.Microsecond
 
-func (s *Server) flushBatch() {
+// takenConn queues a connection net/http let go of for the next batch.
+func (s *Server) takenConn(c *hconn) {
 	s.mu.Lock()
-	b := s.batch
-	s.batch = nil
+	s.pendingHO++
+	if !s.handoffOn.Load() {
+		// A batch was refused since this one was kicked: serve it here.
+		s.mu.Unlock()
+		s.refuse([]*hconn{c})
+		return
+	}
+	s.queue = append(s.queue, c)
+	if !s.windowArmed && !s.windowDue {
+		s.windowArmed = true
+		time.AfterFunc(batchWindow, s.windowEnd)
+	}
+	b := s.nextBatchLocked()
 	s.mu.Unlock()
-	if len(b) > 0 {
+	s.sendBatches(b) // on this goroutine, which has nothing else to do
+}
+
+// windowEnd makes the partial batch due, and sends it if a slot is free.
+func (s *Server) windowEnd() {
+	s.mu.Lock()
+	s.windowArmed = false
+	s.windowDue = len(s.queue) > 0
+	b := s.nextBatchLocked()
+	s.mu.Unlock()
+	s.sendBatches(b)
+}
+
+// nextBatchLocked takes the next batch off the queue when one is ready and
+// a slot is free, and counts it in flight; nil otherwise. s.mu is held.
+func (s *Server) nextBatchLocked() []*hconn {
+	if s.inFlight >= maxInFlight || len(s.queue) == 0 {
+		return nil
+	}
+	n := len(s.queue)
+	switch {
+	case n >= handoff.MaxFDs:
+		n = handoff.MaxFDs
+	case !s.windowDue:
+		return nil // the window is still open
+	}
+	b := make([]*hconn, n)
+	copy(b, s.queue)
+	s.queue = append(s.queue[:0], s.queue[n:]...)
+	if len(s.queue) == 0 {
+		s.windowDue = false
+	} else if !s.windowArmed && !s.windowDue {
+		s.windowArmed = true
+		time.AfterFunc(batchWindow, s.windowEnd)
+	}
+	s.inFlight++
+	return b
+}
+
+// sendBatches sends b, then whatever batch is ready when its slot frees.
+func (s *Server) sendBatches(b []*hconn) {
+	for b != nil {
 		s.sendBatch(b)
+		s.mu.Lock()
+		s.inFlight--
+		b = s.nextBatchLocked()
+		s.mu.Unlock()
 	}
 }
 
@@ -282,23 +342,37 @@ func (s *Server) sendBatch(batch []*hconn) {
 			out[i].Buffered = ic.Pending()
 		}
 	}
+	// Send uses the connections' own fds. None can be closed meanwhile:
+	// net/http has let go of each (hconn.Close), a second Close from
+	// net/http (srv.Close at the deadline) does nothing to a taken
+	// connection, and only this batch's answer decides who closes it.
 	err := s.opts.Handoff.Send("http", out)
 	if err == nil {
-		// The new worker has its own copies. Counted done before closing
-		// ours: a worker about to exit need not wait for 253 closes,
-		// which its exit does anyway.
+		// The new worker has its own references. Counted done first: the
+		// drain need not wait for our copies to close.
 		s.mu.Lock()
 		s.pendingHO -= len(batch)
 		s.handedOff += len(batch)
 		s.mu.Unlock()
 		s.signalClosed()
-		for _, c := range batch {
-			c.Conn.Close()
-		}
+		s.closeCopies(batch)
 		return
 	}
-	s.handoffOn.Store(false)
-	for _, c := range batch {
+	if s.handoffOn.Swap(false) && s.opts.Logger != nil {
+		s.opts.Logger.Info("drain: handoff refused; the remaining connections drain here", "connections", len(batch), "error", err)
+	}
+	// Nothing more goes out: what is queued is served here too.
+	s.mu.Lock()
+	queued := s.queue
+	s.queue, s.windowDue = nil, false
+	s.mu.Unlock()
+	s.refuse(batch)
+	s.refuse(queued)
+}
+
+// refuse gives taken connections back to this worker's http.Server.
+func (s *Server) refuse(cs []*hconn) {
+	for _, c := range cs {
 		c.reset()
 		// Registered before it leaves our hands: the fallback's Serve loop
 		// runs on past the drain, so the drain cannot wait for it.
@@ -310,9 +384,46 @@ func (s *Server) sendBatch(batch []*hconn) {
 		}
 	}
 	s.mu.Lock()
-	s.pendingHO -= len(batch)
+	s.pendingHO -= len(cs)
 	s.mu.Unlock()
 	s.signalClosed()
+}
+
+// closeCopies closes our copies of handed-off connections on a goroutine
+// of its own, off the path of the batches still to send and of the drain's
+// end: each close costs an epoll_ctl and a close(2). It is prompt all the
+// same (the client sees the new worker's close only once ours is gone
+// too), and s.closing lets a test wait for it. Should the process exit
+// first, the exit closes them.
+func (s *Server) closeCopies(cs []*hconn) {
+	s.closeMu.Lock()
+	s.toClose = append(s.toClose, cs...)
+	start := !s.closerOn
+	s.closerOn = true
+	if start {
+		s.closing.Add(1)
+	}
+	s.closeMu.Unlock()
+	if !start {
+		return
+	}
+	go func() {
+		defer s.closing.Done()
+		for {
+			s.closeMu.Lock()
+			cs := s.toClose
+			s.toClose = nil
+			if len(cs) == 0 {
+				s.closerOn = false
+				s.closeMu.Unlock()
+				return
+			}
+			s.closeMu.Unlock()
+			for _, c := range cs {
+				c.Conn.Close()
+			}
+		}
+	}()
 }
 
 // Handoff is h.Handoff(conn, kind, state, buffered): connections of an

@@ -31,7 +31,9 @@ const idleClientsEnv = "DRAIN_BENCH_IDLE_CLIENTS"
 // takerEnv makes this test binary the taking end of the handoff channel
 // (fd 3) for BenchmarkDrainHandoff10k: it answers every HANDOFF with ACK
 // and holds the fds, as upgrader and a taker that parks idle connections
-// do, in a process of its own like theirs, until stdin closes.
+// do, in a process of its own like theirs, until stdin closes. Like
+// inherit.Handoffs, it grows its fd table ahead of the fds it receives
+// (handoff.Socket.ReserveFDs), here once for them all.
 const takerEnv = "DRAIN_BENCH_TAKER"
 
 func init() {
@@ -45,6 +47,7 @@ func init() {
 			io.Copy(io.Discard, os.Stdin)
 			os.Exit(0)
 		}()
+		sock.ReserveFDs(16384)
 		var held [][]int
 		for {
 			m, fds, err := sock.Recv()

@@ -11,6 +11,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/seed6cb0314a/upgrader/internal/handoff"
 )
 
 // handoffServer runs Serve with a handoff channel to a fake upgrader on a
@@ -401,4 +403,109 @@ func (l *failAfterOne) Accept() (net.Conn, error) {
 		return nil, errListenerDone
 	}
 	return l.Listener.Accept()
+}
+
+// idleConns opens n keep-alive connections to addr, each idle after one
+// request.
+func idleConns(t *testing.T, addr string, n int) ([]net.Conn, []*bufio.Reader) {
+	t.Helper()
+	cs := make([]net.Conn, n)
+	brs := make([]*bufio.Reader, n)
+	for i := range cs {
+		cs[i], brs[i] = dialKeepAlive(t, addr)
+		rawRequest(t, cs[i], brs[i], "/")
+	}
+	return cs, brs
+}
+
+// Issue 8, finding 8: batches awaiting an answer are bounded (upgrader
+// refuses a batch beyond its 4-deep queue for a target, and each batch
+// in flight holds the target's fds): a slow answerer sees at most
+// maxInFlight unanswered, and every connection is handed off all the same.
+func TestHandoffBoundsBatchesInFlight(t *testing.T) {
+	const n = 5*handoff.MaxFDs + 10 // more than maxInFlight full batches
+	sock, h := handoffChannel(t)
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.Copy(io.Discard, r.Body)
+	})}
+	d, addr, drain := startServe(t, srv, Options{Timeout: 20 * time.Second, Handoff: h})
+	idleConns(t, addr, n)
+
+	// The answerer lets batches pile up: it answers the oldest only once
+	// no other has come for 50 ms, so an unbounded sender would have all
+	// its full batches unanswered at once.
+	msgs := make(chan handoff.Message)
+	go func() {
+		for {
+			m, fds, err := sock.Recv()
+			handoff.CloseFDs(fds)
+			if err != nil {
+				close(msgs)
+				return
+			}
+			msgs <- m
+		}
+	}()
+	var maxUnanswered, batches int
+	answered := make(chan struct{})
+	go func() {
+		defer close(answered)
+		var unanswered []uint64
+		for {
+			select {
+			case m, ok := <-msgs:
+				if !ok {
+					return
+				}
+				batches++
+				unanswered = append(unanswered, m.ID)
+				maxUnanswered = max(maxUnanswered, len(unanswered))
+			case <-time.After(50 * time.Millisecond):
+				if len(unanswered) > 0 {
+					sock.Send(handoff.Message{Type: handoff.TypeAck, ID: unanswered[0]}, nil)
+					unanswered = unanswered[1:]
+				}
+			}
+		}
+	}()
+	if err := drain(); err != nil {
+		t.Fatal(err)
+	}
+	if got := d.HandedOff(); got != n {
+		t.Fatalf("handed off %d of %d", got, n)
+	}
+	sock.Close()
+	<-answered
+	const outbox = 4 // upgrader's queue of batches for one target
+	if maxUnanswered > outbox || batches < n/handoff.MaxFDs {
+		t.Fatalf("%d batches, up to %d unanswered at once; want at most %d", batches, maxUnanswered, outbox)
+	}
+}
+
+// A refusal also refuses the connections taken but not sent yet: they are
+// all served here (answered with Connection: close), none is lost, and the
+// drain ends once they are closed.
+func TestRefusedHandoffServesQueuedConnectionsHere(t *testing.T) {
+	const n = 3 * handoff.MaxFDs
+	u, d, addr, drain := handoffServer(t, func() bool { return false })
+	cs, brs := idleConns(t, addr, n)
+	drained := make(chan error, 1)
+	go func() { drained <- drain() }()
+	select {
+	case <-u.batches:
+	case <-time.After(20 * time.Second):
+		t.Fatal("no handoff was attempted")
+	}
+	for i := range cs {
+		resp := rawRequest(t, cs[i], brs[i], "/")
+		if resp.Header.Get("X-From") != "old" || !resp.Close {
+			t.Fatalf("connection %d after a refused handoff: X-From %q, close %v; want old, close", i, resp.Header.Get("X-From"), resp.Close)
+		}
+	}
+	if err := <-drained; err != nil {
+		t.Fatal(err)
+	}
+	if d.HandedOff() != 0 {
+		t.Fatalf("HandedOff %d after a NAK", d.HandedOff())
+	}
 }

@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"slices"
 	"sort"
 	"sync"
 	"syscall"
@@ -14,7 +15,6 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/seed6cb0314a/upgrader/internal/handoff"
-	"github.com/seed6cb0314a/upgrader/internal/sockets"
 )
 
 // KindHTTP is the handoff kind of idle HTTP/1.x keep-alive connections
@@ -44,7 +44,16 @@ type Handoffs struct {
 	park      *parker       // idle HTTP connections, until readable
 	closeOnce sync.Once
 	done      chan struct{} // closed once everything is released
+
+	fdMu     sync.Mutex
+	fdTable  int  // fd table size reserved so far (under fdMu)
+	fdGrowth bool // a reserveFDs goroutine runs (under fdMu)
+	growing  sync.WaitGroup
 }
+
+// minFDTable is the fd table reserved when a channel opens: room for a
+// few full batches.
+const minFDTable = 1024
 
 // ErrNoHandoff is returned by Send when the process has no handoff channel,
 // or no longer has one (Close, or upgrader closed it).
@@ -123,9 +132,37 @@ func newHandoffs(sock *handoff.Socket, kinds []string, log *slog.Logger) (*Hando
 		h.park.close()
 		return nil, err
 	}
+	h.reserveFDs(0)
 	go h.read()
 	go h.convert()
 	return h, nil
+}
+
+// reserveFDs keeps the fd table ahead of the fds received (top, the
+// highest so far): once half of it is used, a goroutine grows it to four
+// times its size (handoff.Socket.ReserveFDs says why), while the rest
+// takes the next batches.
+func (h *Handoffs) reserveFDs(top int) {
+	h.fdMu.Lock()
+	defer h.fdMu.Unlock()
+	if h.fdGrowth || top < h.fdTable/2 {
+		return
+	}
+	n := max(minFDTable, 4*h.fdTable)
+	for n <= 2*top {
+		n *= 2
+	}
+	h.fdGrowth = true
+	h.growing.Add(1)
+	go func() {
+		defer h.growing.Done()
+		if err := h.sock.ReserveFDs(n); err != nil {
+			h.log.Debug("handoff: could not reserve fds ahead", "fds", n, "error", err)
+		}
+		h.fdMu.Lock()
+		h.fdTable, h.fdGrowth = n, false
+		h.fdMu.Unlock()
+	}()
 }
 
 func (h *Handoffs) kindList() []string {
@@ -221,6 +258,9 @@ func (h *Handoffs) receive(m handoff.Message, fds []int) {
 		return
 	}
 	h.sock.Send(handoff.Message{Type: handoff.TypeAck, ID: m.ID}, nil)
+	if len(fds) > 0 {
+		h.reserveFDs(slices.Max(fds))
+	}
 	for i, fd := range fds {
 		c := m.Conns[i]
 		if m.Kind == KindHTTP && len(c.Buffered) == 0 {
@@ -287,6 +327,7 @@ func (h *Handoffs) shut() {
 	}
 	h.park.close()
 	h.closeOnce.Do(func() { h.sock.Close() }) // upgrader ended it: release our end too
+	h.growing.Wait()
 	close(h.done)
 }
 
@@ -313,28 +354,30 @@ const SendTimeout = 5 * time.Second
 // (refused: no ready worker takes kind, the target failed; timeout;
 // channel closed) the connections are untouched and still the caller's to
 // serve or close.
+//
+// The conns' own fds are sent, not duplicates: SCM_RIGHTS gives the
+// receiver its own reference to each socket when sendmsg(2) runs, so a dup
+// (and its close) per connection would buy nothing. Each conn's fd is held
+// through its syscall.RawConn.Control for the length of the sendmsg, so
+// that a Close from elsewhere in the meantime waits instead of freeing the
+// fd number for reuse; a conn already closed fails Send, with nothing sent.
 func (h *Handoffs) Send(kind string, conns []Outgoing) error {
 	if h == nil {
 		return ErrNoHandoff
 	}
-	m := handoff.Message{Type: handoff.TypeHandoff, Kind: kind}
-	fds := make([]int, 0, len(conns))
-	defer func() {
-		for _, fd := range fds {
-			unix.Close(fd)
-		}
-	}()
-	for _, o := range conns {
+	m := handoff.Message{Type: handoff.TypeHandoff, Kind: kind, Conns: make([]handoff.Conn, len(conns))}
+	rcs := make([]syscall.RawConn, len(conns))
+	for i, o := range conns {
 		sc, ok := o.Conn.(syscall.Conn)
 		if !ok {
 			return fmt.Errorf("handoff: %T has no fd to pass", o.Conn)
 		}
-		fd, err := sockets.DupFD(sc)
+		rc, err := sc.SyscallConn()
 		if err != nil {
 			return fmt.Errorf("handoff: %w", err)
 		}
-		fds = append(fds, fd)
-		m.Conns = append(m.Conns, handoff.Conn{State: o.State, Buffered: o.Buffered})
+		rcs[i] = rc
+		m.Conns[i] = handoff.Conn{State: o.State, Buffered: o.Buffered}
 	}
 	ch := make(chan error, 1)
 	h.mu.Lock()
@@ -346,7 +389,8 @@ func (h *Handoffs) Send(kind string, conns []Outgoing) error {
 	m.ID = h.nextID
 	h.waiting[m.ID] = ch
 	h.mu.Unlock()
-	if err := h.sock.Send(m, fds); err != nil {
+	err := withFDs(rcs, make([]int, 0, len(rcs)), func(fds []int) error { return h.sock.Send(m, fds) })
+	if err != nil {
 		h.forget(m.ID)
 		return err
 	}
@@ -357,6 +401,21 @@ func (h *Handoffs) Send(kind string, conns []Outgoing) error {
 		h.forget(m.ID)
 		return fmt.Errorf("handoff: no answer from upgrader within %s", SendTimeout)
 	}
+}
+
+// withFDs calls f with the fds of rcs, each held open (RawConn.Control)
+// until f returns: one Control inside the next, so at most 253 deep.
+func withFDs(rcs []syscall.RawConn, fds []int, f func([]int) error) error {
+	if len(rcs) == 0 {
+		return f(fds)
+	}
+	var ferr error
+	if err := rcs[0].Control(func(fd uintptr) {
+		ferr = withFDs(rcs[1:], append(fds, int(fd)), f)
+	}); err != nil {
+		return fmt.Errorf("handoff: %w", err)
+	}
+	return ferr
 }
 
 func (h *Handoffs) forget(id uint64) {

@@ -412,6 +412,75 @@ func TestHandoffsSend(t *testing.T) {
 	}
 }
 
+// Issue 8, finding 8: Send passes the connections' own fds, a full batch
+// of 253 in order, and opens no fd of its own; a batch holding a closed
+// connection fails before anything is sent, and the others stay usable.
+func TestHandoffsSendPassesOwnFDs(t *testing.T) {
+	up, _ := fakeUpgrader(t)
+	s, err := New()
+	if err != nil {
+		t.Fatal(err)
+	}
+	h, err := s.Handoffs()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	recv(t, up) // ACCEPT
+	ino := func(fd int) uint64 {
+		var st unix.Stat_t
+		if err := unix.Fstat(fd, &st); err != nil {
+			t.Fatal(err)
+		}
+		return st.Ino
+	}
+	out := make([]Outgoing, handoff.MaxFDs)
+	want := make([]uint64, len(out))
+	for i := range out {
+		sc, _ := tcpPair(t)
+		out[i] = Outgoing{Conn: sc}
+		rc, _ := sc.SyscallConn()
+		rc.Control(func(fd uintptr) { want[i] = ino(int(fd)) })
+	}
+	before := len(openFDs(t))
+	done := make(chan error, 1)
+	go func() { done <- h.Send("http", out) }()
+	m, fds := recv(t, up)
+	if len(fds) != len(out) {
+		t.Fatalf("got %d fds, want %d", len(fds), len(out))
+	}
+	for i, fd := range fds {
+		if ino(fd) != want[i] {
+			t.Fatalf("fd %d of the batch is not connection %d", i, i)
+		}
+	}
+	if n := len(openFDs(t)) - len(fds); n != before {
+		t.Errorf("%d fds open while sending, %d before: Send opened its own", n, before)
+	}
+	handoff.CloseFDs(fds)
+	up.Send(handoff.Message{Type: handoff.TypeAck, ID: m.ID}, nil)
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+
+	out[len(out)-1].Conn.Close()
+	if err := h.Send("http", out); err == nil {
+		t.Fatal("Send with a closed connection: nil error")
+	}
+	// Nothing went out for it: the next message upgrader sees is the next
+	// Send's.
+	go func() { done <- h.Send("http", out[:1]) }()
+	m, fds = recv(t, up)
+	if len(fds) != 1 || ino(fds[0]) != want[0] {
+		t.Fatalf("after the failed Send, upgrader got %+v with %d fds", m, len(fds))
+	}
+	handoff.CloseFDs(fds)
+	up.Send(handoff.Message{Type: handoff.TypeAck, ID: m.ID}, nil)
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+}
+
 // Issue 8, finding 5: Close ends the goroutines and closes the socket and
 // epoll instance; a connection parked at that moment still comes out of
 // Accept (it was acknowledged), then Accept reports the listener closed.
@@ -536,4 +605,49 @@ func (s *syncBuffer) String() string {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.b.String()
+}
+
+// Issue 8, finding 8: a worker that takes handoffs grows its fd table ahead
+// of the fds it receives (each growth inside recvmsg would stall the
+// channel for an RCU grace period): room for a few batches at once, and
+// more as batches fill it.
+func TestHandoffsReserveFDTableAhead(t *testing.T) {
+	size := func() int {
+		b, err := os.ReadFile("/proc/self/status")
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, l := range strings.Split(string(b), "\n") {
+			if v, ok := strings.CutPrefix(l, "FDSize:"); ok {
+				n, _ := strconv.Atoi(strings.TrimSpace(v))
+				return n
+			}
+		}
+		t.Fatal("no FDSize in /proc/self/status")
+		return 0
+	}
+	up, _ := fakeUpgrader(t)
+	s, err := New()
+	if err != nil {
+		t.Fatal(err)
+	}
+	h, err := s.Handoffs(KindHTTP)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	recv(t, up) // ACCEPT
+	waitFor(t, "an fd table of 1024", func() bool { return size() >= minFDTable })
+	// A batch whose fds reach past half the table grows it further.
+	var fds []int
+	for len(fds) == 0 || fds[len(fds)-1] < size()/2 {
+		fd, err := unix.Dup(0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		fds = append(fds, fd)
+	}
+	defer handoff.CloseFDs(fds)
+	h.reserveFDs(fds[len(fds)-1])
+	waitFor(t, "the fd table to grow past the fds received", func() bool { return size() > 2*fds[len(fds)-1] })
 }

@@ -6,6 +6,7 @@ import (
 	"net"
 	"os"
 	"reflect"
+	"strconv"
 	"strings"
 	"testing"
 )
@@ -154,5 +155,55 @@ func TestSocketCarriesFDs(t *testing.T) {
 	sa.Close()
 	if _, _, err := sb.Recv(); !errors.Is(err, ErrClosed) {
 		t.Fatalf("after close: %v", err)
+	}
+}
+
+// fdTableSize is this process's fd table size (FDSize in /proc/self/status).
+func fdTableSize(t *testing.T) int {
+	t.Helper()
+	b, err := os.ReadFile("/proc/self/status")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(l, "FDSize:"); ok {
+			n, err := strconv.Atoi(strings.TrimSpace(v))
+			if err != nil {
+				t.Fatal(err)
+			}
+			return n
+		}
+	}
+	t.Fatal("no FDSize in /proc/self/status")
+	return 0
+}
+
+// ReserveFDs grows the fd table (so that a recvmsg of many fds does not)
+// and leaves no fd open.
+func TestReserveFDsGrowsTheTable(t *testing.T) {
+	a, b, err := Pair()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	s, err := NewSocket(a)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	want := 2 * fdTableSize(t)
+	ents, _ := os.ReadDir("/proc/self/fd")
+	if err := s.ReserveFDs(want); err != nil {
+		t.Fatal(err)
+	}
+	if got := fdTableSize(t); got < want {
+		t.Fatalf("fd table %d after ReserveFDs(%d)", got, want)
+	}
+	if after, _ := os.ReadDir("/proc/self/fd"); len(after) != len(ents) {
+		t.Fatalf("%d fds open after ReserveFDs, %d before", len(after), len(ents))
+	}
+	// Beyond RLIMIT_NOFILE it reserves up to the limit, without error.
+	if err := s.ReserveFDs(1 << 30); err != nil {
+		t.Fatal(err)
 	}
 }

@@ -37,7 +37,7 @@ const (
 	// does not read. Answers (ACK, NAK) carry no fds and have a queue of
 	// their own, answersSize deep, so that a sender that reads gets every
 	// one however fast they come.
-	outboxSize  = 4
+	outboxSize  = 16
 	answersSize = 1024
 	// sendTimeout bounds one send to a worker whose socket buffer is full.
 	sendTimeout = 100 * time.Millisecond
