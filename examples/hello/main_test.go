@@ -41,48 +41,8 @@ func TestAcceptErrorsLogStructured(t *testing.T) {
 	const maxFDs = 32
 	cmd := exec.Command(upgrader, "--control", ctl, "--listen", "127.0.0.1:0", "--",
 		prlimit, fmt.Sprintf("--nofile=%d:%d", maxFDs, maxFDs), hello)
-	var stderr bytes.Buffer
-	cmd.Stderr = &stderr
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	exited := make(chan error, 1)
-	go func() { exited <- cmd.Wait() }()
-	defer func() {
-		cmd.Process.Kill()
-		<-exited
-	}()
-
-	var addr string
-	var pid int
-	for deadline := time.Now().Add(30 * time.Second); addr == ""; {
-		var st struct {
-			Ready     bool `json:"ready"`
-			Listeners []struct {
-				Address string `json:"address"`
-			} `json:"listeners"`
-			Generations []struct {
-				Workers []struct {
-					Pid int `json:"pid"`
-				} `json:"workers"`
-			} `json:"generations"`
-		}
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		err := control.Do(ctx, ctl, control.Request{Command: "status"}, func(b []byte) error { return json.Unmarshal(b, &st) })
-		cancel()
-		if err == nil && st.Ready && len(st.Listeners) == 1 && len(st.Generations) == 1 && len(st.Generations[0].Workers) == 1 {
-			addr, pid = st.Listeners[0].Address, st.Generations[0].Workers[0].Pid
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("hello not ready: %v; stderr:\n%s", err, &stderr)
-		}
-		select {
-		case err := <-exited:
-			t.Fatalf("upgrader exited: %v; stderr:\n%s", err, &stderr)
-		case <-time.After(20 * time.Millisecond):
-		}
-	}
+	stderr := &bytes.Buffer{}
+	addr, pid, exited := runUnder(t, cmd, ctl, stderr)
 
 	// Twice as many open connections as hello may have fds: once its fd
 	// table is full, with connections still queued, its next Accept fails
@@ -134,10 +94,10 @@ func TestAcceptErrorsLogStructured(t *testing.T) {
 	case err := <-exited:
 		exited <- err
 		if err != nil {
-			t.Fatalf("graceful stop: %v; stderr:\n%s", err, &stderr)
+			t.Fatalf("graceful stop: %v; stderr:\n%s", err, stderr)
 		}
 	case <-time.After(60 * time.Second):
-		t.Fatalf("upgrader did not stop; stderr:\n%s", &stderr)
+		t.Fatalf("upgrader did not stop; stderr:\n%s", stderr)
 	}
 	var acceptErrors int
 	for _, line := range strings.Split(stderr.String(), "\n") {
@@ -150,7 +110,7 @@ func TestAcceptErrorsLogStructured(t *testing.T) {
 		}
 	}
 	if acceptErrors == 0 {
-		t.Fatalf("no accept error reported though hello ran out of fds; stderr:\n%s", &stderr)
+		t.Fatalf("no accept error reported though hello ran out of fds; stderr:\n%s", stderr)
 	}
 }
 
@@ -203,58 +163,12 @@ func TestServesInheritedListenersOnly(t *testing.T) {
 	ctl := filepath.Join(t.TempDir(), "control.sock")
 	cmd := exec.Command(upgrader, "--control", ctl, "-l", "web=tcp://127.0.0.1:0", "-l", "dns=udp://127.0.0.1:0", "--",
 		hello, "-addr", "127.0.0.1:0")
-	var stderr bytes.Buffer
-	cmd.Stderr = &stderr
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	exited := make(chan error, 1)
-	go func() { exited <- cmd.Wait() }()
-	defer func() {
-		cmd.Process.Kill()
-		<-exited
-	}()
-
-	var web string
-	var pid int
-	for deadline := time.Now().Add(30 * time.Second); ; {
-		var st struct {
-			Ready     bool `json:"ready"`
-			Listeners []struct {
-				Network string `json:"network"`
-				Address string `json:"address"`
-			} `json:"listeners"`
-			Generations []struct {
-				Workers []struct {
-					Pid int `json:"pid"`
-				} `json:"workers"`
-			} `json:"generations"`
-		}
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		err := control.Do(ctx, ctl, control.Request{Command: "status"}, func(b []byte) error { return json.Unmarshal(b, &st) })
-		cancel()
-		if err == nil && st.Ready && len(st.Generations) == 1 && len(st.Generations[0].Workers) == 1 {
-			for _, l := range st.Listeners {
-				if strings.HasPrefix(l.Network, "tcp") {
-					web = l.Address
-				}
-			}
-			pid = st.Generations[0].Workers[0].Pid
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("hello not ready: %v; stderr:\n%s", err, &stderr)
-		}
-		select {
-		case err := <-exited:
-			t.Fatalf("upgrader exited: %v; stderr:\n%s", err, &stderr)
-		case <-time.After(20 * time.Millisecond):
-		}
-	}
+	stderr := &bytes.Buffer{}
+	web, pid, _ := runUnder(t, cmd, ctl, stderr)
 	// hello is ready: it has every listener it will have.
 	got := listening(t, pid)
 	if len(got) != 1 || got[0] != web {
-		t.Fatalf("hello listens on %q, want only the inherited %s; stderr:\n%s", got, web, &stderr)
+		t.Fatalf("hello listens on %q, want only the inherited %s; stderr:\n%s", got, web, stderr)
 	}
 	resp, err := http.Get("http://" + web + "/")
 	if err != nil {
@@ -310,4 +224,57 @@ func procAddr(s string) string {
 	}
 	port, _ := strconv.ParseUint(p, 16, 16)
 	return net.JoinHostPort(net.IP(b).String(), strconv.FormatUint(port, 10))
+}
+
+// runUnder starts cmd (upgrader running hello, its control socket at ctl,
+// stderr into stderr) and waits until its one worker is ready; it returns
+// the first TCP listener's address, the worker's pid, and a channel that
+// gets cmd.Wait's result (put back by whoever takes it). The test's end
+// kills upgrader.
+func runUnder(t *testing.T, cmd *exec.Cmd, ctl string, stderr *bytes.Buffer) (addr string, pid int, exited chan error) {
+	t.Helper()
+	cmd.Stderr = stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited = make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
+	t.Cleanup(func() {
+		cmd.Process.Kill()
+		<-exited
+	})
+	for deadline := time.Now().Add(30 * time.Second); ; {
+		var st struct {
+			Ready     bool `json:"ready"`
+			Listeners []struct {
+				Network string `json:"network"`
+				Address string `json:"address"`
+			} `json:"listeners"`
+			Generations []struct {
+				Workers []struct {
+					Pid int `json:"pid"`
+				} `json:"workers"`
+			} `json:"generations"`
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		err := control.Do(ctx, ctl, control.Request{Command: "status"}, func(b []byte) error { return json.Unmarshal(b, &st) })
+		cancel()
+		if err == nil && st.Ready && len(st.Generations) == 1 && len(st.Generations[0].Workers) == 1 {
+			for _, l := range st.Listeners {
+				if strings.HasPrefix(l.Network, "tcp") && addr == "" {
+					addr = l.Address
+				}
+			}
+			return addr, st.Generations[0].Workers[0].Pid, exited
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("hello not ready: %v; stderr:\n%s", err, stderr)
+		}
+		select {
+		case err := <-exited:
+			exited <- err
+			t.Fatalf("upgrader exited: %v; stderr:\n%s", err, stderr)
+		case <-time.After(20 * time.Millisecond): // polling interval
+		}
+	}
 }
