@@ -366,6 +366,19 @@ func (s *Server) track(c net.Conn, st http.ConnState) {
 			hc.kick()
 		}
 	}
+	if hc, ok := c.(*hconn); ok && st == http.StateClosed {
+		// A taken connection's last word from the serve loop that let go
+		// of it: a refusal may give it back now (refuse).
+		hc.mu.Lock()
+		if hc.released != nil {
+			select {
+			case <-hc.released:
+			default:
+				close(hc.released)
+			}
+		}
+		hc.mu.Unlock()
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	switch st {

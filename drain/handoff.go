@@ -57,6 +57,12 @@ type hconn struct {
 	httpDeadline time.Time
 	taken        bool // Read refused net/http: Close hands off
 	handing      bool // Close has queued it for handoff
+	// released is closed once net/http has reported the StateClosed of the
+	// serve loop that let go of it (track): only then may a refused
+	// connection be registered again, or that late StateClosed would
+	// unregister it while it is served here, and the drain could end
+	// (and Shutdown close it) under a client's next request.
+	released chan struct{}
 }
 
 // eligible reports whether net/http holds none of c's bytes, for a read
@@ -141,8 +147,9 @@ func (c *hconn) setIdle(idle bool) {
 func (c *hconn) Close() error {
 	c.mu.Lock()
 	taken, first := c.taken, !c.handing
-	if taken {
+	if taken && first {
 		c.handing = true
+		c.released = make(chan struct{})
 	}
 	c.mu.Unlock()
 	if taken {
@@ -199,6 +206,7 @@ func (c *hconn) SyscallConn() (syscall.RawConn, error) {
 func (c *hconn) reset() {
 	c.mu.Lock()
 	c.taken, c.handing, c.want, c.kicked, c.idle = false, false, false, false, false
+	c.released = nil
 	c.Conn.SetReadDeadline(c.httpDeadline)
 	c.mu.Unlock()
 }
@@ -370,9 +378,22 @@ func (s *Server) sendBatch(batch []*hconn) {
 	s.refuse(queued)
 }
 
-// refuse gives taken connections back to this worker's http.Server.
+// refuse gives taken connections back to this worker's http.Server, each
+// once net/http has let go of it for good (hconn.released). It may be
+// called from net/http's own Close, so it waits on a goroutine of its own;
+// the connections stay counted in s.pendingHO until they are back.
 func (s *Server) refuse(cs []*hconn) {
+	go s.giveBack(cs)
+}
+
+func (s *Server) giveBack(cs []*hconn) {
 	for _, c := range cs {
+		c.mu.Lock()
+		released := c.released
+		c.mu.Unlock()
+		if released != nil {
+			<-released
+		}
 		c.reset()
 		// Registered before it leaves our hands: the fallback's Serve loop
 		// runs on past the drain, so the drain cannot wait for it.

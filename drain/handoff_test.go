@@ -496,6 +496,16 @@ func TestRefusedHandoffServesQueuedConnectionsHere(t *testing.T) {
 	case <-time.After(20 * time.Second):
 		t.Fatal("no handoff was attempted")
 	}
+	// The batch reached the fake upgrader, which refuses it; until the
+	// drain has taken the refusal, a request would rightly be answered
+	// without "Connection: close" (its connection could still go). Polling
+	// the drain's own state: no event marks the moment.
+	for deadline := time.Now().Add(20 * time.Second); d.handoffOn.Load(); {
+		if time.Now().After(deadline) {
+			t.Fatal("the refusal was never taken")
+		}
+		time.Sleep(time.Millisecond) // polling interval
+	}
 	for i := range cs {
 		resp := rawRequest(t, cs[i], brs[i], "/")
 		if resp.Header.Get("X-From") != "old" || !resp.Close {
