@@ -116,7 +116,7 @@ func mustContain(t *testing.T, what, s string, wants ...string) {
 // control socket and pid file do not stop a new one.
 func TestSecondInstanceAndStaleFiles(t *testing.T) {
 	if testing.Short() {
-		t.Skip("builds and runs the binaries")
+		t.Skip("-short: this test builds and runs the binaries")
 	}
 	dir := t.TempDir()
 	upgrader, hello := build(t, dir)
@@ -175,7 +175,7 @@ func TestSecondInstanceAndStaleFiles(t *testing.T) {
 // Bad flag values stop the upgrader with status 2 before it runs anything.
 func TestBadFlagsExitUsage(t *testing.T) {
 	if testing.Short() {
-		t.Skip("builds and runs the binaries")
+		t.Skip("-short: this test builds and runs the binaries")
 	}
 	dir := t.TempDir()
 	upgrader, _ := build(t, dir)

@@ -16,7 +16,7 @@ const pidFileHelper = "UPGRADER_TEST_PIDFILE_HELPER"
 // test, alive until its stdin closes, for checkPidFile to find.
 func TestPidFileHelperProcess(t *testing.T) {
 	if os.Getenv(pidFileHelper) == "" {
-		t.Skip("helper process")
+		t.Skip("not a test: the helper process of TestCheckPidFile, run only with " + pidFileHelper + " set")
 	}
 	os.Stdin.Read(make([]byte, 1))
 }

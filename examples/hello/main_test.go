@@ -28,7 +28,7 @@ import (
 // line hello writes, and hello must serve again once fds are free.
 func TestAcceptErrorsLogStructured(t *testing.T) {
 	if testing.Short() {
-		t.Skip("builds and runs the binaries")
+		t.Skip("-short: this test builds and runs the binaries")
 	}
 	prlimit, err := exec.LookPath("prlimit")
 	if err != nil {
@@ -157,7 +157,7 @@ func binaries(t *testing.T) (upgrader, hello string) {
 // listener, and bound one on -addr.
 func TestServesInheritedListenersOnly(t *testing.T) {
 	if testing.Short() {
-		t.Skip("builds and runs the binaries")
+		t.Skip("-short: this test builds and runs the binaries")
 	}
 	upgrader, hello := binaries(t)
 	ctl := filepath.Join(t.TempDir(), "control.sock")
