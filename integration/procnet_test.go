@@ -3,16 +3,15 @@ package integration
 import (
 	"bufio"
 	"encoding/binary"
-	"encoding/hex"
-	"fmt"
 	"net"
 	"os"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/seed6cb0314a/upgrader/internal/proctree"
 )
 
 // What the kernel says about TCP sockets (/proc/net/tcp and tcp6): tests
@@ -33,42 +32,18 @@ func tcpListeners() map[string]string {
 		sc.Scan() // the header
 		for sc.Scan() {
 			fs := strings.Fields(sc.Text())
-			if len(fs) < 10 || fs[3] != "0A" {
+			if len(fs) < 10 || fs[3] != proctree.TCPListen {
 				break
 			}
-			out[fs[9]] = hexAddr(fs[1])
+			out[fs[9]] = proctree.TCPAddr(fs[1])
 		}
 		file.Close()
 	}
 	return out
 }
 
-// hexAddr decodes /proc/net/tcp's address: the IP as 32-bit words in host
-// (little-endian) order, then the port.
-func hexAddr(s string) string {
-	h, p, _ := strings.Cut(s, ":")
-	b, _ := hex.DecodeString(h)
-	for i := 0; i+4 <= len(b); i += 4 {
-		b[i], b[i+1], b[i+2], b[i+3] = b[i+3], b[i+2], b[i+1], b[i]
-	}
-	port, _ := strconv.ParseUint(p, 16, 16)
-	return net.JoinHostPort(net.IP(b).String(), strconv.FormatUint(port, 10))
-}
-
 // socketInodes maps the socket inodes pid holds to their fd numbers.
-func socketInodes(pid int) map[string]int {
-	out := map[string]int{}
-	dir := fmt.Sprintf("/proc/%d/fd", pid)
-	ents, _ := os.ReadDir(dir)
-	for _, e := range ents {
-		target, _ := os.Readlink(filepath.Join(dir, e.Name()))
-		if in, ok := strings.CutPrefix(target, "socket:["); ok {
-			fd, _ := strconv.Atoi(e.Name())
-			out[strings.TrimSuffix(in, "]")] = fd
-		}
-	}
-	return out
-}
+func socketInodes(pid int) map[string]int { return proctree.SocketInodes("/proc", pid) }
 
 // listeningAddrs lists the addresses of the listening TCP sockets pid
 // holds.

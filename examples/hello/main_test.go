@@ -4,7 +4,6 @@ import (
 	"bufio"
 	"bytes"
 	"context"
-	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -13,7 +12,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -21,6 +19,7 @@ import (
 	"time"
 
 	"github.com/seed6cb0314a/upgrader/internal/control"
+	"github.com/seed6cb0314a/upgrader/internal/proctree"
 )
 
 // When hello runs out of fds, net/http reports its accept errors through
@@ -180,50 +179,14 @@ func TestServesInheritedListenersOnly(t *testing.T) {
 	}
 }
 
-// listening lists the addresses of the listening TCP sockets pid holds:
-// the sockets of /proc/PID/net/tcp{,6} in state LISTEN whose inode is one
-// of /proc/PID/fd.
+// listening lists the addresses of the listening TCP sockets pid holds.
 func listening(t *testing.T, pid int) []string {
 	t.Helper()
-	held := map[string]bool{}
-	dir := fmt.Sprintf("/proc/%d/fd", pid)
-	ents, err := os.ReadDir(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, e := range ents {
-		target, _ := os.Readlink(filepath.Join(dir, e.Name()))
-		if in, ok := strings.CutPrefix(target, "socket:["); ok {
-			held[strings.TrimSuffix(in, "]")] = true
-		}
-	}
 	var out []string
-	for _, table := range []string{"tcp", "tcp6"} {
-		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/net/%s", pid, table))
-		if err != nil {
-			continue
-		}
-		for _, line := range strings.Split(string(b), "\n")[1:] {
-			fs := strings.Fields(line)
-			if len(fs) < 10 || fs[3] != "0A" || !held[fs[9]] {
-				continue
-			}
-			out = append(out, procAddr(fs[1]))
-		}
+	for _, a := range proctree.TCPSockets("/proc", pid, proctree.TCPListen, proctree.SocketInodes("/proc", pid)) {
+		out = append(out, a)
 	}
 	return out
-}
-
-// procAddr decodes /proc/net/tcp's address: the IP as 32-bit words in host
-// (little-endian) order, then the port, in hex.
-func procAddr(s string) string {
-	h, p, _ := strings.Cut(s, ":")
-	b, _ := hex.DecodeString(h)
-	for i := 0; i+4 <= len(b); i += 4 {
-		b[i], b[i+1], b[i+2], b[i+3] = b[i+3], b[i+2], b[i+1], b[i]
-	}
-	port, _ := strconv.ParseUint(p, 16, 16)
-	return net.JoinHostPort(net.IP(b).String(), strconv.FormatUint(port, 10))
 }
 
 // runUnder starts cmd (upgrader running hello, its control socket at ctl,

@@ -1,6 +1,7 @@
 package proctree
 
 import (
+	"net"
 	"os"
 	"os/exec"
 	"slices"
@@ -49,4 +50,37 @@ func TestReadFindsDescendants(t *testing.T) {
 			return
 		}
 	}
+}
+
+func TestTCPAddr(t *testing.T) {
+	for in, want := range map[string]string{
+		"0100007F:1F90":                         "127.0.0.1:8080",
+		"00000000000000000000000001000000:0050": "[::1]:80",
+	} {
+		if got := TCPAddr(in); got != want {
+			t.Errorf("TCPAddr(%q) = %q, want %q", in, got, want)
+		}
+	}
+}
+
+// This process's own listener is found by its inode, at its fd.
+func TestTCPSocketsFindsOwnListener(t *testing.T) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	f, err := l.(*net.TCPListener).File()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	inodes := SocketInodes("/proc", os.Getpid())
+	got := TCPSockets("/proc", os.Getpid(), TCPListen, inodes)
+	for in, addr := range got {
+		if addr == l.Addr().String() && inodes[in] > 2 {
+			return
+		}
+	}
+	t.Fatalf("listener %s not among %v", l.Addr(), got)
 }

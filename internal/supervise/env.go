@@ -234,45 +234,21 @@ func (e *osEnv) close() {
 func (e *osEnv) connections(pids []int) int {
 	n := 0
 	for _, pid := range pids {
-		inodes := socketInodes(pid)
+		inodes := proctree.SocketInodes("/proc", pid)
 		if len(inodes) == 0 {
 			continue
 		}
 		// The tables of the worker's own network namespace.
-		n += countInodes(fmt.Sprintf("/proc/%d/net/tcp", pid), inodes, 9, tcpEstablished)
-		n += countInodes(fmt.Sprintf("/proc/%d/net/tcp6", pid), inodes, 9, tcpEstablished)
-		n += countInodes(fmt.Sprintf("/proc/%d/net/unix", pid), inodes, 6, unixConnected)
+		n += len(proctree.TCPSockets("/proc", pid, proctree.TCPEstablished, inodes))
+		n += countUnixConnected(fmt.Sprintf("/proc/%d/net/unix", pid), inodes)
 	}
 	return n
 }
 
-// socketInodes lists the socket inodes among pid's fds.
-func socketInodes(pid int) map[string]bool {
-	dir := fmt.Sprintf("/proc/%d/fd", pid)
-	ents, err := os.ReadDir(dir)
-	if err != nil {
-		return nil
-	}
-	out := map[string]bool{}
-	for _, e := range ents {
-		t, err := os.Readlink(filepath.Join(dir, e.Name()))
-		if err == nil && strings.HasPrefix(t, "socket:[") {
-			out[strings.TrimSuffix(strings.TrimPrefix(t, "socket:["), "]")] = true
-		}
-	}
-	return out
-}
-
-// tcpEstablished: /proc/net/tcp columns: sl local rem st … inode (10th).
-func tcpEstablished(f []string) bool { return len(f) > 9 && f[3] == "01" }
-
-// unixConnected: /proc/net/unix columns: Num RefCount Protocol Flags Type St Inode;
-// a connected stream socket is Type 0001, St 03.
-func unixConnected(f []string) bool { return len(f) > 6 && f[4] == "0001" && f[5] == "03" }
-
-// countInodes counts the rows of a /proc/net table that match and whose
-// inode (column col) is one of inodes.
-func countInodes(path string, inodes map[string]bool, col int, match func([]string) bool) int {
+// countUnixConnected counts the rows of a /proc/net/unix table for
+// connected stream sockets (Type 0001, St 03) whose inode is one of inodes.
+// Columns: Num RefCount Protocol Flags Type St Inode.
+func countUnixConnected(path string, inodes map[string]int) int {
 	f, err := os.Open(path)
 	if err != nil {
 		return 0
@@ -281,9 +257,11 @@ func countInodes(path string, inodes map[string]bool, col int, match func([]stri
 	n := 0
 	sc := bufio.NewScanner(f)
 	for sc.Scan() {
-		fields := strings.Fields(sc.Text())
-		if len(fields) > col && match(fields) && inodes[fields[col]] {
-			n++
+		fs := strings.Fields(sc.Text())
+		if len(fs) > 6 && fs[4] == "0001" && fs[5] == "03" {
+			if _, ok := inodes[fs[6]]; ok {
+				n++
+			}
 		}
 	}
 	return n

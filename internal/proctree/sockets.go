@@ -1,0 +1,71 @@
+package proctree
+
+import (
+	"encoding/hex"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+)
+
+// SocketInodes maps the inodes of the sockets a process holds to their fd
+// numbers, from the "socket:[INODE]" links of root/PID/fd (proc(5)); empty
+// when the process is gone or not ours to read.
+func SocketInodes(root string, pid int) map[string]int {
+	out := map[string]int{}
+	dir := fmt.Sprintf("%s/%d/fd", root, pid)
+	ents, _ := os.ReadDir(dir)
+	for _, e := range ents {
+		target, _ := os.Readlink(filepath.Join(dir, e.Name()))
+		if in, ok := strings.CutPrefix(target, "socket:["); ok {
+			fd, _ := strconv.Atoi(e.Name())
+			out[strings.TrimSuffix(in, "]")] = fd
+		}
+	}
+	return out
+}
+
+// TCPAddr decodes an address of /proc/net/tcp or tcp6 ("0100007F:1F90"):
+// the IP as 32-bit words in host (little-endian) order, then the port, in
+// hex. It returns HOST:PORT.
+func TCPAddr(s string) string {
+	h, p, _ := strings.Cut(s, ":")
+	b, _ := hex.DecodeString(h)
+	for i := 0; i+4 <= len(b); i += 4 {
+		b[i], b[i+1], b[i+2], b[i+3] = b[i+3], b[i+2], b[i+1], b[i]
+	}
+	port, _ := strconv.ParseUint(p, 16, 16)
+	return net.JoinHostPort(net.IP(b).String(), strconv.FormatUint(port, 10))
+}
+
+// TCP states in /proc/net/tcp's "st" column (include/net/tcp_states.h).
+const (
+	TCPEstablished = "01"
+	TCPListen      = "0A"
+)
+
+// TCPSockets lists the rows of root/PID/net/tcp and tcp6 (the process's
+// network namespace) in state st whose inode is one of inodes, as inode →
+// local address (TCPAddr).
+func TCPSockets(root string, pid int, st string, inodes map[string]int) map[string]string {
+	out := map[string]string{}
+	for _, table := range []string{"tcp", "tcp6"} {
+		b, err := os.ReadFile(fmt.Sprintf("%s/%d/net/%s", root, pid, table))
+		if err != nil {
+			continue
+		}
+		for _, line := range strings.Split(string(b), "\n")[1:] {
+			// sl local rem st tx:rx tr:when retrnsmt uid timeout inode
+			fs := strings.Fields(line)
+			if len(fs) < 10 || fs[3] != st {
+				continue
+			}
+			if _, ok := inodes[fs[9]]; ok {
+				out[fs[9]] = TCPAddr(fs[1])
+			}
+		}
+	}
+	return out
+}
