@@ -289,15 +289,7 @@ func TestHandoffsWithoutChannel(t *testing.T) {
 // refused.
 func TestHandoffsReceive(t *testing.T) {
 	up, _ := fakeUpgrader(t)
-	s, err := New()
-	if err != nil {
-		t.Fatal(err)
-	}
-	h, err := s.Handoffs(KindHTTP, "counter")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer h.Close()
+	h := openHandoffs(t, KindHTTP, "counter")
 	if m, _ := recv(t, up); m.Type != handoff.TypeAccept || strings.Join(m.Kinds, ",") != "http,counter" {
 		t.Fatalf("first message %+v, want ACCEPT kinds=http,counter", m)
 	}
@@ -332,15 +324,7 @@ func TestHandoffsReceive(t *testing.T) {
 // not turned into a net.Conn, until its client speaks.
 func TestHandoffsParkIdleHTTP(t *testing.T) {
 	up, _ := fakeUpgrader(t)
-	s, err := New()
-	if err != nil {
-		t.Fatal(err)
-	}
-	h, err := s.Handoffs(KindHTTP)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer h.Close()
+	h := openHandoffs(t, KindHTTP)
 	recv(t, up) // ACCEPT
 	sc, cc := tcpPair(t)
 	if m := handOff(t, up, 1, KindHTTP, sc, handoff.Conn{}); m.Type != handoff.TypeAck {
@@ -376,15 +360,7 @@ func TestHandoffsParkIdleHTTP(t *testing.T) {
 // for upgrader's answer: nil on ACK, an error with the reason on NAK.
 func TestHandoffsSend(t *testing.T) {
 	up, _ := fakeUpgrader(t)
-	s, err := New()
-	if err != nil {
-		t.Fatal(err)
-	}
-	h, err := s.Handoffs()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer h.Close()
+	h := openHandoffs(t, )
 	recv(t, up) // ACCEPT
 	sc, cc := tcpPair(t)
 	for _, answer := range []string{handoff.TypeAck, handoff.TypeNak} {
@@ -417,15 +393,7 @@ func TestHandoffsSend(t *testing.T) {
 // connection fails before anything is sent, and the others stay usable.
 func TestHandoffsSendPassesOwnFDs(t *testing.T) {
 	up, _ := fakeUpgrader(t)
-	s, err := New()
-	if err != nil {
-		t.Fatal(err)
-	}
-	h, err := s.Handoffs()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer h.Close()
+	h := openHandoffs(t, )
 	recv(t, up) // ACCEPT
 	ino := func(fd int) uint64 {
 		var st unix.Stat_t
@@ -627,15 +595,7 @@ func TestHandoffsReserveFDTableAhead(t *testing.T) {
 		return 0
 	}
 	up, _ := fakeUpgrader(t)
-	s, err := New()
-	if err != nil {
-		t.Fatal(err)
-	}
-	h, err := s.Handoffs(KindHTTP)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer h.Close()
+	h := openHandoffs(t, KindHTTP)
 	recv(t, up) // ACCEPT
 	waitFor(t, "an fd table of 1024", func() bool { return size() >= minFDTable })
 	// A batch whose fds reach past half the table grows it further.
@@ -649,5 +609,28 @@ func TestHandoffsReserveFDTableAhead(t *testing.T) {
 	}
 	defer handoff.CloseFDs(fds)
 	h.reserveFDs(fds[len(fds)-1])
-	waitFor(t, "the fd table to grow past the fds received", func() bool { return size() > 2*fds[len(fds)-1] })
+	// Past twice the highest fd, or to RLIMIT_NOFILE, which a run before
+	// this one (-count) may have reached already.
+	var rl unix.Rlimit
+	if err := unix.Getrlimit(unix.RLIMIT_NOFILE, &rl); err != nil {
+		t.Fatal(err)
+	}
+	want := int(min(uint64(2*fds[len(fds)-1]+1), rl.Cur))
+	waitFor(t, "the fd table to grow past the fds received", func() bool { return size() >= want })
+}
+
+// openHandoffs reads the environment (New) and opens the handoff channel
+// for kinds, closed when the test ends.
+func openHandoffs(t *testing.T, kinds ...string) *Handoffs {
+	t.Helper()
+	s, err := New()
+	if err != nil {
+		t.Fatal(err)
+	}
+	h, err := s.Handoffs(kinds...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { h.Close() })
+	return h
 }
