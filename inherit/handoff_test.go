@@ -360,7 +360,7 @@ func TestHandoffsParkIdleHTTP(t *testing.T) {
 // for upgrader's answer: nil on ACK, an error with the reason on NAK.
 func TestHandoffsSend(t *testing.T) {
 	up, _ := fakeUpgrader(t)
-	h := openHandoffs(t, )
+	h := openHandoffs(t)
 	recv(t, up) // ACCEPT
 	sc, cc := tcpPair(t)
 	for _, answer := range []string{handoff.TypeAck, handoff.TypeNak} {
@@ -393,7 +393,7 @@ func TestHandoffsSend(t *testing.T) {
 // connection fails before anything is sent, and the others stay usable.
 func TestHandoffsSendPassesOwnFDs(t *testing.T) {
 	up, _ := fakeUpgrader(t)
-	h := openHandoffs(t, )
+	h := openHandoffs(t)
 	recv(t, up) // ACCEPT
 	ino := func(fd int) uint64 {
 		var st unix.Stat_t
