@@ -67,9 +67,12 @@ func (s *Server) idleCloseLocked(c net.Conn, info *connInfo) bool {
 	if info.h2.Load() || (info.state != http.StateIdle && info.state != http.StateNew) {
 		return false
 	}
-	switch c.(type) {
+	switch c := c.(type) {
 	case *hconn:
-		return !s.handoffOn.Load()
+		// One that cannot be taken (noHandoff) but turned idle all the
+		// same (its Connection: close was decided before net/http took
+		// the byte that ruled out the takeover) closes as well.
+		return !s.handoffOn.Load() || !c.handable()
 	case *tls.Conn:
 		return info.http1.Load()
 	}

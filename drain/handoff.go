@@ -138,9 +138,15 @@ func (c *hconn) Read(p []byte) (int, error) {
 			c.kicked, c.want = false, false
 			c.Conn.SetReadDeadline(c.httpDeadline)
 			if ours {
-				// net/http holds bytes (or it is not HTTP/1.x): this
-				// connection cannot go; its next response ends it.
-				c.noHandoff = true
+				// A read for a request that found bytes held in net/http
+				// (or not HTTP/1.x): this connection cannot go, so its
+				// next response ends it. Not so net/http's background
+				// read (1 byte, while a handler runs), which holds none,
+				// nor a first read (h2c's preface check), which has none:
+				// the kick comes again when the connection turns idle.
+				if len(p) != 1 && c.delivered > 0 {
+					c.noHandoff = true
+				}
 				c.mu.Unlock()
 				continue // our own deadline, not net/http's
 			}
