@@ -6,6 +6,24 @@
 // clean exit 1); ?hang=1 stops the sd_notify watchdog pings, as a deadlock
 // would.
 //
+// ?size=N answers N bytes of a fixed pattern instead of the greeting, with
+// a Content-Length, written 64 KiB at a time (so 50 MB costs no 50 MB
+// buffer): byte i of the body is byte(i*7 + i>>10). The pattern repeats
+// every 256 KiB, and a shift by any amount short of that changes it, so a
+// client can check a body's integrity against one period without keeping
+// the body (integration/loadgen does, with Config.ExpectSize).
+// ?tail=DURATION waits that long after the whole response is written and
+// flushed before the handler returns: a handler that writes its last byte,
+// then does a little more work, while the client already sends its next
+// request on the same connection.
+//
+// -tls serves TLS on every listener, with a self-signed ECDSA P-256
+// certificate made at start for 127.0.0.1, ::1 and localhost (nothing is
+// read from disk: it is for tests on loopback); ALPN offers h2 and
+// http/1.1, so a client that asks for HTTP/2 gets it. -h2c also accepts
+// HTTP/2 with prior knowledge over cleartext (net/http's own
+// unencrypted HTTP/2, Go 1.24+), besides HTTP/1.1.
+//
 // Under upgrader (or systemd socket activation) it serves every inherited
 // stream listener, or the one named by -listener; datagram sockets and
 // fd-store entries it inherits are not its business. It binds -addr only when
@@ -14,10 +32,17 @@ package main
 
 import (
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
 	"flag"
 	"fmt"
 	"io"
 	"log/slog"
+	"math/big"
 	"net"
 	"net/http"
 	"os"
@@ -35,6 +60,8 @@ func main() {
 	addr := flag.String("addr", "127.0.0.1:8080", "address to bind when no listener is inherited")
 	name := flag.String("listener", "", "name of the inherited listener to serve (default: every inherited stream listener)")
 	drainTimeout := flag.Duration("drain-timeout", 25*time.Second, "close what is left of the connections after this")
+	useTLS := flag.Bool("tls", false, "serve TLS (self-signed certificate made at start; ALPN h2 and http/1.1)")
+	h2c := flag.Bool("h2c", false, "also accept HTTP/2 with prior knowledge over cleartext")
 	flag.Parse()
 	// Structured, like the supervisor's own logs, so that a log pipeline
 	// parses the worker's lines too.
@@ -53,7 +80,19 @@ func main() {
 		fatal(err)
 	}
 	for _, l := range listeners {
-		log.Info("serving", "addr", l.Addr().String(), "inherited", fds.Inherited(l))
+		log.Info("serving", "addr", l.Addr().String(), "inherited", fds.Inherited(l), "tls", *useTLS, "h2c", *h2c)
+	}
+	if *useTLS {
+		cfg, err := selfSigned()
+		if err != nil {
+			fatal(err)
+		}
+		// drain.Serve takes net.Listeners, so TLS goes on the listeners
+		// (net/http then negotiates h2 by ALPN itself) rather than through
+		// srv.TLSConfig and ServeTLS.
+		for i, l := range listeners {
+			listeners[i] = tls.NewListener(l, cfg)
+		}
 	}
 
 	pid, gen := strconv.Itoa(os.Getpid()), strconv.Itoa(inherit.Generation())
@@ -67,17 +106,50 @@ func main() {
 		if r.URL.Query().Get("hang") != "" {
 			hung.Store(true)
 		}
-		if v := r.URL.Query().Get("sleep"); v != "" {
-			d, err := time.ParseDuration(v)
-			if err != nil {
-				http.Error(w, "sleep: "+err.Error(), http.StatusBadRequest)
+		q := r.URL.Query()
+		var sleep, tail time.Duration
+		size := int64(-1)
+		for _, arg := range []struct {
+			name string
+			d    *time.Duration
+		}{{"sleep", &sleep}, {"tail", &tail}} {
+			if v := q.Get(arg.name); v != "" {
+				d, err := time.ParseDuration(v)
+				if err != nil {
+					http.Error(w, arg.name+": "+err.Error(), http.StatusBadRequest)
+					return
+				}
+				*arg.d = d
+			}
+		}
+		if v := q.Get("size"); v != "" {
+			n, err := strconv.ParseInt(v, 10, 64)
+			if err != nil || n < 0 {
+				http.Error(w, "size: want a byte count", http.StatusBadRequest)
 				return
 			}
-			time.Sleep(d)
+			size = n
 		}
+		time.Sleep(sleep)
 		w.Header().Set("X-Pid", pid)
 		w.Header().Set("X-Generation", gen)
-		fmt.Fprintf(w, "hello from pid %s generation %s\n", pid, gen)
+		if size < 0 {
+			fmt.Fprintf(w, "hello from pid %s generation %s\n", pid, gen)
+		} else {
+			w.Header().Set("Content-Type", "application/octet-stream")
+			w.Header().Set("Content-Length", strconv.FormatInt(size, 10))
+			if writePattern(w, size) != nil {
+				return // the client has gone; net/http closes the connection
+			}
+		}
+		if tail > 0 {
+			// The whole response is on its way before the extra work, so
+			// the client can send its next request during it.
+			if http.NewResponseController(w).Flush() != nil {
+				return
+			}
+			time.Sleep(tail)
+		}
 	})
 	// Live connections: take idle keep-alive connections from a draining
 	// generation, and hand ours to the next one (nil when not offered).
@@ -91,6 +163,14 @@ func main() {
 		// net/http's own reports (accept errors, TLS handshakes, panics)
 		// would otherwise go out as bare standard-library log lines.
 		ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn),
+	}
+	if *h2c {
+		srv.Protocols = new(http.Protocols)
+		srv.Protocols.SetHTTP1(true)
+		srv.Protocols.SetUnencryptedHTTP2(true)
+		// Setting Protocols replaces the default set, which includes
+		// HTTP/2 over TLS: keep it for -tls -h2c.
+		srv.Protocols.SetHTTP2(*useTLS)
 	}
 	d := drain.New(srv, drain.Options{Timeout: *drainTimeout, Handoff: handoffs, Logger: log})
 	// sd_watchdog_enabled(3): ping at half the interval while not hung.
@@ -130,4 +210,62 @@ func listen(fds *inherit.Set, name, addr string) ([]net.Listener, error) {
 		return nil, err
 	}
 	return []net.Listener{l}, nil
+}
+
+// period is one period of the ?size= body pattern: byte i is
+// byte(i*7 + i>>10), which repeats every 256 KiB (i*7 mod 256 every 256
+// bytes, i>>10 mod 256 every 256 KiB).
+var period = func() []byte {
+	b := make([]byte, 256<<10)
+	for i := range b {
+		b[i] = byte(i*7 + i>>10)
+	}
+	return b
+}()
+
+// writePattern writes the first n bytes of the pattern to w, 64 KiB at a
+// time (a 64 KiB chunk never straddles the period's end).
+func writePattern(w io.Writer, n int64) error {
+	const chunk = 64 << 10
+	for off := int64(0); off < n; {
+		start := int(off % int64(len(period)))
+		m := int(min(chunk, n-off))
+		if _, err := w.Write(period[start : start+m]); err != nil {
+			return err
+		}
+		off += int64(m)
+	}
+	return nil
+}
+
+// selfSigned makes a TLS config with a fresh self-signed ECDSA P-256
+// certificate for the loopback names, offering h2 and http/1.1 by ALPN.
+func selfSigned() (*tls.Config, error) {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return nil, err
+	}
+	serial, err := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 128))
+	if err != nil {
+		return nil, err
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber:          serial,
+		Subject:               pkix.Name{CommonName: "hello"},
+		NotBefore:             time.Now().Add(-time.Hour),
+		NotAfter:              time.Now().Add(24 * time.Hour),
+		KeyUsage:              x509.KeyUsageDigitalSignature,
+		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+		BasicConstraintsValid: true,
+		DNSNames:              []string{"localhost"},
+		IPAddresses:           []net.IP{net.IPv4(127, 0, 0, 1), net.IPv6loopback},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		return nil, err
+	}
+	return &tls.Config{
+		Certificates: []tls.Certificate{{Certificate: [][]byte{der}, PrivateKey: key}},
+		NextProtos:   []string{"h2", "http/1.1"},
+	}, nil
 }

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"crypto/tls"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -239,5 +240,86 @@ func runUnder(t *testing.T, cmd *exec.Cmd, ctl string, stderr *bytes.Buffer) (ad
 			t.Fatalf("upgrader exited: %v; stderr:\n%s", err, stderr)
 		case <-time.After(20 * time.Millisecond): // polling interval
 		}
+	}
+}
+
+// The ?size= body is the documented pattern, byte i = byte(i*7 + i>>10),
+// across chunk and period boundaries, and exactly as long as asked.
+func TestWritePattern(t *testing.T) {
+	for _, n := range []int64{0, 1, 64<<10 - 1, 64 << 10, 256<<10 + 3, 3<<20 + 17} {
+		var b bytes.Buffer
+		if err := writePattern(&b, n); err != nil {
+			t.Fatal(err)
+		}
+		if int64(b.Len()) != n {
+			t.Fatalf("size %d: wrote %d bytes", n, b.Len())
+		}
+		for i, c := range b.Bytes() {
+			if want := byte(i*7 + i>>10); c != want {
+				t.Fatalf("size %d: byte %d is %#x, want %#x", n, i, c, want)
+			}
+		}
+	}
+}
+
+// -tls serves TLS with HTTP/2 by ALPN and HTTP/1.1 otherwise; -h2c serves
+// HTTP/2 with prior knowledge and HTTP/1.1 on cleartext. Every response
+// names its generation and ?size= sets the body and its length, with ?tail=
+// (which holds the handler after the body is flushed: issue 9's test shows
+// what that does to a drain) or without; a bad ?tail= is refused.
+func TestProtocolsSizeAndTail(t *testing.T) {
+	if testing.Short() {
+		t.Skip("-short: this test builds and runs the binaries")
+	}
+	upgrader, hello := binaries(t)
+	for _, tc := range []struct {
+		flag   string
+		scheme string
+		protos []func(*http.Protocols, bool) // set on the client, one client each
+		want   []int                         // the ProtoMajor each gets
+	}{
+		{"-tls", "https", []func(*http.Protocols, bool){(*http.Protocols).SetHTTP2, (*http.Protocols).SetHTTP1}, []int{2, 1}},
+		{"-h2c", "http", []func(*http.Protocols, bool){(*http.Protocols).SetUnencryptedHTTP2, (*http.Protocols).SetHTTP1}, []int{2, 1}},
+	} {
+		t.Run(tc.flag, func(t *testing.T) {
+			ctl := filepath.Join(t.TempDir(), "control.sock")
+			cmd := exec.Command(upgrader, "--control", ctl, "-l", "127.0.0.1:0", "--", hello, tc.flag)
+			stderr := &bytes.Buffer{}
+			addr, _, _ := runUnder(t, cmd, ctl, stderr)
+			for i, set := range tc.protos {
+				tr := &http.Transport{Protocols: new(http.Protocols), TLSClientConfig: &tls.Config{InsecureSkipVerify: true}}
+				set(tr.Protocols, true)
+				defer tr.CloseIdleConnections()
+				cl := &http.Client{Transport: tr, Timeout: 30 * time.Second}
+				query := []string{"size=300000&tail=20ms", "size=300000"}[i%2]
+				const size = 300_000
+				resp, err := cl.Get(tc.scheme + "://" + addr + "/?" + query)
+				if err != nil {
+					t.Fatalf("%s: %v; stderr:\n%s", tr.Protocols, err, stderr)
+				}
+				b, err := io.ReadAll(resp.Body)
+				resp.Body.Close()
+				if err != nil || resp.StatusCode != 200 || resp.ProtoMajor != tc.want[i] || resp.Header.Get("X-Generation") != "1" {
+					t.Fatalf("%s: %s over %s, generation %q, err %v; want 200 over HTTP/%d from generation 1",
+						tr.Protocols, resp.Status, resp.Proto, resp.Header.Get("X-Generation"), err, tc.want[i])
+				}
+				if resp.ContentLength != size || len(b) != size {
+					t.Fatalf("%s: Content-Length %d, body %d bytes; want %d", tr.Protocols, resp.ContentLength, len(b), size)
+				}
+				for j, c := range b {
+					if c != byte(j*7+j>>10) {
+						t.Fatalf("%s: byte %d of the body is %#x, want the pattern's %#x", tr.Protocols, j, c, byte(j*7+j>>10))
+					}
+				}
+				resp, err = cl.Get(tc.scheme + "://" + addr + "/?size=10&tail=soon")
+				if err != nil {
+					t.Fatal(err)
+				}
+				resp.Body.Close()
+				if resp.StatusCode != http.StatusBadRequest {
+					t.Fatalf("%s: ?tail=soon answered %s, want 400", tr.Protocols, resp.Status)
+				}
+			}
+		})
 	}
 }

@@ -4,16 +4,27 @@
 // net/http's client, which silently replays requests on reused connections
 // and so hides exactly the failures an upgrade can cause. Every request ends
 // in one outcome class; latencies are kept for percentiles.
+//
+// With Config.TLS every connection is TLS, still HTTP/1.1 (ALPN
+// "http/1.1" only). Mode HTTP2 is the one exception to the raw client:
+// HTTP/2 through net/http's Transport (see HTTP2 for what that may retry,
+// and why it hides no failure). With Config.ExpectSize every OK body is
+// checked, as it streams in, against examples/hello's ?size= pattern:
+// byte i is byte(i*7 + i>>10).
 package loadgen
 
 import (
 	"bufio"
+	"bytes"
+	"cmp"
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
 	"math/rand/v2"
 	"net"
+	"net/http"
 	"net/textproto"
 	"os"
 	"slices"
@@ -33,6 +44,17 @@ const (
 	// KeepAlive reuses each connection until the server closes it with
 	// "Connection: close", idling a random 0..MaxIdle between requests.
 	KeepAlive Mode = "keepalive"
+	// HTTP2 sends each request as a stream on the client's own HTTP/2
+	// connection, idling a random 0..MaxIdle between requests: HTTP/2 over
+	// TLS (ALPN "h2" only) when Config.TLS is set, else HTTP/2 over
+	// cleartext with prior knowledge (h2c). It goes through net/http's
+	// Transport, one per client, with HTTP/2 as its only protocol. That
+	// Transport replays a request on a new connection only when the server
+	// said it did not process it (a stream above a GOAWAY's last stream ID,
+	// or REFUSED_STREAM): HTTP/2's own guarantee (RFC 9113, section 8.7),
+	// so the retry hides no failure. Anything else that goes wrong is
+	// counted as in the other modes.
+	HTTP2 Mode = "h2"
 )
 
 // Class is the outcome of one request.
@@ -46,11 +68,12 @@ const (
 	EOF     Class = "eof"       // the connection ended before a whole response
 	Timeout Class = "timeout"   // no whole response within Config.Timeout
 	Other   Class = "other"     // anything else (address exhaustion, parse error…)
-	Malform Class = "malformed" // a response that is not HTTP/1.1
+	Malform Class = "malformed" // a response that is not HTTP/1.1 (HTTP/2 in mode HTTP2)
+	Corrupt Class = "corrupt"   // a whole response whose body is not the one expected (Config.ExpectSize)
 )
 
 // Classes lists every class, OK first.
-var Classes = []Class{OK, Non2xx, Refused, Reset, EOF, Timeout, Malform, Other}
+var Classes = []Class{OK, Non2xx, Refused, Reset, EOF, Timeout, Malform, Corrupt, Other}
 
 // Config is one load run.
 type Config struct {
@@ -73,6 +96,19 @@ type Config struct {
 	// from the clients' goroutines, so that a test can wait on what the
 	// load has seen.
 	OnOK func(generation string)
+	// OnResponse, if set, is called for every OK response with its
+	// X-Generation and the time its status line arrived, from the clients'
+	// goroutines, so that a test can tell which generation served when.
+	OnResponse func(generation string, headerAt time.Time)
+	// TLS, if set, makes every connection TLS with this configuration; its
+	// NextProtos is replaced by "http/1.1" alone, so that the connection
+	// stays HTTP/1.1 whatever the server offers. ServerName defaults to
+	// Addr's host.
+	TLS *tls.Config
+	// ExpectSize, if > 0, is the body every 2xx response must have: that
+	// many bytes of examples/hello's ?size= pattern (byte i is
+	// byte(i*7 + i>>10)). Any other length or content is Corrupt.
+	ExpectSize int64
 }
 
 // Result is what a run saw.
@@ -153,6 +189,16 @@ func Run(ctx context.Context, cfg Config) Result {
 	if cfg.Body == nil {
 		cfg.Body = []byte("0123456789abcdef")
 	}
+	if cfg.TLS != nil {
+		cfg.TLS = cfg.TLS.Clone()
+		cfg.TLS.NextProtos = []string{"http/1.1"}
+		if cfg.Mode == HTTP2 {
+			cfg.TLS.NextProtos = []string{"h2"}
+		}
+		if cfg.TLS.ServerName == "" && cfg.Network == "tcp" {
+			cfg.TLS.ServerName, _, _ = net.SplitHostPort(cfg.Addr)
+		}
+	}
 	if cfg.Duration > 0 {
 		var cancel context.CancelFunc
 		ctx, cancel = context.WithTimeout(ctx, cfg.Duration)
@@ -163,6 +209,9 @@ func Run(ctx context.Context, cfg Config) Result {
 	clients := make([]*client, cfg.Clients)
 	for i := range clients {
 		c := &client{cfg: &cfg, counts: map[Class]int{}, gens: map[string]int{}}
+		if cfg.Mode == HTTP2 {
+			c.h2 = newH2Client(&cfg)
+		}
 		clients[i] = c
 		wg.Add(1)
 		go func() {
@@ -211,6 +260,7 @@ type client struct {
 	conn         net.Conn
 	br           *bufio.Reader
 	reused       bool
+	h2           *http.Client // mode HTTP2
 	// The current connection's first and last generation seen.
 	firstGen, lastGen int
 	across, regress   int
@@ -222,7 +272,7 @@ func (c *client) run(ctx context.Context) {
 		if ctx.Err() != nil {
 			return
 		}
-		if c.cfg.Mode == KeepAlive && c.conn != nil && c.cfg.MaxIdle > 0 {
+		if (c.cfg.Mode == KeepAlive && c.conn != nil || c.cfg.Mode == HTTP2 && n > 0) && c.cfg.MaxIdle > 0 {
 			idle := time.Duration(rand.Int64N(int64(c.cfg.MaxIdle) + 1))
 			select {
 			case <-ctx.Done():
@@ -235,6 +285,9 @@ func (c *client) run(ctx context.Context) {
 }
 
 func (c *client) close() {
+	if c.h2 != nil {
+		c.h2.CloseIdleConnections()
+	}
 	if c.conn != nil {
 		c.conn.Close()
 		if c.lastGen != c.firstGen {
@@ -264,17 +317,28 @@ func (c *client) seen(gen string) {
 func (c *client) one() {
 	start := time.Now()
 	deadline := start.Add(c.cfg.Timeout)
-	class, detail, gen, closeAfter := c.exchange(deadline)
+	exchange := c.exchange
+	if c.cfg.Mode == HTTP2 {
+		exchange = c.exchangeH2
+	}
+	class, detail, gen, headerAt, closeAfter := exchange(deadline)
 	c.counts[class]++
 	if class == OK {
 		c.lat = append(c.lat, time.Since(start))
 		c.gens[gen]++
-		c.seen(gen)
+		if c.cfg.Mode != HTTP2 {
+			c.seen(gen)
+		}
 		if c.cfg.OnOK != nil {
 			c.cfg.OnOK(gen)
 		}
+		if c.cfg.OnResponse != nil {
+			c.cfg.OnResponse(gen, headerAt)
+		}
 	} else {
-		if c.reused && class != Non2xx {
+		// A reused connection that failed: the server ended it under the
+		// client (a wrong answer or an error status is another matter).
+		if c.reused && class != Non2xx && class != Corrupt {
 			c.closedUnder++
 		}
 		if len(c.samples) < 10 {
@@ -289,18 +353,41 @@ func (c *client) one() {
 		c.serverCloses++
 		c.close()
 	default:
-		c.reused = true
+		// In mode HTTP2 the Transport owns the connections: which one a
+		// request went on is not this client's to tell, so the
+		// per-connection counts stay at zero.
+		c.reused = c.cfg.Mode != HTTP2
 	}
 }
 
-func (c *client) exchange(deadline time.Time) (class Class, detail, gen string, closeAfter bool) {
-	if c.conn == nil {
-		d := net.Dialer{Deadline: deadline}
-		conn, err := d.Dial(c.cfg.Network, c.cfg.Addr)
-		if err != nil {
-			return classify(err, false), "connect: " + err.Error(), "", false
+// dial opens the client's connection, TLS included: the handshake is part
+// of the connect, within the request's deadline.
+func (c *client) dial(deadline time.Time) (Class, string) {
+	d := net.Dialer{Deadline: deadline}
+	conn, err := d.Dial(c.cfg.Network, c.cfg.Addr)
+	if err != nil {
+		return classify(err, false), "connect: " + err.Error()
+	}
+	if c.cfg.TLS != nil {
+		tc := tls.Client(conn, c.cfg.TLS)
+		tc.SetDeadline(deadline)
+		if err := tc.Handshake(); err != nil {
+			conn.Close()
+			return classify(err, true), "TLS handshake: " + err.Error()
 		}
-		c.conn, c.br = conn, bufio.NewReader(conn)
+		conn = tc
+	}
+	c.conn, c.br = conn, bufio.NewReader(conn)
+	return OK, ""
+}
+
+// exchange sends one request and reads its response; headerAt is when the
+// status line arrived.
+func (c *client) exchange(deadline time.Time) (class Class, detail, gen string, headerAt time.Time, closeAfter bool) {
+	if c.conn == nil {
+		if class, detail := c.dial(deadline); class != OK {
+			return class, detail, "", time.Time{}, false
+		}
 	}
 	c.conn.SetDeadline(deadline)
 	connHdr := ""
@@ -310,47 +397,209 @@ func (c *client) exchange(deadline time.Time) (class Class, detail, gen string, 
 	req := fmt.Sprintf("POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n%s\r\n",
 		c.cfg.Path, c.cfg.Addr, len(c.cfg.Body), connHdr)
 	if _, err := c.conn.Write(append([]byte(req), c.cfg.Body...)); err != nil {
-		return classify(err, false), "write: " + err.Error(), "", false
+		return classify(err, false), "write: " + err.Error(), "", headerAt, false
 	}
 	tp := textproto.NewReader(c.br)
 	line, err := tp.ReadLine()
 	if err != nil {
-		return classify(err, true), "read status line: " + err.Error(), "", false
+		return classify(err, true), "read status line: " + err.Error(), "", headerAt, false
 	}
+	headerAt = time.Now()
 	proto, rest, _ := strings.Cut(line, " ")
 	codeStr, _, _ := strings.Cut(rest, " ")
 	code, cerr := strconv.Atoi(codeStr)
 	if !strings.HasPrefix(proto, "HTTP/1.") || cerr != nil {
-		return Malform, fmt.Sprintf("status line %q", line), "", false
+		return Malform, fmt.Sprintf("status line %q", line), "", headerAt, false
 	}
 	hdr, err := tp.ReadMIMEHeader()
 	if err != nil {
-		return classify(err, true), "read headers: " + err.Error(), "", false
+		return classify(err, true), "read headers: " + err.Error(), "", headerAt, false
 	}
 	closeAfter = strings.EqualFold(hdr.Get("Connection"), "close") || proto == "HTTP/1.0"
+	// The body of a 2xx response is checked as it streams by when a size
+	// is expected; any other body is only read.
+	var body io.Writer = io.Discard
+	var check *patternCheck
+	if c.cfg.ExpectSize > 0 && code >= 200 && code <= 299 {
+		check = &patternCheck{}
+		body = check
+	}
 	switch {
 	case strings.EqualFold(hdr.Get("Transfer-Encoding"), "chunked"):
-		err = readChunked(c.br)
+		err = readChunked(c.br, body)
 	case hdr.Get("Content-Length") != "":
 		n, perr := strconv.ParseInt(hdr.Get("Content-Length"), 10, 64)
 		if perr != nil {
-			return Malform, "Content-Length " + hdr.Get("Content-Length"), "", false
+			return Malform, "Content-Length " + hdr.Get("Content-Length"), "", headerAt, false
 		}
-		_, err = io.CopyN(io.Discard, c.br, n)
+		_, err = io.CopyN(body, c.br, n)
 	default:
-		_, err = io.Copy(io.Discard, c.br)
+		_, err = io.Copy(body, c.br)
 		closeAfter = true
 	}
 	if err != nil {
-		return classify(err, true), "read body: " + err.Error(), "", false
+		return classify(err, true), "read body: " + err.Error(), "", headerAt, false
 	}
 	if code < 200 || code > 299 {
-		return Non2xx, line, "", closeAfter
+		return Non2xx, line, "", headerAt, closeAfter
 	}
-	return OK, "", hdr.Get("X-Generation"), closeAfter
+	if check != nil {
+		if msg := check.verdict(c.cfg.ExpectSize); msg != "" {
+			// The response was whole as HTTP goes: the connection may
+			// still be fine, but the class is a failure all the same.
+			return Corrupt, fmt.Sprintf("generation %s: %s", hdr.Get("X-Generation"), msg), "", headerAt, closeAfter
+		}
+	}
+	return OK, "", hdr.Get("X-Generation"), headerAt, closeAfter
 }
 
-func readChunked(br *bufio.Reader) error {
+// newH2Client returns a client whose Transport speaks HTTP/2 only: over
+// TLS when cfg.TLS is set, else cleartext with prior knowledge. It dials
+// cfg.Network and cfg.Addr whatever the URL says.
+func newH2Client(cfg *Config) *http.Client {
+	tr := &http.Transport{
+		Protocols: new(http.Protocols),
+		// Each Transport adjusts its own TLS config's NextProtos.
+		TLSClientConfig:    cfg.TLS.Clone(),
+		DisableCompression: true,
+		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			var d net.Dialer
+			return d.DialContext(ctx, cfg.Network, cfg.Addr)
+		},
+	}
+	if cfg.TLS != nil {
+		tr.Protocols.SetHTTP2(true)
+	} else {
+		tr.Protocols.SetUnencryptedHTTP2(true)
+	}
+	return &http.Client{Transport: tr}
+}
+
+// exchangeH2 is exchange for mode HTTP2: one POST through the client's
+// Transport; headerAt is when its response header arrived.
+func (c *client) exchangeH2(deadline time.Time) (class Class, detail, gen string, headerAt time.Time, closeAfter bool) {
+	ctx, cancel := context.WithDeadline(context.Background(), deadline)
+	defer cancel()
+	scheme, host := "http", c.cfg.Addr
+	if c.cfg.TLS != nil {
+		scheme = "https"
+	}
+	if c.cfg.Network != "tcp" {
+		host = "localhost"
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, scheme+"://"+host+c.cfg.Path, bytes.NewReader(c.cfg.Body))
+	if err != nil {
+		return Other, "request: " + err.Error(), "", headerAt, false
+	}
+	req.Header.Set("Content-Type", "text/plain")
+	resp, err := c.h2.Do(req)
+	if err != nil {
+		return classify(err, true), "request: " + err.Error(), "", headerAt, false
+	}
+	defer resp.Body.Close()
+	headerAt = time.Now()
+	if resp.ProtoMajor != 2 {
+		return Malform, "response over " + resp.Proto, "", headerAt, false
+	}
+	var body io.Writer = io.Discard
+	var check *patternCheck
+	if c.cfg.ExpectSize > 0 && resp.StatusCode >= 200 && resp.StatusCode <= 299 {
+		check = &patternCheck{}
+		body = check
+	}
+	if _, err := io.Copy(body, resp.Body); err != nil {
+		return classify(err, true), "read body: " + err.Error(), "", headerAt, false
+	}
+	if resp.StatusCode < 200 || resp.StatusCode > 299 {
+		return Non2xx, resp.Status, "", headerAt, false
+	}
+	if check != nil {
+		if msg := check.verdict(c.cfg.ExpectSize); msg != "" {
+			return Corrupt, fmt.Sprintf("generation %s: %s", resp.Header.Get("X-Generation"), msg), "", headerAt, false
+		}
+	}
+	return OK, "", resp.Header.Get("X-Generation"), headerAt, false
+}
+
+// Pattern returns byte i of examples/hello's ?size= body: byte(i*7 +
+// i>>10). It repeats every PatternPeriod bytes.
+func Pattern(i int64) byte { return byte(i*7 + i>>10) }
+
+// PatternPeriod is the pattern's period: i*7 mod 256 repeats every 256
+// bytes and i>>10 mod 256 every 256 KiB.
+const PatternPeriod = 256 << 10
+
+// period is one period of the pattern, to compare bodies against a chunk
+// at a time (bytes.Equal, not a loop per byte: a 50 MB body is checked in
+// the race detector's test binaries too).
+var period = func() []byte {
+	b := make([]byte, PatternPeriod)
+	for i := range b {
+		b[i] = Pattern(int64(i))
+	}
+	return b
+}()
+
+// patternCheck is an io.Writer that compares what it is given with the
+// pattern, keeping only the offset and the first mismatch.
+type patternCheck struct {
+	n       int64
+	badAt   int64 // offset of the first differing byte, when bad
+	bad     bool
+	scratch []byte
+}
+
+func (p *patternCheck) Write(b []byte) (int, error) {
+	for done := 0; done < len(b); {
+		start := int(p.n % PatternPeriod)
+		m := min(len(b)-done, PatternPeriod-start)
+		if !p.bad && !bytes.Equal(b[done:done+m], period[start:start+m]) {
+			for k := range m {
+				if b[done+k] != period[start+k] {
+					p.bad, p.badAt = true, p.n+int64(k)
+					break
+				}
+			}
+		}
+		p.n += int64(m)
+		done += m
+	}
+	return len(b), nil
+}
+
+// ReadFrom reads in 64 KiB pieces, so that a large body takes few reads
+// (io.Copy would otherwise go through bufio's 4 KiB buffer).
+func (p *patternCheck) ReadFrom(r io.Reader) (int64, error) {
+	if p.scratch == nil {
+		p.scratch = make([]byte, 64<<10)
+	}
+	var total int64
+	for {
+		n, err := r.Read(p.scratch)
+		p.Write(p.scratch[:n])
+		total += int64(n)
+		if err == io.EOF {
+			return total, nil
+		}
+		if err != nil {
+			return total, err
+		}
+	}
+}
+
+// verdict describes how the body differs from want bytes of the pattern,
+// or returns "" when it does not.
+func (p *patternCheck) verdict(want int64) string {
+	switch {
+	case p.n != want:
+		return fmt.Sprintf("body of %d bytes, want %d", p.n, want)
+	case p.bad:
+		return fmt.Sprintf("body differs from the pattern at byte %d", p.badAt)
+	}
+	return ""
+}
+
+func readChunked(br *bufio.Reader, body io.Writer) error {
 	tp := textproto.NewReader(br)
 	for {
 		line, err := tp.ReadLine()
@@ -365,8 +614,11 @@ func readChunked(br *bufio.Reader) error {
 			_, err := tp.ReadMIMEHeader() // trailers and the final CRLF
 			return err
 		}
-		if _, err := io.CopyN(io.Discard, br, size+2); err != nil {
+		if _, err := io.CopyN(body, br, size); err != nil {
 			return err
+		}
+		if crlf, err := tp.ReadLine(); err != nil || crlf != "" {
+			return cmp.Or(err, fmt.Errorf("chunk of %d bytes not followed by CRLF", size))
 		}
 	}
 }

@@ -1,0 +1,143 @@
+package loadgen
+
+import (
+	"context"
+	"crypto/tls"
+	"net/http"
+	"net/http/httptest"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+// body returns n bytes of the pattern, as examples/hello's ?size=n sends.
+func body(n int) []byte {
+	b := make([]byte, n)
+	for i := range b {
+		b[i] = Pattern(int64(i))
+	}
+	return b
+}
+
+func TestPatternCheck(t *testing.T) {
+	const n = 3*PatternPeriod + 12345
+	good := body(n)
+	// Written in uneven pieces that straddle the period's end.
+	check := func(b []byte) string {
+		var p patternCheck
+		for off := 0; off < len(b); {
+			m := min(len(b)-off, 1+off%70001)
+			p.Write(b[off : off+m])
+			off += m
+		}
+		return p.verdict(n)
+	}
+	if v := check(good); v != "" {
+		t.Fatalf("the pattern itself: %s", v)
+	}
+	flipped := append([]byte(nil), good...)
+	flipped[PatternPeriod+7] ^= 1
+	if v := check(flipped); !strings.Contains(v, "at byte "+strconv.Itoa(PatternPeriod+7)) {
+		t.Errorf("a flipped byte: verdict %q", v)
+	}
+	// A body that lost 256 bytes in the middle, padded back to length:
+	// byte(i*7) alone would not see it, i>>10 does.
+	shifted := append(append([]byte(nil), good[:5000]...), good[5256:]...)
+	shifted = append(shifted, good[:256]...)
+	if v := check(shifted); v == "" {
+		t.Error("a shift by 256 bytes went unseen")
+	}
+	if v := check(good[:n-1]); !strings.Contains(v, "body of") {
+		t.Errorf("a short body: verdict %q", v)
+	}
+}
+
+// serve starts a test server answering size bytes of the pattern (with
+// one byte changed when corrupt), telling the protocol it saw in
+// X-Generation so that the client's view can be compared with it.
+func serve(t *testing.T, size int, corrupt bool, start func(*httptest.Server)) *httptest.Server {
+	t.Helper()
+	b := body(size)
+	if corrupt {
+		b[size/2] ^= 0x80
+	}
+	srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("X-Generation", strconv.Itoa(r.ProtoMajor))
+		w.Header().Set("Content-Length", strconv.Itoa(len(b)))
+		w.Write(b)
+	}))
+	start(srv)
+	t.Cleanup(srv.Close)
+	return srv
+}
+
+func TestExpectSizeOnResponseAndProtocols(t *testing.T) {
+	const size = PatternPeriod + 999
+	h2c := func(s *httptest.Server) {
+		s.Config.Protocols = new(http.Protocols)
+		s.Config.Protocols.SetHTTP1(true)
+		s.Config.Protocols.SetUnencryptedHTTP2(true)
+		s.Start()
+	}
+	tlsH2 := func(s *httptest.Server) {
+		s.EnableHTTP2 = true
+		s.StartTLS()
+	}
+	for _, tc := range []struct {
+		name    string
+		start   func(*httptest.Server)
+		mode    Mode
+		tls     bool
+		corrupt bool
+		want    Class
+		proto   string // what the server saw, through X-Generation
+	}{
+		{"http1", (*httptest.Server).Start, KeepAlive, false, false, OK, "1"},
+		{"http1 corrupt", (*httptest.Server).Start, KeepAlive, false, true, Corrupt, ""},
+		// The server offers h2 too: Config.TLS still means HTTP/1.1.
+		{"tls http1", tlsH2, KeepAlive, true, false, OK, "1"},
+		{"tls h2", tlsH2, HTTP2, true, false, OK, "2"},
+		{"h2c", h2c, HTTP2, false, false, OK, "2"},
+		{"h2c corrupt", h2c, HTTP2, false, true, Corrupt, ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			srv := serve(t, size, tc.corrupt, tc.start)
+			cfg := Config{Addr: strings.TrimPrefix(strings.TrimPrefix(srv.URL, "http://"), "https://"),
+				Clients: 2, Requests: 3, Mode: tc.mode, ExpectSize: size, Timeout: 30 * time.Second}
+			if tc.tls {
+				cfg.TLS = &tls.Config{InsecureSkipVerify: true}
+			}
+			var mu sync.Mutex
+			var seen []time.Time
+			before := time.Now()
+			cfg.OnResponse = func(gen string, at time.Time) {
+				mu.Lock()
+				defer mu.Unlock()
+				if gen != tc.proto {
+					t.Errorf("OnResponse with generation %q, want %q", gen, tc.proto)
+				}
+				seen = append(seen, at)
+			}
+			r := Run(context.Background(), cfg)
+			if r.Requests != 6 || r.Counts[tc.want] != 6 {
+				t.Fatalf("%s; want 6 requests, all %s", r, tc.want)
+			}
+			if tc.want != OK {
+				if len(seen) != 0 {
+					t.Errorf("OnResponse called %d times for failed requests", len(seen))
+				}
+				return
+			}
+			if len(seen) != 6 {
+				t.Fatalf("OnResponse called %d times for 6 OK responses", len(seen))
+			}
+			for _, at := range seen {
+				if at.Before(before) || at.After(time.Now()) {
+					t.Errorf("header time %s outside the run (%s on)", at, before)
+				}
+			}
+		})
+	}
+}
