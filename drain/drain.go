@@ -18,9 +18,7 @@
 package drain
 
 import (
-	"bufio"
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -81,6 +79,13 @@ type Options struct {
 	// them; a busy one goes as soon as its response is written. Without
 	// it, or when no worker takes them, they drain by "Connection: close".
 	Handoff *inherit.Handoffs
+	// IdleGrace is how long an idle HTTP/1.1 connection that can be
+	// neither handed off nor told "Connection: close" (TLS, or any without
+	// Handoff) may stay idle in the drain before it is closed, provided no
+	// byte of a next request has arrived (default 1s; negative: until the
+	// deadline). A client that sends within the grace gets its response,
+	// with Connection: close. A second drain signal closes them at once.
+	IdleGrace time.Duration
 }
 
 // Server wraps an *http.Server with drain bookkeeping.
@@ -90,9 +95,17 @@ type Server struct {
 	draining atomic.Bool
 
 	mu     sync.Mutex
-	conns  map[net.Conn]http.ConnState
+	conns  map[net.Conn]*connInfo
 	closed chan struct{} // signalled when a connection goes away
+	// apps are the application's connections (appconn.go), hijacks the
+	// hijacked ones until Hijack returns them (both under mu).
+	apps    map[*appConn]struct{}
+	hijacks map[net.Conn]*appConn
+	started chan struct{} // closed when the drain begins
+	h2      *http.Server  // serves HTTP/2, for GOAWAY (conns.go); nil: none
+	bad     error         // what Serve refuses to serve (checkHandler)
 
+	h2cOnce   sync.Once // the warning about x/net's h2c
 	fatalOnce sync.Once
 	fatal     chan struct{} // closed by Fail
 	fatalErr  error
@@ -141,8 +154,13 @@ func New(srv *http.Server, opts Options) *Server {
 	if len(opts.Signals) == 0 {
 		opts.Signals = []os.Signal{syscall.SIGTERM, syscall.SIGINT}
 	}
-	s := &Server{srv: srv, opts: opts, conns: make(map[net.Conn]http.ConnState),
+	if opts.IdleGrace == 0 {
+		opts.IdleGrace = time.Second
+	}
+	s := &Server{srv: srv, opts: opts, conns: make(map[net.Conn]*connInfo),
 		closed: make(chan struct{}, 1), fatal: make(chan struct{}),
+		apps: make(map[*appConn]struct{}), hijacks: make(map[net.Conn]*appConn),
+		started:  make(chan struct{}),
 		fallback: &fallbackListener{ch: make(chan net.Conn), done: make(chan struct{})}}
 	s.handoffOn.Store(opts.Handoff != nil)
 	userHook := srv.ConnState
@@ -156,12 +174,19 @@ func New(srv *http.Server, opts Options) *Server {
 	if h == nil {
 		h = http.DefaultServeMux
 	}
+	s.bad = checkHandler(h)
+	s.setupHTTP2()
 	userCtx := srv.ConnContext
 	srv.ConnContext = func(ctx context.Context, c net.Conn) context.Context {
 		if userCtx != nil {
 			ctx = userCtx(ctx, c)
 		}
-		return context.WithValue(ctx, connKey{}, c)
+		s.mu.Lock()
+		info := s.registerLocked(c)
+		s.mu.Unlock()
+		ctx = context.WithValue(ctx, connKey{}, c)
+		ctx = context.WithValue(ctx, infoKey{}, info)
+		return context.WithValue(ctx, serverKey{}, s)
 	}
 	if !opts.NoRecover {
 		h = s.Recover(h)
@@ -184,6 +209,10 @@ func New(srv *http.Server, opts Options) *Server {
 // (Options.Handoff.Listener("http")) is closed with them.
 func (s *Server) Serve(ctx context.Context, listeners []net.Listener) error {
 	srv, opts := s.srv, s.opts
+	if s.bad != nil {
+		s.closeListeners(listeners)
+		return s.bad
+	}
 	ctx, stop := signal.NotifyContext(ctx, opts.Signals...)
 	defer stop()
 	errc := make(chan error, len(listeners))
@@ -300,6 +329,13 @@ func (s *Server) drain(listeners []net.Listener) {
 	deadline := time.Now().Add(s.opts.Timeout)
 	_ = inherit.Notify("STOPPING=1")
 	s.draining.Store(true)
+	close(s.started)
+	// A second drain signal: close what is idle now (upgrader sends it to
+	// the oldest generation when too many drain at once).
+	again := make(chan os.Signal, 1)
+	signal.Notify(again, s.opts.Signals...)
+	defer signal.Stop(again)
+	s.goAway()
 	if s.opts.OnDrain != nil {
 		s.opts.OnDrain()
 	}
@@ -320,20 +356,22 @@ func (s *Server) drain(listeners []net.Listener) {
 	select {
 	case <-served:
 	case <-timer.C:
-		s.srv.Close()
-		s.fallback.Close()
+		s.closeAll()
 		return
 	}
 	// Idle connections go to the new generation now; the others when
-	// their response is written (track, on StateIdle).
+	// their response is written (track, on StateIdle). What cannot go
+	// closes once it has been idle a while.
 	s.kickIdle()
+	s.planIdleClose(s.idleConns(), s.opts.IdleGrace)
 	for s.open() > 0 {
 		select {
+		case <-again:
+			s.hurry()
 		case <-s.closed:
 		case <-timer.C:
 			// Deadline: whatever is left is closed now.
-			s.srv.Close()
-			s.fallback.Close()
+			s.closeAll()
 			return
 		}
 	}
@@ -344,11 +382,17 @@ func (s *Server) drain(listeners []net.Listener) {
 	_ = s.srv.Shutdown(ctx)
 }
 
+// closeAll closes every connection left at the deadline.
+func (s *Server) closeAll() {
+	s.srv.Close()
+	s.fallback.Close()
+	s.closeApps()
+}
+
 // abort stops serving without a drain, and waits for the Serve loops.
 func (s *Server) abort(listeners []net.Listener) {
 	s.closeListeners(listeners)
-	s.srv.Close()
-	s.fallback.Close()
+	s.closeAll()
 	s.serving.Wait()
 }
 
@@ -359,14 +403,15 @@ func (s *Server) closeListeners(ls []net.Listener) {
 }
 
 func (s *Server) track(c net.Conn, st http.ConnState) {
-	if hc, ok := c.(*hconn); ok && st != http.StateClosed && st != http.StateHijacked {
+	hc, _ := c.(*hconn)
+	if hc != nil && st != http.StateClosed && st != http.StateHijacked {
 		between := st == http.StateIdle || st == http.StateNew
 		hc.setIdle(between)
 		if between && s.draining.Load() && s.handoffOn.Load() {
-			hc.kick()
+			hc.kick(false)
 		}
 	}
-	if hc, ok := c.(*hconn); ok && st == http.StateClosed {
+	if hc != nil && st == http.StateClosed {
 		// A taken connection's last word from the serve loop that let go
 		// of it: a refusal may give it back now (refuse).
 		hc.mu.Lock()
@@ -379,14 +424,37 @@ func (s *Server) track(c net.Conn, st http.ConnState) {
 		}
 		hc.mu.Unlock()
 	}
+	var plan []idleCheck
 	s.mu.Lock()
-	defer s.mu.Unlock()
 	switch st {
-	case http.StateClosed, http.StateHijacked:
+	case http.StateHijacked:
+		// The application's from now on: counted as such under the same
+		// lock, so that the drain never sees it in neither set.
+		delete(s.conns, c)
+		ac := &appConn{Conn: c, s: s}
+		s.apps[ac] = struct{}{}
+		s.hijacks[c] = ac
+	case http.StateClosed:
 		delete(s.conns, c)
 		s.signalClosed()
+	case http.StateNew:
+		info := s.registerLocked(c)
+		info.seq++
 	default:
-		s.conns[c] = st
+		// Only connections registered at StateNew count: an HTTP/2
+		// server run on a hijacked connection (x/net's h2c) reports
+		// states of a connection net/http never reports closed.
+		if info, ok := s.conns[c]; ok {
+			info.state = st
+			info.seq++
+			if st == http.StateIdle && s.draining.Load() && s.idleCloseLocked(c, info) {
+				plan = []idleCheck{{c: c, info: info, seq: info.seq}}
+			}
+		}
+	}
+	s.mu.Unlock()
+	if plan != nil {
+		s.planIdleClose(plan, s.opts.IdleGrace)
 	}
 }
 
@@ -404,14 +472,14 @@ func (s *Server) kickIdle() {
 	}
 	s.mu.Lock()
 	var idle []*hconn
-	for c, st := range s.conns {
-		if hc, ok := c.(*hconn); ok && (st == http.StateIdle || st == http.StateNew) {
+	for c, info := range s.conns {
+		if hc, ok := c.(*hconn); ok && (info.state == http.StateIdle || info.state == http.StateNew) {
 			idle = append(idle, hc)
 		}
 	}
 	s.mu.Unlock()
 	for _, c := range idle {
-		c.kick()
+		c.kick(false)
 	}
 }
 
@@ -419,7 +487,7 @@ func (s *Server) kickIdle() {
 // answer.
 func (s *Server) open() int {
 	s.mu.Lock()
-	n := len(s.conns) + s.pendingHO
+	n := len(s.conns) + s.pendingHO + len(s.apps)
 	s.mu.Unlock()
 	// Connections handed to us and not accepted yet.
 	return n + s.opts.Handoff.Listener("http").Pending()
@@ -440,8 +508,17 @@ func (s *Server) Draining() bool { return s.draining.Load() }
 // instead of keeping it idle.
 func (s *Server) wrap(h http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		_, handable := r.Context().Value(connKey{}).(*hconn)
-		cw := &closeWriter{ResponseWriter: w, s: s, handable: handable && r.ProtoMajor == 1}
+		if info, ok := r.Context().Value(infoKey{}).(*connInfo); ok {
+			if r.ProtoMajor != 1 {
+				info.h2.Store(true)
+			} else if !info.http1.Load() {
+				info.http1.Store(true)
+			}
+		}
+		cw := &closeWriter{ResponseWriter: w, s: s, r: r}
+		if hc, ok := r.Context().Value(connKey{}).(*hconn); ok && r.ProtoMajor == 1 {
+			cw.hc = hc
+		}
 		h.ServeHTTP(cw, r)
 		// A handler that wrote nothing: net/http writes the response after
 		// this returns, so the header still takes effect.
@@ -453,15 +530,22 @@ func (s *Server) wrap(h http.Handler) http.Handler {
 
 type closeWriter struct {
 	http.ResponseWriter
-	s        *Server
-	wrote    bool
-	handable bool // its connection can be handed off
+	s     *Server
+	r     *http.Request
+	wrote bool
+	hc    *hconn // its HTTP/1.x connection, if it can be handed off
 }
 
 // closing reports whether this response should end its connection: when
 // draining, unless the connection will be handed off instead.
 func (w *closeWriter) closing() bool {
-	return w.s.draining.Load() && !(w.handable && w.s.handoffOn.Load())
+	if !w.s.draining.Load() {
+		return false
+	}
+	if w.hc == nil || !w.s.handoffOn.Load() {
+		return true
+	}
+	return !w.hc.handable()
 }
 
 func (w *closeWriter) WriteHeader(code int) {
@@ -505,12 +589,4 @@ func (w *closeWriter) Flush() {
 	if f, ok := w.ResponseWriter.(http.Flusher); ok {
 		f.Flush()
 	}
-}
-
-// Hijack implements http.Hijacker for handlers that assert it.
-func (w *closeWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) {
-	if h, ok := w.ResponseWriter.(http.Hijacker); ok {
-		return h.Hijack()
-	}
-	return nil, nil, errors.New("drain: the underlying ResponseWriter does not support hijacking")
 }

@@ -22,16 +22,20 @@ import (
 // pending read. That read (or the next one) fails with errTakenOver, which
 // makes net/http drop the connection and call Close, which the hconn turns
 // into a handoff instead of a close; but only when net/http provably holds
-// none of the connection's bytes:
+// none of the connection's bytes, and serves it as HTTP/1.x:
 //
 //   - the connection is idle or new (ConnState) and no byte was returned to
 //     net/http since, so no next request has begun;
 //   - net/http asks for a whole 4096-byte buffer, which it does only when
-//     its bufio.Reader is empty (it asks for less when it holds some bytes).
+//     its bufio.Reader is empty (it asks for less when it holds some bytes);
+//   - it has served an HTTP/1.x request, or nothing was read from it yet:
+//     HTTP/2's frame reader may ask for 4096 bytes too.
 //
 // Otherwise the kick is undone (net/http's own deadline is restored) and
-// the read goes on: the request is served here, and the connection is
-// taken when it next turns idle.
+// the read goes on: the request is served here, and since net/http holds
+// bytes of it (a pipelined request, or one whose first byte net/http's
+// background read took while the previous handler ran), its response says
+// "Connection: close". A connection is queued for handoff at most once.
 
 // httpReadBuffer is net/http's bufio.Reader size for connections.
 const httpReadBuffer = 4096
@@ -46,17 +50,25 @@ var aLongTimeAgo = time.Unix(1, 0)
 
 type hconn struct {
 	net.Conn
-	s *Server
+	s    *Server
+	info *connInfo
 
 	mu           sync.Mutex
 	delivered    int64 // bytes returned to net/http
 	idleMark     int64 // delivered when it last turned idle
 	idle         bool  // StateIdle, or StateNew: between requests
 	want         bool  // a takeover is asked for
+	closeWant    bool  // ... to close it, not to hand it off (closeIdle)
 	kicked       bool  // our deadline is set, not net/http's
 	httpDeadline time.Time
 	taken        bool // Read refused net/http: Close hands off
 	handing      bool // Close has queued it for handoff
+	offered      bool // it was queued once: never again, even if refused
+	// noHandoff: net/http holds bytes of a next request (a takeover failed
+	// on them, or the client sent it while a response was being finished),
+	// so the connection cannot be handed off: its next response says
+	// Connection: close instead.
+	noHandoff bool
 	// released is closed once net/http has reported the StateClosed of the
 	// serve loop that let go of it (track): only then may a refused
 	// connection be registered again, or that late StateClosed would
@@ -65,35 +77,70 @@ type hconn struct {
 	released chan struct{}
 }
 
-// eligible reports whether net/http holds none of c's bytes, for a read
-// of n bytes. c.mu is held.
-func (c *hconn) eligible(n int) bool {
+// quiet reports whether net/http holds none of c's bytes, for a read of n
+// bytes: c is between requests, no byte was returned since, and net/http
+// asks for a whole buffer, which it does only when its bufio.Reader is
+// empty. c.mu is held.
+func (c *hconn) quiet(n int) bool {
 	return c.idle && n == httpReadBuffer && c.delivered == c.idleMark
+}
+
+// http1 reports whether net/http serves c as HTTP/1.x, or has read nothing
+// of it yet. HTTP/2's frame reader can ask for 4096 bytes too: a
+// connection that is not provably HTTP/1.x is never taken. c.mu is held.
+func (c *hconn) http1() bool {
+	return !c.info.h2.Load() && (c.info.http1.Load() || c.delivered == 0)
+}
+
+// ready reports whether the takeover asked for can happen now, for a read
+// of n bytes. c.mu is held.
+func (c *hconn) ready(n int) bool {
+	if !c.want || !c.quiet(n) || !c.http1() {
+		return false
+	}
+	// A close must not drop bytes the kernel holds: the client has begun
+	// its next request. A handoff takes them along with the socket.
+	return !c.closeWant || unread(c.Conn) == 0
+}
+
+// takeover is what the serve loop's read gets at a takeover: EOF, on
+// which net/http drops the connection without a word, and calls Close,
+// which hands off (taken) or closes. c.mu is held, and released.
+func (c *hconn) takeover() (int, error) {
+	c.taken = !c.closeWant
+	c.want, c.kicked = false, false
+	c.mu.Unlock()
+	return 0, errTakenOver
 }
 
 func (c *hconn) Read(p []byte) (int, error) {
 	for {
 		c.mu.Lock()
-		if c.want && c.eligible(len(p)) {
-			c.taken = true
-			c.mu.Unlock()
-			return 0, errTakenOver
+		if c.ready(len(p)) {
+			return c.takeover()
 		}
 		c.mu.Unlock()
 		n, err := c.Conn.Read(p)
 		c.mu.Lock()
 		c.delivered += int64(n)
+		if len(p) == 1 && n == 1 && !c.idle && c.s.draining.Load() {
+			// net/http's background read, while a handler runs, got the
+			// first byte of a next request: net/http holds it now.
+			c.noHandoff = true
+		}
 		if c.kicked {
 			var ne net.Error
-			if n == 0 && errors.As(err, &ne) && ne.Timeout() && c.want && c.eligible(len(p)) {
-				c.taken = true
-				c.mu.Unlock()
-				return 0, errTakenOver
+			ours := n == 0 && errors.As(err, &ne) && ne.Timeout()
+			if ours && c.ready(len(p)) {
+				return c.takeover()
 			}
 			// Bytes came first, or net/http holds some: serve it here.
 			c.kicked, c.want = false, false
 			c.Conn.SetReadDeadline(c.httpDeadline)
-			if n == 0 && errors.As(err, &ne) && ne.Timeout() {
+			if ours {
+				// net/http holds bytes (or it is not HTTP/1.x): this
+				// connection cannot go; its next response ends it.
+				c.noHandoff = true
 				c.mu.Unlock()
 				continue // our own deadline, not net/http's
 			}
@@ -120,15 +167,24 @@ func (c *hconn) SetDeadline(t time.Time) error {
 	return c.Conn.SetWriteDeadline(t)
 }
 
-// kick asks for a takeover of an idle connection.
-func (c *hconn) kick() {
+// kick asks for a takeover of an idle connection: a handoff, or with
+// close set, a close (closeIdle).
+func (c *hconn) kick(close bool) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if !c.idle || c.taken || c.want {
+	if !c.idle || c.taken || c.want || !c.http1() || (c.noHandoff && !close) {
 		return
 	}
-	c.want, c.kicked = true, true
+	c.want, c.kicked, c.closeWant = true, true, close
 	c.Conn.SetReadDeadline(aLongTimeAgo)
+}
+
+// handable reports whether c's next response may leave it open for a
+// handoff.
+func (c *hconn) handable() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return !c.noHandoff
 }
 
 func (c *hconn) setIdle(idle bool) {
@@ -146,9 +202,9 @@ func (c *hconn) setIdle(idle bool) {
 // batch's answer decides who closes it.
 func (c *hconn) Close() error {
 	c.mu.Lock()
-	taken, first := c.taken, !c.handing
+	taken, first := c.taken, !c.handing && !c.offered
 	if taken && first {
-		c.handing = true
+		c.handing, c.offered = true, true
 		c.released = make(chan struct{})
 	}
 	c.mu.Unlock()
@@ -206,6 +262,7 @@ func (c *hconn) SyscallConn() (syscall.RawConn, error) {
 func (c *hconn) reset() {
 	c.mu.Lock()
 	c.taken, c.handing, c.want, c.kicked, c.idle = false, false, false, false, false
+	c.closeWant = false
 	c.released = nil
 	c.Conn.SetReadDeadline(c.httpDeadline)
 	c.mu.Unlock()
@@ -225,7 +282,7 @@ func (l handoffListener) Accept() (net.Conn, error) {
 	if _, ok := c.(syscall.Conn); !ok {
 		return c, nil // TLS and other wrappers: not handed off
 	}
-	return &hconn{Conn: c, s: l.s}, nil
+	return &hconn{Conn: c, s: l.s, info: new(connInfo)}, nil
 }
 
 // fallbackListener feeds connections whose handoff was refused back to this
