@@ -57,8 +57,8 @@ type wsSession struct {
 // message>", generations never going back), calls onReply for each, and
 // ends the session with the closing handshake. Any failure (an error, a
 // wrong or missing reply, a close from the server) is the session's err.
-func runWSSession(addr, name string, d, interval time.Duration, onReply func(gen int, at time.Time)) wsSession {
-	s := wsSession{name: name, start: time.Now(), gens: map[int]int{}}
+func runWSSession(addr, name string, d, interval time.Duration, onReply func(gen int, at time.Time)) (s wsSession) {
+	s = wsSession{name: name, start: time.Now(), gens: map[int]int{}}
 	defer func() { s.end = time.Now() }()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
@@ -260,10 +260,13 @@ func TestEchoSessionsSurviveUpgrades(t *testing.T) {
 	}
 	// The old generations left: none answered past linger after the
 	// next one was ready.
+	var latest time.Duration
 	for g := 1; g <= upgrades; g++ {
-		if late := last[g].Sub(ready[g+1]); late > linger {
+		late := last[g].Sub(ready[g+1])
+		if late > linger {
 			t.Errorf("generation %d answered %s after generation %d was ready, want at most %s", g, late.Round(time.Millisecond), g+1, linger)
 		}
+		latest = max(latest, late)
 	}
 	st := p.waitStatus(10*time.Second, "only the newest generation left", func(st supervise.Status) bool {
 		return len(st.Generations) == 1 && st.Generations[0].Generation == upgrades+1
@@ -271,7 +274,8 @@ func TestEchoSessionsSurviveUpgrades(t *testing.T) {
 	if st.Handoffs.HandedOff == 0 {
 		t.Errorf("handoff counts %+v: nothing was handed off", st.Handoffs)
 	}
-	t.Logf("%d sessions over %d upgrades, %d answered by several generations; handoffs %+v", len(sessions), upgrades, moved, st.Handoffs)
+	t.Logf("%d sessions over %d upgrades, %d answered by several generations; an old generation's last reply at most %s after the next was ready; handoffs %+v",
+		len(sessions), upgrades, moved, latest.Round(time.Millisecond), st.Handoffs)
 }
 
 // TestEchoSessionsDrainWithoutHandoff: with --no-handoff, the old

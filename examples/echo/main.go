@@ -18,9 +18,12 @@
 // handed off as in examples/hello.
 //
 // Under upgrader (or systemd socket activation) it serves every inherited
-// stream listener; it binds -addr only when none is inherited.
+// stream listener; it binds -addr only when none is inherited. With
+// -connect URL it is a client instead: each line of stdin is a message,
+// each reply is printed.
 //
 //	upgrader -l 127.0.0.1:8080 -- echo
+//	echo -connect ws://127.0.0.1:8080/ws
 package main
 
 import (
@@ -59,7 +62,15 @@ const maxMessage = 64 << 10
 func main() {
 	addr := flag.String("addr", "127.0.0.1:8080", "address to bind when no listener is inherited")
 	drainTimeout := flag.Duration("drain-timeout", 25*time.Second, "close what is left of the connections after this")
+	connect := flag.String("connect", "", "be a client instead: send each line of stdin to this ws:// URL, print each reply")
 	flag.Parse()
+	if *connect != "" {
+		if err := client(*connect); err != nil {
+			fmt.Fprintln(os.Stderr, "echo:", err)
+			os.Exit(1)
+		}
+		return
+	}
 	log := slog.New(slog.NewTextHandler(os.Stderr, nil)).With("worker", "echo", "pid", os.Getpid())
 	fatal := func(err error) {
 		log.Error("exiting", "error", err)
@@ -84,7 +95,17 @@ func main() {
 		fatal(err)
 	}
 
-	e := &echo{gen: inherit.Generation(), log: log, handoffs: handoffs, timeout: *drainTimeout}
+	e := newEcho(inherit.Generation(), log, handoffs, *drainTimeout)
+	if err := e.serve(context.Background(), listeners); err != nil {
+		fatal(err)
+	}
+	handoffs.Close()
+	log.Info("drained", "sessions_handed_off", e.handedOff.Load(), "sessions_closed_here", e.closedHere.Load())
+}
+
+// newEcho prepares the server of generation gen; handoffs may be nil.
+func newEcho(gen int, log *slog.Logger, handoffs *inherit.Handoffs, drainTimeout time.Duration) *echo {
+	e := &echo{gen: gen, log: log, handoffs: handoffs, timeout: drainTimeout, wsl: handoffs.Listener(kind)}
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /{$}", func(w http.ResponseWriter, r *http.Request) {
 		fmt.Fprintf(w, "echo: a WebSocket echo server (pid %d, generation %d); connect to /ws, "+
@@ -96,28 +117,33 @@ func main() {
 		ReadHeaderTimeout: 10 * time.Second,
 		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
 	}
-	wsl := handoffs.Listener(kind)
-	e.d = drain.New(srv, drain.Options{Timeout: *drainTimeout, Handoff: handoffs, Logger: log, OnDrain: func() {
+	e.d = drain.New(srv, drain.Options{Timeout: drainTimeout, Handoff: handoffs, Logger: log, OnDrain: func() {
 		e.drainBegun()
 		// Take no more sessions: upgrader sends them to the new generation.
-		if wsl != nil {
-			wsl.Close()
+		if e.wsl != nil {
+			e.wsl.Close()
 		}
 	}})
+	return e
+}
+
+// serve serves listeners and the sessions handed to this worker until
+// ctx is done or the drain signal arrives, then drains: it returns once
+// every session has ended here or gone to the new generation.
+func (e *echo) serve(ctx context.Context, listeners []net.Listener) error {
 	accepted := make(chan struct{})
 	go func() {
 		defer close(accepted)
-		e.acceptSessions(wsl)
+		e.acceptSessions(e.wsl)
 	}()
-	if err := e.d.Serve(context.Background(), listeners); err != nil {
-		fatal(err)
+	if err := e.d.Serve(ctx, listeners); err != nil {
+		return err
 	}
 	// Sessions taken just before the drain began were not accepted yet,
 	// so the drain could not wait for them: serve them (they go on to the
 	// new generation, or are closed politely at once).
 	<-accepted
-	handoffs.Close()
-	log.Info("drained", "sessions_handed_off", e.handedOff.Load(), "sessions_closed_here", e.closedHere.Load())
+	return nil
 }
 
 // listen returns every inherited stream listener, or addr bound fresh when
@@ -145,6 +171,7 @@ type echo struct {
 	gen      int
 	log      *slog.Logger
 	handoffs *inherit.Handoffs
+	wsl      *inherit.Listener // sessions handed to us (nil without handoffs)
 	d        *drain.Server
 	timeout  time.Duration // the drain's
 
@@ -407,8 +434,10 @@ func (s *session) act(log *slog.Logger) bool {
 		log.Debug("session not handed off, it goes on here until the drain's end", "error", err)
 	}
 	if !s.closing && !time.Now().Before(s.e.closeAt()) {
+		// The client's answer is awaited until the drain's deadline (when
+		// the drain closes what is left).
 		s.closing = true
-		s.deadline = time.Now().Add(closeGrace(s.e.timeout) / 2)
+		s.deadline = s.e.closeAt().Add(closeGrace(s.e.timeout))
 		s.conn.SetReadDeadline(s.deadline)
 		s.write(ws.OpClose, ws.NewCloseFrameBody(ws.StatusGoingAway, "server draining"))
 	}
