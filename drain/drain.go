@@ -15,6 +15,16 @@
 // protocol can go with its state (Handoff). The same code runs three ways,
 // as the examples show: under upgrader, under systemd socket activation
 // (sd_listen_fds(3); no handoff there), and standalone.
+//
+// Each kind of connection leaves its own way (docs/draining.md has the
+// table and the reasons): idle HTTP/1.1 is handed off, or closed after
+// Options.IdleGrace when it cannot be (TLS, no channel); HTTP/1.1 with
+// bytes of a next request already read gets "Connection: close"; HTTP/2
+// (TLS, or net/http's own h2c) gets GOAWAY when the drain begins;
+// hijacked connections are the application's, which learns of the drain
+// from Started and is waited for. A second drain signal closes what is
+// idle at once. golang.org/x/net/http2/h2c's handler is refused: its
+// streams bypass the drain.
 package drain
 
 import (

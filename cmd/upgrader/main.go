@@ -157,7 +157,7 @@ func parseRunFlags(args []string) (runFlags, error) {
 	fs.StringVar(&f.control, "control", "", "control socket `PATH` (default upgrader.sock in the runtime directory; \"none\" for none)")
 	fs.DurationVar(&f.watchdog, "watchdog", 0, "workers get WATCHDOG_USEC; a worker silent this long is replaced (0: off)")
 	fs.IntVar(&f.fdStoreMax, "fd-store-max", 64, "fds workers may keep with FDSTORE=1 for later generations (0: fd store off)")
-	fs.IntVar(&f.maxDraining, "max-draining", 4, "generations that may drain at once; beyond it the oldest is killed")
+	fs.IntVar(&f.maxDraining, "max-draining", 4, "generations that may drain at once; beyond it the oldest is sent --drain-signal again to close what is idle, and killed 2s later if still running")
 	fs.BoolVar(&f.noHandoff, "no-handoff", false, "do not offer live-connection handoff (UPGRADER_HANDOFF_FD) to workers")
 	fs.StringVar(&f.logFormat, "log-format", "console", "log format: console or json")
 	fs.StringVar(&f.logLevel, "log-level", "info", "log level: debug, info, warn, error")

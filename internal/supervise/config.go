@@ -84,6 +84,14 @@ func ParseSignal(v string) (syscall.Signal, error) {
 	return 0, fmt.Errorf("signal %q: not a signal name (TERM, QUIT, INT, …) or number", v)
 }
 
+// defaultHurryGrace is how long the oldest generation beyond
+// --max-draining has, after its second drain signal, to close its idle
+// connections and finish what is in flight before it is killed: long
+// enough for a worker to close idle connections and answer a request or
+// two, short enough that a burst of upgrades does not pile up old versions
+// (each holding its memory) for the whole drain timeout.
+const defaultHurryGrace = 2 * time.Second
+
 // Config is what a Supervisor runs.
 type Config struct {
 	// Command is the worker's argv; Command[0] is looked up in PATH again at
@@ -109,8 +117,12 @@ type Config struct {
 	// that health probes see /readyz answer "gave up" (0: 3s).
 	GiveUpLinger time.Duration
 	// MaxDraining is how many generations may drain at once; beyond it the
-	// oldest is killed (0: 4).
+	// oldest is sent DrainSignal again, to close what is idle, and killed
+	// HurryGrace later if still running (0: 4).
 	MaxDraining int
+	// HurryGrace is how long a generation beyond MaxDraining has after its
+	// second drain signal before SIGKILL (0: defaultHurryGrace).
+	HurryGrace time.Duration
 	// Watchdog, when > 0, is passed to workers as WATCHDOG_USEC; a ready
 	// worker that sends no WATCHDOG=1 for that long is replaced.
 	Watchdog time.Duration
@@ -154,6 +166,9 @@ func (c *Config) setDefaults() {
 	if c.MaxDraining == 0 {
 		c.MaxDraining = 4
 	}
+	if c.HurryGrace == 0 {
+		c.HurryGrace = defaultHurryGrace
+	}
 	if c.Log == nil {
 		c.Log = zap.NewNop()
 	}
@@ -170,6 +185,7 @@ func (c *Config) validate() error {
 	}{
 		{"ready timeout", c.ReadyTimeout}, {"drain timeout", c.DrainTimeout}, {"shutdown delay", c.ShutdownDelay},
 		{"restart window", c.RestartWindow}, {"watchdog", c.Watchdog}, {"give-up linger", c.GiveUpLinger},
+		{"hurry grace", c.HurryGrace},
 	} {
 		if d.v < 0 {
 			return fmt.Errorf("%s %s: must not be negative", d.name, d.v)

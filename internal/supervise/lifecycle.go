@@ -25,9 +25,11 @@ func (s *Supervisor) arm(w *worker, d time.Duration) {
 		w.timer = nil
 	}
 	w.timerSeq++
+	w.deadline = time.Time{}
 	if d < 0 {
 		return
 	}
+	w.deadline = time.Now().Add(d)
 	seq := w.timerSeq
 	w.timer = time.AfterFunc(d, func() { s.post(evDeadline{w, seq}) })
 }
@@ -41,8 +43,13 @@ func (s *Supervisor) onDeadline(w *worker, seq uint64) {
 	g := w.gen
 	switch {
 	case w.exited || w.state == WorkerDraining:
-		s.log.Warn("worker did not drain in time, killing its process tree",
-			zap.Int("generation", g.n), zap.Int("pid", w.pid), zap.Duration("drain_timeout", s.cfg.DrainTimeout))
+		fields := []zap.Field{zap.Int("generation", g.n), zap.Int("pid", w.pid), zap.Duration("drain_timeout", s.cfg.DrainTimeout)}
+		if w.hurried {
+			// Its deadline may have been pulled in: the drain timeout
+			// alone would not explain the kill.
+			fields = append(fields, zap.Bool("hurried", true), zap.Duration("hurry_grace", s.cfg.HurryGrace))
+		}
+		s.log.Warn("worker did not drain in time, killing its process tree", fields...)
 		s.kill9(w)
 	case w.state == WorkerStarting:
 		s.onReadyTimeout(w)
@@ -89,11 +96,40 @@ func (s *Supervisor) retire(w *worker, sig syscall.Signal, cause string) {
 	w.cause = cause
 	w.state = WorkerDraining
 	if sig != 0 {
-		if err := s.env.kill(w.pid, sig); err != nil {
-			s.log.Warn("cannot signal worker", zap.Int("pid", w.pid), zap.Error(err))
-		}
+		s.signalMain(w, sig)
 	}
 	s.arm(w, s.cfg.DrainTimeout)
+}
+
+// signalMain sends sig to w's main process alone (see retire for why not
+// its group).
+func (s *Supervisor) signalMain(w *worker, sig syscall.Signal) {
+	if err := s.env.kill(w.pid, sig); err != nil {
+		s.log.Warn("cannot signal worker", zap.Int("pid", w.pid), zap.Error(err))
+	}
+}
+
+// hurry asks w, draining in a generation beyond --max-draining, to close
+// what it cannot hand off now rather than kill it outright with every live
+// connection it serves: the drain signal again, to its main process as
+// retire sends it (a worker that knows takes it to close its idle
+// connections, or simply exits), and its deadline pulled in to HurryGrace
+// from now, where the usual deadline kill takes over. Only once per worker:
+// the next generation past the cap must not cut a grace short or signal a
+// worker a third time.
+func (s *Supervisor) hurry(w *worker) {
+	if w.hurried || w.gone {
+		return
+	}
+	w.hurried = true
+	if !w.exited {
+		// Once its main process has exited, what is left of its tree had
+		// the drain signal from settle; only the deadline changes.
+		s.signalMain(w, s.cfg.DrainSignal)
+	}
+	if w.deadline.IsZero() || time.Until(w.deadline) > s.cfg.HurryGrace {
+		s.arm(w, s.cfg.HurryGrace)
+	}
 }
 
 // replace takes w out of its slot and retires it with sig, and refills the

@@ -57,9 +57,14 @@ type worker struct {
 	lingering       []int
 	lingerSignalled bool
 	gone            bool
-	// The one deadline timer (arm); timerSeq tells a stale firing apart.
+	// The one deadline timer (arm), due at deadline (zero: disarmed);
+	// timerSeq tells a stale firing apart.
 	timer    *time.Timer
 	timerSeq uint64
+	deadline time.Time
+	// hurried: its generation was beyond --max-draining, and it was sent
+	// the drain signal a second time with its deadline pulled in (hurry).
+	hurried  bool
 	lastPing time.Time // last WATCHDOG=1
 	// The handoff channel: hsock, with out queueing what is sent on it
 	// (writeHandoff). A target that does not take its batches is stalled
@@ -102,6 +107,17 @@ func (g *generation) allReady() bool {
 		}
 	}
 	return true
+}
+
+// anyUnhurried reports whether a worker of g with processes left has not
+// been hurried yet.
+func (g *generation) anyUnhurried() bool {
+	for w := range g.live {
+		if !w.hurried {
+			return true
+		}
+	}
+	return false
 }
 
 func (g *generation) readyCount() int {

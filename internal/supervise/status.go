@@ -61,6 +61,9 @@ type WorkerStatus struct {
 	// process has exited (stopped with the drain signal, killed at its
 	// deadline).
 	Lingering []int `json:"lingering,omitempty"`
+	// Hurried: its generation was beyond --max-draining, so it was sent
+	// the drain signal again and is killed at the end of a short grace.
+	Hurried bool `json:"hurried,omitempty"`
 }
 
 // ErrNotRunning is returned by Status and Upgrade when the loop has ended.
@@ -137,7 +140,7 @@ func (s *Supervisor) snapshot() Status {
 			gs.ReadyAt = &t
 		}
 		for w := range g.live {
-			ws := WorkerStatus{Slot: w.slot, Pid: w.pid, State: w.state, Started: w.started, Status: w.status, Lingering: w.lingering}
+			ws := WorkerStatus{Slot: w.slot, Pid: w.pid, State: w.state, Started: w.started, Status: w.status, Lingering: w.lingering, Hurried: w.hurried}
 			if !w.readyAt.IsZero() {
 				t := w.readyAt
 				ws.ReadyAt = &t

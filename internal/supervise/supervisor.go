@@ -591,8 +591,10 @@ func (s *Supervisor) cancelGeneration(g *generation) {
 	s.reapGeneration(g)
 }
 
-// drainGeneration asks every worker of g to drain, and kills the oldest
-// draining generations beyond the cap.
+// drainGeneration asks every worker of g to drain, and hurries the
+// oldest draining generations beyond the cap: a cap bounds the processes
+// and memory old versions hold, but a SIGKILL at once would cut every
+// connection they still serve.
 func (s *Supervisor) drainGeneration(g *generation) {
 	if g.state == GenDraining || g.state == GenExited {
 		return
@@ -603,17 +605,21 @@ func (s *Supervisor) drainGeneration(g *generation) {
 		s.retire(w, s.cfg.DrainSignal, "drain")
 	}
 	s.reapGeneration(g)
-	draining := 0
+	var draining []*generation // newest first
 	for i := len(s.gens) - 1; i >= 0; i-- {
-		old := s.gens[i]
-		if old.state != GenDraining && old.state != GenFailed {
-			continue
+		if old := s.gens[i]; old.state == GenDraining || old.state == GenFailed {
+			draining = append(draining, old)
 		}
-		if draining++; draining > s.cfg.MaxDraining {
-			s.log.Warn("too many generations draining, killing the oldest", zap.Int("generation", old.n))
-			for w := range old.live {
-				s.kill9(w)
-			}
+	}
+	for _, old := range draining[min(len(draining), s.cfg.MaxDraining):] {
+		if !old.anyUnhurried() {
+			continue // hurried at an earlier upgrade: its grace runs on
+		}
+		s.log.Warn("too many generations draining, asking the oldest to close its idle connections",
+			zap.Int("generation", old.n), zap.Int("draining", len(draining)), zap.Int("cap", s.cfg.MaxDraining),
+			zap.Duration("grace", s.cfg.HurryGrace))
+		for w := range old.live {
+			s.hurry(w)
 		}
 	}
 }
