@@ -299,17 +299,6 @@ type servedAt struct {
 	at  time.Time
 }
 
-// readyAt returns when generation gen became ready, by the supervisor's
-// clock (the same machine's wall clock as the load's).
-func readyAt(t *testing.T, st supervise.Status, gen int) time.Time {
-	t.Helper()
-	g := genOf(st, gen)
-	if g == nil || g.ReadyAt == nil {
-		t.Fatalf("generation %d ready, but no ready time in the status %+v", gen, st)
-	}
-	return *g.ReadyAt
-}
-
 // lateResponses describes, one line per generation, the responses a
 // generation g served later than bound after generation g+1 was ready, or
 // returns "" when there are none.

@@ -199,15 +199,6 @@ func requireSessionsWhole(t *testing.T, sessions []wsSession, d time.Duration) {
 	}
 }
 
-func readyAt(t *testing.T, st supervise.Status, gen int) time.Time {
-	t.Helper()
-	g := genOf(st, gen)
-	if g == nil || g.ReadyAt == nil {
-		t.Fatalf("generation %d has no ready time in the status %+v", gen, st)
-	}
-	return *g.ReadyAt
-}
-
 // TestEchoSessionsSurviveUpgrades: WebSocket sessions (hijacked
 // connections with the application's own framing) are handed from
 // generation to generation across 20 upgrades, none is cut, and no old

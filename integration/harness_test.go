@@ -588,3 +588,13 @@ func startScripted(t *testing.T, body string, args ...string) (p *proc, script, 
 	p.waitReady(1)
 	return p, script, addr
 }
+
+// readyAt is when generation gen became ready, by the status.
+func readyAt(t *testing.T, st supervise.Status, gen int) time.Time {
+	t.Helper()
+	g := genOf(st, gen)
+	if g == nil || g.ReadyAt == nil {
+		t.Fatalf("generation %d has no ready time in the status %+v", gen, st)
+	}
+	return *g.ReadyAt
+}
