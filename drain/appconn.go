@@ -38,6 +38,14 @@ func Started(ctx context.Context) <-chan struct{} {
 // Started returns a channel that is closed when the drain begins.
 func (s *Server) Started() <-chan struct{} { return s.started }
 
+// Hurried returns a channel that is closed when a second drain signal
+// arrives during the drain: the process is to end what it can now
+// (upgrader sends it to the oldest generation when more than
+// --max-draining drain at once, and kills that generation 2 s later). An
+// application closes its sessions politely then, rather than at its own
+// pace.
+func (s *Server) Hurried() <-chan struct{} { return s.hurried }
+
 // Track makes the drain wait for c, a connection of the application's that
 // net/http does not serve (one accepted from a handoff Listener, say), as
 // it waits for hijacked ones: Serve returns only once the returned conn is

@@ -150,6 +150,7 @@ func (s *Server) idleConns() []idleCheck {
 // hurry is the second drain signal: what is idle closes now, and HTTP/2
 // connections are told GOAWAY again.
 func (s *Server) hurry() {
+	s.hurryOnce.Do(func() { close(s.hurried) })
 	s.goAway()
 	for _, ck := range s.idleConns() {
 		s.closeIdle(ck, false)

@@ -109,11 +109,13 @@ type Server struct {
 	closed chan struct{} // signalled when a connection goes away
 	// apps are the application's connections (appconn.go), hijacks the
 	// hijacked ones until Hijack returns them (both under mu).
-	apps    map[*appConn]struct{}
-	hijacks map[net.Conn]*appConn
-	started chan struct{} // closed when the drain begins
-	h2      *http.Server  // serves HTTP/2, for GOAWAY (conns.go); nil: none
-	bad     error         // what Serve refuses to serve (checkHandler)
+	apps      map[*appConn]struct{}
+	hijacks   map[net.Conn]*appConn
+	started   chan struct{} // closed when the drain begins
+	hurried   chan struct{} // closed at the second drain signal
+	hurryOnce sync.Once
+	h2        *http.Server // serves HTTP/2, for GOAWAY (conns.go); nil: none
+	bad       error        // what Serve refuses to serve (checkHandler)
 
 	h2cOnce   sync.Once // the warning about x/net's h2c
 	fatalOnce sync.Once
@@ -170,7 +172,7 @@ func New(srv *http.Server, opts Options) *Server {
 	s := &Server{srv: srv, opts: opts, conns: make(map[net.Conn]*connInfo),
 		closed: make(chan struct{}, 1), fatal: make(chan struct{}),
 		apps: make(map[*appConn]struct{}), hijacks: make(map[net.Conn]*appConn),
-		started:  make(chan struct{}),
+		started: make(chan struct{}), hurried: make(chan struct{}),
 		fallback: &fallbackListener{ch: make(chan net.Conn), done: make(chan struct{})}}
 	s.handoffOn.Store(opts.Handoff != nil)
 	userHook := srv.ConnState

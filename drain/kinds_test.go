@@ -384,6 +384,7 @@ func TestSecondSignalClosesIdleConnections(t *testing.T) {
 	syscall.Kill(os.Getpid(), syscall.SIGUSR2)
 	<-d.Started()
 	syscall.Kill(os.Getpid(), syscall.SIGUSR2)
+	<-d.Hurried() // the application hears of it too
 	c.SetReadDeadline(time.Now().Add(30 * time.Second))
 	if _, err := br.ReadByte(); err != io.EOF {
 		t.Fatalf("idle connection after a second signal: %v, want EOF", err)

@@ -23,8 +23,8 @@ func TestHandoffKeepsKeepAliveConnectionsOpen(t *testing.T) {
 	addr := p.addr("")
 	r := upgradeUnderLoad(t, p, loadgen.Config{Addr: addr, Clients: 16, Mode: loadgen.KeepAlive, MaxIdle: 50 * time.Millisecond}, 20, 500*time.Millisecond)
 	requireNoFailures(t, r)
-	if r.ServerCloses != 0 || r.ClosedUnderClient != 0 {
-		t.Fatalf("the server closed %d connections politely and %d under the client; want none", r.ServerCloses, r.ClosedUnderClient)
+	if r.ServerCloses != 0 || r.ClosedUnderClient != 0 || r.IdleClosed != 0 {
+		t.Fatalf("the server closed %d connections politely, %d under the client and %d while idle; want none", r.ServerCloses, r.ClosedUnderClient, r.IdleClosed)
 	}
 	// The same connections were answered by newer and newer generations.
 	if r.ConnsAcrossGenerations < 16 || r.GenerationRegress != 0 {
@@ -176,7 +176,7 @@ func TestNewGenerationWithoutHandoffDrainsByConnectionClose(t *testing.T) {
 	l.waitServed(t, 2, 100)
 	r := l.stop()
 	requireNoFailures(t, r)
-	if r.ServerCloses < 16 || r.ClosedUnderClient != 0 {
+	if r.ServerCloses < 16 || r.ClosedUnderClient != 0 || r.IdleClosed != 0 {
 		t.Fatalf("%d polite closes, %d under the client; want every connection closed politely", r.ServerCloses, r.ClosedUnderClient)
 	}
 	if st := p.status(); st.Handoffs.HandedOff != 0 || st.Handoffs.Refused == 0 {

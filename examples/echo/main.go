@@ -181,6 +181,8 @@ type echo struct {
 
 	drainOnce sync.Once
 	drainAt   atomic.Pointer[time.Time] // when the drain began
+	hurryOnce sync.Once
+	hurryAt   atomic.Pointer[time.Time] // when a second drain signal came
 }
 
 // record is a session's state, carried across handoffs.
@@ -252,11 +254,23 @@ func (e *echo) drainBegun() {
 // the drain's deadline, leaving time for the closing handshake. Zero
 // before the drain.
 func (e *echo) closeAt() time.Time {
+	if at := e.hurryAt.Load(); at != nil {
+		return *at // a second drain signal: now, before upgrader's kill
+	}
 	at := e.drainAt.Load()
 	if at == nil {
 		return time.Time{}
 	}
 	return at.Add(e.timeout - closeGrace(e.timeout))
+}
+
+// hurried records the second drain signal (the first to see it), after
+// which sessions still here close politely at once.
+func (e *echo) hurried() {
+	e.hurryOnce.Do(func() {
+		now := time.Now()
+		e.hurryAt.Store(&now)
+	})
 }
 
 // closeGrace is how long before the drain's deadline sessions are closed:
@@ -361,7 +375,8 @@ func (s *session) run() {
 }
 
 // watch wakes the session's read when the drain begins, and again when it
-// is time to close it politely.
+// is time to close it politely: shortly before the drain's deadline, or at
+// once on a second drain signal.
 func (s *session) watch() {
 	select {
 	case <-s.started:
@@ -374,6 +389,9 @@ func (s *session) watch() {
 	defer t.Stop()
 	select {
 	case <-t.C:
+		s.wake()
+	case <-s.e.d.Hurried():
+		s.e.hurried()
 		s.wake()
 	case <-s.gone:
 	}

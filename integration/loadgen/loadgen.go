@@ -123,6 +123,13 @@ type Result struct {
 	// ClosedUnderClient counts keep-alive connections the server ended
 	// without saying so first (a failed request on a reused connection).
 	ClosedUnderClient int
+	// IdleClosed counts keep-alive connections the server closed while
+	// they were idle, found closed before the next request was written on
+	// them, as real clients find them (Go's Transport watches its idle
+	// connections; curl polls one before reuse): the request then goes on
+	// a new connection. Not a failure, but a cost (a new handshake), and
+	// the sign of a server that closes idle connections under its clients.
+	IdleClosed int
 	// ConnsAcrossGenerations counts keep-alive connections answered by
 	// more than one generation (handed off while open); GenerationRegress
 	// counts responses from an older generation than an earlier one on the
@@ -156,8 +163,8 @@ func (r Result) String() string {
 		fmt.Fprintf(&b, " %s=%d", c, r.Counts[c])
 	}
 	fmt.Fprintf(&b, "; latency p50=%s p90=%s p99=%s max=%s", r.P50, r.P90, r.P99, r.Max)
-	if r.ServerCloses > 0 || r.ClosedUnderClient > 0 {
-		fmt.Fprintf(&b, "; server closes: %d polite, %d under the client", r.ServerCloses, r.ClosedUnderClient)
+	if r.ServerCloses > 0 || r.ClosedUnderClient > 0 || r.IdleClosed > 0 {
+		fmt.Fprintf(&b, "; server closes: %d polite, %d under the client, %d while idle", r.ServerCloses, r.ClosedUnderClient, r.IdleClosed)
 	}
 	if r.ConnsAcrossGenerations > 0 || r.GenerationRegress > 0 {
 		fmt.Fprintf(&b, "; %d connections answered by several generations (%d regressions)", r.ConnsAcrossGenerations, r.GenerationRegress)
@@ -232,6 +239,7 @@ func Run(ctx context.Context, cfg Config) Result {
 		}
 		r.ServerCloses += c.serverCloses
 		r.ClosedUnderClient += c.closedUnder
+		r.IdleClosed += c.idleClosed
 		r.ConnsAcrossGenerations += c.across
 		r.GenerationRegress += c.regress
 		for _, s := range c.samples {
@@ -257,6 +265,7 @@ type client struct {
 	samples      []string
 	serverCloses int
 	closedUnder  int
+	idleClosed   int
 	conn         net.Conn
 	br           *bufio.Reader
 	reused       bool
@@ -360,6 +369,50 @@ func (c *client) one() {
 	}
 }
 
+// closedWhileIdle reports whether the server has closed the idle
+// connection (FIN, reset, or a TLS close_notify), without waiting when it
+// has not: it peeks at the socket (recv(2) with MSG_PEEK|MSG_DONTWAIT); a
+// read with a deadline already past would not even try. Bytes waiting on
+// an idle TLS connection are read with a short deadline: a close_notify
+// reads as EOF (a timed-out read leaves a tls.Conn usable).
+func (c *client) closedWhileIdle() bool {
+	if c.br.Buffered() > 0 {
+		return false
+	}
+	raw := c.conn
+	if tc, ok := raw.(*tls.Conn); ok {
+		raw = tc.NetConn()
+	}
+	sc, ok := raw.(syscall.Conn)
+	if !ok {
+		return false
+	}
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		return false
+	}
+	var n int
+	var perr error
+	var b [1]byte
+	rc.Read(func(fd uintptr) bool {
+		n, _, perr = syscall.Recvfrom(int(fd), b[:], syscall.MSG_PEEK|syscall.MSG_DONTWAIT)
+		return true // never wait
+	})
+	switch {
+	case perr == syscall.EAGAIN:
+		return false // open, nothing sent
+	case perr != nil || n == 0:
+		return true // reset, or FIN
+	case c.cfg.TLS == nil:
+		return false // bytes nobody asked for: the exchange will say
+	}
+	c.conn.SetReadDeadline(time.Now().Add(100 * time.Millisecond))
+	_, err = c.br.Peek(1)
+	c.conn.SetReadDeadline(time.Time{})
+	var ne net.Error
+	return err != nil && !(errors.As(err, &ne) && ne.Timeout())
+}
+
 // dial opens the client's connection, TLS included: the handshake is part
 // of the connect, within the request's deadline.
 func (c *client) dial(deadline time.Time) (Class, string) {
@@ -384,6 +437,10 @@ func (c *client) dial(deadline time.Time) (Class, string) {
 // exchange sends one request and reads its response; headerAt is when the
 // status line arrived.
 func (c *client) exchange(deadline time.Time) (class Class, detail, gen string, headerAt time.Time, closeAfter bool) {
+	if c.conn != nil && c.closedWhileIdle() {
+		c.idleClosed++
+		c.close()
+	}
 	if c.conn == nil {
 		if class, detail := c.dial(deadline); class != OK {
 			return class, detail, "", time.Time{}, false
