@@ -351,27 +351,44 @@ func runtimeDir() string {
 }
 
 func newLogger(format, level string) (*zap.Logger, error) {
+	return newLoggerTo(format, level, os.Stderr, stderrOnJournal())
+}
+
+// newLoggerTo builds the logger writing to w; journal puts each line's
+// syslog priority in front of it for journald (journal.go).
+func newLoggerTo(format, level string, w zapcore.WriteSyncer, journal bool) (*zap.Logger, error) {
 	lvl, err := zapcore.ParseLevel(level)
 	if err != nil {
 		return nil, fmt.Errorf("--log-level %q: want debug, info, warn or error", level)
 	}
 	var cfg zap.Config
+	var enc zapcore.Encoder
 	switch format {
 	case "json":
 		cfg = zap.NewProductionConfig()
+		enc = zapcore.NewJSONEncoder(cfg.EncoderConfig)
 	case "console":
 		cfg = zap.NewDevelopmentConfig()
 		cfg.DisableCaller = true
+		enc = zapcore.NewConsoleEncoder(cfg.EncoderConfig)
 	default:
 		return nil, fmt.Errorf("--log-format %q: want json or console", format)
 	}
-	cfg.Level = zap.NewAtomicLevelAt(lvl)
+	if journal {
+		enc = journalEncoder{enc}
+	}
 	// A stack trace says where in upgrader an error was logged, which is
-	// noise to an operator: the message and its fields say what happened.
-	cfg.DisableStacktrace = true
-	cfg.Sampling = nil
-	cfg.OutputPaths, cfg.ErrorOutputPaths = []string{"stderr"}, []string{"stderr"}
-	return cfg.Build(zap.Fields(zap.Int("supervisor_pid", os.Getpid())))
+	// noise to an operator: the message and its fields say what happened
+	// (and it would be lines without a priority prefix). No sampling.
+	out := zapcore.Lock(w)
+	opts := []zap.Option{zap.ErrorOutput(out), zap.Fields(zap.Int("supervisor_pid", os.Getpid()))}
+	if cfg.Development {
+		opts = append(opts, zap.Development())
+	}
+	if !cfg.DisableCaller {
+		opts = append(opts, zap.AddCaller())
+	}
+	return zap.New(zapcore.NewCore(enc, out, zap.NewAtomicLevelAt(lvl)), opts...), nil
 }
 
 // adoptListeners takes the listeners systemd (or systemd-socket-activate)
