@@ -218,6 +218,16 @@ func run(args []string) error {
 	}
 	log := logger
 	defer log.Sync()
+	specs, err := parseListeners(f.listen, nil)
+	if err != nil {
+		for _, sock := range activated {
+			sock.Close()
+		}
+		return err
+	}
+	// An inherited socket named as a --listen value is that listener, kept
+	// in systemd's fd store by an earlier upgrader (fdstore.go): adopt it.
+	adopted, activated := adoptForSpecs(log, specs, activated)
 	for _, sock := range activated {
 		defer sock.Close()
 		log.Info("listening", zap.String("name", sock.Spec.Name), zap.String("network", sock.Spec.Network),
@@ -231,14 +241,6 @@ func run(args []string) error {
 	}
 	if cfg.DrainSignal, err = supervise.ParseSignal(f.drainSignal); err != nil {
 		return fmt.Errorf("%w: --drain-signal: %v", errUsage, err)
-	}
-	inherited := make([]string, len(activated))
-	for i, sock := range activated {
-		inherited[i] = sock.Spec.Name
-	}
-	specs, err := parseListeners(f.listen, inherited)
-	if err != nil {
-		return err
 	}
 	// What would make a second upgrader step on a running one is refused
 	// before anything is bound.
@@ -259,15 +261,27 @@ func run(args []string) error {
 		defer cl.Close() // unlinks the socket file
 		log.Info("control socket", zap.String("path", path))
 	}
-	for _, spec := range specs {
-		sock, err := sockets.Bind(spec)
-		if err != nil {
-			return err
+	for i, spec := range specs {
+		sock, from := adopted[i], "LISTEN_FDS (adopted for --listen)"
+		if sock == nil {
+			if sock, err = sockets.Bind(spec); err != nil {
+				for _, s := range adopted[i:] {
+					if s != nil {
+						s.Close()
+					}
+				}
+				return err
+			}
+			from = "bound"
 		}
 		defer sock.Close()
 		cfg.Sockets = append(cfg.Sockets, sock)
-		log.Info("listening", zap.String("name", spec.Name), zap.String("network", spec.Network), zap.String("address", sock.Addr()))
+		log.Info("listening", zap.String("name", spec.Name), zap.String("network", spec.Network), zap.String("address", sock.Addr()),
+			zap.String("from", from))
 	}
+	// Under systemd with FileDescriptorStoreMax=, the --listen sockets
+	// outlive this process: a restart or a crash leaves them open.
+	storeListeners(log, cfg.Sockets[len(activated):])
 	var hl net.Listener
 	if f.health != "" {
 		if hl, err = health.Listen(f.health); err != nil {
