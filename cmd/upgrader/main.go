@@ -218,6 +218,16 @@ func run(args []string) error {
 	}
 	log := logger
 	defer log.Sync()
+	specs, err := parseListeners(f.listen, nil)
+	if err != nil {
+		for _, sock := range activated {
+			sock.Close()
+		}
+		return err
+	}
+	// An inherited socket named as a --listen value is that listener, kept
+	// in systemd's fd store by an earlier upgrader (fdstore.go): adopt it.
+	adopted, activated := adoptForSpecs(log, specs, activated)
 	for _, sock := range activated {
 		defer sock.Close()
 		log.Info("listening", zap.String("name", sock.Spec.Name), zap.String("network", sock.Spec.Network),
@@ -231,14 +241,6 @@ func run(args []string) error {
 	}
 	if cfg.DrainSignal, err = supervise.ParseSignal(f.drainSignal); err != nil {
 		return fmt.Errorf("%w: --drain-signal: %v", errUsage, err)
-	}
-	inherited := make([]string, len(activated))
-	for i, sock := range activated {
-		inherited[i] = sock.Spec.Name
-	}
-	specs, err := parseListeners(f.listen, inherited)
-	if err != nil {
-		return err
 	}
 	// What would make a second upgrader step on a running one is refused
 	// before anything is bound.
@@ -259,15 +261,27 @@ func run(args []string) error {
 		defer cl.Close() // unlinks the socket file
 		log.Info("control socket", zap.String("path", path))
 	}
-	for _, spec := range specs {
-		sock, err := sockets.Bind(spec)
-		if err != nil {
-			return err
+	for i, spec := range specs {
+		sock, from := adopted[i], "LISTEN_FDS (adopted for --listen)"
+		if sock == nil {
+			if sock, err = sockets.Bind(spec); err != nil {
+				for _, s := range adopted[i:] {
+					if s != nil {
+						s.Close()
+					}
+				}
+				return err
+			}
+			from = "bound"
 		}
 		defer sock.Close()
 		cfg.Sockets = append(cfg.Sockets, sock)
-		log.Info("listening", zap.String("name", spec.Name), zap.String("network", spec.Network), zap.String("address", sock.Addr()))
+		log.Info("listening", zap.String("name", spec.Name), zap.String("network", spec.Network), zap.String("address", sock.Addr()),
+			zap.String("from", from))
 	}
+	// Under systemd with FileDescriptorStoreMax=, the --listen sockets
+	// outlive this process: a restart or a crash leaves them open.
+	storeListeners(log, cfg.Sockets[len(activated):])
 	var hl net.Listener
 	if f.health != "" {
 		if hl, err = health.Listen(f.health); err != nil {
@@ -351,27 +365,44 @@ func runtimeDir() string {
 }
 
 func newLogger(format, level string) (*zap.Logger, error) {
+	return newLoggerTo(format, level, os.Stderr, stderrOnJournal())
+}
+
+// newLoggerTo builds the logger writing to w; journal puts each line's
+// syslog priority in front of it for journald (journal.go).
+func newLoggerTo(format, level string, w zapcore.WriteSyncer, journal bool) (*zap.Logger, error) {
 	lvl, err := zapcore.ParseLevel(level)
 	if err != nil {
 		return nil, fmt.Errorf("--log-level %q: want debug, info, warn or error", level)
 	}
 	var cfg zap.Config
+	var enc zapcore.Encoder
 	switch format {
 	case "json":
 		cfg = zap.NewProductionConfig()
+		enc = zapcore.NewJSONEncoder(cfg.EncoderConfig)
 	case "console":
 		cfg = zap.NewDevelopmentConfig()
 		cfg.DisableCaller = true
+		enc = zapcore.NewConsoleEncoder(cfg.EncoderConfig)
 	default:
 		return nil, fmt.Errorf("--log-format %q: want json or console", format)
 	}
-	cfg.Level = zap.NewAtomicLevelAt(lvl)
+	if journal {
+		enc = journalEncoder{enc}
+	}
 	// A stack trace says where in upgrader an error was logged, which is
-	// noise to an operator: the message and its fields say what happened.
-	cfg.DisableStacktrace = true
-	cfg.Sampling = nil
-	cfg.OutputPaths, cfg.ErrorOutputPaths = []string{"stderr"}, []string{"stderr"}
-	return cfg.Build(zap.Fields(zap.Int("supervisor_pid", os.Getpid())))
+	// noise to an operator: the message and its fields say what happened
+	// (and it would be lines without a priority prefix). No sampling.
+	out := zapcore.Lock(w)
+	opts := []zap.Option{zap.ErrorOutput(out), zap.Fields(zap.Int("supervisor_pid", os.Getpid()))}
+	if cfg.Development {
+		opts = append(opts, zap.Development())
+	}
+	if !cfg.DisableCaller {
+		opts = append(opts, zap.AddCaller())
+	}
+	return zap.New(zapcore.NewCore(enc, out, zap.NewAtomicLevelAt(lvl)), opts...), nil
 }
 
 // adoptListeners takes the listeners systemd (or systemd-socket-activate)
