@@ -106,6 +106,13 @@ func startUpgraderEnv(t testing.TB, env []string, args ...string) *proc {
 	if env != nil {
 		cmd.Env = append(os.Environ(), env...)
 	}
+	return startProc(t, cmd, filepath.Join(dir, "control.sock"))
+}
+
+// startProc starts cmd, an upgrader whose control socket is control, and
+// follows it: its log, its exit, and at the test's end the workers it left.
+func startProc(t testing.TB, cmd *exec.Cmd, control string) *proc {
+	t.Helper()
 	// Our own pipe, not StderrPipe: workers inherit it and may outlive a
 	// killed upgrader, and Wait must not wait for them.
 	r, w, err := os.Pipe()
@@ -120,7 +127,7 @@ func startUpgraderEnv(t testing.TB, env []string, args ...string) *proc {
 		t.Fatal(err)
 	}
 	p := &proc{t: t, cmd: cmd, pid: cmd.Process.Pid, done: make(chan struct{}), readerDone: make(chan struct{}),
-		control: filepath.Join(dir, "control.sock"), workers: map[int]bool{}}
+		control: control, workers: map[int]bool{}}
 	p.cond = sync.NewCond(&p.mu)
 	go p.read(r)
 	go func() {

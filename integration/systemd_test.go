@@ -9,7 +9,6 @@ import (
 	"strconv"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
@@ -205,50 +204,29 @@ func startActivated(t *testing.T, files []*os.File, names []string, args ...stri
 		upgraderBin, "run", "--log-format", "json", "--log-level", "debug", "--control", ctl}, args...)...)
 	cmd.Dir, cmd.ExtraFiles = dir, files
 	cmd.Env = append(os.Environ(), "LISTEN_FDS="+strconv.Itoa(len(files)), "LISTEN_FDNAMES="+strings.Join(names, ":"), "NOTIFY_SOCKET=")
-	r, w, err := os.Pipe()
+	return startProc(t, cmd, ctl)
+}
+
+// boundListener binds a loopback listener for the test to pass on, and
+// returns it, a file of its fd (both closed at the test's end) and the
+// socket's stat, whose inode names the socket in /proc.
+func boundListener(t *testing.T) (net.Listener, *os.File, unix.Stat_t) {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	cmd.Stdout, cmd.Stderr = os.Stdout, w
-	err = cmd.Start()
-	w.Close()
+	t.Cleanup(func() { l.Close() })
+	f, err := l.(*net.TCPListener).File()
 	if err != nil {
-		r.Close()
 		t.Fatal(err)
 	}
-	p := &proc{t: t, cmd: cmd, pid: cmd.Process.Pid, done: make(chan struct{}), readerDone: make(chan struct{}),
-		control: ctl, workers: map[int]bool{}}
-	p.cond = sync.NewCond(&p.mu)
-	go p.read(r)
-	go func() {
-		err := cmd.Wait()
-		p.mu.Lock()
-		p.err = err
-		close(p.done)
-		p.cond.Broadcast()
-		p.mu.Unlock()
-	}()
-	t.Cleanup(func() {
-		select {
-		case <-p.done:
-		default:
-			syscall.Kill(p.pid, syscall.SIGKILL)
-			<-p.done
-		}
-		// As startUpgraderEnv's cleanup: stop the workers it left.
-		p.mu.Lock()
-		for pid := range p.workers {
-			if ppid, ok := parentOf(pid); ok && (ppid == 1 || ppid == p.pid) {
-				syscall.Kill(pid, syscall.SIGKILL)
-			}
-		}
-		p.mu.Unlock()
-		if t.Failed() {
-			p.settle()
-			t.Logf("upgrader log (last 200 lines):\n%s", p.tail(200))
-		}
-	})
-	return p
+	t.Cleanup(func() { f.Close() })
+	var st unix.Stat_t
+	if err := unix.Fstat(int(f.Fd()), &st); err != nil {
+		t.Fatal(err)
+	}
+	return l, f, st
 }
 
 // TestSystemdAdoptsStoredListener: an inherited socket named as a --listen
@@ -256,20 +234,7 @@ func startActivated(t *testing.T, files []*os.File, names []string, args ...stri
 // worker serves on the very socket the test bound, which the test still
 // holds (so a new bind to that address would fail with EADDRINUSE).
 func TestSystemdAdoptsStoredListener(t *testing.T) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	f, err := l.(*net.TCPListener).File()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	var st unix.Stat_t
-	if err := unix.Fstat(int(f.Fd()), &st); err != nil {
-		t.Fatal(err)
-	}
+	l, f, st := boundListener(t)
 	addr := l.Addr().String()
 	p := startActivated(t, []*os.File{f}, []string{"web"}, "--listen", "web="+addr, "--", helloBin)
 	p.waitReady(1)
@@ -297,20 +262,7 @@ func TestSystemdAdoptsStoredListener(t *testing.T) {
 // fd store kept the old socket) is not adopted: the --listen address is
 // bound anew, and upgrader lets the old socket go.
 func TestSystemdInheritedNameMismatchBindsAnew(t *testing.T) {
-	old, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer old.Close()
-	f, err := old.(*net.TCPListener).File()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	var st unix.Stat_t
-	if err := unix.Fstat(int(f.Fd()), &st); err != nil {
-		t.Fatal(err)
-	}
+	old, f, st := boundListener(t)
 	want := freePort(t) // another port of 127.0.0.1
 	p := startActivated(t, []*os.File{f}, []string{"web"}, "--listen", "web="+want, "--", helloBin)
 	p.waitReady(1)
