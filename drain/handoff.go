@@ -98,9 +98,16 @@ func (c *hconn) ready(n int) bool {
 	if !c.want || !c.quiet(n) || !c.http1() {
 		return false
 	}
-	// A close must not drop bytes the kernel holds: the client has begun
-	// its next request. A handoff takes them along with the socket.
-	return !c.closeWant || unread(c.Conn) == 0
+	// A close must not drop bytes the kernel holds, nor those a handed-off
+	// connection still carries from its sender: the client has begun its
+	// next request. A handoff takes them along.
+	if !c.closeWant {
+		return true
+	}
+	if ic, ok := c.Conn.(*inherit.Conn); ok && len(ic.Pending()) > 0 {
+		return false
+	}
+	return unread(c.Conn) == 0
 }
 
 // takeover is what the serve loop's read gets at a takeover: EOF, on
