@@ -18,12 +18,28 @@ import (
 // TestSystemdUnitsVerify runs systemd-analyze verify on the packaged units,
 // with the binaries they name replaced by the ones built for the tests.
 func TestSystemdUnitsVerify(t *testing.T) {
-	if _, err := exec.LookPath("systemd-analyze"); err != nil {
-		t.Skip("systemd-analyze not installed (Debian package systemd; scripts/deps installs it): not verifying packaging/systemd")
-	}
 	units, err := filepath.Glob(filepath.Join(repoRoot, "packaging", "systemd", "*"))
 	if err != nil || len(units) == 0 {
 		t.Fatalf("no units in packaging/systemd: %v", err)
+	}
+	verifyUnits(t, units, upgraderBin, helloBin)
+}
+
+// Where the units in packaging/systemd/ find the binaries: the paths the
+// Debian package installs them at (packaging/nfpm.yaml).
+const (
+	unitUpgraderPath = "/usr/bin/upgrader"
+	unitHelloPath    = "/usr/lib/upgrader/hello"
+)
+
+// verifyUnits runs systemd-analyze verify on copies of units in which the
+// packaged upgrader and hello paths name upgrader and hello instead, and
+// fails on any complaint (systemd-analyze also checks that they are
+// executables). It skips the test when systemd-analyze is missing.
+func verifyUnits(t *testing.T, units []string, upgrader, hello string) {
+	t.Helper()
+	if _, err := exec.LookPath("systemd-analyze"); err != nil {
+		t.Skip("systemd-analyze not installed (Debian package systemd; scripts/deps installs it): not verifying packaging/systemd")
 	}
 	dir := t.TempDir()
 	var paths []string
@@ -32,8 +48,8 @@ func TestSystemdUnitsVerify(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		b = bytes.ReplaceAll(b, []byte("/usr/local/bin/upgrader"), []byte(upgraderBin))
-		b = bytes.ReplaceAll(b, []byte("/usr/local/bin/hello"), []byte(helloBin))
+		b = bytes.ReplaceAll(b, []byte(unitUpgraderPath), []byte(upgrader))
+		b = bytes.ReplaceAll(b, []byte(unitHelloPath), []byte(hello))
 		p := filepath.Join(dir, filepath.Base(u))
 		if err := os.WriteFile(p, b, 0o644); err != nil {
 			t.Fatal(err)
