@@ -11,6 +11,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
 	"time"
@@ -33,9 +34,17 @@ var version = "dev"
 // errUsage marks an error caused by the command line: exit status 2.
 var errUsage = errors.New("usage")
 
+// The main goroutine stays on the main thread: workers are forked from it
+// and a self-upgrade execs from it (spawn.RunOnMainThread).
+func init() { runtime.LockOSThread() }
+
 func main() {
 	// A worker is started as a re-exec of this binary: become the command.
 	spawn.RunShimIfRequested()
+	spawn.RunOnMainThread(realMain)
+}
+
+func realMain() int {
 	// A new image after a self-upgrade: catch the signals ignored across
 	// the exec before anything else.
 	if os.Getenv(supervise.StateEnv) != "" {
@@ -71,10 +80,11 @@ func main() {
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "upgrader:", strings.TrimPrefix(err.Error(), "usage: "))
 		if errors.Is(err, errUsage) {
-			os.Exit(2)
+			return 2
 		}
-		os.Exit(1)
+		return 1
 	}
+	return 0
 }
 
 const usage = `usage:

@@ -84,9 +84,39 @@ type result struct {
 	err error
 }
 
-// NewSpawner starts the forking goroutine. self is the supervisor's own
-// executable; "/proc/self/exe" works even after the file was replaced.
+// mainReqs, set by RunOnMainThread, carries requests to the main thread.
+var mainReqs chan request
+
+// RunOnMainThread runs run in a goroutine and serves every Spawner's forks
+// and execs on the calling thread, which must be the process's main thread
+// (main's goroutine, locked to it by runtime.LockOSThread in an init
+// function); it exits the process with run's result. The main thread is
+// the one thread that survives an execve made from it, so the workers
+// forked by one image of the process (a self-upgrade re-executes it) keep
+// their parent thread, and their parent-death signal does not fire, in
+// every later image.
+func RunOnMainThread(run func() int) {
+	mainReqs = make(chan request)
+	done := make(chan int, 1)
+	go func() { done <- run() }()
+	for {
+		select {
+		case r := <-mainReqs:
+			pid, err := r.fn()
+			r.reply <- result{pid, err}
+		case code := <-done:
+			os.Exit(code)
+		}
+	}
+}
+
+// NewSpawner starts the forking goroutine (or uses the main thread, under
+// RunOnMainThread). self is the supervisor's own executable;
+// "/proc/self/exe" works even after the file was replaced.
 func NewSpawner(self string) *Spawner {
+	if mainReqs != nil {
+		return &Spawner{self: self, reqs: mainReqs}
+	}
 	s := &Spawner{self: self, reqs: make(chan request)}
 	go s.loop()
 	return s
