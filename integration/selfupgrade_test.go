@@ -1,0 +1,204 @@
+package integration
+
+import (
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/seed6cb0314a/upgrader/integration/loadgen"
+	"github.com/seed6cb0314a/upgrader/internal/supervise"
+)
+
+// A second build of upgrader that reports version "v2", built once.
+var (
+	v2Once sync.Once
+	v2Bin  string
+	v2Err  error
+)
+
+func upgraderV2(t *testing.T) string {
+	t.Helper()
+	v2Once.Do(func() {
+		v2Bin = filepath.Join(filepath.Dir(upgraderBin), "upgrader-v2")
+		cmd := exec.Command("go", "build", "-race", "-ldflags", "-X main.version=v2", "-o", v2Bin, "./cmd/upgrader")
+		cmd.Dir, cmd.Stderr = repoRoot, os.Stderr
+		v2Err = cmd.Run()
+	})
+	if v2Err != nil {
+		t.Fatalf("build upgrader v2: %v", v2Err)
+	}
+	return v2Bin
+}
+
+// installBin puts a copy of src at dst through a rename, as a deploy does
+// (the running image's file cannot be written in place).
+func installBin(t *testing.T, src, dst string) {
+	t.Helper()
+	in, err := os.Open(src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer in.Close()
+	tmp := dst + ".tmp"
+	out, err := os.OpenFile(tmp, os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o755)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := io.Copy(out, in); err != nil {
+		t.Fatal(err)
+	}
+	out.Close()
+	if err := os.Rename(tmp, dst); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// startSelfUpgradable starts upgrader from its own copy of the binary, which
+// the test replaces before each self-upgrade; it returns that path.
+func startSelfUpgradable(t *testing.T, args ...string) (*proc, string) {
+	t.Helper()
+	dir := t.TempDir()
+	bin := filepath.Join(dir, "upgrader")
+	installBin(t, upgraderBin, bin)
+	ctl := filepath.Join(dir, "control.sock")
+	cmd := exec.Command(bin, append([]string{"run", "--log-format", "json", "--log-level", "debug", "--control", ctl}, args...)...)
+	cmd.Dir = dir
+	return startProc(t, cmd, ctl), bin
+}
+
+// selfUpgrade runs `upgrader upgrade --self[-only]` and returns its output
+// and error.
+func (p *proc) selfUpgrade(only bool) (string, error) {
+	flag := "--self"
+	if only {
+		flag = "--self-only"
+	}
+	out, err := exec.Command(upgraderBin, "upgrade", flag, "--control", p.control, "--timeout", "60s").CombinedOutput()
+	return string(out), err
+}
+
+func zombies(t *testing.T, pid int) []int {
+	var z []int
+	for c, st := range children(t, pid) {
+		if st == "Z" {
+			z = append(z, c)
+		}
+	}
+	return z
+}
+
+func TestSelfUpgradeUnderLoad(t *testing.T) {
+	v2 := upgraderV2(t)
+	p, bin := startSelfUpgradable(t, "-l", "127.0.0.1:0", "-w", "2", "--health", "127.0.0.1:0", "--", helloBin)
+	p.waitReady(1)
+	addr := p.addr("")
+	workers := p.workerPids(1)
+	n := 0
+	for _, mode := range []loadgen.Mode{loadgen.NewConn, loadgen.KeepAlive} {
+		l := startLoad(loadgen.Config{Addr: addr, Clients: 16, Mode: mode})
+		for i := 0; i < 5; i++ {
+			n++
+			src, want := v2, "v2"
+			if n%2 == 0 {
+				src, want = upgraderBin, "dev"
+			}
+			installBin(t, src, bin)
+			if out, err := p.selfUpgrade(true); err != nil {
+				t.Fatalf("self-upgrade %d: %v\n%s", n, err, out)
+			}
+			st := p.status()
+			if st.Pid != p.pid || st.Version != want || st.Execs != n {
+				t.Fatalf("after self-upgrade %d: pid %d version %q execs %d, want pid %d version %q execs %d", n, st.Pid, st.Version, st.Execs, p.pid, want, n)
+			}
+			if got := p.workerPids(1); fmt.Sprint(got) != fmt.Sprint(workers) {
+				t.Fatalf("after self-upgrade %d: workers %v, want the same %v", n, got, workers)
+			}
+			l.waitServed(t, 1, 50)
+		}
+		r := l.stop()
+		requireNoFailures(t, r)
+		if mode == loadgen.KeepAlive && (r.ClosedUnderClient != 0 || r.IdleClosed != 0 || r.ServerCloses != 0) {
+			t.Fatalf("keep-alive: the server closed connections: %s", r)
+		}
+	}
+	// Without --self-only the workers are upgraded too.
+	l := startLoad(loadgen.Config{Addr: addr, Clients: 16, Mode: loadgen.KeepAlive})
+	installBin(t, v2, bin)
+	if out, err := p.selfUpgrade(false); err != nil {
+		t.Fatalf("self-upgrade with workers: %v\n%s", err, out)
+	}
+	st := p.waitReady(2)
+	if st.Version != "v2" || st.Pid != p.pid {
+		t.Fatalf("after self-upgrade with workers: %+v", st)
+	}
+	requireNoFailures(t, l.stop())
+	if z := zombies(t, p.pid); len(z) > 0 {
+		t.Fatalf("zombies below upgrader: %v", z)
+	}
+}
+
+func TestSelfUpgradeRefused(t *testing.T) {
+	p, bin := startSelfUpgradable(t, "-l", "127.0.0.1:0", "--", helloBin)
+	p.waitReady(1)
+	l := startLoad(loadgen.Config{Addr: p.addr(""), Clients: 16, Mode: loadgen.NewConn})
+	for _, c := range []struct{ name, script, reason string }{
+		{"missing", "", "no such file"},
+		{"exits 1", "exit 1", "exited with status 1"},
+		{"hangs", "sleep 100", "did not finish"},
+		{"wrong state version", "echo upgrader-self-check state-version 99 version x", "state version 99"},
+	} {
+		os.Remove(bin)
+		if c.script != "" {
+			writeScript(t, bin, c.script)
+		}
+		out, err := p.selfUpgrade(true)
+		if err == nil || !contains(out, c.reason) {
+			t.Fatalf("%s: upgrade --self: %v, output %q; want a failure naming %q", c.name, err, out, c.reason)
+		}
+		st := p.status()
+		if st.Execs != 0 || !st.Ready || st.SelfUpgrade == nil || st.SelfUpgrade.OK {
+			t.Fatalf("%s: status after the refusal: %+v", c.name, st)
+		}
+		l.waitServed(t, 1, 20)
+	}
+	requireNoFailures(t, l.stop())
+}
+
+func contains(s, sub string) bool {
+	return len(sub) == 0 || (len(s) >= len(sub) && indexOf(s, sub) >= 0)
+}
+
+func indexOf(s, sub string) int {
+	for i := 0; i+len(sub) <= len(s); i++ {
+		if s[i:i+len(sub)] == sub {
+			return i
+		}
+	}
+	return -1
+}
+
+func TestSelfUpgradeFDsFlat(t *testing.T) {
+	p, _ := startSelfUpgradable(t, "-l", "127.0.0.1:0", "--health", "127.0.0.1:0", "--", helloBin)
+	p.waitReady(1)
+	if out, err := p.selfUpgrade(true); err != nil { // settle once
+		t.Fatalf("self-upgrade: %v\n%s", err, out)
+	}
+	before := countFDs(t, p.pid)
+	for i := 0; i < 20; i++ {
+		if out, err := p.selfUpgrade(true); err != nil {
+			t.Fatalf("self-upgrade %d: %v\n%s", i, err, out)
+		}
+	}
+	p.waitStatus(10*time.Second, "21 execs", func(st supervise.Status) bool { return st.Execs == 21 })
+	if after := countFDs(t, p.pid); after != before {
+		t.Fatalf("upgrader fds: %d before 20 self-upgrades, %d after", before, after)
+	}
+	if z := zombies(t, p.pid); len(z) > 0 {
+		t.Fatalf("zombies below upgrader: %v", z)
+	}
+}
