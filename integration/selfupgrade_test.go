@@ -3,10 +3,13 @@ package integration
 import (
 	"fmt"
 	"io"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -37,7 +40,7 @@ func upgraderV2(t *testing.T) string {
 
 // installBin puts a copy of src at dst through a rename, as a deploy does
 // (the running image's file cannot be written in place).
-func installBin(t *testing.T, src, dst string) {
+func installBin(t testing.TB, src, dst string) {
 	t.Helper()
 	in, err := os.Open(src)
 	if err != nil {
@@ -60,7 +63,7 @@ func installBin(t *testing.T, src, dst string) {
 
 // startSelfUpgradable starts upgrader from its own copy of the binary, which
 // the test replaces before each self-upgrade; it returns that path.
-func startSelfUpgradable(t *testing.T, args ...string) (*proc, string) {
+func startSelfUpgradable(t testing.TB, args ...string) (*proc, string) {
 	t.Helper()
 	dir := t.TempDir()
 	bin := filepath.Join(dir, "upgrader")
@@ -98,6 +101,7 @@ func TestSelfUpgradeUnderLoad(t *testing.T) {
 	p.waitReady(1)
 	addr := p.addr("")
 	workers := p.workerPids(1)
+	stopHealth := pollReadyz(p.healthAddr())
 	n := 0
 	for _, mode := range []loadgen.Mode{loadgen.NewConn, loadgen.KeepAlive} {
 		l := startLoad(loadgen.Config{Addr: addr, Clients: 16, Mode: mode})
@@ -137,8 +141,53 @@ func TestSelfUpgradeUnderLoad(t *testing.T) {
 		t.Fatalf("after self-upgrade with workers: %+v", st)
 	}
 	requireNoFailures(t, l.stop())
+	if polls, err := stopHealth(); err != nil || polls == 0 {
+		t.Fatalf("/readyz during the self-upgrades: %d polls answered 200, then %v", polls, err)
+	} else {
+		t.Logf("/readyz answered 200 to all %d polls during the self-upgrades", polls)
+	}
 	if z := zombies(t, p.pid); len(z) > 0 {
 		t.Fatalf("zombies below upgrader: %v", z)
+	}
+}
+
+// pollReadyz asks http://addr/readyz over a new connection every few
+// milliseconds until stop is called, which returns how many polls answered
+// 200 and the first failure (connection refused, a timeout, another code):
+// the health listener is carried across the exec, so it must never refuse.
+func pollReadyz(addr string) (stop func() (int, error)) {
+	c := http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
+	quit, done := make(chan struct{}), make(chan struct{})
+	var polls int
+	var failure error
+	go func() {
+		defer close(done)
+		for {
+			select {
+			case <-quit:
+				return
+			default:
+			}
+			resp, err := c.Get("http://" + addr + "/readyz")
+			if err == nil {
+				io.Copy(io.Discard, resp.Body)
+				resp.Body.Close()
+				if resp.StatusCode != http.StatusOK {
+					err = fmt.Errorf("status %d", resp.StatusCode)
+				}
+			}
+			if err != nil {
+				failure = fmt.Errorf("at %.3f: %w", float64(time.Now().UnixNano())/1e9, err)
+				return
+			}
+			polls++
+			time.Sleep(2 * time.Millisecond) // polling interval
+		}
+	}()
+	return func() (int, error) {
+		close(quit)
+		<-done
+		return polls, failure
 	}
 }
 
@@ -201,4 +250,69 @@ func TestSelfUpgradeFDsFlat(t *testing.T) {
 	if z := zombies(t, p.pid); len(z) > 0 {
 		t.Fatalf("zombies below upgrader: %v", z)
 	}
+}
+
+// Pending timers carry across the exec with their time left: generation 1,
+// whose worker ignores the drain signal, is SIGKILLed at its drain deadline
+// by the new image.
+func TestSelfUpgradeKeepsTheDrainDeadline(t *testing.T) {
+	marks := t.TempDir()
+	worker, script := filepath.Join(marks, "worker.py"), filepath.Join(marks, "run")
+	if err := os.WriteFile(worker, []byte(hurryWorker), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	writeScript(t, script, "exec python3 "+worker+" "+marks+" ignore")
+	p, bin := startSelfUpgradable(t, "-l", "127.0.0.1:0", "--drain-timeout", "3s", "--", script)
+	p.waitReady(1)
+	p.signal(syscall.SIGUSR2)
+	p.waitReady(2)
+	waitHurryMark(t, marks, "gen1-term1") // draining, and ignoring it
+	installBin(t, upgraderBin, bin)
+	if out, err := p.selfUpgrade(true); err != nil {
+		t.Fatalf("self-upgrade: %v\n%s", err, out)
+	}
+	gen1Gone(t, p)
+	// Its exit, a SIGKILL, is logged by the new image (after it resumed).
+	resumed := false
+	p.expectLogged(5*time.Second, "generation 1's worker killed by the new image", func(m map[string]any) bool {
+		if m["msg"] == "self-upgrade: resumed" {
+			resumed = true
+		}
+		status, _ := m["status"].(string)
+		return resumed && m["msg"] == "worker exited" && m["generation"] == float64(1) && strings.Contains(status, "SIGKILL")
+	})
+	if hurryMarked(marks, "gen1-exited") {
+		t.Fatal("generation 1's worker exited by itself; it ignores the drain signal")
+	}
+	if st := p.status(); st.Execs != 1 || !st.Ready {
+		t.Fatalf("status after the drain deadline: %+v", st)
+	}
+}
+
+// A self-upgrade asked for while a worker upgrade starts waits for it; that
+// upgrade's workers never become ready, so it fails at its ready timeout,
+// which is reported, generation 1 serves on, and the self-upgrade follows.
+func TestSelfUpgradeBehindAFailingUpgrade(t *testing.T) {
+	script := filepath.Join(t.TempDir(), "run")
+	writeScript(t, script, "exec "+helloBin)
+	p, bin := startSelfUpgradable(t, "-l", "127.0.0.1:0", "--ready-timeout", "3s", "--", script)
+	p.waitReady(1)
+	l := startLoad(loadgen.Config{Addr: p.addr(""), Clients: 8, Mode: loadgen.NewConn})
+	writeScript(t, script, "exec sleep 1000")
+	p.signal(syscall.SIGUSR2)
+	p.waitStatus(10*time.Second, "generation 2 starting", func(st supervise.Status) bool { return genOf(st, 2) != nil })
+	installBin(t, upgraderBin, bin)
+	out, err := p.selfUpgrade(true)
+	if err != nil || !contains(out, "queued") {
+		t.Fatalf("self-upgrade behind the upgrade: %v, output %q; want it queued, then done", err, out)
+	}
+	st := p.waitExited(2)
+	if st.LastUpgrade == nil || st.LastUpgrade.OK || st.LastUpgrade.Generation != 2 || st.Upgrades["failed"] != 1 {
+		t.Fatalf("the failed upgrade is not reported: last %+v, upgrades %v", st.LastUpgrade, st.Upgrades)
+	}
+	if st.Current != 1 || !st.Ready || st.Execs != 1 {
+		t.Fatalf("after the failed upgrade and the self-upgrade: current %d ready %v execs %d, want 1 true 1", st.Current, st.Ready, st.Execs)
+	}
+	l.waitServed(t, 1, 50)
+	requireNoFailures(t, l.stop())
 }

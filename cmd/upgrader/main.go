@@ -338,6 +338,10 @@ func serve(log *zap.Logger, f runFlags, sup *supervise.Supervisor, cl, hl net.Li
 	sup.SetHooks(supervise.Hooks{
 		Upgrade: func(r supervise.UpgradeResult) { hs.ObserveUpgrade(r.OK, r.ReadyAfter) },
 		Restart: hs.ObserveRestart,
+		// A probe accepted by this image must be answered before the exec
+		// (which would cut it); the next ones wait in the carried
+		// listener's queue for the new image.
+		BeforeExec: func() func() { return hs.Quiesce(time.Second) },
 	})
 	if hl != nil {
 		log.Info("health endpoints", zap.String("address", hl.Addr().String()))

@@ -72,6 +72,9 @@ type selfUpgrade struct {
 	exited   bool
 	status   unix.WaitStatus
 	holdFrom time.Time
+	// quiesced: Hooks.BeforeExec has returned; resume undoes it.
+	quiesced bool
+	resume    func()
 }
 
 type (
@@ -239,6 +242,7 @@ func (s *Supervisor) selfFailed(su *selfUpgrade, reason string) {
 		unix.Close(su.req.ClientFD)
 		su.req.ClientFD = -1
 	}
+	su.resumeServing()
 	s.lastSelf = &SelfResult{Reason: reason, At: time.Now()}
 	if s.self == su {
 		s.self = nil
@@ -247,6 +251,14 @@ func (s *Supervisor) selfFailed(su *selfUpgrade, reason string) {
 		s.selfQueued = nil
 	}
 	s.startQueued()
+}
+
+// resumeServing undoes Hooks.BeforeExec, if it was called.
+func (su *selfUpgrade) resumeServing() {
+	if su.resume != nil {
+		su.resume()
+		su.resume = nil
+	}
 }
 
 // writeProgressFD writes p as one JSON line to fd, bounded in time.
@@ -260,6 +272,7 @@ func writeProgressFD(fd int, p Progress) {
 // is in flight (bounded by execHoldMax).
 func (s *Supervisor) execSelf(su *selfUpgrade) {
 	if s.self != su || s.stopping {
+		su.resumeServing()
 		return
 	}
 	if su.holdFrom.IsZero() {
@@ -267,6 +280,16 @@ func (s *Supervisor) execSelf(su *selfUpgrade) {
 	}
 	if time.Since(su.holdFrom) < execHoldMax && (len(s.pendingHO) > 0 || s.fdReadyStarting()) {
 		time.AfterFunc(10*time.Millisecond, func() { s.post(evSelfExec{su}) })
+		return
+	}
+	// The hook waits for requests under way, which may ask the loop for
+	// the status: it runs off the loop, and the exec comes back here.
+	if h := s.hooks.BeforeExec; h != nil && !su.quiesced {
+		su.quiesced = true
+		go func() {
+			resume := h()
+			s.post(evFunc{func() { su.resume = resume; s.execSelf(su) }})
+		}()
 		return
 	}
 	// The asking client's handler writes every line up to "exec", then

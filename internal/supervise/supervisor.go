@@ -156,6 +156,11 @@ type Hooks struct {
 	// STOPPING=1, watchdog), with the cause: "exit", "stopping" or
 	// "watchdog".
 	Restart func(cause string)
+	// BeforeExec is called, off the loop (which keeps answering), once a
+	// self-upgrade is about to exec: it quiesces what serves the carried
+	// listeners (the health endpoints) and returns how to resume them,
+	// called if the exec does not happen after all.
+	BeforeExec func() (resume func())
 }
 
 // UpgradeResult describes one finished upgrade.
