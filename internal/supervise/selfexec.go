@@ -74,7 +74,7 @@ type selfUpgrade struct {
 	holdFrom time.Time
 	// quiesced: Hooks.BeforeExec has returned; resume undoes it.
 	quiesced bool
-	resume    func()
+	resume   func()
 }
 
 type (
