@@ -85,7 +85,7 @@ func (p *proc) selfUpgrade(only bool) (string, error) {
 	return string(out), err
 }
 
-func zombies(t *testing.T, pid int) []int {
+func zombies(t testing.TB, pid int) []int {
 	var z []int
 	for c, st := range children(t, pid) {
 		if st == "Z" {
@@ -315,4 +315,46 @@ func TestSelfUpgradeBehindAFailingUpgrade(t *testing.T) {
 	}
 	l.waitServed(t, 1, 50)
 	requireNoFailures(t, l.stop())
+}
+
+// BenchmarkSelfUpgrade does b.N self-upgrades (--self-only, the same
+// binary) under light keep-alive load and reports upgrader's fds and RSS
+// before and after, and the time of one self-upgrade as its client sees it:
+//
+//	go test -run '^$' -bench BenchmarkSelfUpgrade -benchtime=100x ./integration/
+//
+// No request fails, the fds are the same after, and no child is a zombie.
+func BenchmarkSelfUpgrade(b *testing.B) {
+	p, _ := startSelfUpgradable(b, "-l", "127.0.0.1:0", "-w", "2", "--health", "127.0.0.1:0", "--", helloBin)
+	p.waitReady(1)
+	l := startLoad(loadgen.Config{Addr: p.addr(""), Clients: 4, Mode: loadgen.KeepAlive, Duration: time.Hour})
+	if out, err := p.selfUpgrade(true); err != nil { // settle once
+		b.Fatalf("self-upgrade: %v\n%s", err, out)
+	}
+	fds, rss := countFDs(b, p.pid), rssKiB(b, p.pid)
+	b.ResetTimer()
+	start := time.Now()
+	for i := 0; i < b.N; i++ {
+		if out, err := p.selfUpgrade(true); err != nil {
+			b.Fatalf("self-upgrade %d: %v\n%s", i, err, out)
+		}
+	}
+	elapsed := time.Since(start)
+	b.StopTimer()
+	p.waitStatus(10*time.Second, "every exec counted", func(st supervise.Status) bool { return st.Execs == b.N+1 })
+	fdsAfter, rssAfter := countFDs(b, p.pid), rssKiB(b, p.pid)
+	r := l.stop()
+	b.ReportMetric(float64(elapsed.Milliseconds())/float64(b.N), "ms/self-upgrade")
+	b.ReportMetric(float64(fds), "fds-before")
+	b.ReportMetric(float64(fdsAfter), "fds-after")
+	b.ReportMetric(float64(rss)/1024, "rss-before-MiB")
+	b.ReportMetric(float64(rssAfter)/1024, "rss-after-MiB")
+	b.ReportMetric(float64(r.Requests), "requests")
+	requireNoFailures(b, r)
+	if fdsAfter != fds {
+		b.Fatalf("upgrader fds: %d before %d self-upgrades, %d after", fds, b.N, fdsAfter)
+	}
+	if z := zombies(b, p.pid); len(z) > 0 {
+		b.Fatalf("zombies below upgrader: %v", z)
+	}
 }
