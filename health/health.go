@@ -17,6 +17,8 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"os"
+	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -52,6 +54,10 @@ type Server struct {
 	restarts   *prometheus.CounterVec
 	genDesc    *prometheus.Desc
 	readyDesc  *prometheus.Desc
+
+	mu   sync.Mutex
+	srv  *http.Server // while Serve runs
+	gate *gate
 }
 
 // New returns a Server that asks src for the state at every request.
@@ -178,6 +184,11 @@ func Listen(addr string) (net.Listener, error) {
 // Serve serves the endpoints on l until ctx is done.
 func (s *Server) Serve(ctx context.Context, l net.Listener) error {
 	srv := &http.Server{Handler: s.Handler(), ReadHeaderTimeout: 5 * time.Second}
+	g := newGate(l)
+	l = g
+	s.mu.Lock()
+	s.srv, s.gate = srv, g
+	s.mu.Unlock()
 	go func() {
 		<-ctx.Done()
 		srv.Close()
@@ -186,4 +197,116 @@ func (s *Server) Serve(ctx context.Context, l net.Listener) error {
 		return err
 	}
 	return nil
+}
+
+// Quiesce stops taking connections on Serve's listener without closing it,
+// so that those arriving wait in its queue (for the next image of a
+// self-upgrade, which carries the listener), closes idle connections, and
+// waits up to timeout for the connections under way to be answered and
+// closed. resume takes connections again. Without Serve running it does
+// nothing.
+func (s *Server) Quiesce(timeout time.Duration) (resume func()) {
+	s.mu.Lock()
+	srv, g := s.srv, s.gate
+	s.mu.Unlock()
+	if srv == nil {
+		return func() {}
+	}
+	g.pause()
+	srv.SetKeepAlivesEnabled(false) // closes the idle ones; the others after their answer
+	for deadline := time.Now().Add(timeout); !g.quiet() && time.Now().Before(deadline); {
+		time.Sleep(2 * time.Millisecond) // polling interval
+	}
+	return func() {
+		srv.SetKeepAlivesEnabled(true)
+		g.resume()
+	}
+}
+
+// gate is a listener whose Accept can be paused without closing it, and
+// that counts the connections it has handed out and not yet closed.
+type gate struct {
+	net.Listener
+	mu     sync.Mutex
+	cond   *sync.Cond
+	paused bool
+	parked bool // Accept is held by pause (so no connection is on its way)
+	conns  int
+}
+
+func newGate(l net.Listener) *gate {
+	g := &gate{Listener: l}
+	g.cond = sync.NewCond(&g.mu)
+	return g
+}
+
+// deadliner is a listener with SetDeadline (TCP and Unix listeners).
+type deadliner interface{ SetDeadline(time.Time) error }
+
+func (g *gate) Accept() (net.Conn, error) {
+	for {
+		g.mu.Lock()
+		for g.paused {
+			g.parked = true
+			g.cond.Wait()
+		}
+		g.parked = false
+		g.mu.Unlock()
+		c, err := g.Listener.Accept()
+		if err != nil {
+			if errors.Is(err, os.ErrDeadlineExceeded) {
+				continue // woken by pause
+			}
+			return nil, err
+		}
+		g.mu.Lock()
+		g.conns++
+		g.mu.Unlock()
+		return &gateConn{Conn: c, g: g}, nil
+	}
+}
+
+// pause wakes an Accept under way (a deadline in the past) and holds the
+// next ones.
+func (g *gate) pause() {
+	g.mu.Lock()
+	g.paused = true
+	g.mu.Unlock()
+	if d, ok := g.Listener.(deadliner); ok {
+		d.SetDeadline(time.Now())
+	}
+}
+
+func (g *gate) resume() {
+	if d, ok := g.Listener.(deadliner); ok {
+		d.SetDeadline(time.Time{})
+	}
+	g.mu.Lock()
+	g.paused = false
+	g.cond.Broadcast()
+	g.mu.Unlock()
+}
+
+// quiet: Accept is held and every connection it handed out is closed. A
+// connection accepted as pause came is counted before Accept is held.
+func (g *gate) quiet() bool {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.parked && g.conns == 0
+}
+
+// gateConn counts itself out of its gate when closed.
+type gateConn struct {
+	net.Conn
+	g    *gate
+	once sync.Once
+}
+
+func (c *gateConn) Close() error {
+	c.once.Do(func() {
+		c.g.mu.Lock()
+		c.g.conns--
+		c.g.mu.Unlock()
+	})
+	return c.Conn.Close()
 }

@@ -31,6 +31,9 @@ func controlHandler(sup *supervise.Supervisor) control.Handler {
 			}
 			return send(st)
 		case "upgrade":
+			if r.Self || r.SelfOnly {
+				return selfUpgrade(ctx, sup, r, send)
+			}
 			progress, err := sup.Upgrade(ctx)
 			if err != nil {
 				return err
@@ -47,6 +50,31 @@ func controlHandler(sup *supervise.Supervisor) control.Handler {
 		}
 		return fmt.Errorf("unknown command %q", r.Command)
 	}
+}
+
+// selfUpgrade answers upgrade --self: it hands the supervisor a duplicate
+// of the client's connection, which the new image writes the rest of the
+// progress to, and forwards the progress up to the exec.
+func selfUpgrade(ctx context.Context, sup *supervise.Supervisor, r control.Request, send func(any) error) error {
+	fd := -1
+	if c := control.ConnFrom(ctx); c != nil {
+		fd = dupConnFD(c)
+	}
+	progress, err := sup.SelfUpgrade(ctx, supervise.SelfRequest{SelfOnly: r.SelfOnly, ClientFD: fd})
+	if err != nil {
+		closeFD(fd)
+		return err
+	}
+	gone := false
+	for p := range progress {
+		if !gone && send(p) != nil {
+			gone = true // the client went away; the upgrade goes on
+		}
+		if p.Ack != nil {
+			close(p.Ack)
+		}
+	}
+	return nil
 }
 
 // snapshot turns a supervisor status into what the health endpoints serve.
@@ -68,6 +96,8 @@ func upgradeCmd(args []string) error {
 	pidFile := fs.String("pid-file", "", "signal the supervisor in this pid file with USR2 instead (no progress)")
 	timeout := fs.Duration("timeout", 2*time.Minute, "how long to follow the upgrade")
 	noWait := fs.Bool("no-wait", false, "return once the upgrade has started")
+	self := fs.Bool("self", false, "re-execute the upgrader binary on disk in place (same pid, workers untouched), then upgrade the workers")
+	selfOnly := fs.Bool("self-only", false, "as --self, without upgrading the workers")
 	if err := fs.Parse(args); err != nil {
 		return fmt.Errorf("%w: %v", errUsage, err)
 	}
@@ -80,13 +110,28 @@ func upgradeCmd(args []string) error {
 	ctx, cancel := context.WithTimeout(context.Background(), *timeout)
 	defer cancel()
 	var failed string
-	done := false
-	err := control.Do(ctx, *path, control.Request{Command: "upgrade", Wait: !*noWait}, func(line []byte) error {
+	done, resumed := false, false
+	req := control.Request{Command: "upgrade", Wait: !*noWait, Self: *self || *selfOnly, SelfOnly: *selfOnly}
+	if req.Self {
+		req.Wait = true // the client's connection is what carries the progress across the exec
+	}
+	err := control.Do(ctx, *path, req, func(line []byte) error {
 		var p supervise.Progress
 		if err := json.Unmarshal(line, &p); err != nil {
 			return fmt.Errorf("control reply %q: %w", line, err)
 		}
 		switch p.Event {
+		case "queued":
+			fmt.Printf("self-upgrade queued behind the upgrade to generation %d\n", p.Generation)
+		case "checking":
+			fmt.Printf("checking the new upgrader binary %s\n", p.Binary)
+		case "checked":
+			fmt.Printf("new upgrader binary %s passed its check\n", p.Version)
+		case "exec":
+			fmt.Println("re-executing upgrader in place")
+		case "resumed":
+			resumed = true
+			fmt.Printf("upgrader %s resumed (exec %d), generation %d serving\n", p.Version, p.Execs, p.Generation)
 		case "started":
 			fmt.Printf("generation %d started\n", p.Generation)
 		case "ready":
@@ -98,6 +143,9 @@ func upgradeCmd(args []string) error {
 			fmt.Printf("done: generation %d serving\n", p.Generation)
 		case "failed":
 			failed = fmt.Sprintf("upgrade to generation %d failed: %s", p.Generation, p.Reason)
+			if req.Self && !resumed {
+				failed = "self-upgrade refused: " + p.Reason
+			}
 		}
 		return nil
 	})
@@ -108,7 +156,7 @@ func upgradeCmd(args []string) error {
 		return err
 	case failed != "":
 		return errors.New(failed)
-	case !done && !*noWait:
+	case !done && req.Wait:
 		return errors.New("the supervisor closed the control connection before the upgrade ended")
 	}
 	return nil
@@ -176,6 +224,11 @@ func summary(st supervise.Status) string {
 		state = "not ready"
 	}
 	fmt.Fprintf(&b, "upgrader pid %d: %s, generation %d serving; %d worker restarts\n", st.Pid, state, st.Current, st.Restarts)
+	fmt.Fprintf(&b, "  upgrader version %s, re-executed %d times", st.Version, st.Execs)
+	if su := st.SelfUpgrade; su != nil && !su.OK {
+		fmt.Fprintf(&b, "; last self-upgrade refused: %s", su.Reason)
+	}
+	b.WriteString("\n")
 	for _, l := range st.Listeners {
 		fmt.Fprintf(&b, "  listener %s %s://%s (fd %d)\n", l.Name, l.Network, l.Address, l.FD)
 	}

@@ -11,6 +11,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
 	"time"
@@ -33,15 +34,28 @@ var version = "dev"
 // errUsage marks an error caused by the command line: exit status 2.
 var errUsage = errors.New("usage")
 
+// The main goroutine stays on the main thread: workers are forked from it
+// and a self-upgrade execs from it (spawn.RunOnMainThread).
+func init() { runtime.LockOSThread() }
+
 func main() {
 	// A worker is started as a re-exec of this binary: become the command.
 	spawn.RunShimIfRequested()
+	spawn.RunOnMainThread(realMain)
+}
+
+func realMain() int {
+	// A new image after a self-upgrade: catch the signals ignored across
+	// the exec before anything else.
+	if os.Getenv(supervise.StateEnv) != "" {
+		supervise.HoldSignals()
+	}
 
 	args := os.Args[1:]
 	cmd := "run"
 	if len(args) > 0 {
 		switch args[0] {
-		case "run", "upgrade", "status", "version", "help":
+		case "run", "upgrade", "status", "version", "help", "self-check":
 			cmd, args = args[0], args[1:]
 		}
 	}
@@ -55,21 +69,27 @@ func main() {
 		err = statusCmd(args)
 	case "version":
 		fmt.Println("upgrader", version)
+	case "self-check":
+		// Run by a running upgrader on the binary it is about to
+		// re-execute (upgrader upgrade --self): say which state format
+		// this build reads.
+		fmt.Printf("upgrader-self-check state-version %d version %s\n", supervise.StateVersion, version)
 	case "help":
 		fmt.Print(usage)
 	}
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "upgrader:", strings.TrimPrefix(err.Error(), "usage: "))
 		if errors.Is(err, errUsage) {
-			os.Exit(2)
+			return 2
 		}
-		os.Exit(1)
+		return 1
 	}
+	return 0
 }
 
 const usage = `usage:
   upgrader [run] [flags] -- COMMAND [ARG...]
-  upgrader upgrade [--control PATH | --pid-file PATH] [--timeout DUR] [--no-wait]
+  upgrader upgrade [--control PATH | --pid-file PATH] [--timeout DUR] [--no-wait] [--self | --self-only]
   upgrader status  [--control PATH] [--json]
   upgrader version
 
@@ -178,6 +198,8 @@ func parseRunFlags(args []string) (runFlags, error) {
 // through unchanged: 0 means something of its own to the supervisor.
 func (f *runFlags) config() supervise.Config {
 	return supervise.Config{
+		Version:       version,
+		Args:          os.Args,
 		Command:       f.command,
 		Workers:       f.workers,
 		ReadyTimeout:  f.readyTimeout,
@@ -202,6 +224,9 @@ func run(args []string) error {
 	}
 	if err := f.validate(); err != nil {
 		return err
+	}
+	if v := os.Getenv(supervise.StateEnv); v != "" {
+		return resumeRun(f, v)
 	}
 	// Socket activation in: read LISTEN_* once, before anything else.
 	activated, err := adoptListeners()
@@ -236,6 +261,11 @@ func run(args []string) error {
 
 	cfg := f.config()
 	cfg.RuntimeDir, cfg.Log, cfg.Sockets = runtimeDir(), log, activated
+	// What a self-upgrade re-executes: the path the binary had at start
+	// (/proc/self/exe would name this image's inode, replaced since).
+	if exe, err := os.Executable(); err == nil {
+		cfg.Executable = exe
+	}
 	if cfg.Ready, err = supervise.ParseReadyMode(f.ready); err != nil {
 		return fmt.Errorf("%w: %v", errUsage, err)
 	}
@@ -288,10 +318,17 @@ func run(args []string) error {
 			return err
 		}
 	}
+	cfg.Carry = carry(cl, hl)
 	sup, err := supervise.New(cfg)
 	if err != nil {
 		return err
 	}
+	return serve(log, f, sup, cl, hl)
+}
+
+// serve runs sup with the health endpoints on hl and the control socket
+// on cl (either may be nil) until it stops.
+func serve(log *zap.Logger, f runFlags, sup *supervise.Supervisor, cl, hl net.Listener) error {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	hs := health.New(func(ctx context.Context) (health.Snapshot, error) {
@@ -301,6 +338,10 @@ func run(args []string) error {
 	sup.SetHooks(supervise.Hooks{
 		Upgrade: func(r supervise.UpgradeResult) { hs.ObserveUpgrade(r.OK, r.ReadyAfter) },
 		Restart: hs.ObserveRestart,
+		// A probe accepted by this image must be answered before the exec
+		// (which would cut it); the next ones wait in the carried
+		// listener's queue for the new image.
+		BeforeExec: func() func() { return hs.Quiesce(time.Second) },
 	})
 	if hl != nil {
 		log.Info("health endpoints", zap.String("address", hl.Addr().String()))

@@ -43,6 +43,19 @@ type Request struct {
 	// Wait, for upgrade, streams progress until the upgrade ends; without
 	// it the server replies once the upgrade has been started.
 	Wait bool `json:"wait,omitempty"`
+	// Self, for upgrade, re-executes the upgrader binary on disk in place
+	// (after checking it), then upgrades the workers unless SelfOnly.
+	Self     bool `json:"self,omitempty"`
+	SelfOnly bool `json:"self_only,omitempty"`
+}
+
+type connKey struct{}
+
+// ConnFrom returns the connection a Handler's request came on (nil when
+// ctx is not a Handler's): a self-upgrade carries it across its exec.
+func ConnFrom(ctx context.Context) net.Conn {
+	c, _ := ctx.Value(connKey{}).(net.Conn)
+	return c
 }
 
 // Reply is an error line; other lines are command-specific JSON.
@@ -193,7 +206,7 @@ func serveConn(ctx context.Context, c net.Conn, h Handler) {
 		send(Reply{Error: err.Error()})
 		return
 	}
-	if err := h(ctx, r, send); err != nil {
+	if err := h(context.WithValue(ctx, connKey{}, c), r, send); err != nil {
 		send(Reply{Error: err.Error()})
 	}
 }

@@ -180,3 +180,19 @@ func CloseFDs(fds []int) {
 		unix.Close(fd)
 	}
 }
+
+// DupFD returns a close-on-exec duplicate of the socket's fd, taken through
+// SyscallConn so that the socket stays non-blocking: to carry it across an
+// exec of the supervisor.
+func (s *Socket) DupFD() (int, error) {
+	rc, err := s.c.SyscallConn()
+	if err != nil {
+		return -1, err
+	}
+	nfd := -1
+	var derr error
+	if err := rc.Control(func(fd uintptr) { nfd, derr = unix.FcntlInt(fd, unix.F_DUPFD_CLOEXEC, 0) }); err != nil {
+		return -1, err
+	}
+	return nfd, derr
+}

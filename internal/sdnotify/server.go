@@ -118,3 +118,35 @@ func (s *Server) Close() error {
 	os.Remove(s.path) // unixgram sockets, unlike listeners, are not unlinked by net
 	return err
 }
+
+// DupFD returns a close-on-exec duplicate of the socket's fd, taken so that
+// the socket stays non-blocking: to carry it across an exec.
+func (s *Server) DupFD() (int, error) {
+	rc, err := s.conn.SyscallConn()
+	if err != nil {
+		return -1, err
+	}
+	nfd := -1
+	var derr error
+	if err := rc.Control(func(fd uintptr) { nfd, derr = unix.FcntlInt(fd, unix.F_DUPFD_CLOEXEC, 0) }); err != nil {
+		return -1, err
+	}
+	return nfd, derr
+}
+
+// FromFD takes over fd, a notify socket bound to path that an earlier image
+// of this process created (Listen), and serves it as Listen's Server does.
+func FromFD(fd int, path string, maxFDs int) (*Server, error) {
+	f := os.NewFile(uintptr(fd), "notify")
+	defer f.Close()
+	c, err := net.FileConn(f)
+	if err != nil {
+		return nil, fmt.Errorf("notify socket fd %d: %w", fd, err)
+	}
+	uc, ok := c.(*net.UnixConn)
+	if !ok {
+		c.Close()
+		return nil, fmt.Errorf("notify socket fd %d: not a Unix socket", fd)
+	}
+	return &Server{conn: uc, path: path, maxFDs: min(max(maxFDs, 0), maxFDsPerMessage)}, nil
+}

@@ -194,3 +194,13 @@ func AdoptFile(f *os.File, fd int) (*Socket, error) {
 	}
 	return s, nil
 }
+
+// UnlinkPath is the Unix socket file Close removes ("" for none).
+func (s *Socket) UnlinkPath() string { return s.unlink }
+
+// Restored rebuilds a Socket carried across a self-upgrade (an exec of a
+// new upgrader binary): fd is the listener, unlink what Close removes.
+func Restored(spec Spec, fd int, unlink string) *Socket {
+	unix.CloseOnExec(fd)
+	return &Socket{Spec: spec, FD: fd, unlink: unlink}
+}

@@ -63,6 +63,9 @@ type Spec struct {
 	Files []int
 	// Pdeathsig is sent to the child if the supervisor dies (0: none).
 	Pdeathsig syscall.Signal
+	// Direct runs Path with Args as they are, without the shim (for a
+	// process that is not a worker: the self-check of a new upgrader).
+	Direct bool
 }
 
 // Spawner forks processes from one locked OS thread.
@@ -72,7 +75,7 @@ type Spawner struct {
 }
 
 type request struct {
-	spec  Spec
+	fn    func() (int, error)
 	reply chan result
 }
 
@@ -81,9 +84,39 @@ type result struct {
 	err error
 }
 
-// NewSpawner starts the forking goroutine. self is the supervisor's own
-// executable; "/proc/self/exe" works even after the file was replaced.
+// mainReqs, set by RunOnMainThread, carries requests to the main thread.
+var mainReqs chan request
+
+// RunOnMainThread runs run in a goroutine and serves every Spawner's forks
+// and execs on the calling thread, which must be the process's main thread
+// (main's goroutine, locked to it by runtime.LockOSThread in an init
+// function); it exits the process with run's result. The main thread is
+// the one thread that survives an execve made from it, so the workers
+// forked by one image of the process (a self-upgrade re-executes it) keep
+// their parent thread, and their parent-death signal does not fire, in
+// every later image.
+func RunOnMainThread(run func() int) {
+	mainReqs = make(chan request)
+	done := make(chan int, 1)
+	go func() { done <- run() }()
+	for {
+		select {
+		case r := <-mainReqs:
+			pid, err := r.fn()
+			r.reply <- result{pid, err}
+		case code := <-done:
+			os.Exit(code)
+		}
+	}
+}
+
+// NewSpawner starts the forking goroutine (or uses the main thread, under
+// RunOnMainThread). self is the supervisor's own executable;
+// "/proc/self/exe" works even after the file was replaced.
 func NewSpawner(self string) *Spawner {
+	if mainReqs != nil {
+		return &Spawner{self: self, reqs: mainReqs}
+	}
 	s := &Spawner{self: self, reqs: make(chan request)}
 	go s.loop()
 	return s
@@ -93,7 +126,7 @@ func (s *Spawner) loop() {
 	// Never unlocked: the thread must outlive every child it forks.
 	runtime.LockOSThread()
 	for r := range s.reqs {
-		pid, err := s.start(r.spec)
+		pid, err := r.fn()
 		r.reply <- result{pid, err}
 	}
 }
@@ -101,10 +134,27 @@ func (s *Spawner) loop() {
 // Start starts spec through the shim and returns the child's pid. The error
 // names the command.
 func (s *Spawner) Start(spec Spec) (int, error) {
+	return s.onThread(func() (int, error) { return s.start(spec) })
+}
+
+// onThread runs fn on the forking thread and returns what it returned.
+func (s *Spawner) onThread(fn func() (int, error)) (int, error) {
 	reply := make(chan result, 1)
-	s.reqs <- request{spec, reply}
+	s.reqs <- request{fn, reply}
 	r := <-reply
 	return r.pid, r.err
+}
+
+// Exec replaces the process image with path (execve(2)) from the thread
+// that forked every worker: execve ends every other thread of the process,
+// and a worker's parent-death signal fires when the thread that forked it
+// ends, so an exec from any other thread would signal the workers. It
+// returns only on failure.
+func (s *Spawner) Exec(path string, argv, env []string) error {
+	_, err := s.onThread(func() (int, error) {
+		return 0, unix.Exec(path, argv, env)
+	})
+	return err
 }
 
 func (s *Spawner) start(spec Spec) (int, error) {
@@ -112,8 +162,11 @@ func (s *Spawner) start(spec Spec) (int, error) {
 	for i, fd := range spec.Files {
 		files[i] = uintptr(fd) // -1 becomes ^uintptr(0): syscall closes that slot
 	}
-	argv := append([]string{s.self, shimArg, spec.Path}, spec.Args...)
-	pid, _, err := syscall.StartProcess(s.self, argv, &syscall.ProcAttr{
+	self, argv := s.self, append([]string{s.self, shimArg, spec.Path}, spec.Args...)
+	if spec.Direct {
+		self, argv = spec.Path, spec.Args
+	}
+	pid, _, err := syscall.StartProcess(self, argv, &syscall.ProcAttr{
 		Env:   spec.Env,
 		Files: files,
 		Sys: &syscall.SysProcAttr{

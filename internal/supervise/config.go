@@ -137,6 +137,17 @@ type Config struct {
 	// RuntimeDir holds the notify socket (a private directory is made in it).
 	RuntimeDir string
 	Log        *zap.Logger
+	// Version is this upgrader's version, shown in the status.
+	Version string
+	// Executable and Args are what a self-upgrade re-executes: the path
+	// of the upgrader binary as resolved at the first start (not
+	// /proc/self/exe, which names the image running now) and its argv.
+	Executable string
+	Args       []string
+	// Carry, when set, returns close-on-exec duplicates of the fds the
+	// caller wants carried across a self-upgrade (the control and health
+	// listeners), by role; the supervisor owns them from then on.
+	Carry func() ([]CarriedFD, error)
 }
 
 // setDefaults fills in the fields whose zero value has no meaning of its

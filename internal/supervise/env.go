@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"os/signal"
@@ -47,6 +48,15 @@ type env interface {
 	// notifyManager sends state to our own service manager (sd_notify(3));
 	// a no-op when not run by one.
 	notifyManager(state string)
+	// check starts path as "path self-check" in its own process group,
+	// with its stdout on out (its exit is reaped as any child's).
+	check(path string) (pid int, out io.ReadCloser, err error)
+	// notifyState returns a close-on-exec duplicate of the notify socket,
+	// its path and private directory, to carry across an exec.
+	notifyState() (fd int, path, dir string, err error)
+	// exec replaces the process image from the thread that forks workers;
+	// it returns only on failure.
+	exec(path string, argv, env []string) error
 	close()
 }
 
@@ -57,6 +67,22 @@ type osEnv struct {
 	sigs    chan os.Signal
 	notify  *sdnotify.Server
 	dir     string
+	// resume, after a self-upgrade, is the notify socket to take over.
+	resume *NotifyState
+}
+
+// selfSignals are the signals the supervisor handles, other than SIGCHLD.
+var selfSignals = []os.Signal{unix.SIGUSR1, unix.SIGUSR2, unix.SIGHUP, unix.SIGTERM, unix.SIGINT, unix.SIGQUIT}
+
+// early holds the signals caught by HoldSignals until sources takes them.
+var early chan os.Signal
+
+// HoldSignals catches the supervisor's signals at once, for a new image
+// after a self-upgrade: until then they were ignored (set across the exec)
+// and the Go runtime's default for SIGTERM would end the process.
+func HoldSignals() {
+	early = make(chan os.Signal, 16)
+	signal.Notify(early, append([]os.Signal{unix.SIGCHLD}, selfSignals...)...)
 }
 
 func newOSEnv() (*osEnv, error) {
@@ -71,23 +97,38 @@ func newOSEnv() (*osEnv, error) {
 }
 
 func (e *osEnv) sources(dir string, fdBudget int, post func(event)) (string, error) {
-	removeStaleNotifyDirs(dir)
-	d, err := os.MkdirTemp(dir, fmt.Sprintf("upgrader-%d-", os.Getpid()))
-	if err != nil {
-		return "", fmt.Errorf("runtime directory %s: %w", dir, err)
-	}
-	e.dir = d
-	ns, err := sdnotify.Listen(filepath.Join(d, "notify.sock"), fdBudget)
-	if err != nil {
-		os.RemoveAll(d)
-		return "", err
+	var ns *sdnotify.Server
+	if r := e.resume; r != nil {
+		e.dir = r.Dir
+		var err error
+		if ns, err = sdnotify.FromFD(r.FD, r.Path, fdBudget); err != nil {
+			return "", err
+		}
+	} else {
+		removeStaleNotifyDirs(dir)
+		d, err := os.MkdirTemp(dir, fmt.Sprintf("upgrader-%d-", os.Getpid()))
+		if err != nil {
+			return "", fmt.Errorf("runtime directory %s: %w", dir, err)
+		}
+		e.dir = d
+		ns, err = sdnotify.Listen(filepath.Join(d, "notify.sock"), fdBudget)
+		if err != nil {
+			os.RemoveAll(d)
+			return "", err
+		}
 	}
 	e.notify = ns
 	go readNotify(ns, fdBudget, post)
 
-	e.sigs = make(chan os.Signal, 16)
-	signal.Notify(e.sigs, unix.SIGCHLD, unix.SIGUSR1, unix.SIGUSR2, unix.SIGHUP,
-		unix.SIGTERM, unix.SIGINT, unix.SIGQUIT)
+	if early != nil {
+		e.sigs, early = early, nil
+	} else {
+		e.sigs = make(chan os.Signal, 16)
+		signal.Notify(e.sigs, append([]os.Signal{unix.SIGCHLD}, selfSignals...)...)
+	}
+	// Children that exited while no handler was installed (across a
+	// self-upgrade's exec) sent a SIGCHLD that was lost: look now.
+	e.sigs <- unix.SIGCHLD
 	go func() {
 		for sig := range e.sigs {
 			if sig == unix.SIGCHLD {
@@ -204,6 +245,44 @@ func (e *osEnv) start(spec spawn.Spec, readyFD int, ready func(int)) (int, error
 		}()
 	}
 	return pid, nil
+}
+
+func (e *osEnv) check(path string) (int, io.ReadCloser, error) {
+	r, w, err := os.Pipe()
+	if err != nil {
+		return 0, nil, err
+	}
+	var env []string
+	for _, kv := range workerBaseEnv(os.Environ()) {
+		env = append(env, kv)
+	}
+	pid, err := e.spawner.Start(spawn.Spec{Path: path, Args: []string{path, "self-check"}, Env: env,
+		Files: []int{int(e.devnull.Fd()), int(w.Fd()), 2}, Pdeathsig: unix.SIGKILL, Direct: true})
+	w.Close()
+	if err != nil {
+		r.Close()
+		return 0, nil, err
+	}
+	return pid, r, nil
+}
+
+func (e *osEnv) notifyState() (int, string, string, error) {
+	if e.notify == nil {
+		return -1, "", e.dir, nil
+	}
+	fd, err := e.notify.DupFD()
+	return fd, e.notify.Path(), e.dir, err
+}
+
+func (e *osEnv) exec(path string, argv, env []string) error {
+	// A signal that came between here and the new image's handlers would
+	// take the default action (SIGTERM, SIGUSR2: end the process, and the
+	// workers with it): ignore them across the exec. The new image
+	// catches them first thing (HoldSignals).
+	signal.Ignore(selfSignals...)
+	err := e.spawner.Exec(path, argv, env)
+	signal.Notify(e.sigs, selfSignals...)
+	return err
 }
 
 func (e *osEnv) kill(pid int, sig syscall.Signal) error {

@@ -28,6 +28,12 @@ type Status struct {
 	Restarts    int              `json:"worker_restarts"`
 	Handoffs    HandoffStats     `json:"handoffs"`
 	FDStore     []string         `json:"fd_store"` // names of the stored fds
+	// Version is the running upgrader's build; Execs how many times it
+	// re-executed itself in place (self-upgrades), SelfUpgrade the last
+	// self-upgrade's outcome.
+	Version     string      `json:"version"`
+	Execs       int         `json:"execs"`
+	SelfUpgrade *SelfResult `json:"self_upgrade,omitempty"`
 }
 
 // ListenerStatus describes one listener passed to workers.
@@ -108,6 +114,12 @@ func (s *Supervisor) snapshot() Status {
 		Restarts: s.restartCount,
 		Handoffs: s.hoStats,
 		FDStore:  []string{},
+		Version:  s.cfg.Version,
+		Execs:    s.execs,
+	}
+	if s.lastSelf != nil {
+		r := *s.lastSelf
+		st.SelfUpgrade = &r
 	}
 	for _, f := range s.fdStore {
 		st.FDStore = append(st.FDStore, f.name)
@@ -171,6 +183,15 @@ type Progress struct {
 	Old         int    `json:"old_generation,omitempty"`
 	Connections int    `json:"connections"`
 	Reason      string `json:"reason,omitempty"` // for "failed"
+	// Self-upgrade events: "queued", "checking" (Binary), "checked"
+	// (Version: the new binary's), "exec", then from the new image
+	// "resumed" (Version, Execs), and "done" with --self-only.
+	Binary  string `json:"binary,omitempty"`
+	Version string `json:"version,omitempty"`
+	Execs   int    `json:"execs,omitempty"`
+	// Ack, on "exec", is closed by whoever forwards the event once it is
+	// written: the exec waits for it.
+	Ack chan struct{} `json:"-"`
 }
 
 // Upgrade starts an upgrade (or queues one, if one is under way) and
@@ -184,7 +205,7 @@ func (s *Supervisor) Upgrade(ctx context.Context) (<-chan Progress, error) {
 			err = errors.New("upgrade refused: the supervisor is stopping")
 			return
 		}
-		if s.pending != nil {
+		if s.pending != nil || s.self != nil {
 			s.queuedWatchers = append(s.queuedWatchers, ch)
 		} else {
 			s.startWatchers = append(s.startWatchers, ch)

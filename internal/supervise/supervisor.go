@@ -137,6 +137,14 @@ type Supervisor struct {
 	// Watchers of upgrades requested through Upgrade: those for the next
 	// generation to start, and those for the upgrade queued behind it.
 	startWatchers, queuedWatchers []chan Progress
+	// Self-upgrade: the one under way (checking the new binary, or
+	// about to exec), the one queued behind a worker upgrade, the last
+	// outcome, how many times this process re-executed itself, and the
+	// record it resumed from (nil: a fresh start).
+	self, selfQueued *selfUpgrade
+	lastSelf         *SelfResult
+	execs            int
+	resumed          *State
 }
 
 // Hooks are called from the loop goroutine on state transitions, as
@@ -148,6 +156,11 @@ type Hooks struct {
 	// STOPPING=1, watchdog), with the cause: "exit", "stopping" or
 	// "watchdog".
 	Restart func(cause string)
+	// BeforeExec is called, off the loop (which keeps answering), once a
+	// self-upgrade is about to exec: it quiesces what serves the carried
+	// listeners (the health endpoints) and returns how to resume them,
+	// called if the exec does not happen after all.
+	BeforeExec func() (resume func())
 }
 
 // UpgradeResult describes one finished upgrade.
@@ -229,7 +242,12 @@ func (s *Supervisor) Run() error {
 		return err
 	}
 	s.notifyPath = path
-	s.startGeneration()
+	if st := s.resumed; st != nil {
+		s.resumed = nil
+		s.resume(st)
+	} else {
+		s.startGeneration()
+	}
 	for {
 		s.sweep()
 		if s.finished() {
@@ -300,6 +318,12 @@ func (s *Supervisor) handle(ev event) {
 		s.onAnswerTimeout(ev.id)
 	case evFunc:
 		ev.f()
+	case evCheckOutput:
+		s.onCheckOutput(ev.su, ev.out)
+	case evCheckTimeout:
+		s.onCheckTimeout(ev.su)
+	case evSelfExec:
+		s.execSelf(ev.su)
 	}
 }
 
@@ -341,6 +365,11 @@ func (s *Supervisor) requestUpgrade() {
 	case s.pending != nil:
 		if !s.queued {
 			s.log.Info("upgrade queued: one is under way", zap.Int("generation", s.pending.n))
+		}
+		s.queued = true
+	case s.self != nil:
+		if !s.queued {
+			s.log.Info("upgrade queued: a self-upgrade is under way")
 		}
 		s.queued = true
 	default:
@@ -545,7 +574,19 @@ func (s *Supervisor) finishUpgrade(r UpgradeResult) {
 	if s.hooks.Upgrade != nil {
 		s.hooks.Upgrade(r)
 	}
-	if s.queued && !s.stopping {
+	if su := s.selfQueued; su != nil && !s.stopping {
+		// A self-upgrade waited for this upgrade; a queued worker
+		// upgrade waits for it in turn.
+		s.selfQueued = nil
+		s.startSelf(su)
+		return
+	}
+	s.startQueued()
+}
+
+// startQueued starts the upgrade queued behind the one that just ended.
+func (s *Supervisor) startQueued() {
+	if s.queued && !s.stopping && s.pending == nil && s.self == nil {
 		s.queued = false
 		s.startWatchers, s.queuedWatchers = s.queuedWatchers, nil
 		s.log.Info("starting the queued upgrade")
@@ -625,6 +666,9 @@ func (s *Supervisor) drainGeneration(g *generation) {
 }
 
 func (s *Supervisor) onExit(pid int, ws unix.WaitStatus) {
+	if s.onCheckExit(pid, ws) {
+		return
+	}
 	w, ok := s.workers[pid]
 	if !ok {
 		// An orphan reparented to us (we are the subreaper) ended: a
@@ -674,6 +718,11 @@ func (s *Supervisor) beginStop(err error) {
 		close(ch)
 	}
 	s.queuedWatchers, s.startWatchers = nil, nil
+	for _, su := range []*selfUpgrade{s.self, s.selfQueued} {
+		if su != nil {
+			s.selfFailed(su, "the supervisor is stopping")
+		}
+	}
 	s.env.notifyManager(daemon.SdNotifyStopping)
 	if err != nil || s.cfg.ShutdownDelay <= 0 {
 		s.drainAll()

@@ -3,6 +3,7 @@ package supervise
 import (
 	"context"
 	"errors"
+	"io"
 	"net"
 	"os"
 	"strconv"
@@ -116,6 +117,13 @@ func (f *fakeEnv) notifyManager(state string) {
 }
 func (f *fakeEnv) connections([]int) int { return 0 }
 func (f *fakeEnv) close()                {}
+func (f *fakeEnv) check(string) (int, io.ReadCloser, error) {
+	return 0, nil, errors.New("no self-check in the fake env")
+}
+func (f *fakeEnv) notifyState() (int, string, string, error) { return -1, "", "", nil }
+func (f *fakeEnv) exec(string, []string, []string) error {
+	return errors.New("no exec in the fake env")
+}
 
 // noRestarts asks run for Config.MaxRestarts 0 (0 there means the default).
 const noRestarts = -1
