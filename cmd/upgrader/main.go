@@ -44,11 +44,12 @@ func main() {
 	spawn.RunOnMainThread(realMain)
 }
 
-func realMain() int {
+func realMain(m *spawn.MainThread) int {
+	p := proc{main: m}
 	// A new image after a self-upgrade: catch the signals ignored across
 	// the exec before anything else.
 	if os.Getenv(supervise.StateEnv) != "" {
-		supervise.HoldSignals()
+		p.held = supervise.HoldSignals()
 	}
 
 	args := os.Args[1:]
@@ -62,7 +63,7 @@ func realMain() int {
 	var err error
 	switch cmd {
 	case "run":
-		err = run(args)
+		err = p.run(args)
 	case "upgrade":
 		err = upgradeCmd(args)
 	case "status":
@@ -214,7 +215,13 @@ func (f *runFlags) config() supervise.Config {
 	}
 }
 
-func run(args []string) error {
+// proc is what the process set up before parsing its command line.
+type proc struct {
+	main *spawn.MainThread // where workers are forked, and a self-upgrade execs
+	held chan os.Signal    // signals caught since the start, after a self-upgrade
+}
+
+func (p proc) run(args []string) error {
 	f, err := parseRunFlags(args)
 	if errors.Is(err, flag.ErrHelp) {
 		return nil
@@ -226,7 +233,7 @@ func run(args []string) error {
 		return err
 	}
 	if v := os.Getenv(supervise.StateEnv); v != "" {
-		return resumeRun(f, v)
+		return p.resumeRun(f, v)
 	}
 	// Socket activation in: read LISTEN_* once, before anything else.
 	activated, err := adoptListeners()
@@ -261,6 +268,7 @@ func run(args []string) error {
 
 	cfg := f.config()
 	cfg.RuntimeDir, cfg.Log, cfg.Sockets = runtimeDir(), log, activated
+	cfg.MainThread = p.main
 	// What a self-upgrade re-executes: the path the binary had at start
 	// (/proc/self/exe would name this image's inode, replaced since).
 	if exe, err := os.Executable(); err == nil {

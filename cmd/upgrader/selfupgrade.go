@@ -68,7 +68,7 @@ func fileListener(fd int, role string) (net.Listener, error) {
 // resumeRun is run in the new image of a self-upgrade: it restores
 // everything from the state record at fd stateFD instead of binding
 // listeners and starting generation 1.
-func resumeRun(f runFlags, stateFD string) error {
+func (p proc) resumeRun(f runFlags, stateFD string) error {
 	os.Unsetenv(supervise.StateEnv)
 	fd, err := strconv.Atoi(stateFD)
 	if err != nil || fd < 3 {
@@ -90,6 +90,7 @@ func resumeRun(f runFlags, stateFD string) error {
 	defer log.Sync()
 	cfg := f.config()
 	cfg.RuntimeDir, cfg.Log = runtimeDir(), log
+	cfg.MainThread, cfg.HeldSignals = p.main, p.held
 	cfg.Executable, cfg.Args = st.Executable, st.Args
 	cfg.Sockets = st.Sockets()
 	for _, sock := range cfg.Sockets {

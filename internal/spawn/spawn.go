@@ -84,10 +84,12 @@ type result struct {
 	err error
 }
 
-// mainReqs, set by RunOnMainThread, carries requests to the main thread.
-var mainReqs chan request
+// MainThread carries forks and execs to the process's main thread
+// (RunOnMainThread).
+type MainThread struct{ reqs chan request }
 
-// RunOnMainThread runs run in a goroutine and serves every Spawner's forks
+// RunOnMainThread runs run in a goroutine and serves the forks and execs of
+// every Spawner made with its MainThread
 // and execs on the calling thread, which must be the process's main thread
 // (main's goroutine, locked to it by runtime.LockOSThread in an init
 // function); it exits the process with run's result. The main thread is
@@ -95,13 +97,13 @@ var mainReqs chan request
 // forked by one image of the process (a self-upgrade re-executes it) keep
 // their parent thread, and their parent-death signal does not fire, in
 // every later image.
-func RunOnMainThread(run func() int) {
-	mainReqs = make(chan request)
+func RunOnMainThread(run func(*MainThread) int) {
+	m := &MainThread{reqs: make(chan request)}
 	done := make(chan int, 1)
-	go func() { done <- run() }()
+	go func() { done <- run(m) }()
 	for {
 		select {
-		case r := <-mainReqs:
+		case r := <-m.reqs:
 			pid, err := r.fn()
 			r.reply <- result{pid, err}
 		case code := <-done:
@@ -110,12 +112,13 @@ func RunOnMainThread(run func() int) {
 	}
 }
 
-// NewSpawner starts the forking goroutine (or uses the main thread, under
-// RunOnMainThread). self is the supervisor's own executable;
-// "/proc/self/exe" works even after the file was replaced.
-func NewSpawner(self string) *Spawner {
-	if mainReqs != nil {
-		return &Spawner{self: self, reqs: mainReqs}
+// NewSpawner returns a Spawner that forks on m, the main thread, or with m
+// nil on a locked thread of its own (started here). self is the
+// supervisor's own executable; "/proc/self/exe" works even after the file
+// was replaced.
+func NewSpawner(self string, m *MainThread) *Spawner {
+	if m != nil {
+		return &Spawner{self: self, reqs: m.reqs}
 	}
 	s := &Spawner{self: self, reqs: make(chan request)}
 	go s.loop()

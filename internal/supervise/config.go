@@ -12,12 +12,15 @@ package supervise
 
 import (
 	"fmt"
+	"os"
 	"strconv"
 	"strings"
 	"syscall"
 	"time"
 
 	"go.uber.org/zap"
+
+	"github.com/seed6cb0314a/upgrader/internal/spawn"
 	"golang.org/x/sys/unix"
 
 	"github.com/seed6cb0314a/upgrader/internal/sockets"
@@ -148,6 +151,14 @@ type Config struct {
 	// caller wants carried across a self-upgrade (the control and health
 	// listeners), by role; the supervisor owns them from then on.
 	Carry func() ([]CarriedFD, error)
+	// MainThread, when set, is where workers are forked and a self-upgrade
+	// execs (spawn.RunOnMainThread): the one thread that survives every
+	// exec, so that no worker's parent-death signal fires. nil: a locked
+	// thread of the supervisor's own, and no self-upgrade keeps workers.
+	MainThread *spawn.MainThread
+	// HeldSignals are the signals caught since the process started
+	// (HoldSignals), for a new image after a self-upgrade; nil otherwise.
+	HeldSignals chan os.Signal
 }
 
 // setDefaults fills in the fields whose zero value has no meaning of its

@@ -69,23 +69,24 @@ type osEnv struct {
 	dir     string
 	// resume, after a self-upgrade, is the notify socket to take over.
 	resume *NotifyState
+	// held are the signals caught since the start (HoldSignals), nil if none.
+	held chan os.Signal
 }
 
 // selfSignals are the signals the supervisor handles, other than SIGCHLD.
 var selfSignals = []os.Signal{unix.SIGUSR1, unix.SIGUSR2, unix.SIGHUP, unix.SIGTERM, unix.SIGINT, unix.SIGQUIT}
 
-// early holds the signals caught by HoldSignals until sources takes them.
-var early chan os.Signal
-
 // HoldSignals catches the supervisor's signals at once, for a new image
 // after a self-upgrade: until then they were ignored (set across the exec)
-// and the Go runtime's default for SIGTERM would end the process.
-func HoldSignals() {
-	early = make(chan os.Signal, 16)
-	signal.Notify(early, append([]os.Signal{unix.SIGCHLD}, selfSignals...)...)
+// and the Go runtime's default for SIGTERM would end the process. The
+// channel goes in Config.HeldSignals, whence the supervisor takes them.
+func HoldSignals() chan os.Signal {
+	held := make(chan os.Signal, 16)
+	signal.Notify(held, append([]os.Signal{unix.SIGCHLD}, selfSignals...)...)
+	return held
 }
 
-func newOSEnv() (*osEnv, error) {
+func newOSEnv(cfg Config) (*osEnv, error) {
 	devnull, err := os.Open(os.DevNull)
 	if err != nil {
 		return nil, err
@@ -93,7 +94,7 @@ func newOSEnv() (*osEnv, error) {
 	// Orphans of our workers (daemonising grandchildren) are reparented to
 	// us and reaped, instead of to init.
 	_ = unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-	return &osEnv{spawner: spawn.NewSpawner("/proc/self/exe"), devnull: devnull}, nil
+	return &osEnv{spawner: spawn.NewSpawner("/proc/self/exe", cfg.MainThread), devnull: devnull, held: cfg.HeldSignals}, nil
 }
 
 func (e *osEnv) sources(dir string, fdBudget int, post func(event)) (string, error) {
@@ -120,8 +121,8 @@ func (e *osEnv) sources(dir string, fdBudget int, post func(event)) (string, err
 	e.notify = ns
 	go readNotify(ns, fdBudget, post)
 
-	if early != nil {
-		e.sigs, early = early, nil
+	if e.held != nil {
+		e.sigs, e.held = e.held, nil
 	} else {
 		e.sigs = make(chan os.Signal, 16)
 		signal.Notify(e.sigs, append([]os.Signal{unix.SIGCHLD}, selfSignals...)...)

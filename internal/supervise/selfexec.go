@@ -558,7 +558,7 @@ func (st *State) CarriedFD(role string) int {
 // earlier image of this process left, on the real OS. cfg.Sockets must be
 // st.Sockets().
 func Restore(cfg Config, st *State) (*Supervisor, error) {
-	e, err := newOSEnv()
+	e, err := newOSEnv(cfg)
 	if err != nil {
 		return nil, err
 	}

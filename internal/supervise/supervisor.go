@@ -176,7 +176,7 @@ type UpgradeResult struct {
 
 // New checks cfg and returns a Supervisor that runs it on the real OS.
 func New(cfg Config) (*Supervisor, error) {
-	e, err := newOSEnv()
+	e, err := newOSEnv(cfg)
 	if err != nil {
 		return nil, err
 	}
