@@ -10,6 +10,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/seed6cb0314a/upgrader/internal/sockets"
 )
 
 // Socket is one end of a handoff channel: a SOCK_SEQPACKET Unix socket, so
@@ -185,14 +187,5 @@ func CloseFDs(fds []int) {
 // SyscallConn so that the socket stays non-blocking: to carry it across an
 // exec of the supervisor.
 func (s *Socket) DupFD() (int, error) {
-	rc, err := s.c.SyscallConn()
-	if err != nil {
-		return -1, err
-	}
-	nfd := -1
-	var derr error
-	if err := rc.Control(func(fd uintptr) { nfd, derr = unix.FcntlInt(fd, unix.F_DUPFD_CLOEXEC, 0) }); err != nil {
-		return -1, err
-	}
-	return nfd, derr
+	return sockets.DupFD(s.c)
 }

@@ -6,6 +6,8 @@ import (
 	"os"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/seed6cb0314a/upgrader/internal/sockets"
 )
 
 // maxFDsPerMessage bounds the SCM_RIGHTS fds read from one datagram; it is the
@@ -122,16 +124,7 @@ func (s *Server) Close() error {
 // DupFD returns a close-on-exec duplicate of the socket's fd, taken so that
 // the socket stays non-blocking: to carry it across an exec.
 func (s *Server) DupFD() (int, error) {
-	rc, err := s.conn.SyscallConn()
-	if err != nil {
-		return -1, err
-	}
-	nfd := -1
-	var derr error
-	if err := rc.Control(func(fd uintptr) { nfd, derr = unix.FcntlInt(fd, unix.F_DUPFD_CLOEXEC, 0) }); err != nil {
-		return -1, err
-	}
-	return nfd, derr
+	return sockets.DupFD(s.conn)
 }
 
 // FromFD takes over fd, a notify socket bound to path that an earlier image
