@@ -57,7 +57,10 @@ type connKey struct{}
 //     terms instead.
 //   - readiness: READY=1 on $NOTIFY_SOCKET once serving, STOPPING=1 when
 //     the drain begins (sd_notify(3)); NoReady skips READY=1 for a process
-//     that reports readiness itself.
+//     that reports readiness itself. Both go through inherit.Ready and
+//     inherit.Notify, so in embedded mode (inherit.WithUpgrades) readiness
+//     is tableflip's Ready, and the drain also begins when the process has
+//     upgraded (inherit.Upgraded, tableflip's Exit).
 //   - srv.ConnState and srv.ConnContext: New installs its own, which call
 //     the ones already set first (ConnContext) or last (ConnState); set
 //     them before New, never after.
@@ -208,7 +211,8 @@ func New(srv *http.Server, opts Options) *Server {
 }
 
 // Serve serves on every listener until one of the drain signals arrives,
-// ctx is done, or Fail is called; then it drains and returns: nil, or a
+// ctx is done, the process has upgraded itself in embedded mode
+// (inherit.Upgraded), or Fail is called; then it drains and returns: nil, or a
 // *FatalError after Fail. It sends READY=1 once serving unless
 // Options.NoReady.
 //
@@ -261,6 +265,7 @@ func (s *Server) Serve(ctx context.Context, listeners []net.Listener) error {
 	}
 	select {
 	case <-ctx.Done():
+	case <-inherit.Upgraded(): // embedded mode: the new process is ready
 	case <-s.fatal:
 	case err := <-errc:
 		if err != nil {

@@ -9,6 +9,7 @@ import (
 	"slices"
 	"sort"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -49,6 +50,10 @@ type Handoffs struct {
 	fdTable  int  // fd table size reserved so far (under fdMu)
 	fdGrowth bool // a reserveFDs goroutine runs (under fdMu)
 	growing  sync.WaitGroup
+
+	// out, in embedded mode once the process has upgraded, is the channel
+	// to the new process: Send goes there.
+	out atomic.Pointer[Handoffs]
 }
 
 // minFDTable is the fd table reserved when a channel opens: room for a
@@ -91,6 +96,13 @@ func (s *Set) Handoffs(kinds ...string) (*Handoffs, error) {
 	if s.handoffErr != nil {
 		return nil, s.handoffErr
 	}
+	if s.handoffFD < 0 && s.emb != nil {
+		fd, err := s.emb.handoffChannel()
+		if err != nil {
+			return nil, err
+		}
+		s.handoffFD = fd
+	}
 	if s.handoffFD < 0 {
 		return nil, nil
 	}
@@ -109,6 +121,9 @@ func (s *Set) Handoffs(kinds ...string) (*Handoffs, error) {
 	if err != nil {
 		s.handoffErr = fmt.Errorf("%s=%d: %w", HandoffEnv, fd, err)
 		return nil, s.handoffErr
+	}
+	if s.emb != nil && s.emb.out != nil {
+		h.out.Store(s.emb.out)
 	}
 	s.handoffs = h
 	return h, nil
@@ -188,6 +203,9 @@ func (h *Handoffs) Close() error {
 	}
 	h.closeOnce.Do(func() { h.sock.Close() }) // read's Recv returns, and read releases the rest
 	<-h.done
+	if out := h.out.Load(); out != nil {
+		out.Close()
+	}
 	return nil
 }
 
@@ -364,6 +382,9 @@ const SendTimeout = 5 * time.Second
 func (h *Handoffs) Send(kind string, conns []Outgoing) error {
 	if h == nil {
 		return ErrNoHandoff
+	}
+	if out := h.out.Load(); out != nil {
+		return out.Send(kind, conns)
 	}
 	m := handoff.Message{Type: handoff.TypeHandoff, Kind: kind, Conns: make([]handoff.Conn, len(conns))}
 	rcs := make([]syscall.RawConn, len(conns))

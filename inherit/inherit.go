@@ -10,6 +10,7 @@ import (
 	"sync"
 	"syscall"
 
+	"github.com/cloudflare/tableflip"
 	"github.com/coreos/go-systemd/v22/activation"
 	"github.com/coreos/go-systemd/v22/daemon"
 	"golang.org/x/sys/unix"
@@ -37,6 +38,11 @@ type Set struct {
 	handoffFD  int
 	handoffErr error
 	handoffs   *Handoffs
+
+	// Embedded mode (embed.go): the options asked for, and the mode once
+	// on (nil under upgrader, or when not asked for).
+	upgradeOpts *tableflip.Options
+	emb         *embedded
 }
 
 // Option configures New.
@@ -92,6 +98,13 @@ func New(opts ...Option) (*Set, error) {
 		}
 	}
 	s.handoffFD, s.handoffErr = takeHandoffFD()
+	if s.upgradeOpts != nil {
+		if os.Getenv("UPGRADER_GENERATION") != "" {
+			s.log.Info("embedded upgrades not turned on: upgrader runs this process and does the upgrades")
+		} else if err := newEmbedded(s); err != nil {
+			return nil, err
+		}
+	}
 	return s, nil
 }
 
@@ -191,6 +204,12 @@ func (s *Set) Listen(name, network, addr string) (net.Listener, error) {
 		return nil, fmt.Errorf("listener %q: none inherited, and binding %s %s failed: %w", name, network, addr, err)
 	}
 	s.log.Debug("no inherited listener; bound a fresh one", "name", name, "addr", l.Addr().String())
+	if s.emb != nil {
+		if err := s.emb.pass(name, l.(syscall.Conn)); err != nil {
+			l.Close()
+			return nil, err
+		}
+	}
 	return l, nil
 }
 
@@ -224,6 +243,12 @@ func (s *Set) ListenPacket(name, network, addr string) (net.PacketConn, error) {
 		return nil, fmt.Errorf("socket %q: none inherited, and binding %s %s failed: %w", name, network, addr, err)
 	}
 	s.log.Debug("no inherited socket; bound a fresh one", "name", name, "addr", c.LocalAddr().String())
+	if s.emb != nil {
+		if err := s.emb.pass(name, c.(syscall.Conn)); err != nil {
+			c.Close()
+			return nil, err
+		}
+	}
 	return c, nil
 }
 
@@ -277,23 +302,43 @@ func (s *Set) take(name string, typ int) *os.File {
 // Ready tells the supervisor (or systemd) that the process serves: READY=1
 // (daemon.SdNotifyReady) on $NOTIFY_SOCKET, sd_notify(3). Without
 // NOTIFY_SOCKET it does nothing and returns nil.
-func Ready() error { return Notify(daemon.SdNotifyReady) }
+//
+// In embedded mode (WithUpgrades) it sends MAINPID=<this process> with
+// READY=1, so that systemd follows the new process, then calls tableflip's
+// Ready, which writes the PID file and lets the parent process drain.
+func Ready() error {
+	if e := current.Load(); e != nil {
+		return e.ready()
+	}
+	return Notify(daemon.SdNotifyReady)
+}
 
 // Notify sends state, newline-separated KEY=VALUE assignments, to
 // $NOTIFY_SOCKET (sd_notify(3)); go-systemd's daemon.SdNotifyReady,
 // SdNotifyStopping and SdNotifyWatchdog are the common ones. Without
 // NOTIFY_SOCKET it returns nil. The variable is left set: the process
 // notifies for its whole life. The error names the state and the socket.
+//
+// In embedded mode, once the process has upgraded (Upgraded), it sends
+// nothing: the new process is systemd's main process now, and a STOPPING=1
+// from the old one would stop the service.
 func Notify(state string) error {
+	if e := current.Load(); e != nil && e.done.Load() {
+		return nil
+	}
 	if _, err := daemon.SdNotify(false, state); err != nil {
 		return fmt.Errorf("sd_notify %q to NOTIFY_SOCKET=%s: %w", state, os.Getenv("NOTIFY_SOCKET"), err)
 	}
 	return nil
 }
 
-// Generation is the worker's generation (UPGRADER_GENERATION), or 0 when
-// not run by upgrader.
+// Generation is the worker's generation (UPGRADER_GENERATION); in
+// embedded mode, 1 for the first process and one more at each upgrade;
+// otherwise 0.
 func Generation() int {
+	if e := current.Load(); e != nil {
+		return e.gen
+	}
 	n, _ := strconv.Atoi(os.Getenv("UPGRADER_GENERATION"))
 	return n
 }

@@ -28,6 +28,12 @@
 // stream listener, or the one named by -listener; datagram sockets and
 // fd-store entries it inherits are not its business. It binds -addr only when
 // no stream listener is inherited, so that it also runs on its own.
+//
+// -upgrades runs it in embedded mode (inherit.WithUpgrades): on SIGUSR2 or
+// SIGHUP it starts a new copy of itself with tableflip, passes it the
+// listeners and its idle keep-alive connections, and drains; -pid-file
+// names the file that holds the serving process's pid. Under upgrader the
+// flag is ignored.
 package main
 
 import (
@@ -50,6 +56,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/cloudflare/tableflip"
 	"github.com/coreos/go-systemd/v22/daemon"
 
 	"github.com/seed6cb0314a/upgrader/drain"
@@ -62,6 +69,9 @@ func main() {
 	drainTimeout := flag.Duration("drain-timeout", 25*time.Second, "close what is left of the connections after this")
 	useTLS := flag.Bool("tls", false, "serve TLS (self-signed certificate made at start; ALPN h2 and http/1.1)")
 	h2c := flag.Bool("h2c", false, "also accept HTTP/2 with prior knowledge over cleartext")
+	upgrades := flag.Bool("upgrades", false, "embedded mode: upgrade in place on SIGUSR2 or SIGHUP (tableflip), live connections included; ignored under upgrader")
+	pidFile := flag.String("pid-file", "", "with -upgrades: write the serving process's pid here once it is ready")
+	upgradeTimeout := flag.Duration("upgrade-timeout", 30*time.Second, "with -upgrades: how long the new process may take to become ready")
 	flag.Parse()
 	// Structured, like the supervisor's own logs, so that a log pipeline
 	// parses the worker's lines too.
@@ -71,7 +81,11 @@ func main() {
 		os.Exit(1)
 	}
 
-	fds, err := inherit.New(inherit.WithLogger(log))
+	opts := []inherit.Option{inherit.WithLogger(log)}
+	if *upgrades {
+		opts = append(opts, inherit.WithUpgrades(tableflip.Options{PIDFile: *pidFile, UpgradeTimeout: *upgradeTimeout}))
+	}
+	fds, err := inherit.New(opts...)
 	if err != nil {
 		fatal(err)
 	}
