@@ -1,7 +1,9 @@
 package inherit
 
 import (
+	"context"
 	"fmt"
+	"log/slog"
 	"os"
 	"os/signal"
 	"sort"
@@ -269,10 +271,21 @@ func (e *embedded) upgrade(sig os.Signal) {
 		fail(err)
 		return
 	}
-	log.Info("upgrading: starting the new process")
 	start := time.Now()
+	if err := e.waitParent(log); err != nil {
+		out.Close()
+		fail(err)
+		return
+	}
+	log.Info("upgrading: starting the new process")
 	os.Setenv(EmbeddedGenerationEnv, strconv.Itoa(e.gen+1))
 	err = e.upg.Upgrade()
+	for i := 0; err != nil && err.Error() == "parent hasn't exited" && i < 100; i++ {
+		// WaitForParent has seen the parent go; tableflip's own loop
+		// learns it a moment later.
+		time.Sleep(10 * time.Millisecond)
+		err = e.upg.Upgrade()
+	}
 	os.Unsetenv(EmbeddedGenerationEnv)
 	if err != nil {
 		out.Close()
@@ -288,6 +301,28 @@ func (e *embedded) upgrade(sig os.Signal) {
 	e.done.Store(true)
 	close(e.upgraded)
 	log.Info("upgraded: the new process is ready; draining", "took", time.Since(start).String())
+}
+
+// waitParent waits until the process this one was upgraded from has
+// exited (tableflip starts no upgrade before), at most the upgrade timeout.
+func (e *embedded) waitParent(log *slog.Logger) error {
+	if !e.upg.HasParent() {
+		return nil
+	}
+	timeout := e.set.upgradeOpts.UpgradeTimeout
+	if timeout <= 0 {
+		timeout = tableflip.DefaultUpgradeTimeout
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	waited := time.AfterFunc(100*time.Millisecond, func() {
+		log.Info("upgrade waits for the previous process to finish its drain")
+	})
+	defer waited.Stop()
+	if err := e.upg.WaitForParent(ctx); err != nil && ctx.Err() != nil {
+		return fmt.Errorf("the previous process still drains after %s", timeout)
+	}
+	return nil
 }
 
 // ready is Ready in embedded mode: MAINPID and READY=1 to systemd (when
