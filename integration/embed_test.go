@@ -31,27 +31,31 @@ type embedded struct {
 }
 
 // startEmbedded runs a copy of hello with -upgrades and waits until it is
-// ready (its pid in the PID file). cmd, if not nil, is the command to run
-// (with the copy as its first argument after a wrapper); env is added.
-func startEmbedded(t testing.TB, env []string, wrap []string, args ...string) *embedded {
+// ready (its pid in the PID file).
+func startEmbedded(t testing.TB, args ...string) *embedded {
+	t.Helper()
+	return startFlip(t, helloBin, append([]string{"-upgrades"}, args...)...)
+}
+
+// startFlip runs a copy of src, a tableflip server taking -pid-file and
+// -addr (hello -upgrades, or bareflip), and waits until it is ready.
+func startFlip(t testing.TB, src string, args ...string) *embedded {
 	t.Helper()
 	dir := t.TempDir()
 	e := &embedded{t: t, dir: dir, bin: filepath.Join(dir, "hello"), pid: filepath.Join(dir, "pid"),
 		log: filepath.Join(dir, "log"), seen: map[int]bool{}}
-	installBin(t, helloBin, e.bin)
+	installBin(t, src, e.bin)
 	logf, err := os.Create(e.log)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer logf.Close()
-	argv := append([]string{e.bin, "-upgrades", "-pid-file", e.pid}, args...)
+	argv := append([]string{"-pid-file", e.pid}, args...)
 	if !hasFlag(args, "-addr") {
 		argv = append(argv, "-addr", "127.0.0.1:0")
 	}
-	argv = append(wrap, argv...)
-	e.cmd = exec.Command(argv[0], argv[1:]...)
+	e.cmd = exec.Command(e.bin, argv...)
 	e.cmd.Dir, e.cmd.Stdout, e.cmd.Stderr = dir, logf, logf
-	e.cmd.Env = append(os.Environ(), env...)
 	if err := e.cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
@@ -159,7 +163,7 @@ func runEmbeddedUpgrades(t testing.TB, e *embedded, addr string, mode loadgen.Mo
 // TestEmbedUpgradesNewConn: 20 embedded upgrades, 0.5 s apart, under 16
 // clients opening a new connection per request: no request fails.
 func TestEmbedUpgradesNewConn(t *testing.T) {
-	e := startEmbedded(t, nil, nil)
+	e := startEmbedded(t)
 	addr := waitListening(t, e.current())
 	r := runEmbeddedUpgrades(t, e, addr, loadgen.NewConn, 20, 500*time.Millisecond)
 	requireNoFailures(t, r)
@@ -173,7 +177,7 @@ func TestEmbedUpgradesNewConn(t *testing.T) {
 // connection, and connections are answered by several generations (handed
 // off from process to process).
 func TestEmbedUpgradesKeepAlive(t *testing.T) {
-	e := startEmbedded(t, nil, nil)
+	e := startEmbedded(t)
 	addr := waitListening(t, e.current())
 	r := runEmbeddedUpgrades(t, e, addr, loadgen.KeepAlive, 20, 500*time.Millisecond)
 	requireNoFailures(t, r)
@@ -190,7 +194,7 @@ func TestEmbedUpgradesKeepAlive(t *testing.T) {
 // TestEmbedInFlightRequestCompletes: a 3 s request in flight at the
 // upgrade is answered, by the old process, which exits only after it.
 func TestEmbedInFlightRequestCompletes(t *testing.T) {
-	e := startEmbedded(t, nil, nil)
+	e := startEmbedded(t)
 	old := e.current()
 	addr := waitListening(t, old)
 	c, err := net.Dial("tcp", addr)
@@ -223,7 +227,7 @@ func TestEmbedInFlightRequestCompletes(t *testing.T) {
 // failed child is reaped, and that the reason is logged; then it puts the
 // real binary back and upgrades for real.
 func failedUpgrade(t *testing.T, script, reason string, args ...string) {
-	e := startEmbedded(t, nil, nil, args...)
+	e := startEmbedded(t, args...)
 	parent := e.current()
 	addr := waitListening(t, parent)
 	l := startLoad(loadgen.Config{Addr: addr, Clients: 16, Mode: loadgen.KeepAlive, MaxIdle: 50 * time.Millisecond})
@@ -294,7 +298,7 @@ func TestEmbedFDsFlat(t *testing.T) {
 }
 
 func checkFDsFlat(t testing.TB, n int) {
-	e := startEmbedded(t, nil, nil)
+	e := startEmbedded(t)
 	addr := waitListening(t, e.current())
 	l := startLoad(loadgen.Config{Addr: addr, Clients: 4, Mode: loadgen.KeepAlive, MaxIdle: 20 * time.Millisecond})
 	var counts []int
