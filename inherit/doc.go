@@ -31,6 +31,20 @@
 // net.ListenConfig of WithListenConfig), and Ready and Notify do nothing.
 // Set.Inherited tells an inherited listener from a fresh one.
 //
+// # Embedded upgrades
+//
+// With WithUpgrades a standalone (or systemd-activated) process upgrades
+// itself with tableflip (github.com/cloudflare/tableflip) on SIGUSR2 or
+// SIGHUP: it starts a new copy of its binary, passing it every socket the
+// Set handed out (under its name) and one end of a new handoff channel;
+// the new process's New takes them, so Listen, Listeners and Handoffs work
+// there as under upgrader. Ready sends MAINPID= and READY=1 and calls
+// tableflip's Ready; the old process then finds Upgraded closed (package
+// drain starts its drain on it) and hands its live connections straight to
+// the new process over the channel, with the protocol of docs/handoff.md.
+// A failed upgrade is logged through WithLogger's logger, and the process
+// keeps serving. Under upgrader the option is ignored.
+//
 // # Ownership of the fds and the environment
 //
 // New reads LISTEN_PID, LISTEN_FDS, LISTEN_FDNAMES and UPGRADER_HANDOFF_FD
