@@ -56,6 +56,16 @@ func startFlip(t testing.TB, src string, args ...string) *embedded {
 	}
 	e.cmd = exec.Command(e.bin, argv...)
 	e.cmd.Dir, e.cmd.Stdout, e.cmd.Stderr = dir, logf, logf
+	e.start()
+	e.waitPid(0, 30*time.Second)
+	return e
+}
+
+// start starts e.cmd; at the test's end every process that served is
+// killed, and on a failure the log of every generation is shown.
+func (e *embedded) start() {
+	t := e.t
+	t.Helper()
 	if err := e.cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
@@ -73,8 +83,6 @@ func startFlip(t testing.TB, src string, args ...string) *embedded {
 			t.Logf("log of every generation:\n%s", b)
 		}
 	})
-	e.waitPid(0, 30*time.Second)
-	return e
 }
 
 func hasFlag(args []string, f string) bool {
@@ -372,20 +380,7 @@ func TestEmbedUnderSocketActivation(t *testing.T) {
 	e.cmd = exec.Command("systemd-socket-activate", "-l", addr, "--fdname=web", "-E", "NOTIFY_SOCKET="+ns.path,
 		helloBin, "-upgrades", "-pid-file", e.pid)
 	e.cmd.Stdout, e.cmd.Stderr = logf, logf
-	if err := e.cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	go e.cmd.Wait()
-	t.Cleanup(func() {
-		for pid := range e.seen {
-			syscall.Kill(pid, syscall.SIGKILL)
-		}
-		e.cmd.Process.Kill()
-		if t.Failed() {
-			b, _ := os.ReadFile(e.log)
-			t.Logf("log:\n%s", b)
-		}
-	})
+	e.start()
 	// systemd-socket-activate starts the service on the first connection.
 	var c net.Conn
 	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
