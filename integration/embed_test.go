@@ -140,8 +140,14 @@ func waitGone(t testing.TB, pid int, timeout time.Duration) {
 // successor is ready and it has drained and exited; it returns the new pid.
 func (e *embedded) upgrade() int {
 	e.t.Helper()
+	return e.upgradeOn(syscall.SIGUSR2)
+}
+
+// upgradeOn is upgrade with sig (SIGUSR2 or SIGHUP).
+func (e *embedded) upgradeOn(sig syscall.Signal) int {
+	e.t.Helper()
 	old := e.current()
-	if err := syscall.Kill(old, syscall.SIGUSR2); err != nil {
+	if err := syscall.Kill(old, sig); err != nil {
 		e.t.Fatal(err)
 	}
 	p := e.waitPid(old, 30*time.Second)
@@ -357,7 +363,8 @@ func stableFDs(t testing.TB, pid int) int {
 
 // TestEmbedUnderSocketActivation: run by systemd-socket-activate, hello
 // -upgrades serves the socket it was given, tells the notify socket
-// MAINPID and READY=1, and passes the same socket on at every upgrade.
+// MAINPID and READY=1, and passes the same socket on at every upgrade
+// (on SIGUSR2 and on SIGHUP alike).
 func TestEmbedUnderSocketActivation(t *testing.T) {
 	if _, err := exec.LookPath("systemd-socket-activate"); err != nil {
 		t.Skip("systemd-socket-activate not installed")
@@ -403,8 +410,8 @@ func TestEmbedUnderSocketActivation(t *testing.T) {
 	}
 	l := startLoad(loadgen.Config{Addr: addr, Clients: 8, Mode: loadgen.KeepAlive, MaxIdle: 50 * time.Millisecond})
 	l.waitServed(t, 1, 50)
-	for i := 0; i < 3; i++ {
-		p := e.upgrade()
+	for i, sig := range []syscall.Signal{syscall.SIGUSR2, syscall.SIGHUP, syscall.SIGUSR2} {
+		p := e.upgradeOn(sig)
 		ns.find(t, 10*time.Second, "MAINPID="+strconv.Itoa(p), "READY=1")
 		if _, ok := inode(p)[listenIno]; !ok {
 			t.Fatalf("generation %d (pid %d) does not hold the activated socket (inode %s)", i+2, p, listenIno)
