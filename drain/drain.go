@@ -345,13 +345,14 @@ func (s *Server) logPanic(err error) {
 func (s *Server) drain(listeners []net.Listener) {
 	deadline := time.Now().Add(s.opts.Timeout)
 	_ = inherit.Notify("STOPPING=1")
-	s.draining.Store(true)
-	close(s.started)
 	// A second drain signal: close what is idle now (upgrader sends it to
-	// the oldest generation when too many drain at once).
+	// the oldest generation when too many drain at once). Caught before
+	// anyone hears the drain began, so that none can be missed.
 	again := make(chan os.Signal, 1)
 	signal.Notify(again, s.opts.Signals...)
 	defer signal.Stop(again)
+	s.draining.Store(true)
+	close(s.started)
 	s.goAway()
 	if s.opts.OnDrain != nil {
 		s.opts.OnDrain()

@@ -342,7 +342,7 @@ func TestIdleTLSConnectionClosedAfterGrace(t *testing.T) {
 		io.Copy(io.Discard, r.Body)
 	})}
 	l := tlsListener(t, "http/1.1")
-	_, drain := serveOn(t, srv, l, Options{Timeout: 60 * time.Second, IdleGrace: 500 * time.Millisecond})
+	d, drain := serveOn(t, srv, l, Options{Timeout: 60 * time.Second, IdleGrace: 500 * time.Millisecond})
 	idle := dialTLS(t, l.Addr().String(), "http/1.1")
 	ibr := bufio.NewReader(idle)
 	rawRequest(t, idle, ibr, "/")
@@ -352,8 +352,8 @@ func TestIdleTLSConnectionClosedAfterGrace(t *testing.T) {
 
 	drained := make(chan error, 1)
 	go func() { drained <- drain() }()
-	// Sent within the grace (the drain has begun once the idle one is
-	// closed, and that is at least the grace later).
+	waitFor(t, "the drain to begin", d.Draining)
+	// Sent within the grace (the idle one is closed only the grace later).
 	if resp := rawRequest(t, busy, bbr, "/"); !resp.Close {
 		t.Fatal("request during the drain: no Connection: close")
 	}
