@@ -11,15 +11,7 @@ import (
 )
 
 func TestOnJournalMatchesDeviceAndInode(t *testing.T) {
-	f, err := os.Create(filepath.Join(t.TempDir(), "stream"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	var st unix.Stat_t
-	if err := unix.Fstat(int(f.Fd()), &st); err != nil {
-		t.Fatal(err)
-	}
+	f, st := statFile(t, "stream")
 	match := fmt.Sprintf("%d:%d", uint64(st.Dev), st.Ino)
 	for _, c := range []struct {
 		env  string
@@ -89,15 +81,7 @@ func TestJournalPriorityPrefixes(t *testing.T) {
 // TestJournalStreamSelectsPrefixes runs the check run makes: with
 // JOURNAL_STREAM naming the file stderr points at, lines get prefixes.
 func TestJournalStreamSelectsPrefixes(t *testing.T) {
-	f, err := os.Create(filepath.Join(t.TempDir(), "stderr"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	var st unix.Stat_t
-	if err := unix.Fstat(int(f.Fd()), &st); err != nil {
-		t.Fatal(err)
-	}
+	f, st := statFile(t, "stderr")
 	saved, err := unix.Dup(2)
 	if err != nil {
 		t.Fatal(err)
@@ -126,4 +110,21 @@ func TestJournalStreamSelectsPrefixes(t *testing.T) {
 	if len(lines) != 2 || !strings.HasPrefix(lines[0], `<3>{"level":"error"`) || !strings.HasPrefix(lines[1], `<6>{"level":"info"`) {
 		t.Fatalf("lines on the journal stream:\n%s", b)
 	}
+}
+
+// statFile creates a file named name in a temporary directory (closed at
+// the test's end) and returns it with its stat, whose device and inode are
+// what JOURNAL_STREAM names.
+func statFile(t *testing.T, name string) (*os.File, unix.Stat_t) {
+	t.Helper()
+	f, err := os.Create(filepath.Join(t.TempDir(), name))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.Close() })
+	var st unix.Stat_t
+	if err := unix.Fstat(int(f.Fd()), &st); err != nil {
+		t.Fatal(err)
+	}
+	return f, st
 }
