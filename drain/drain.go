@@ -458,6 +458,13 @@ func (s *Server) track(c net.Conn, st http.ConnState) {
 	case http.StateNew:
 		info := s.registerLocked(c)
 		info.seq++
+		// New during the drain (one accepted just before the listener
+		// closed, or given back by a refused handoff, which net/http
+		// reports new again): if it cannot go, it closes once idle for
+		// the grace, as an idle one does, unless a request arrives.
+		if s.draining.Load() && s.idleCloseLocked(c, info) {
+			plan = []idleCheck{{c: c, info: info, seq: info.seq}}
+		}
 	default:
 		// Only connections registered at StateNew count: an HTTP/2
 		// server run on a hijacked connection (x/net's h2c) reports

@@ -153,6 +153,35 @@ func TestRefusedHandoffIsServedHere(t *testing.T) {
 	}
 }
 
+// A connection whose handoff was refused and whose client then stays
+// idle (a balancer's pooled connection during a stop, when no generation
+// takes handoffs) is closed once idle for IdleGrace, as any idle
+// connection that cannot go is: not left to net/http's own timeouts or to
+// the drain's deadline.
+func TestRefusedHandoffIdleConnectionClosedAfterGrace(t *testing.T) {
+	u, h := newFakeUpgrader(t, func() bool { return false }, true)
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.Copy(io.Discard, r.Body)
+	})}
+	_, addr, drain := startServe(t, srv, Options{Timeout: 60 * time.Second, IdleGrace: 200 * time.Millisecond, Handoff: h})
+	c, br := dialKeepAlive(t, addr)
+	rawRequest(t, c, br, "/")
+	drained := make(chan error, 1)
+	go func() { drained <- drain() }()
+	select {
+	case <-u.batches:
+	case <-time.After(20 * time.Second):
+		t.Fatal("no handoff was attempted")
+	}
+	c.SetReadDeadline(time.Now().Add(30 * time.Second)) // half the deadline
+	if _, err := br.ReadByte(); err != io.EOF {
+		t.Fatalf("idle connection after a refused handoff: %v, want closed (EOF) after the grace", err)
+	}
+	if err := <-drained; err != nil {
+		t.Fatal(err)
+	}
+}
+
 // Half a request already read by net/http when the drain begins: the
 // connection is not taken (the bytes are in net/http's buffer); the request
 // is finished and answered here, with "Connection: close", so that the

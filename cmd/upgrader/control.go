@@ -30,6 +30,8 @@ func controlHandler(sup *supervise.Supervisor) control.Handler {
 				return err
 			}
 			return send(st)
+		case "prestop":
+			return preStop(ctx, sup, send)
 		case "upgrade":
 			if r.Self || r.SelfOnly {
 				return selfUpgrade(ctx, sup, r, send)
@@ -50,6 +52,79 @@ func controlHandler(sup *supervise.Supervisor) control.Handler {
 		}
 		return fmt.Errorf("unknown command %q", r.Command)
 	}
+}
+
+// preStopReply is a line of the prestop command's reply.
+type preStopReply struct {
+	Event  string `json:"event"` // "not_ready", then "done"
+	WaitMS int64  `json:"wait_ms"`
+}
+
+// preStop answers prestop: not-ready now, and "done" once what is left of
+// --shutdown-delay has passed, so that a Kubernetes preStop hook that
+// runs `upgrader prestop` lasts exactly the shutdown delay.
+func preStop(ctx context.Context, sup *supervise.Supervisor, send func(any) error) error {
+	left, err := sup.PreStop(ctx)
+	if err != nil {
+		return err
+	}
+	if err := send(preStopReply{Event: "not_ready", WaitMS: left.Milliseconds()}); err != nil {
+		return nil // the client went away; not-ready stays
+	}
+	t := time.NewTimer(left)
+	defer t.Stop()
+	select {
+	case <-t.C:
+	case <-ctx.Done():
+		return nil
+	}
+	return send(preStopReply{Event: "done"})
+}
+
+// preStopCmd is `upgrader prestop`: for a Kubernetes preStop hook (or any
+// "about to stop" step): the running upgrader reports not-ready at once,
+// and the command returns when --shutdown-delay has passed, the time the
+// balancers need to stop sending; the TERM that follows then drains at
+// once.
+func preStopCmd(args []string) error {
+	fs := flag.NewFlagSet("upgrader prestop", flag.ContinueOnError)
+	path := fs.String("control", "", "the supervisor's control socket (default upgrader.sock in the runtime directory)")
+	timeout := fs.Duration("timeout", 5*time.Minute, "give up waiting after this long")
+	if err := fs.Parse(args); err != nil {
+		return fmt.Errorf("%w: %v", errUsage, err)
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("%w: prestop takes no arguments, got %q", errUsage, fs.Args())
+	}
+	if *path == "" {
+		*path = defaultControlPath()
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), *timeout)
+	defer cancel()
+	done := false
+	err := control.Do(ctx, *path, control.Request{Command: "prestop"}, func(line []byte) error {
+		var r preStopReply
+		if err := json.Unmarshal(line, &r); err != nil {
+			return fmt.Errorf("control reply %q: %w", line, err)
+		}
+		switch r.Event {
+		case "not_ready":
+			fmt.Printf("not ready from now on; waiting %s of the shutdown delay\n", time.Duration(r.WaitMS)*time.Millisecond)
+		case "done":
+			done = true
+			fmt.Println("shutdown delay over: stop it now")
+		}
+		return nil
+	})
+	switch {
+	case errors.Is(err, context.DeadlineExceeded) || errors.Is(err, os.ErrDeadlineExceeded):
+		return fmt.Errorf("shutdown delay not over within --timeout %s", *timeout)
+	case err != nil:
+		return err
+	case !done:
+		return errors.New("the supervisor closed the control connection before the shutdown delay was over (stopping already?)")
+	}
+	return nil
 }
 
 // selfUpgrade answers upgrade --self: it hands the supervisor a duplicate
@@ -221,7 +296,7 @@ func summary(st supervise.Status) string {
 	case st.Stopping:
 		state = "stopping"
 	case !st.Ready:
-		state = "not ready"
+		state = "not ready (" + st.NotReady + ")"
 	}
 	fmt.Fprintf(&b, "upgrader pid %d: %s, generation %d serving; %d worker restarts\n", st.Pid, state, st.Current, st.Restarts)
 	fmt.Fprintf(&b, "  upgrader version %s, re-executed %d times", st.Version, st.Execs)

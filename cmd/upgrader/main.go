@@ -56,7 +56,7 @@ func realMain(m *spawn.MainThread) int {
 	cmd := "run"
 	if len(args) > 0 {
 		switch args[0] {
-		case "run", "upgrade", "status", "version", "help", "self-check":
+		case "run", "upgrade", "status", "prestop", "version", "help", "self-check":
 			cmd, args = args[0], args[1:]
 		}
 	}
@@ -68,6 +68,8 @@ func realMain(m *spawn.MainThread) int {
 		err = upgradeCmd(args)
 	case "status":
 		err = statusCmd(args)
+	case "prestop":
+		err = preStopCmd(args)
 	case "version":
 		fmt.Println("upgrader", version)
 	case "self-check":
@@ -92,6 +94,7 @@ const usage = `usage:
   upgrader [run] [flags] -- COMMAND [ARG...]
   upgrader upgrade [--control PATH | --pid-file PATH] [--timeout DUR] [--no-wait] [--self | --self-only]
   upgrader status  [--control PATH] [--json]
+  upgrader prestop [--control PATH] [--timeout DUR]
   upgrader version
 
 Run 'upgrader run --help' for the flags.

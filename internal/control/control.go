@@ -11,6 +11,10 @@
 //	→ {"command":"status"}
 //	← {…the status snapshot…}
 //
+//	→ {"command":"prestop"}
+//	← {"event":"not_ready","wait_ms":5000}
+//	← {"event":"done"}               (once --shutdown-delay has passed)
+//
 // A request that cannot be parsed gets one {"error":"…"} line naming it.
 package control
 
@@ -38,7 +42,8 @@ const MaxRequestSize = 4096
 
 // Request is what a client asks.
 type Request struct {
-	// Command is "upgrade" or "status".
+	// Command is "upgrade", "status" or "prestop" (not-ready now, ahead
+	// of a stop; the reply comes when --shutdown-delay has passed).
 	Command string `json:"command"`
 	// Wait, for upgrade, streams progress until the upgrade ends; without
 	// it the server replies once the upgrade has been started.
@@ -76,12 +81,12 @@ func ParseRequest(line []byte) (Request, error) {
 		return Request{}, fmt.Errorf("control request %.80q: trailing data after the JSON object", line)
 	}
 	switch r.Command {
-	case "upgrade", "status":
+	case "upgrade", "status", "prestop":
 		return r, nil
 	case "":
-		return Request{}, fmt.Errorf("control request %.80q: no command (want upgrade or status)", line)
+		return Request{}, fmt.Errorf("control request %.80q: no command (want upgrade, status or prestop)", line)
 	}
-	return Request{}, fmt.Errorf("control request %.80q: unknown command %q (want upgrade or status)", line, r.Command)
+	return Request{}, fmt.Errorf("control request %.80q: unknown command %q (want upgrade, status or prestop)", line, r.Command)
 }
 
 // Handler answers one request by writing reply values to send.

@@ -15,10 +15,14 @@ import (
 // non-blocking, and never accepted from. Workers get it dup2'ed to fd 3+i.
 type Socket struct {
 	Spec Spec
-	// FD is the supervisor's copy. It stays open for the supervisor's life.
+	// FD is the supervisor's copy. It stays open until Close, which the
+	// supervisor calls when a stop begins to drain (see
+	// supervise.Supervisor's closeListeners) and again, as a no-op, at exit.
 	FD int
 	// unlink is the filesystem path to remove on Close (Unix sockets we bound).
 	unlink string
+	// closedAddr is Addr as it was when Close ran (FD is -1 since).
+	closedAddr string
 }
 
 // Bind creates the listener for spec. A Unix socket path that exists but has
@@ -124,6 +128,9 @@ func describe(sa unix.Sockaddr, typ int) (network, address string) {
 
 // Addr is the address the socket is bound to now (useful after port 0).
 func (s *Socket) Addr() string {
+	if s.FD < 0 {
+		return s.closedAddr
+	}
 	sa, err := unix.Getsockname(s.FD)
 	if err != nil {
 		return s.Spec.Address
@@ -133,8 +140,15 @@ func (s *Socket) Addr() string {
 }
 
 // Close closes the supervisor's copy and removes a Unix socket file it bound.
+// It is idempotent: a second Close does nothing, so that an fd number
+// reused since is never closed by mistake.
 func (s *Socket) Close() error {
+	if s.FD < 0 {
+		return nil
+	}
+	s.closedAddr = s.Addr()
 	err := unix.Close(s.FD)
+	s.FD = -1
 	if s.unlink != "" {
 		os.Remove(s.unlink)
 	}

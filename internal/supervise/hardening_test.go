@@ -456,3 +456,44 @@ func TestFirstGenerationThatCannotStartEndsRun(t *testing.T) {
 		t.Fatal("Run did not return after generation 1 could not start")
 	}
 }
+
+// PreStop turns the supervisor not-ready without draining, refuses a
+// self-upgrade from then on, and the stop that follows counts its shutdown
+// delay from the PreStop: a TERM once the delay has passed drains in the
+// same turn of the loop.
+func TestPreStopThenStopDrainsWithoutASecondDelay(t *testing.T) {
+	const delay = 200 * time.Millisecond
+	h := run(t, Config{ShutdownDelay: delay, DrainSignal: unix.SIGTERM})
+	w := h.started()
+	h.ready(w)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	left, err := h.s.PreStop(ctx)
+	if err != nil || left <= 0 || left > delay {
+		t.Fatalf("PreStop: %s, %v; want at most the %s shutdown delay left", left, err, delay)
+	}
+	st := h.status()
+	if st.Ready || st.Stopping || !strings.Contains(st.NotReady, "prestop") {
+		t.Fatalf("status after PreStop: %+v; want not ready because of prestop, not stopping", st)
+	}
+	h.noKill(delay / 2) // the worker goes on serving
+	if _, err := h.s.SelfUpgrade(ctx, SelfRequest{ClientFD: -1}); err == nil || !strings.Contains(err.Error(), "prestop") {
+		t.Fatalf("self-upgrade after PreStop: %v, want refused because of prestop", err)
+	}
+	for left > 0 { // a second PreStop says what is left of the same delay
+		time.Sleep(10 * time.Millisecond) // polling interval
+		if left, err = h.s.PreStop(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	h.s.post(evSignal{unix.SIGTERM})
+	h.sync()
+	if g := h.status().Generations; len(g) != 1 || g[0].State != GenDraining {
+		t.Fatalf("generations once TERM was taken after the delay: %+v, want generation 1 draining at once", g)
+	}
+	h.killed(w, unix.SIGTERM)
+	h.exit(w, 0)
+	if err := h.result(); err != nil {
+		t.Fatalf("Run returned %v", err)
+	}
+}

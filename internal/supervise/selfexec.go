@@ -96,6 +96,9 @@ func (s *Supervisor) SelfUpgrade(ctx context.Context, req SelfRequest) (<-chan P
 		switch {
 		case s.stopping:
 			err = errors.New("self-upgrade refused: the supervisor is stopping")
+		case !s.preStopAt.IsZero():
+			// The new image would not know a stop is coming.
+			err = errors.New("self-upgrade refused: a stop is coming (prestop)")
 		case s.self != nil || s.selfQueued != nil:
 			err = errors.New("self-upgrade refused: one is already under way")
 		case s.cfg.Executable == "":

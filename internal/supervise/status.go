@@ -7,6 +7,8 @@ import (
 	"fmt"
 	"slices"
 	"time"
+
+	"go.uber.org/zap"
 )
 
 // Status is a snapshot of the supervisor, taken by its loop. It is what
@@ -14,7 +16,8 @@ import (
 type Status struct {
 	Pid int `json:"pid"`
 	// Ready: a ready worker of the current generation is alive, no stop
-	// has begun and the supervisor has not given up. NotReady says why
+	// has begun or been announced (PreStop) and the supervisor has not
+	// given up. NotReady says why
 	// not, when it is false.
 	Ready       bool             `json:"ready"`
 	NotReady    string           `json:"not_ready,omitempty"`
@@ -109,7 +112,7 @@ func (s *Supervisor) snapshot() Status {
 		Pid:      s.pid,
 		Stopping: s.stopping,
 		GaveUp:   s.gaveUp,
-		Ready:    s.current != nil && s.current.readyCount() > 0 && !s.stopping && !s.gaveUp,
+		Ready:    s.current != nil && s.current.readyCount() > 0 && !s.stopping && !s.gaveUp && s.preStopAt.IsZero(),
 		Upgrades: map[string]int{"ok": s.upgradesOK, "failed": s.upgradesFailed},
 		Restarts: s.restartCount,
 		Handoffs: s.hoStats,
@@ -133,6 +136,8 @@ func (s *Supervisor) snapshot() Status {
 		st.NotReady = "gave up: " + s.stopErr.Error()
 	case s.stopping:
 		st.NotReady = "stopping"
+	case !s.preStopAt.IsZero():
+		st.NotReady = "a stop is coming (prestop)"
 	case s.current == nil:
 		st.NotReady = "no generation ready yet"
 	default:
@@ -169,6 +174,31 @@ func sortWorkers(ws []WorkerStatus) {
 	slices.SortFunc(ws, func(a, b WorkerStatus) int {
 		return cmp.Or(cmp.Compare(a.Slot, b.Slot), cmp.Compare(a.Pid, b.Pid))
 	})
+}
+
+// PreStop makes the supervisor report not-ready from now on, ahead of a
+// stop that has not been signalled yet (a Kubernetes preStop hook runs
+// before the kubelet sends SIGTERM), and returns how much of
+// Config.ShutdownDelay is left to wait, counted from the first PreStop (0
+// once it has passed, or once the stop has begun). The workers keep
+// serving; the TERM that follows drains once the whole delay has passed
+// since the first PreStop, not a second delay after it. There is no way
+// back but a restart: a self-upgrade is refused from then on. The error
+// is ErrNotRunning or ctx's.
+func (s *Supervisor) PreStop(ctx context.Context) (time.Duration, error) {
+	var left time.Duration
+	err := s.call(ctx, func() {
+		if s.stopping {
+			return
+		}
+		if s.preStopAt.IsZero() {
+			s.preStopAt = time.Now()
+			s.log.Info("prestop: not ready from now on; the stop's shutdown delay starts now",
+				zap.Duration("shutdown_delay", s.cfg.ShutdownDelay))
+		}
+		left = max(0, s.cfg.ShutdownDelay-time.Since(s.preStopAt))
+	})
+	return left, err
 }
 
 // Progress is one step of an upgrade, as `upgrader upgrade` prints it.

@@ -106,12 +106,15 @@ type Supervisor struct {
 	// members maps the pids of workers' trees to their worker, as last
 	// read for a notify message; strangers holds pids found in no tree,
 	// until when they are not looked up again (treeMember).
-	members     map[int]*worker
-	strangers   map[int]time.Time
-	queued      bool // one more upgrade asked for during this one
-	restarts    []time.Time
-	stopping    bool
-	stopErr     error
+	members   map[int]*worker
+	strangers map[int]time.Time
+	queued    bool // one more upgrade asked for during this one
+	restarts  []time.Time
+	stopping  bool
+	stopErr   error
+	// preStopAt is when PreStop first asked for not-ready ahead of a stop
+	// (zero: never); the stop's shutdown delay counts from then.
+	preStopAt   time.Time
 	hooks       Hooks
 	lastUp      UpgradeResult
 	pid         int
@@ -724,13 +727,19 @@ func (s *Supervisor) beginStop(err error) {
 		}
 	}
 	s.env.notifyManager(daemon.SdNotifyStopping)
-	if err != nil || s.cfg.ShutdownDelay <= 0 {
+	delay := s.cfg.ShutdownDelay
+	if !s.preStopAt.IsZero() {
+		delay -= time.Since(s.preStopAt) // served, or being served, by PreStop
+	}
+	if err != nil || delay <= 0 {
 		s.drainAll()
 		return
 	}
-	time.AfterFunc(s.cfg.ShutdownDelay, func() { s.post(evShutdown{}) })
+	time.AfterFunc(delay, func() { s.post(evShutdown{}) })
 }
 
+// drainAll drains every generation for a stop, and closes the
+// supervisor's copies of the listeners.
 func (s *Supervisor) drainAll() {
 	for _, g := range append([]*generation(nil), s.gens...) {
 		if g.state == GenStarting {
@@ -738,6 +747,24 @@ func (s *Supervisor) drainAll() {
 			continue
 		}
 		s.drainGeneration(g)
+	}
+	s.closeListeners()
+}
+
+// closeListeners closes the supervisor's copy of every listener once a
+// stop drains: no later generation will need them. Held open, they would
+// keep the kernel completing handshakes and queueing connections after the
+// last worker closed its copy, and every such connection, its request
+// already sent, would be reset when upgrader exits (one per client, per
+// measurement). Closed, the socket goes with the last worker's copy and a
+// later connection is refused, which a client or balancer can always
+// retry. A copy systemd holds (socket unit, fd store) keeps the socket
+// listening for the next start, as it should.
+func (s *Supervisor) closeListeners() {
+	for _, sock := range s.cfg.Sockets {
+		if err := sock.Close(); err != nil {
+			s.log.Warn("closing the listener for the stop", zap.String("listener", sock.Spec.Name), zap.Error(err))
+		}
 	}
 }
 
