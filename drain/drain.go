@@ -458,6 +458,14 @@ func (s *Server) track(c net.Conn, st http.ConnState) {
 	case http.StateNew:
 		info := s.registerLocked(c)
 		info.seq++
+		// During the drain a connection turns up new when a refused
+		// handoff gives it back (refuse): it is idle, and nothing will
+		// take it, so it closes after the grace like any idle one that
+		// cannot go (else it would wait for a request, or for net/http's
+		// own timeouts, up to the deadline).
+		if s.draining.Load() && s.idleCloseLocked(c, info) {
+			plan = []idleCheck{{c: c, info: info, seq: info.seq}}
+		}
 	default:
 		// Only connections registered at StateNew count: an HTTP/2
 		// server run on a hijacked connection (x/net's h2c) reports

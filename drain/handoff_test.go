@@ -153,6 +153,32 @@ func TestRefusedHandoffIsServedHere(t *testing.T) {
 	}
 }
 
+// An idle connection given back by a refused handoff, whose client sends
+// nothing more (a load balancer that took the host out of its pool keeps
+// its idle connections to it), is closed after the idle grace like any
+// idle connection that cannot go, not left open until the drain's
+// deadline.
+func TestRefusedHandoffIdleConnectionCloses(t *testing.T) {
+	u, _, addr, drain := handoffServer(t, func() bool { return false })
+	c, br := dialKeepAlive(t, addr)
+	rawRequest(t, c, br, "/")
+	drained := make(chan error, 1)
+	go func() { drained <- drain() }()
+	select {
+	case <-u.batches:
+	case <-time.After(20 * time.Second):
+		t.Fatal("no handoff was attempted")
+	}
+	// Well short of the drain's 20s deadline.
+	c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if b, err := br.ReadByte(); err != io.EOF {
+		t.Fatalf("idle connection after a refused handoff: read %q, %v; want EOF (closed by the server)", b, err)
+	}
+	if err := <-drained; err != nil {
+		t.Fatal(err)
+	}
+}
+
 // Half a request already read by net/http when the drain begins: the
 // connection is not taken (the bytes are in net/http's buffer); the request
 // is finished and answered here, with "Connection: close", so that the
