@@ -58,10 +58,12 @@ func TestPackageDeb(t *testing.T) {
 		}
 	}
 	want := map[string]string{
-		unitUpgraderPath:                    "-rwxr-xr-x",
-		unitHelloPath:                       "-rwxr-xr-x",
-		"/usr/share/man/man1/upgrader.1.gz": "-rw-r--r--",
-		"/usr/share/doc/upgrader/README.md": "-rw-r--r--",
+		unitUpgraderPath:                                              "-rwxr-xr-x",
+		unitHelloPath:                                                 "-rwxr-xr-x",
+		"/usr/share/man/man1/upgrader.1.gz":                           "-rw-r--r--",
+		"/usr/share/doc/upgrader/README.md":                           "-rw-r--r--",
+		"/usr/share/doc/upgrader/examples/haproxy.cfg":                "-rw-r--r--",
+		"/usr/share/doc/upgrader/examples/kubernetes-deployment.yaml": "-rw-r--r--",
 	}
 	srcUnits, _ := filepath.Glob(filepath.Join(repoRoot, "packaging", "systemd", "*"))
 	for _, u := range srcUnits {
