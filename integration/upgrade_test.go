@@ -305,3 +305,30 @@ func TestWorkerContract(t *testing.T) {
 		t.Errorf("worker has fds %v; want only 0-2, the 2 listeners and the handoff channel", fds)
 	}
 }
+
+// The "draining" progress of an upgrade counts the established connections
+// the old generation holds: here three idle keep-alive connections.
+func TestUpgradeProgressCountsConnections(t *testing.T) {
+	p := startUpgrader(t, "-l", "127.0.0.1:0", "--", helloBin)
+	addr := p.addr("")
+	p.waitReady(1)
+	worker := p.workerPids(1)[0]
+	for range 3 {
+		c, err := net.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		waitConsumed(t, c, worker)
+	}
+	progress, _ := p.upgrade(30 * time.Second)
+	for _, ev := range progress {
+		if ev.Event == "draining" {
+			if ev.Old != 1 || ev.Connections != 3 {
+				t.Fatalf("draining progress %+v, want generation 1 with 3 connections", ev)
+			}
+			return
+		}
+	}
+	t.Fatalf("no draining progress in %+v", progress)
+}
