@@ -57,7 +57,9 @@ type Run struct {
 	// started; ReloadErrors the reloads that failed (described).
 	Reloads      []time.Duration
 	ReloadErrors []string
-	Length       time.Duration // from the load's start until it was told to stop
+	// ReloadsDone counts the reloads that took effect (server.reloadsDone).
+	ReloadsDone int
+	Length      time.Duration // from the load's start until it was told to stop
 }
 
 // Failed counts the run's failed requests.
@@ -126,7 +128,8 @@ func Bench(ctx context.Context, o Options) ([]*Run, error) {
 				}
 				r.Round = round
 				runs = append(runs, r)
-				logf(o.Log, "round %d %-12s %-9s %s; reload errors %d", round, name, mode, r.Result, len(r.ReloadErrors))
+				logf(o.Log, "round %d %-12s %-9s %s; reloads %d, done %d, errors %d",
+					round, name, mode, r.Result, len(r.Reloads), r.ReloadsDone, len(r.ReloadErrors))
 				for _, e := range r.ReloadErrors[:min(3, len(r.ReloadErrors))] {
 					logf(o.Log, "  reload error: %s", e)
 				}
@@ -149,7 +152,9 @@ func runOne(ctx context.Context, o Options, sys system, mode loadgen.Mode, e env
 	if err != nil {
 		return nil, err
 	}
-	defer srv.stop()
+	var stopOnce sync.Once
+	stop := func() { stopOnce.Do(srv.stop) }
+	defer stop()
 	if err := waitServing(srv.addr(), 10*time.Second); err != nil {
 		return nil, err
 	}
@@ -200,6 +205,9 @@ func runOne(ctx context.Context, o Options, sys system, mode loadgen.Mode, e env
 	stopLoad()
 	r.Length = time.Since(start)
 	r.Result = <-done
+	// After the stop, so that the logs it reads are complete.
+	stop()
+	r.ReloadsDone = srv.reloadsDone(r.Result)
 	return r, nil
 }
 

@@ -29,6 +29,7 @@ type total struct {
 	idle, under  int
 	polite       int
 	reloads      int
+	reloadsDone  int
 	reloadErrs   int
 }
 
@@ -56,6 +57,7 @@ func totals(o Options, runs []*Run) []*total {
 				t.under += r.Result.ClosedUnderClient
 				t.polite += r.Result.ServerCloses
 				t.reloads += len(r.Reloads)
+				t.reloadsDone += r.ReloadsDone
 				t.reloadErrs += len(r.ReloadErrors)
 			}
 		}
@@ -80,8 +82,8 @@ func modeName(m loadgen.Mode) string {
 // Table is the markdown table of the runs, summed over rounds.
 func Table(o Options, runs []*Run) string {
 	var b strings.Builder
-	b.WriteString("| system | reload | load | requests | failed | per round | refused | reset | EOF | timeout | other | closed while idle | closed under the client | `Connection: close` |\n")
-	b.WriteString("|---|---|---|--:|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|\n")
+	b.WriteString("| system | reload | reloads done | load | requests | failed | per round | refused | reset | EOF | timeout | other | closed while idle | closed under the client | `Connection: close` |\n")
+	b.WriteString("|---|---|--:|---|--:|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|\n")
 	for _, t := range totals(o, runs) {
 		per := make([]string, len(t.failedRounds))
 		for i, n := range t.failedRounds {
@@ -91,8 +93,8 @@ func Table(o Options, runs []*Run) string {
 		if t.reloadErrs > 0 {
 			reload += fmt.Sprintf(" (%d of %d failed)", t.reloadErrs, t.reloads)
 		}
-		fmt.Fprintf(&b, "| %s | %s | %s | %s | %s | %s | %d | %d | %d | %d | %d | %s | %s | %s |\n",
-			t.sys.title, reload, modeName(t.mode), thousands(t.requests), bold(t.failed()), strings.Join(per, " / "),
+		fmt.Fprintf(&b, "| %s | %s | %d of %d | %s | %s | %s | %s | %d | %d | %d | %d | %d | %s | %s | %s |\n",
+			t.sys.title, reload, t.reloadsDone, t.reloads, modeName(t.mode), thousands(t.requests), bold(t.failed()), strings.Join(per, " / "),
 			t.counts[loadgen.Refused], t.counts[loadgen.Reset], t.counts[loadgen.EOF], t.counts[loadgen.Timeout], t.other(),
 			thousands(t.idle), thousands(t.under), thousands(t.polite))
 	}

@@ -90,7 +90,7 @@ func TestSmoke(t *testing.T) {
 		!bytes.HasSuffix(doc, []byte(endMarker+"\n")) {
 		t.Errorf("%s: want the old text, then the section once:\n%s", md, doc)
 	}
-	for _, want := range []string{"| upgrader | USR2 to upgrader | new connection |", "| tableflip (bare) |", "](benchmarks/side-by-side.png)", "go run . -test"} {
+	for _, want := range []string{"| upgrader | USR2 to upgrader | 4 of 4 | new connection |", "| tableflip (bare) |", "](benchmarks/side-by-side.png)", "go run . -test"} {
 		if !strings.Contains(string(doc), want) {
 			t.Errorf("%s lacks %q", md, want)
 		}

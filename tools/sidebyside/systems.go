@@ -10,6 +10,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/seed6cb0314a/upgrader/integration/loadgen"
 )
 
 // env is what a system needs to start: the binaries this tool built, the
@@ -29,6 +31,27 @@ type server interface {
 	reload() error
 	// stop ends every process of the system.
 	stop()
+	// reloadsDone counts the reloads that took effect, from what the
+	// system says (its logs) or from the generations that answered res.
+	reloadsDone(res loadgen.Result) int
+}
+
+// fromGenerations is reloadsDone for the servers that name their
+// generation in X-Generation: the newest that answered, less the first.
+func fromGenerations(res loadgen.Result) int {
+	newest := 0
+	for g := range res.Generations {
+		if n, err := strconv.Atoi(g); err == nil {
+			newest = max(newest, n)
+		}
+	}
+	return max(0, newest-1)
+}
+
+// countLines counts the lines of the file at path that hold substr.
+func countLines(path, substr string) int {
+	b, _ := os.ReadFile(path)
+	return strings.Count(string(b), substr)
 }
 
 // system is one competitor.
@@ -115,6 +138,8 @@ func startUpgrader(e env) (server, error) {
 func (s *upgraderServer) addr() string  { return s.address }
 func (s *upgraderServer) reload() error { return syscall.Kill(s.c.pid(), syscall.SIGUSR2) }
 func (s *upgraderServer) stop()         { s.c.stop(syscall.SIGTERM, 10*time.Second) }
+
+func (s *upgraderServer) reloadsDone(res loadgen.Result) int { return fromGenerations(res) }
 
 // ---- nginx ----
 
@@ -221,6 +246,11 @@ func startNginxHUP(e env) (server, error) {
 // new workers and asks the old ones to shut down gracefully.
 func (s nginxHUP) reload() error { return syscall.Kill(s.c.pid(), syscall.SIGHUP) }
 
+// reloadsDone counts the HUPs the master logged (at notice level).
+func (s nginxHUP) reloadsDone(loadgen.Result) int {
+	return countLines(filepath.Join(s.e.dir, "error.log"), "(SIGHUP) received")
+}
+
 type nginxBinary struct{ *nginxServer }
 
 // startNginxBinary runs nginx as a daemon (daemon on): nginx ignores the
@@ -265,6 +295,11 @@ func (s nginxBinary) reload() error {
 		return fmt.Errorf("old master %d still running 10s after QUIT", old)
 	}
 	return nil
+}
+
+// reloadsDone counts the new masters the old ones logged starting.
+func (s nginxBinary) reloadsDone(loadgen.Result) int {
+	return countLines(filepath.Join(s.e.dir, "error.log"), "start new binary process")
 }
 
 // nginxWorkers is what worker_processes auto starts: one per CPU.
@@ -336,6 +371,12 @@ func startHAProxy(e env) (server, error) {
 func (s *haproxyServer) addr() string  { return s.address }
 func (s *haproxyServer) reload() error { return syscall.Kill(s.c.pid(), syscall.SIGUSR2) }
 
+// reloadsDone counts the workers the master logged forking, less the
+// first.
+func (s *haproxyServer) reloadsDone(loadgen.Result) int {
+	return max(0, countLines(s.c.log, "New worker (")-1)
+}
+
 // stop is HAProxy's soft stop (USR1 to the master), then a kill.
 func (s *haproxyServer) stop() { s.c.stop(syscall.SIGUSR1, 10*time.Second) }
 
@@ -379,6 +420,8 @@ func (s *bareflipServer) reload() error {
 	return syscall.Kill(pid, syscall.SIGUSR2)
 }
 
+func (s *bareflipServer) reloadsDone(res loadgen.Result) int { return fromGenerations(res) }
+
 func (s *bareflipServer) stop() {
 	if pid := readPid(s.pidFile); pid != 0 {
 		syscall.Kill(pid, syscall.SIGTERM)
@@ -415,3 +458,7 @@ func startNodeCluster(e env) (server, error) {
 func (s *nodeServer) addr() string  { return s.address }
 func (s *nodeServer) reload() error { return syscall.Kill(s.c.pid(), syscall.SIGUSR2) }
 func (s *nodeServer) stop()         { s.c.stop(syscall.SIGTERM, 10*time.Second) }
+
+// reloadsDone counts the restarts whose workers answered; a USR2 that came
+// during a restart was folded into the one restart queued after it.
+func (s *nodeServer) reloadsDone(res loadgen.Result) int { return fromGenerations(res) }
