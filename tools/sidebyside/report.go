@@ -156,19 +156,37 @@ func Section(o Options, runs []*Run, pngRel, cmd string, elapsed time.Duration) 
 		o.Clients, o.MaxIdle, o.Reloads, o.Interval, o.Lead, o.Tail, o.Rounds,
 		time.Now().UTC().Format("2006-01-02"), runtime.NumCPU(), versions(), elapsed.Round(time.Second))
 	b.WriteString(Table(o, runs))
-	b.WriteString(`
+	fmt.Fprintf(&b, `
+"Reloads done": the reloads that took effect, of those asked for: from the systems' own logs (nginx: SIGHUP received,
+new binary process started; HAProxy: new worker forked) or from the newest X-Generation that answered (upgrader,
+tableflip, Node.js cluster; a USR2 that reaches the Node.js primary during a restart is folded into one more restart).
 "failed" is every request that did not end in a whole 2xx response: refused (connect: ECONNREFUSED), reset (ECONNRESET
-or EPIPE), EOF (the connection ended before a whole response), timeout (no whole response within 5 s), other (any other
+or EPIPE), EOF (the connection ended before a whole response), timeout (no whole response within %s), other (any other
 error or status). "Closed while idle": keep-alive connections the server closed between two requests, found closed
 before the next request was written (the request then goes on a new connection, so it is not counted as failed, but a
 client that writes in the instant the close is on its way fails). "Closed under the client": a request on a reused
-connection that failed. ` + "`Connection: close`" + `: responses that ended their keep-alive connection politely.
+connection that failed. `+"`Connection: close`"+`: responses that ended their keep-alive connection politely.
 
-`)
+`, o.RequestTimeout)
 	fmt.Fprintf(&b, "![OK requests per 100 ms over time, reloads and failures, per system and load](%s)\n\n", pngRel)
 	b.WriteString(`Per system (rows) and load (columns), the round with the most failed requests (the first when none failed):
 OK responses per 100 ms (blue), every reload asked for (grey vertical lines), and above the curve one mark per failed
 request at the time it failed, by class, and one per connection closed while idle.
+
+Where failures come from, by mechanism (the counts are the table's):
+
+- A server that closes an idle keep-alive connection races the client writing its next request on it: the request
+  meets the close and fails (reset, or EOF), or, when the client sees the close first, it costs a new connection
+  ("closed while idle"). nginx's old workers close their idle keep-alive connections when they shut down gracefully
+  (after HUP, and after QUIT in the binary upgrade); Node's ` + "`worker.disconnect()`" + ` closes the worker's server,
+  which since Node 19 closes its idle connections too; tableflip's documented pattern calls ` + "`http.Server.Shutdown`" + `,
+  which closes idle connections at once.
+- tableflip's failures with a new connection per request (EOF, never refused): once Shutdown has begun, net/http drops
+  a request it has already read, unanswered, on a connection accepted just before the listener closed (DESIGN.md,
+  "Pitfalls").
+- HAProxy with ` + "`option idle-close-on-response`" + ` answers the next request on each old connection with
+  ` + "`Connection: close`" + ` instead of closing it idle; upgrader hands idle connections to the new generation, so
+  their clients see no close at all.
 
 How each system is set up and reloaded (each as the tool's own child on 127.0.0.1, in a temp dir, stopped by pid):
 
