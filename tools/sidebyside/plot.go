@@ -65,7 +65,7 @@ func worst(runs []*Run, name string, mode loadgen.Mode) *Run {
 func panel(o Options, r *Run) (*plot.Plot, error) {
 	p := plot.New()
 	failed := r.Failed()
-	p.Title.Text = fmt.Sprintf("%s, %s: %d failed, %d closed while idle (round %d of %d)",
+	p.Title.Text = fmt.Sprintf("%s, %s: %d failed, %d closed while idle (worst round: %d of %d)",
 		r.System.title, modeName(r.Mode), failed, r.Result.IdleClosed, r.Round, o.Rounds)
 	p.Title.TextStyle.Font.Size = vg.Points(10)
 	p.X.Label.Text = "seconds since the load started"
