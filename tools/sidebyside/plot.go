@@ -49,12 +49,17 @@ var (
 	reloadStyle = draw.LineStyle{Color: color.RGBA{150, 150, 150, 255}, Width: vg.Points(0.6), Dashes: []vg.Length{vg.Points(2), vg.Points(2)}}
 )
 
-// worst is the round of sys under mode with the most failed requests, the
-// first when they tie.
+// worst is the round of sys under mode with the most failed requests;
+// among rounds that failed as many, the one that served the most, so that
+// a round slowed down by whatever else shares the machine is not the one
+// shown for want of a failure.
 func worst(runs []*Run, name string, mode loadgen.Mode) *Run {
 	var w *Run
 	for _, r := range runs {
-		if r.System.name == name && r.Mode == mode && (w == nil || r.Failed() > w.Failed()) {
+		if r.System.name != name || r.Mode != mode {
+			continue
+		}
+		if w == nil || r.Failed() > w.Failed() || r.Failed() == w.Failed() && r.Result.Requests > w.Result.Requests {
 			w = r
 		}
 	}
@@ -65,7 +70,7 @@ func worst(runs []*Run, name string, mode loadgen.Mode) *Run {
 func panel(o Options, r *Run) (*plot.Plot, error) {
 	p := plot.New()
 	failed := r.Failed()
-	p.Title.Text = fmt.Sprintf("%s, %s: %d failed, %d closed while idle (worst round: %d of %d)",
+	p.Title.Text = fmt.Sprintf("%s, %s: %d failed, %d closed while idle (round %d of %d)",
 		r.System.title, modeName(r.Mode), failed, r.Result.IdleClosed, r.Round, o.Rounds)
 	p.Title.TextStyle.Font.Size = vg.Points(10)
 	p.X.Label.Text = "seconds since the load started"

@@ -68,12 +68,22 @@ func (c *child) exited(d time.Duration) bool {
 }
 
 // stop sends sig, and SIGKILL if the child is still there after grace.
+// Through os.Process (a pidfd), so that a child already reaped is never
+// confused with a new process that got its pid.
 func (c *child) stop(sig syscall.Signal, grace time.Duration) {
-	syscall.Kill(c.pid(), sig)
+	if c.exited(0) {
+		return
+	}
+	c.cmd.Process.Signal(sig)
 	if !c.exited(grace) {
-		syscall.Kill(c.pid(), syscall.SIGKILL)
+		c.cmd.Process.Kill()
 		<-c.done
 	}
+}
+
+// signal sends sig to the child unless it has exited.
+func (c *child) signal(sig syscall.Signal) error {
+	return c.cmd.Process.Signal(sig)
 }
 
 // tail returns the last n lines of the child's log, for error messages.

@@ -169,7 +169,8 @@ connection that failed. `+"`Connection: close`"+`: responses that ended their ke
 
 `, o.RequestTimeout)
 	fmt.Fprintf(&b, "![OK requests per 100 ms over time, reloads and failures, per system and load](%s)\n\n", pngRel)
-	b.WriteString(`Per system (rows) and load (columns), the round with the most failed requests (the first when none failed):
+	b.WriteString(`Per system (rows) and load (columns), the round with the most failed requests (among rounds with as many, the one
+that served the most requests):
 OK responses per 100 ms (blue), every reload asked for (grey vertical lines), and above the curve one mark per failed
 request at the time it failed, by class, and one per connection closed while idle.
 

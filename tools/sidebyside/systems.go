@@ -136,7 +136,7 @@ func startUpgrader(e env) (server, error) {
 }
 
 func (s *upgraderServer) addr() string  { return s.address }
-func (s *upgraderServer) reload() error { return syscall.Kill(s.c.pid(), syscall.SIGUSR2) }
+func (s *upgraderServer) reload() error { return s.c.signal(syscall.SIGUSR2) }
 func (s *upgraderServer) stop()         { s.c.stop(syscall.SIGTERM, 10*time.Second) }
 
 func (s *upgraderServer) reloadsDone(res loadgen.Result) int { return fromGenerations(res) }
@@ -244,7 +244,7 @@ func startNginxHUP(e env) (server, error) {
 
 // reload is nginx's configuration reload: HUP to the master, which starts
 // new workers and asks the old ones to shut down gracefully.
-func (s nginxHUP) reload() error { return syscall.Kill(s.c.pid(), syscall.SIGHUP) }
+func (s nginxHUP) reload() error { return s.c.signal(syscall.SIGHUP) }
 
 // reloadsDone counts the HUPs the master logged (at notice level).
 func (s nginxHUP) reloadsDone(loadgen.Result) int {
@@ -369,7 +369,7 @@ func startHAProxy(e env) (server, error) {
 }
 
 func (s *haproxyServer) addr() string  { return s.address }
-func (s *haproxyServer) reload() error { return syscall.Kill(s.c.pid(), syscall.SIGUSR2) }
+func (s *haproxyServer) reload() error { return s.c.signal(syscall.SIGUSR2) }
 
 // reloadsDone counts the workers the master logged forking, less the
 // first.
@@ -456,7 +456,7 @@ func startNodeCluster(e env) (server, error) {
 }
 
 func (s *nodeServer) addr() string  { return s.address }
-func (s *nodeServer) reload() error { return syscall.Kill(s.c.pid(), syscall.SIGUSR2) }
+func (s *nodeServer) reload() error { return s.c.signal(syscall.SIGUSR2) }
 func (s *nodeServer) stop()         { s.c.stop(syscall.SIGTERM, 10*time.Second) }
 
 // reloadsDone counts the restarts whose workers answered; a USR2 that came
