@@ -48,7 +48,8 @@ func fromGenerations(res loadgen.Result) int {
 	return max(0, newest-1)
 }
 
-// countLines counts the lines of the file at path that hold substr.
+// countLines counts substr in the file at path: in the logs it reads,
+// each message it looks for is one line.
 func countLines(path, substr string) int {
 	b, _ := os.ReadFile(path)
 	return strings.Count(string(b), substr)
