@@ -100,6 +100,16 @@ type Config struct {
 	// X-Generation and the time its status line arrived, from the clients'
 	// goroutines, so that a test can tell which generation served when.
 	OnResponse func(generation string, headerAt time.Time)
+	// OnOutcome, if set, is called once for every finished request, OK or
+	// not, with its class and the time its outcome was known (the whole
+	// response read, or the error seen), from the clients' goroutines, so
+	// that a benchmark can draw outcomes over time. It sees exactly what
+	// Result.Counts counts.
+	OnOutcome func(c Class, at time.Time)
+	// OnIdleClosed, if set, is called each time a keep-alive connection is
+	// found closed by the server while idle (what Result.IdleClosed
+	// counts), with the time it was found, from the clients' goroutines.
+	OnIdleClosed func(at time.Time)
 	// TLS, if set, makes every connection TLS with this configuration; its
 	// NextProtos is replaced by "http/1.1" alone, so that the connection
 	// stays HTTP/1.1 whatever the server offers. ServerName defaults to
@@ -332,6 +342,9 @@ func (c *client) one() {
 	}
 	class, detail, gen, headerAt, closeAfter := exchange(deadline)
 	c.counts[class]++
+	if c.cfg.OnOutcome != nil {
+		c.cfg.OnOutcome(class, time.Now())
+	}
 	if class == OK {
 		c.lat = append(c.lat, time.Since(start))
 		c.gens[gen]++
@@ -439,6 +452,9 @@ func (c *client) dial(deadline time.Time) (Class, string) {
 func (c *client) exchange(deadline time.Time) (class Class, detail, gen string, headerAt time.Time, closeAfter bool) {
 	if c.conn != nil && c.closedWhileIdle() {
 		c.idleClosed++
+		if c.cfg.OnIdleClosed != nil {
+			c.cfg.OnIdleClosed(time.Now())
+		}
 		c.close()
 	}
 	if c.conn == nil {

@@ -1,13 +1,18 @@
 package loadgen
 
 import (
+	"bufio"
 	"context"
 	"crypto/tls"
+	"fmt"
+	"io"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -139,5 +144,82 @@ func TestExpectSizeOnResponseAndProtocols(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// TestOnOutcomeAndOnIdleClosed runs keep-alive clients against a server
+// that closes every connection right after its response, without saying
+// so, and answers every third request 500: the hooks must see every
+// outcome and every idle close that the Result counts, at times within the
+// run.
+func TestOnOutcomeAndOnIdleClosed(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	var served atomic.Int64
+	go func() {
+		for {
+			conn, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer conn.Close()
+				req, err := http.ReadRequest(bufio.NewReader(conn))
+				if err != nil {
+					return
+				}
+				io.Copy(io.Discard, req.Body)
+				status := "200 OK"
+				if served.Add(1)%3 == 0 {
+					status = "500 Internal Server Error"
+				}
+				fmt.Fprintf(conn, "HTTP/1.1 %s\r\nContent-Length: 2\r\n\r\nok", status)
+			}()
+		}
+	}()
+
+	var mu sync.Mutex
+	outcomes := map[Class]int{}
+	var idle int
+	var times []time.Time
+	before := time.Now()
+	r := Run(context.Background(), Config{
+		Addr: ln.Addr().String(), Clients: 2, Requests: 6, Mode: KeepAlive,
+		MaxIdle: 20 * time.Millisecond, Timeout: 5 * time.Second,
+		OnOutcome: func(c Class, at time.Time) {
+			mu.Lock()
+			defer mu.Unlock()
+			outcomes[c]++
+			times = append(times, at)
+		},
+		OnIdleClosed: func(at time.Time) {
+			mu.Lock()
+			defer mu.Unlock()
+			idle++
+			times = append(times, at)
+		},
+	})
+	after := time.Now()
+	if r.Requests != 12 {
+		t.Fatalf("%s; want 12 requests", r)
+	}
+	for _, c := range Classes {
+		if outcomes[c] != r.Counts[c] {
+			t.Errorf("OnOutcome saw %d %s, Result counts %d", outcomes[c], c, r.Counts[c])
+		}
+	}
+	if r.Counts[Non2xx] == 0 {
+		t.Errorf("%s; want some non2xx (every third answer is 500)", r)
+	}
+	if idle != r.IdleClosed || idle == 0 {
+		t.Errorf("OnIdleClosed called %d times, Result.IdleClosed %d; want equal and above 0", idle, r.IdleClosed)
+	}
+	for _, at := range times {
+		if at.Before(before) || at.After(after) {
+			t.Errorf("hook time %s outside the run (%s to %s)", at, before, after)
+		}
 	}
 }

@@ -1,0 +1,217 @@
+package main
+
+import (
+	"fmt"
+	"image/color"
+	"os"
+
+	"gonum.org/v1/plot"
+	"gonum.org/v1/plot/plotter"
+	"gonum.org/v1/plot/vg"
+	"gonum.org/v1/plot/vg/draw"
+	"gonum.org/v1/plot/vg/vgimg"
+
+	"github.com/seed6cb0314a/upgrader/integration/loadgen"
+)
+
+// mark is how one kind of event is drawn above the OK curve: at its own
+// height (a fraction of the curve's highest bin), so that kinds do not
+// hide one another.
+type mark struct {
+	class loadgen.Class
+	label string
+	level float64
+	style draw.GlyphStyle
+}
+
+var marks = []mark{
+	{IdleClass, "closed while idle (not failed)", 1.06, draw.GlyphStyle{Color: color.RGBA{0, 150, 150, 255}, Radius: vg.Points(2), Shape: draw.RingGlyph{}}},
+	{loadgen.Refused, "failed: refused", 1.11, draw.GlyphStyle{Color: color.RGBA{255, 140, 0, 255}, Radius: vg.Points(2.5), Shape: draw.SquareGlyph{}}},
+	{loadgen.Reset, "failed: reset", 1.16, draw.GlyphStyle{Color: color.RGBA{220, 0, 0, 255}, Radius: vg.Points(2.5), Shape: draw.CircleGlyph{}}},
+	{loadgen.EOF, "failed: EOF", 1.21, draw.GlyphStyle{Color: color.RGBA{150, 0, 200, 255}, Radius: vg.Points(2.5), Shape: draw.TriangleGlyph{}}},
+	{loadgen.Timeout, "failed: timeout", 1.26, draw.GlyphStyle{Color: color.RGBA{130, 80, 0, 255}, Radius: vg.Points(2.5), Shape: draw.PyramidGlyph{}}},
+	{loadgen.Other, "failed: other", 1.31, draw.GlyphStyle{Color: color.Black, Radius: vg.Points(2.5), Shape: draw.CrossGlyph{}}},
+}
+
+// markOf is the mark of an event's class; the rarer failure classes go
+// with "other", as in the table.
+func markOf(c loadgen.Class) mark {
+	for _, m := range marks {
+		if m.class == c {
+			return m
+		}
+	}
+	return marks[len(marks)-1]
+}
+
+var (
+	okStyle     = draw.LineStyle{Color: color.RGBA{30, 90, 200, 255}, Width: vg.Points(1)}
+	reloadStyle = draw.LineStyle{Color: color.RGBA{150, 150, 150, 255}, Width: vg.Points(0.6), Dashes: []vg.Length{vg.Points(2), vg.Points(2)}}
+)
+
+// worst is the round of sys under mode with the most failed requests;
+// among rounds that failed as many, the one that served the most, so that
+// a round slowed down by whatever else shares the machine is not the one
+// shown for want of a failure.
+func worst(runs []*Run, name string, mode loadgen.Mode) *Run {
+	var w *Run
+	for _, r := range runs {
+		if r.System.name != name || r.Mode != mode {
+			continue
+		}
+		if w == nil || r.Failed() > w.Failed() || r.Failed() == w.Failed() && r.Result.Requests > w.Result.Requests {
+			w = r
+		}
+	}
+	return w
+}
+
+// panel draws one run: OK per Bin over time, the reloads, the events.
+func panel(o Options, r *Run) (*plot.Plot, error) {
+	p := plot.New()
+	failed := r.Failed()
+	p.Title.Text = fmt.Sprintf("%s, %s: %d failed, %d closed while idle (round %d of %d)",
+		r.System.title, modeName(r.Mode), failed, r.Result.IdleClosed, r.Round, o.Rounds)
+	p.Title.TextStyle.Font.Size = vg.Points(10)
+	p.X.Label.Text = "seconds since the load started"
+	p.Y.Label.Text = "OK / 100 ms"
+	p.X.Label.TextStyle.Font.Size = vg.Points(8)
+	p.Y.Label.TextStyle.Font.Size = vg.Points(8)
+	p.X.Min, p.X.Max = 0, r.Length.Seconds()
+	full := int(r.Length / Bin) // the last bin is cut short by the load's end
+	ok := make(plotter.XYs, 0, full)
+	top := 1.0
+	for i := 0; i < full; i++ {
+		n := 0
+		if i < len(r.OK) {
+			n = r.OK[i]
+		}
+		ok = append(ok, plotter.XY{X: (float64(i) + 0.5) * Bin.Seconds(), Y: float64(n)})
+		top = max(top, float64(n))
+	}
+	p.Y.Min, p.Y.Max = 0, top*1.36
+	for _, at := range r.Reloads {
+		l, err := plotter.NewLine(plotter.XYs{{X: at.Seconds(), Y: 0}, {X: at.Seconds(), Y: top * 1.03}})
+		if err != nil {
+			return nil, err
+		}
+		l.LineStyle = reloadStyle
+		p.Add(l)
+	}
+	line, err := plotter.NewLine(ok)
+	if err != nil {
+		return nil, err
+	}
+	line.LineStyle = okStyle
+	p.Add(line)
+	byMark := map[loadgen.Class]plotter.XYs{}
+	for _, e := range r.Events {
+		m := markOf(e.Class)
+		byMark[m.class] = append(byMark[m.class], plotter.XY{X: e.At.Seconds(), Y: top * m.level})
+	}
+	for _, m := range marks {
+		xys := byMark[m.class]
+		if len(xys) == 0 {
+			continue
+		}
+		s, err := plotter.NewScatter(xys)
+		if err != nil {
+			return nil, err
+		}
+		s.GlyphStyle = m.style
+		p.Add(s)
+	}
+	return p, nil
+}
+
+// legend is the picture's one legend, drawn in a strip above the panels,
+// its entries in columns of two.
+func legend(c draw.Canvas) error {
+	line, err := plotter.NewLine(plotter.XYs{{X: 0, Y: 0}, {X: 1, Y: 1}})
+	if err != nil {
+		return err
+	}
+	line.LineStyle = okStyle
+	reload, err := plotter.NewLine(plotter.XYs{{X: 0, Y: 0}, {X: 1, Y: 1}})
+	if err != nil {
+		return err
+	}
+	reload.LineStyle = reloadStyle
+	type entry struct {
+		name  string
+		thumb plot.Thumbnailer
+	}
+	entries := []entry{{"OK responses per 100 ms", line}, {"reload asked for", reload}}
+	for _, m := range marks {
+		s, err := plotter.NewScatter(plotter.XYs{{X: 0, Y: 0}})
+		if err != nil {
+			return err
+		}
+		s.GlyphStyle = m.style
+		entries = append(entries, entry{m.label, s})
+	}
+	cols := (len(entries) + 1) / 2
+	w := (c.Max.X - c.Min.X) / vg.Length(cols)
+	for i := 0; i < cols; i++ {
+		l := plot.NewLegend()
+		l.Top, l.Left = true, true
+		l.TextStyle.Font.Size = vg.Points(10)
+		for _, e := range entries[2*i : min(len(entries), 2*i+2)] {
+			l.Add(e.name, e.thumb)
+		}
+		cc := draw.Crop(c, vg.Length(i)*w+vg.Points(20), -(vg.Length(cols-1-i) * w), 0, 0)
+		l.Draw(cc)
+	}
+	return nil
+}
+
+// Plot writes the picture to path: one row per system, one column per
+// load mode, the worst round of each (see worst), and the legend on top.
+func Plot(o Options, runs []*Run, path string) error {
+	var rows [][]*plot.Plot
+	for _, name := range o.Systems {
+		var row []*plot.Plot
+		for _, mode := range o.Modes {
+			r := worst(runs, name, mode)
+			if r == nil {
+				continue
+			}
+			p, err := panel(o, r)
+			if err != nil {
+				return err
+			}
+			row = append(row, p)
+		}
+		if len(row) == len(o.Modes) {
+			rows = append(rows, row)
+		}
+	}
+	if len(rows) == 0 {
+		return fmt.Errorf("no run to draw")
+	}
+	const legendH = vg.Inch * 0.6
+	w := vg.Inch * 7.5 * vg.Length(len(o.Modes))
+	h := vg.Inch*2.3*vg.Length(len(rows)) + legendH
+	img := vgimg.NewWith(vgimg.UseWH(w, h), vgimg.UseDPI(96))
+	dc := draw.New(img)
+	if err := legend(draw.Crop(dc, 0, 0, h-legendH, -vg.Points(4))); err != nil {
+		return err
+	}
+	tiles := draw.Tiles{Rows: len(rows), Cols: len(o.Modes), PadX: vg.Inch * 0.4, PadY: vg.Inch * 0.3,
+		PadLeft: vg.Inch * 0.1, PadRight: vg.Inch * 0.2, PadBottom: vg.Inch * 0.1}
+	canvases := plot.Align(rows, tiles, draw.Crop(dc, 0, 0, 0, -legendH))
+	for i := range rows {
+		for j := range rows[i] {
+			rows[i][j].Draw(canvases[i][j])
+		}
+	}
+	f, err := os.Create(path)
+	if err != nil {
+		return err
+	}
+	if _, err := (vgimg.PngCanvas{Canvas: img}).WriteTo(f); err != nil {
+		f.Close()
+		return err
+	}
+	return f.Close()
+}

@@ -1,0 +1,139 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"image/png"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/seed6cb0314a/upgrader/integration/loadgen"
+)
+
+// TestSmoke runs the benchmark's core on upgrader and the bare tableflip
+// server with a few reloads, and checks the outcomes it is there to show
+// (upgrader: no failed request, no connection closed by the server, in
+// either load) and that the picture and the section come out. The other
+// systems need nginx, HAProxy and Node.js: scripts/sidebyside runs them.
+func TestSmoke(t *testing.T) {
+	o := defaultOptions()
+	o.Repo = "../.."
+	o.Systems = []string{"upgrader", "bareflip"}
+	o.Rounds, o.Reloads = 1, 4
+	o.Interval, o.Lead, o.Tail = 300*time.Millisecond, 300*time.Millisecond, 500*time.Millisecond
+	o.Clients = 8
+	if err := o.check(); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Second)
+	defer cancel()
+	runs, err := Bench(ctx, o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(runs) != 4 {
+		t.Fatalf("%d runs, want 4 (2 systems, 2 modes, 1 round)", len(runs))
+	}
+	for _, r := range runs {
+		t.Logf("%s, %s: %s", r.System.name, r.Mode, r.Result)
+		if len(r.Reloads) != o.Reloads || len(r.ReloadErrors) > 0 {
+			t.Errorf("%s, %s: %d reloads, errors %q; want %d, none", r.System.name, r.Mode, len(r.Reloads), r.ReloadErrors, o.Reloads)
+		}
+		if r.Result.Counts[loadgen.OK] == 0 {
+			t.Errorf("%s, %s: no OK response", r.System.name, r.Mode)
+		}
+		if r.System.name != "upgrader" {
+			continue
+		}
+		res := r.Result
+		if res.Failed() > 0 {
+			t.Errorf("upgrader, %s: %d failed requests: %s", r.Mode, res.Failed(), res)
+		}
+		if closed := res.ServerCloses + res.ClosedUnderClient + res.IdleClosed; closed > 0 {
+			t.Errorf("upgrader, %s: %d connections closed by the server: %s", r.Mode, closed, res)
+		}
+		if len(r.Events) > 0 {
+			t.Errorf("upgrader, %s: events %v, want none", r.Mode, r.Events)
+		}
+	}
+
+	dir := t.TempDir()
+	md, pic := filepath.Join(dir, "benchmarks.md"), filepath.Join(dir, "benchmarks", "side-by-side.png")
+	if err := os.WriteFile(md, []byte("# Benchmarks\n\nbefore\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	for range 2 { // the second run rewrites the section the first appended
+		if err := writeOutputs(o, runs, md, pic, "benchmarks/side-by-side.png", "go run . -test", time.Minute); err != nil {
+			t.Fatal(err)
+		}
+	}
+	f, err := os.Open(pic)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	img, err := png.Decode(f)
+	if err != nil {
+		t.Fatalf("%s: %v", pic, err)
+	}
+	if b := img.Bounds(); b.Dx() < 500 || b.Dy() < 300 {
+		t.Errorf("%s is %dx%d pixels", pic, b.Dx(), b.Dy())
+	}
+	doc, err := os.ReadFile(md)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.HasPrefix(doc, []byte("# Benchmarks\n\nbefore\n\n"+beginMarker)) || bytes.Count(doc, []byte(beginMarker)) != 1 ||
+		!bytes.HasSuffix(doc, []byte(endMarker+"\n")) {
+		t.Errorf("%s: want the old text, then the section once:\n%s", md, doc)
+	}
+	for _, want := range []string{"| upgrader | USR2 to upgrader | 4 of 4 | new connection |", "| tableflip (bare) |", "](benchmarks/side-by-side.png)", "go run . -test"} {
+		if !strings.Contains(string(doc), want) {
+			t.Errorf("%s lacks %q", md, want)
+		}
+	}
+}
+
+func TestRewriteSectionKeepsTheRest(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "b.md")
+	old := "a\n" + beginMarker + "\nold\n" + endMarker + "\nb\n"
+	if err := os.WriteFile(path, []byte(old), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := rewriteSection(path, beginMarker+"\nnew\n"+endMarker+"\n"); err != nil {
+		t.Fatal(err)
+	}
+	got, _ := os.ReadFile(path)
+	if want := "a\n" + beginMarker + "\nnew\n" + endMarker + "\nb\n"; string(got) != want {
+		t.Errorf("got %q, want %q", got, want)
+	}
+	if err := os.WriteFile(path, []byte("a\n"+endMarker+"\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := rewriteSection(path, "x"); err == nil || !strings.Contains(err.Error(), path) {
+		t.Errorf("one marker only: error %v, want one naming %s", err, path)
+	}
+}
+
+func TestOptionsCheck(t *testing.T) {
+	o := defaultOptions()
+	o.Systems = []string{"upgrader"}
+	if err := o.check(); err != nil {
+		t.Fatal(err)
+	}
+	for _, bad := range []func(*Options){
+		func(o *Options) { o.Rounds = 0 },
+		func(o *Options) { o.Reloads = 1000 },
+		func(o *Options) { o.Interval = time.Millisecond },
+		func(o *Options) { o.Systems = []string{"apache"} },
+	} {
+		b := o
+		bad(&b)
+		if b.check() == nil {
+			t.Errorf("%+v accepted", b)
+		}
+	}
+}
