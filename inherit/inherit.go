@@ -14,11 +14,13 @@ import (
 	"github.com/coreos/go-systemd/v22/activation"
 	"github.com/coreos/go-systemd/v22/daemon"
 	"golang.org/x/sys/unix"
+
+	"github.com/seed6cb0314a/upgrader/internal/workerenv"
 )
 
 // HandoffEnv names the variable by which upgrader passes the handoff
 // channel's fd (docs/handoff.md). New reads it once and unsets it.
-const HandoffEnv = "UPGRADER_HANDOFF_FD"
+const HandoffEnv = workerenv.HandoffFD
 
 // Set is the fds a process inherited: the sockets of LISTEN_FDS and the
 // handoff channel of UPGRADER_HANDOFF_FD. The Set owns them from New on;
@@ -82,7 +84,7 @@ func New(opts ...Option) (*Set, error) {
 	for _, o := range opts {
 		o(s)
 	}
-	want := os.Getenv("LISTEN_FDS")
+	want := os.Getenv(workerenv.ListenFDs)
 	// Read once: activation.Files unsets the variables, so a second reader
 	// (go-systemd's own Listeners, a library) finds nothing to take twice.
 	files := activation.Files(true)
@@ -99,7 +101,7 @@ func New(opts ...Option) (*Set, error) {
 	}
 	s.handoffFD, s.handoffErr = takeHandoffFD()
 	if s.upgradeOpts != nil {
-		if os.Getenv("UPGRADER_GENERATION") != "" {
+		if os.Getenv(workerenv.Generation) != "" {
 			s.log.Info("embedded upgrades not turned on: upgrader runs this process and does the upgrades")
 		} else if err := newEmbedded(s); err != nil {
 			return nil, err
@@ -327,7 +329,7 @@ func Notify(state string) error {
 		return nil
 	}
 	if _, err := daemon.SdNotify(false, state); err != nil {
-		return fmt.Errorf("sd_notify %q to NOTIFY_SOCKET=%s: %w", state, os.Getenv("NOTIFY_SOCKET"), err)
+		return fmt.Errorf("sd_notify %q to NOTIFY_SOCKET=%s: %w", state, os.Getenv(workerenv.NotifySocket), err)
 	}
 	return nil
 }
@@ -339,7 +341,7 @@ func Generation() int {
 	if e := current.Load(); e != nil {
 		return e.gen
 	}
-	n, _ := strconv.Atoi(os.Getenv("UPGRADER_GENERATION"))
+	n, _ := strconv.Atoi(os.Getenv(workerenv.Generation))
 	return n
 }
 

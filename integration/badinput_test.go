@@ -11,7 +11,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/seed6cb0314a/upgrader/internal/supervise"
+	"github.com/seed6cb0314a/upgrader/supervise"
 )
 
 func TestBadInputIsNamed(t *testing.T) {

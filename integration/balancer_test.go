@@ -8,7 +8,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/seed6cb0314a/upgrader/internal/supervise"
+	"github.com/seed6cb0314a/upgrader/supervise"
 )
 
 // Ports inside the test's own namespaces. They are fixed: nothing but the

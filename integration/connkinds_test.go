@@ -17,7 +17,7 @@ import (
 	"time"
 
 	"github.com/seed6cb0314a/upgrader/integration/loadgen"
-	"github.com/seed6cb0314a/upgrader/internal/supervise"
+	"github.com/seed6cb0314a/upgrader/supervise"
 )
 
 // Issue 9, "Every connection drains right": each kind of connection that
@@ -130,7 +130,7 @@ func TestConnectionKindsDrain(t *testing.T) {
 			// an old generation serves until then is seen. upgrader's own
 			// --drain-timeout bounds this wait.
 			st := p.waitStatus(45*time.Second, "every generation before the last exited", func(st supervise.Status) bool {
-				return len(st.Generations) == 1 && st.Generations[0].Generation == last
+				return len(st.Generations) == 1 && st.Generations[0].N == last
 			})
 			// And the newest generation has the load.
 			l.waitServed(t, last, clients)

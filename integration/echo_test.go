@@ -16,7 +16,7 @@ import (
 	"github.com/gobwas/ws"
 	"github.com/gobwas/ws/wsutil"
 
-	"github.com/seed6cb0314a/upgrader/internal/supervise"
+	"github.com/seed6cb0314a/upgrader/supervise"
 )
 
 var (
@@ -260,7 +260,7 @@ func TestEchoSessionsSurviveUpgrades(t *testing.T) {
 		latest = max(latest, late)
 	}
 	st := p.waitStatus(10*time.Second, "only the newest generation left", func(st supervise.Status) bool {
-		return len(st.Generations) == 1 && st.Generations[0].Generation == upgrades+1
+		return len(st.Generations) == 1 && st.Generations[0].N == upgrades+1
 	})
 	if st.Handoffs.HandedOff == 0 {
 		t.Errorf("handoff counts %+v: nothing was handed off", st.Handoffs)

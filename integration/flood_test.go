@@ -8,7 +8,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/seed6cb0314a/upgrader/internal/supervise"
+	"github.com/seed6cb0314a/upgrader/supervise"
 )
 
 // floodWorker says it is ready, then sends n notify datagrams, a quarter

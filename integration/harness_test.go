@@ -21,7 +21,7 @@ import (
 	"github.com/seed6cb0314a/upgrader/integration/loadgen"
 	"github.com/seed6cb0314a/upgrader/internal/control"
 	"github.com/seed6cb0314a/upgrader/internal/proctree"
-	"github.com/seed6cb0314a/upgrader/internal/supervise"
+	"github.com/seed6cb0314a/upgrader/supervise"
 )
 
 // Binaries built once by TestMain.
@@ -290,7 +290,7 @@ func (p *proc) waitStatus(timeout time.Duration, what string, cond func(supervis
 // genOf returns generation n in st, or nil once it has exited.
 func genOf(st supervise.Status, n int) *supervise.GenStatus {
 	for i := range st.Generations {
-		if st.Generations[i].Generation == n {
+		if st.Generations[i].N == n {
 			return &st.Generations[i]
 		}
 	}
@@ -385,7 +385,7 @@ func (p *proc) upgradeTo(gen int) {
 			return false
 		}
 		for _, g := range st.Generations {
-			if g.Generation < gen {
+			if g.N < gen {
 				return false
 			}
 		}
@@ -600,8 +600,8 @@ func startScripted(t *testing.T, body string, args ...string) (p *proc, script, 
 func readyAt(t *testing.T, st supervise.Status, gen int) time.Time {
 	t.Helper()
 	g := genOf(st, gen)
-	if g == nil || g.ReadyAt == nil {
+	if g == nil || g.ReadyAt.IsZero() {
 		t.Fatalf("generation %d has no ready time in the status %+v", gen, st)
 	}
-	return *g.ReadyAt
+	return g.ReadyAt
 }

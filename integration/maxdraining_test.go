@@ -7,7 +7,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/seed6cb0314a/upgrader/internal/supervise"
+	"github.com/seed6cb0314a/upgrader/supervise"
 )
 
 // hurryWorker says READY=1 and drains for ever on the drain signal,

@@ -17,7 +17,7 @@ import (
 	"time"
 
 	"github.com/seed6cb0314a/upgrader/integration/loadgen"
-	"github.com/seed6cb0314a/upgrader/internal/supervise"
+	"github.com/seed6cb0314a/upgrader/supervise"
 )
 
 func get(url string) (int, string, error) {

@@ -12,7 +12,7 @@ import (
 	"time"
 
 	"github.com/seed6cb0314a/upgrader/integration/loadgen"
-	"github.com/seed6cb0314a/upgrader/internal/supervise"
+	"github.com/seed6cb0314a/upgrader/supervise"
 )
 
 // TestStopRefusesOnceTheLastWorkerStopsListening: during a graceful stop,

@@ -11,7 +11,7 @@ import (
 	"time"
 
 	"github.com/seed6cb0314a/upgrader/internal/proctree"
-	"github.com/seed6cb0314a/upgrader/internal/supervise"
+	"github.com/seed6cb0314a/upgrader/supervise"
 )
 
 // marked lists the processes whose environment holds mark, which a test

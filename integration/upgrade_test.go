@@ -16,7 +16,7 @@ import (
 	"time"
 
 	"github.com/seed6cb0314a/upgrader/integration/loadgen"
-	"github.com/seed6cb0314a/upgrader/internal/supervise"
+	"github.com/seed6cb0314a/upgrader/supervise"
 )
 
 // upgradeUnderLoad runs n upgrades by USR2 under load, interval apart, and
@@ -179,7 +179,7 @@ func TestQueuedUpgrade(t *testing.T) {
 	// A negative check over a fixed window of two start-ups of the slow
 	// starter: no fourth generation appears.
 	for start := time.Now(); time.Since(start) < time.Second; time.Sleep(20 * time.Millisecond) {
-		if st := p.status(); st.Current != 3 || len(st.Generations) == 0 || st.Generations[len(st.Generations)-1].Generation != 3 {
+		if st := p.status(); st.Current != 3 || len(st.Generations) == 0 || st.Generations[len(st.Generations)-1].N != 3 {
 			t.Fatalf("two USR2s during an upgrade queued more than one upgrade: current %d, generations %+v", st.Current, st.Generations)
 		}
 	}

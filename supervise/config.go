@@ -1,13 +1,3 @@
-// Package supervise runs a server's processes as generations of workers that
-// inherit the supervisor's listeners through socket activation
-// (sd_listen_fds(3)), upgrades them generation by generation, and replaces
-// crashed workers.
-//
-// One goroutine, Supervisor.Run, owns all generation and worker state and
-// loops over a channel of events (signals, child exits, sd_notify messages,
-// timers, control requests), as cloudflare/tableflip's upgrader does; no
-// lock guards that state. OS calls go through the env interface so that the
-// state machine is tested in-process as well as end to end.
 package supervise
 
 import (
@@ -18,55 +8,65 @@ import (
 	"syscall"
 	"time"
 
-	"go.uber.org/zap"
+	"log/slog"
 
-	"github.com/seed6cb0314a/upgrader/internal/spawn"
 	"golang.org/x/sys/unix"
 
-	"github.com/seed6cb0314a/upgrader/internal/sockets"
+	"github.com/seed6cb0314a/upgrader/internal/spawn"
+)
+
+// ReadyKind is a way for a worker to say it is ready.
+type ReadyKind string
+
+const (
+	// ReadyNotify: READY=1 on NOTIFY_SOCKET (sd_notify(3)).
+	ReadyNotify ReadyKind = "notify"
+	// ReadyFD: the worker writes a newline to its fd ReadyMode.FD, as s6
+	// does (for runtimes with no Unix datagram sockets).
+	ReadyFD ReadyKind = "fd"
+	// ReadyDelay: alive for ReadyMode.Delay counts as ready, as
+	// Server::Starter does.
+	ReadyDelay ReadyKind = "delay"
 )
 
 // ReadyMode is how a worker says it is ready (--ready).
 type ReadyMode struct {
-	// Kind is "notify" (READY=1 on NOTIFY_SOCKET, sd_notify(3)), "fd" (the
-	// worker writes a newline to fd FD, as s6 does) or "delay" (alive for
-	// Delay counts as ready, as Server::Starter does).
-	Kind  string
-	FD    int
-	Delay time.Duration
+	Kind  ReadyKind
+	FD    int           // for ReadyFD: 3 to 1023, after the listeners
+	Delay time.Duration // for ReadyDelay: > 0
 }
 
 func (m ReadyMode) String() string {
 	switch m.Kind {
-	case "fd":
+	case ReadyFD:
 		return "fd:" + strconv.Itoa(m.FD)
-	case "delay":
+	case ReadyDelay:
 		return "delay:" + m.Delay.String()
 	}
-	return m.Kind
+	return string(m.Kind)
 }
 
 // ParseReadyMode parses a --ready value: notify, fd:N (N ≥ 3) or
 // delay:DURATION (a time.ParseDuration string, > 0).
 func ParseReadyMode(v string) (ReadyMode, error) {
 	kind, arg, _ := strings.Cut(v, ":")
-	switch kind {
-	case "notify":
+	switch ReadyKind(kind) {
+	case ReadyNotify:
 		if arg == "" {
-			return ReadyMode{Kind: "notify"}, nil
+			return ReadyMode{Kind: ReadyNotify}, nil
 		}
-	case "fd":
+	case ReadyFD:
 		n, err := strconv.Atoi(arg)
 		if err != nil || n < 3 || n > 1023 {
 			return ReadyMode{}, fmt.Errorf("--ready %q: fd:N needs N from 3 to 1023 (0-2 are stdio)", v)
 		}
-		return ReadyMode{Kind: "fd", FD: n}, nil
-	case "delay":
+		return ReadyMode{Kind: ReadyFD, FD: n}, nil
+	case ReadyDelay:
 		d, err := time.ParseDuration(arg)
 		if err != nil || d <= 0 {
 			return ReadyMode{}, fmt.Errorf("--ready %q: delay:DURATION needs a positive duration such as 500ms", v)
 		}
-		return ReadyMode{Kind: "delay", Delay: d}, nil
+		return ReadyMode{Kind: ReadyDelay, Delay: d}, nil
 	}
 	return ReadyMode{}, fmt.Errorf("--ready %q: want notify, fd:N or delay:DURATION", v)
 }
@@ -87,15 +87,10 @@ func ParseSignal(v string) (syscall.Signal, error) {
 	return 0, fmt.Errorf("signal %q: not a signal name (TERM, QUIT, INT, …) or number", v)
 }
 
-// defaultHurryGrace is how long the oldest generation beyond
-// --max-draining has, after its second drain signal, to close its idle
-// connections and finish what is in flight before it is killed: long
-// enough for a worker to close idle connections and answer a request or
-// two, short enough that a burst of upgrades does not pile up old versions
-// (each holding its memory) for the whole drain timeout.
-const defaultHurryGrace = 2 * time.Second
-
-// Config is what a Supervisor runs.
+// Config is what a Supervisor runs. Start from DefaultConfig, which is
+// where every default lives (upgrader's flags take theirs from it): a
+// zero that means nothing (a ReadyTimeout of 0, say) is refused by
+// Validate, never replaced by a default behind the caller's back.
 type Config struct {
 	// Command is the worker's argv; Command[0] is looked up in PATH again at
 	// every generation, so that an upgrade runs what is on disk now.
@@ -103,31 +98,32 @@ type Config struct {
 	// Workers per generation (≥ 1).
 	Workers int
 	Ready   ReadyMode
-	// ReadyTimeout bounds the wait for a new worker to be ready.
+	// ReadyTimeout bounds the wait for a new worker to be ready (> 0).
 	ReadyTimeout time.Duration
-	// DrainTimeout is how long a draining worker has before SIGKILL.
+	// DrainTimeout is how long a draining worker has before its process
+	// tree is sent SIGKILL (> 0).
 	DrainTimeout time.Duration
-	// DrainSignal asks a worker to drain (SIGTERM by default).
+	// DrainSignal asks a worker to drain.
 	DrainSignal syscall.Signal
 	// ShutdownDelay is how long a graceful stop reports not-ready before
-	// any worker is asked to drain.
+	// any worker is asked to drain (≥ 0; 0: none).
 	ShutdownDelay time.Duration
-	// More than MaxRestarts restarts within RestartWindow, with no ready
-	// worker left, make the supervisor give up; 0 gives up at the first.
+	// More than MaxRestarts crash restarts within RestartWindow, with no
+	// ready worker left, make the supervisor give up; 0 gives up at the
+	// first.
 	MaxRestarts   int
 	RestartWindow time.Duration
 	// GiveUpLinger is how long after giving up the supervisor stays, so
-	// that health probes see /readyz answer "gave up" (0: 3s).
+	// that health probes see /readyz answer "gave up" (≥ 0).
 	GiveUpLinger time.Duration
-	// MaxDraining is how many generations may drain at once; beyond it the
-	// oldest is sent DrainSignal again, to close what is idle, and killed
-	// HurryGrace later if still running (0: 4).
+	// MaxDraining is how many generations may drain at once (≥ 1); beyond
+	// it the oldest is sent DrainSignal again, to close what is idle, and
+	// killed HurryGrace later if still running.
 	MaxDraining int
-	// HurryGrace is how long a generation beyond MaxDraining has after its
-	// second drain signal before SIGKILL (0: defaultHurryGrace).
-	HurryGrace time.Duration
-	// Watchdog, when > 0, is passed to workers as WATCHDOG_USEC; a ready
-	// worker that sends no WATCHDOG=1 for that long is replaced.
+	HurryGrace  time.Duration
+	// Watchdog, when > 0, is passed to workers as WATCHDOG_USEC
+	// (sd_watchdog_enabled(3)); a ready worker that sends no WATCHDOG=1 for
+	// that long is replaced. 0: off.
 	Watchdog time.Duration
 	// FDStoreMax bounds the fds workers may keep with FDSTORE=1
 	// (sd_notify(3)), as systemd's FileDescriptorStoreMax=; 0 turns the
@@ -135,16 +131,37 @@ type Config struct {
 	FDStoreMax int
 	// NoHandoff stops offering live-connection handoff (UPGRADER_HANDOFF_FD).
 	NoHandoff bool
-	// Sockets are passed to every worker as fds 3, 4, … in this order.
-	Sockets []*sockets.Socket
-	// RuntimeDir holds the notify socket (a private directory is made in it).
+	// Listeners are passed to every worker as fds 3, 4, … in this order.
+	// The supervisor closes its copies when a stop drains.
+	Listeners []*Listener
+	// RuntimeDir holds the notify socket, in a private directory made in
+	// it ("": os.TempDir()).
 	RuntimeDir string
-	Log        *zap.Logger
+	// Logger receives the supervisor's log (nil: none).
+	Logger *slog.Logger
+	// Signals makes the supervisor handle its process's signals as the
+	// upgrader command does: USR2 and HUP upgrade, TERM and INT stop
+	// gracefully (a second one fast), QUIT stops fast, USR1 goes to the
+	// current workers. Off, the program calls Upgrade and Stop itself.
+	Signals bool
+	// Subreaper makes the process the child subreaper (PR_SET_CHILD_SUBREAPER,
+	// prctl(2)) so that a worker's daemonised descendants are reparented
+	// to it, attributed to their worker and stopped with it; it then reaps
+	// every child (wait4(-1)), and at a stop kills whatever is left below
+	// it. Off, the supervisor reaps only the processes it started and
+	// leaves a host program's own children alone; a worker's descendants
+	// that outlive it go to init, untracked.
+	Subreaper bool
+
+	// The fields below are for upgrader's own command line, which
+	// re-executes itself in place (upgrader upgrade --self).
+
 	// Version is this upgrader's version, shown in the status.
 	Version string
 	// Executable and Args are what a self-upgrade re-executes: the path
 	// of the upgrader binary as resolved at the first start (not
 	// /proc/self/exe, which names the image running now) and its argv.
+	// No Executable: self-upgrades are refused.
 	Executable string
 	Args       []string
 	// Carry, when set, returns close-on-exec duplicates of the fds the
@@ -161,69 +178,92 @@ type Config struct {
 	HeldSignals chan os.Signal
 }
 
-// setDefaults fills in the fields whose zero value has no meaning of its
-// own; MaxRestarts and FDStoreMax keep theirs.
-func (c *Config) setDefaults() {
-	if c.Workers < 1 {
-		c.Workers = 1
-	}
-	if c.Ready.Kind == "" {
-		c.Ready.Kind = "notify"
-	}
-	if c.ReadyTimeout == 0 {
-		c.ReadyTimeout = 60 * time.Second
-	}
-	if c.DrainTimeout == 0 {
-		c.DrainTimeout = 30 * time.Second
-	}
-	if c.DrainSignal == 0 {
-		c.DrainSignal = syscall.SIGTERM
-	}
-	if c.RestartWindow == 0 {
-		c.RestartWindow = 60 * time.Second
-	}
-	if c.GiveUpLinger == 0 {
-		c.GiveUpLinger = 3 * time.Second
-	}
-	if c.MaxDraining == 0 {
-		c.MaxDraining = 4
-	}
-	if c.HurryGrace == 0 {
-		c.HurryGrace = defaultHurryGrace
-	}
-	if c.Log == nil {
-		c.Log = zap.NewNop()
+// DefaultConfig returns the defaults of every field: one worker ready by
+// sd_notify, 60 s to be ready, 30 s to drain on SIGTERM, give up after 5
+// crash restarts in 60 s, at most 4 generations draining (2 s of grace
+// beyond), 64 stored fds, handoff on. Set Command and Listeners.
+func DefaultConfig() Config {
+	return Config{
+		Workers:       1,
+		Ready:         ReadyMode{Kind: ReadyNotify},
+		ReadyTimeout:  60 * time.Second,
+		DrainTimeout:  30 * time.Second,
+		DrainSignal:   syscall.SIGTERM,
+		MaxRestarts:   5,
+		RestartWindow: 60 * time.Second,
+		GiveUpLinger:  3 * time.Second,
+		MaxDraining:   4,
+		// Long enough for a worker to close idle connections and answer a
+		// request or two, short enough that a burst of upgrades does not
+		// pile up old versions (each holding its memory) for the whole
+		// drain timeout.
+		HurryGrace: 2 * time.Second,
+		FDStoreMax: 64,
 	}
 }
 
-// validate checks what a bad flag combination would break at run time.
-func (c *Config) validate() error {
-	if len(c.Command) == 0 {
-		return fmt.Errorf("no COMMAND given after --")
-	}
-	for _, d := range []struct {
-		name string
-		v    time.Duration
-	}{
-		{"ready timeout", c.ReadyTimeout}, {"drain timeout", c.DrainTimeout}, {"shutdown delay", c.ShutdownDelay},
-		{"restart window", c.RestartWindow}, {"watchdog", c.Watchdog}, {"give-up linger", c.GiveUpLinger},
-		{"hurry grace", c.HurryGrace},
-	} {
-		if d.v < 0 {
-			return fmt.Errorf("%s %s: must not be negative", d.name, d.v)
-		}
+// ConfigError is a Config field whose value Validate refuses.
+type ConfigError struct {
+	Field string // the Config field, such as "ReadyTimeout"
+	Value any
+	Want  string // what it takes, such as "a duration greater than 0"
+}
+
+func (e *ConfigError) Error() string {
+	return fmt.Sprintf("supervise: Config.%s %v: want %s", e.Field, e.Value, e.Want)
+}
+
+// Validate checks c, the one check of a configuration (New calls it):
+// the error is a *ConfigError naming the first field refused.
+func (c *Config) Validate() error {
+	if len(c.Command) == 0 || c.Command[0] == "" {
+		return &ConfigError{"Command", c.Command, "the worker's argv (at least the program)"}
 	}
 	for _, n := range []struct {
-		name string
-		v    int
-	}{{"max restarts", c.MaxRestarts}, {"fd store max", c.FDStoreMax}, {"max draining", c.MaxDraining}} {
-		if n.v < 0 {
-			return fmt.Errorf("%s %d: must not be negative", n.name, n.v)
+		field  string
+		v, min int
+	}{{"Workers", c.Workers, 1}, {"MaxRestarts", c.MaxRestarts, 0}, {"FDStoreMax", c.FDStoreMax, 0}, {"MaxDraining", c.MaxDraining, 1}} {
+		if n.v < n.min {
+			return &ConfigError{n.field, n.v, fmt.Sprintf("at least %d", n.min)}
 		}
 	}
-	if c.Ready.Kind == "fd" && c.Ready.FD < 3+len(c.Sockets) {
-		return fmt.Errorf("--ready fd:%d collides with the listeners at fds 3 to %d; pick fd:%d or higher",
-			c.Ready.FD, 2+len(c.Sockets), 3+len(c.Sockets))
+	for _, d := range []struct {
+		field    string
+		v        time.Duration
+		zeroIsOK bool // 0 means off, or none
+	}{
+		{"ReadyTimeout", c.ReadyTimeout, false}, {"DrainTimeout", c.DrainTimeout, false},
+		{"RestartWindow", c.RestartWindow, false}, {"HurryGrace", c.HurryGrace, false},
+		{"ShutdownDelay", c.ShutdownDelay, true}, {"Watchdog", c.Watchdog, true}, {"GiveUpLinger", c.GiveUpLinger, true},
+	} {
+		switch {
+		case d.v < 0:
+			return &ConfigError{d.field, d.v, "a duration of 0 or more"}
+		case d.v == 0 && !d.zeroIsOK:
+			return &ConfigError{d.field, d.v, "a duration greater than 0"}
+		}
+	}
+	if c.DrainSignal <= 0 || c.DrainSignal >= 65 {
+		return &ConfigError{"DrainSignal", int(c.DrainSignal), "a signal (1 to 64)"}
+	}
+	switch c.Ready.Kind {
+	case ReadyNotify:
+	case ReadyFD:
+		if c.Ready.FD < 3+len(c.Listeners) || c.Ready.FD > 1023 {
+			return &ConfigError{"Ready", c.Ready, fmt.Sprintf("fd:N with N from %d (after the listeners at fds 3 to %d) to 1023",
+				3+len(c.Listeners), 2+len(c.Listeners))}
+		}
+	case ReadyDelay:
+		if c.Ready.Delay <= 0 {
+			return &ConfigError{"Ready", c.Ready, "delay:DURATION with a duration greater than 0"}
+		}
+	default:
+		return &ConfigError{"Ready", c.Ready, "notify, fd:N or delay:DURATION"}
+	}
+	for i, l := range c.Listeners {
+		if l == nil || l.sock == nil {
+			return &ConfigError{fmt.Sprintf("Listeners[%d]", i), nil, "a Listener from Listen or FileListener"}
+		}
 	}
 	return nil
 }

@@ -11,8 +11,10 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"syscall"
+	"time"
 
 	"github.com/coreos/go-systemd/v22/daemon"
 	"golang.org/x/sys/unix"
@@ -22,28 +24,36 @@ import (
 	"github.com/seed6cb0314a/upgrader/internal/spawn"
 )
 
-// env is the supervisor's window on the operating system. Its methods are
-// called from the loop goroutine only; the event sources it starts post into
-// the loop with post.
+// env is the supervisor's window on the operating system and the clock.
+// Its methods are called from the loop goroutine only, except afterFunc's
+// f, which runs on a goroutine of its own and may only post; the event
+// sources it starts post into the loop with post.
 type env interface {
 	// sources starts the OS event sources (signals, child exits, the notify
 	// socket in dir) and returns the NOTIFY_SOCKET path for workers. At
 	// most fdBudget fds received with FDSTORE=1 are held in events at once;
 	// others are closed as they arrive.
 	sources(dir string, fdBudget int, post func(event)) (notifyPath string, err error)
+	// now and afterFunc are the clock, as time.Now and time.AfterFunc.
+	now() time.Time
+	afterFunc(d time.Duration, f func()) stopper
 	// processes reads the process table (nil when there is none to read).
 	processes() (proctree.Table, error)
-	// environ reads a process's initial environment (nil if unreadable).
+	// environ reads a process's initial environment (nil if unreadable);
+	// ownEnviron is the supervisor's own, as os.Environ.
 	environ(pid int) map[string]string
+	ownEnviron() []string
 	// lookPath resolves the command, as exec.LookPath.
 	lookPath(file string) (string, error)
 	// start starts a worker. When readyFD ≥ 0 the worker gets the write end
 	// of a pipe at that fd, and ready(pid) is called (from another goroutine)
 	// when it writes a newline.
 	start(spec spawn.Spec, readyFD int, ready func(pid int)) (pid int, err error)
+	// kill sends sig to pid (a negative pid: its process group), kill(2).
 	kill(pid int, sig syscall.Signal) error
 	// connections counts the established TCP and Unix stream connections
-	// the processes hold (for upgrade progress; best effort).
+	// the processes hold (for upgrade progress; best effort). It may
+	// block: call it off the loop.
 	connections(pids []int) int
 	// notifyManager sends state to our own service manager (sd_notify(3));
 	// a no-op when not run by one.
@@ -54,11 +64,16 @@ type env interface {
 	// notifyState returns a close-on-exec duplicate of the notify socket,
 	// its path and private directory, to carry across an exec.
 	notifyState() (fd int, path, dir string, err error)
-	// exec replaces the process image from the thread that forks workers;
-	// it returns only on failure.
-	exec(path string, argv, env []string) error
+	// exec replaces the process image from the thread that forks workers,
+	// with record in a memfd named by StateEnv and the fds in keep left
+	// open across it; it returns only on failure, with keep's fds
+	// close-on-exec again.
+	exec(path string, argv, env []string, record []byte, keep []int) error
 	close()
 }
+
+// stopper stops a timer from afterFunc, as (*time.Timer).Stop.
+type stopper interface{ Stop() bool }
 
 // osEnv is the real env.
 type osEnv struct {
@@ -71,6 +86,12 @@ type osEnv struct {
 	resume *NotifyState
 	// held are the signals caught since the start (HoldSignals), nil if none.
 	held chan os.Signal
+	// handle: the supervisor's own signals are caught (Config.Signals);
+	// subreaper: it reaps any child (Config.Subreaper), otherwise only
+	// those it started, listed in children.
+	handle, subreaper bool
+	mu                sync.Mutex
+	children          map[int]struct{}
 }
 
 // selfSignals are the signals the supervisor handles, other than SIGCHLD.
@@ -91,10 +112,16 @@ func newOSEnv(cfg Config) (*osEnv, error) {
 	if err != nil {
 		return nil, err
 	}
-	// Orphans of our workers (daemonising grandchildren) are reparented to
-	// us and reaped, instead of to init.
-	_ = unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-	return &osEnv{spawner: spawn.NewSpawner("/proc/self/exe", cfg.MainThread), devnull: devnull, held: cfg.HeldSignals}, nil
+	if cfg.Subreaper {
+		// Orphans of our workers (daemonising grandchildren) are
+		// reparented to us and reaped, instead of to init.
+		if err := unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0); err != nil {
+			devnull.Close()
+			return nil, fmt.Errorf("Config.Subreaper: prctl(PR_SET_CHILD_SUBREAPER): %w", err)
+		}
+	}
+	return &osEnv{spawner: spawn.NewSpawner("/proc/self/exe", cfg.MainThread), devnull: devnull, held: cfg.HeldSignals,
+		handle: cfg.Signals, subreaper: cfg.Subreaper, children: map[int]struct{}{}}, nil
 }
 
 func (e *osEnv) sources(dir string, fdBudget int, post func(event)) (string, error) {
@@ -121,11 +148,15 @@ func (e *osEnv) sources(dir string, fdBudget int, post func(event)) (string, err
 	e.notify = ns
 	go readNotify(ns, fdBudget, post)
 
-	if e.held != nil {
+	switch {
+	case e.held != nil:
 		e.sigs, e.held = e.held, nil
-	} else {
+	case e.handle:
 		e.sigs = make(chan os.Signal, 16)
 		signal.Notify(e.sigs, append([]os.Signal{unix.SIGCHLD}, selfSignals...)...)
+	default:
+		e.sigs = make(chan os.Signal, 16)
+		signal.Notify(e.sigs, unix.SIGCHLD)
 	}
 	// Children that exited while no handler was installed (across a
 	// self-upgrade's exec) sent a SIGCHLD that was lost: look now.
@@ -133,7 +164,7 @@ func (e *osEnv) sources(dir string, fdBudget int, post func(event)) (string, err
 	go func() {
 		for sig := range e.sigs {
 			if sig == unix.SIGCHLD {
-				reap(post)
+				e.reap(post)
 				continue
 			}
 			post(evSignal{sig.(syscall.Signal)})
@@ -141,6 +172,66 @@ func (e *osEnv) sources(dir string, fdBudget int, post func(event)) (string, err
 	}()
 	return ns.Path(), nil
 }
+
+// adopt records pids as children of this supervisor, for reap (a
+// self-upgrade's new image adopts the workers the old one started).
+func (e *osEnv) adopt(pids ...int) {
+	e.mu.Lock()
+	for _, pid := range pids {
+		e.children[pid] = struct{}{}
+	}
+	e.mu.Unlock()
+}
+
+// reap collects exited children without blocking, so no zombie stays: any
+// child as the subreaper (wait4(-1)), otherwise only those this
+// supervisor started, so that a host program's own children (os/exec's)
+// are left to it.
+func (e *osEnv) reap(post func(event)) {
+	if e.subreaper {
+		reapPid(-1, post)
+		return
+	}
+	e.mu.Lock()
+	pids := make([]int, 0, len(e.children))
+	for pid := range e.children {
+		pids = append(pids, pid)
+	}
+	e.mu.Unlock()
+	for _, pid := range pids {
+		if reapPid(pid, post) {
+			e.mu.Lock()
+			delete(e.children, pid)
+			e.mu.Unlock()
+		}
+	}
+}
+
+// reapPid waits without blocking for pid (-1: any child) and posts each
+// exit; it reports whether pid was reaped or is no child of ours.
+func reapPid(pid int, post func(event)) bool {
+	for {
+		var ws unix.WaitStatus
+		got, err := unix.Wait4(pid, &ws, unix.WNOHANG, nil)
+		if errors.Is(err, unix.EINTR) {
+			continue
+		}
+		if errors.Is(err, unix.ECHILD) {
+			return true
+		}
+		if got <= 0 || err != nil {
+			return false
+		}
+		post(evExit{pid: got, status: ws})
+		if pid > 0 {
+			return true
+		}
+	}
+}
+
+func (e *osEnv) now() time.Time { return time.Now() }
+
+func (e *osEnv) afterFunc(d time.Duration, f func()) stopper { return time.AfterFunc(d, f) }
 
 // readNotify turns notify datagrams into events until the socket closes.
 // Fds are only worth holding for FDSTORE=1, and at most fdBudget of them at
@@ -189,21 +280,6 @@ func removeStaleNotifyDirs(dir string) {
 	}
 }
 
-// reap collects every exited child without blocking, so no zombie stays.
-func reap(post func(event)) {
-	for {
-		var ws unix.WaitStatus
-		pid, err := unix.Wait4(-1, &ws, unix.WNOHANG, nil)
-		if errors.Is(err, unix.EINTR) {
-			continue
-		}
-		if pid <= 0 || err != nil {
-			return
-		}
-		post(evExit{pid: pid, status: ws})
-	}
-}
-
 func (e *osEnv) lookPath(file string) (string, error) {
 	p, err := exec.LookPath(file)
 	if err != nil {
@@ -225,7 +301,7 @@ func (e *osEnv) start(spec spawn.Spec, readyFD int, ready func(int)) (int, error
 		}
 		spec.Files[readyFD] = int(w.Fd())
 	}
-	pid, err := e.spawner.Start(spec)
+	pid, err := e.startChild(spec)
 	if w != nil {
 		w.Close()
 	}
@@ -253,11 +329,7 @@ func (e *osEnv) check(path string) (int, io.ReadCloser, error) {
 	if err != nil {
 		return 0, nil, err
 	}
-	var env []string
-	for _, kv := range workerBaseEnv(os.Environ()) {
-		env = append(env, kv)
-	}
-	pid, err := e.spawner.Start(spawn.Spec{Path: path, Args: []string{path, "self-check"}, Env: env,
+	pid, err := e.startChild(spawn.Spec{Path: path, Args: []string{path, "self-check"}, Env: workerBaseEnv(os.Environ()),
 		Files: []int{int(e.devnull.Fd()), int(w.Fd()), 2}, Pdeathsig: unix.SIGKILL, Direct: true})
 	w.Close()
 	if err != nil {
@@ -275,16 +347,55 @@ func (e *osEnv) notifyState() (int, string, string, error) {
 	return fd, e.notify.Path(), e.dir, err
 }
 
-func (e *osEnv) exec(path string, argv, env []string) error {
+// startChild starts spec and, unless the supervisor is the subreaper
+// (which reaps any child), records its pid for reap; a SIGCHLD that came
+// before the record is looked at again.
+func (e *osEnv) startChild(spec spawn.Spec) (int, error) {
+	pid, err := e.spawner.Start(spec)
+	if err != nil || e.subreaper {
+		return pid, err
+	}
+	e.adopt(pid)
+	select {
+	case e.sigs <- unix.SIGCHLD:
+	default: // a look is queued already
+	}
+	return pid, nil
+}
+
+func (e *osEnv) exec(path string, argv, env []string, record []byte, keep []int) error {
+	mfd, err := unix.MemfdCreate("upgrader-state", unix.MFD_CLOEXEC)
+	if err != nil {
+		return fmt.Errorf("memfd: %w", err)
+	}
+	defer unix.Close(mfd)
+	if _, err := unix.Pwrite(mfd, record, 0); err != nil {
+		return fmt.Errorf("state record: %w", err)
+	}
+	defer func() {
+		for _, fd := range keep {
+			unix.CloseOnExec(fd)
+		}
+	}()
+	for _, fd := range append([]int{mfd}, keep...) {
+		if _, err := unix.FcntlInt(uintptr(fd), unix.F_SETFD, 0); err != nil {
+			return fmt.Errorf("clear close-on-exec on fd %d: %w", fd, err)
+		}
+	}
+	env = append(env, StateEnv+"="+strconv.Itoa(mfd))
 	// A signal that came between here and the new image's handlers would
 	// take the default action (SIGTERM, SIGUSR2: end the process, and the
 	// workers with it): ignore them across the exec. The new image
 	// catches them first thing (HoldSignals).
 	signal.Ignore(selfSignals...)
-	err := e.spawner.Exec(path, argv, env)
-	signal.Notify(e.sigs, selfSignals...)
+	err = e.spawner.Exec(path, argv, env)
+	if e.handle {
+		signal.Notify(e.sigs, selfSignals...)
+	}
 	return err
 }
+
+func (e *osEnv) ownEnviron() []string { return os.Environ() }
 
 func (e *osEnv) kill(pid int, sig syscall.Signal) error {
 	return unix.Kill(pid, sig)

@@ -3,10 +3,11 @@ package supervise
 import (
 	"errors"
 	"fmt"
+	"os"
 	"sync/atomic"
 	"time"
 
-	"go.uber.org/zap"
+	"log/slog"
 
 	"github.com/seed6cb0314a/upgrader/internal/handoff"
 )
@@ -69,6 +70,30 @@ const (
 )
 
 var errOutboxFull = errors.New("the worker is not reading its handoff channel (outbox full)")
+
+// handoffChannel makes a worker's handoff channel: our end, and the
+// worker's to pass it at its UPGRADER_HANDOFF_FD.
+func (s *Supervisor) handoffChannel() (*handoff.Socket, *os.File, error) {
+	ours, theirs, err := handoff.Pair()
+	if err != nil {
+		return nil, nil, err
+	}
+	sock, err := handoff.NewSocket(ours)
+	if err != nil {
+		theirs.Close()
+		return nil, nil, fmt.Errorf("handoff channel: %w", err)
+	}
+	return sock, theirs, nil
+}
+
+// router routes handoff batches between workers: the batches forwarded
+// and not yet answered, by the id the supervisor gave them, and a
+// round-robin cursor over targets.
+type router struct {
+	pending map[uint64]*pendingHandoff
+	nextID  uint64
+	rr      int
+}
 
 // openHandoff gives w its channel: a reader that turns what w sends into
 // loop events, and a writer that sends what the loop queues, so that the
@@ -149,15 +174,15 @@ func (s *Supervisor) readHandoff(w *worker, sock *handoff.Socket) {
 // ready worker of the newest generation; the target's ACK or NAK goes back
 // to the sender, which keeps its copies until then.
 func (s *Supervisor) onHandoff(w *worker, m handoff.Message, fds []int, err error) {
-	if s.workers[w.pid] != w {
+	if s.gens.byPid[w.Pid] != w {
 		handoff.CloseFDs(fds)
 		return
 	}
-	log := s.log.With(zap.Int("generation", w.gen.n), zap.Int("pid", w.pid))
+	log := s.log.With(slog.Int("generation", w.gen.N), slog.Int("pid", w.Pid))
 	if err != nil {
 		handoff.CloseFDs(fds)
-		s.hoStats.Malformed++
-		s.warn(w.pid, "malformed handoff message from worker, dropped", zap.Int("generation", w.gen.n), zap.Int("pid", w.pid), zap.Error(err))
+		s.count.Handoffs.Malformed++
+		s.warn(w.Pid, "malformed handoff message from worker, dropped", slog.Int("generation", w.gen.N), slog.Int("pid", w.Pid), slog.Any("error", err))
 		return
 	}
 	if m.Type != handoff.TypeHandoff {
@@ -166,55 +191,55 @@ func (s *Supervisor) onHandoff(w *worker, m handoff.Message, fds []int, err erro
 	}
 	switch m.Type {
 	case handoff.TypeAccept:
-		w.accepts = make(map[string]bool)
+		w.Accepts = make(map[string]bool)
 		for _, k := range m.Kinds {
-			w.accepts[k] = true
+			w.Accepts[k] = true
 		}
-		log.Debug("worker takes handoffs", zap.Strings("kinds", m.Kinds))
+		log.Debug("worker takes handoffs", slog.Any("kinds", m.Kinds))
 	case handoff.TypeHandoff:
 		n := len(m.Conns)
 		target := s.handoffTarget(w, m.Kind)
 		if target == nil {
 			handoff.CloseFDs(fds)
-			s.hoStats.Refused += n
-			log.Info("handoff refused: no target", zap.String("kind", m.Kind), zap.Int("connections", n))
+			s.count.Handoffs.Refused += n
+			log.Info("handoff refused: no target", slog.String("kind", m.Kind), slog.Int("connections", n))
 			s.reply(w, handoff.Message{Type: handoff.TypeNak, ID: m.ID,
 				Reason: fmt.Sprintf("no ready worker of the newest generation takes kind %s", m.Kind)})
 			return
 		}
-		s.nextHOID++
+		s.ho.nextID++
 		fwd := m
-		fwd.ID = s.nextHOID
+		fwd.ID = s.ho.nextID
 		o, err := s.send(target, fwd, fds)
 		if err != nil {
-			s.hoStats.Refused += n
+			s.count.Handoffs.Refused += n
 			s.stall(target, err)
-			s.reply(w, handoff.Message{Type: handoff.TypeNak, ID: m.ID, Reason: fmt.Sprintf("forward to worker pid %d: %v", target.pid, err)})
+			s.reply(w, handoff.Message{Type: handoff.TypeNak, ID: m.ID, Reason: fmt.Sprintf("forward to worker pid %d: %v", target.Pid, err)})
 			return
 		}
 		target.unanswered++
-		s.pendingHO[fwd.ID] = &pendingHandoff{from: w, fromID: m.ID, to: target, n: n, out: o}
+		s.ho.pending[fwd.ID] = &pendingHandoff{from: w, fromID: m.ID, to: target, n: n, out: o}
 		id := fwd.ID
-		time.AfterFunc(answerTimeout, func() { s.post(evHandoffTimeout{id}) })
+		s.after(answerTimeout, evHandoffTimeout{id})
 	case handoff.TypeAck, handoff.TypeNak:
-		p := s.pendingHO[m.ID]
+		p := s.ho.pending[m.ID]
 		if p == nil || p.to != w {
-			s.warn(w.pid, "handoff answer for an unknown batch, dropped", zap.Int("pid", w.pid), zap.String("type", m.Type), zap.Uint64("id", m.ID))
+			s.warn(w.Pid, "handoff answer for an unknown batch, dropped", slog.Int("pid", w.Pid), slog.String("type", m.Type), slog.Uint64("id", m.ID))
 			return
 		}
-		delete(s.pendingHO, m.ID)
+		delete(s.ho.pending, m.ID)
 		w.unanswered--
 		w.stalled = false // it reads and answers again
 		if m.Type == handoff.TypeAck {
-			s.hoStats.HandedOff += p.n
+			s.count.Handoffs.HandedOff += p.n
 			s.reply(p.from, handoff.Message{Type: handoff.TypeAck, ID: p.fromID})
 			return
 		}
-		s.hoStats.Refused += p.n
-		log.Info("handoff refused by target", zap.String("reason", m.Reason), zap.Int("connections", p.n))
-		s.reply(p.from, handoff.Message{Type: handoff.TypeNak, ID: p.fromID, Reason: fmt.Sprintf("worker pid %d: %s", w.pid, m.Reason)})
+		s.count.Handoffs.Refused += p.n
+		log.Info("handoff refused by target", slog.String("reason", m.Reason), slog.Int("connections", p.n))
+		s.reply(p.from, handoff.Message{Type: handoff.TypeNak, ID: p.fromID, Reason: fmt.Sprintf("worker pid %d: %s", w.Pid, m.Reason)})
 	default:
-		s.warn(w.pid, "unexpected handoff message from worker, dropped", zap.Int("pid", w.pid), zap.String("type", m.Type))
+		s.warn(w.Pid, "unexpected handoff message from worker, dropped", slog.Int("pid", w.Pid), slog.String("type", m.Type))
 	}
 }
 
@@ -222,8 +247,8 @@ func (s *Supervisor) onHandoff(w *worker, m handoff.Message, fds []int, err erro
 // answers one it has.
 func (s *Supervisor) stall(w *worker, err error) {
 	if !w.stalled {
-		s.log.Warn("handoff target is not taking batches, skipping it", zap.Int("generation", w.gen.n),
-			zap.Int("pid", w.pid), zap.Error(err))
+		s.log.Warn("handoff target is not taking batches, skipping it", slog.Int("generation", w.gen.N),
+			slog.Int("pid", w.Pid), slog.Any("error", err))
 	}
 	w.stalled = true
 }
@@ -232,24 +257,24 @@ func (s *Supervisor) stall(w *worker, err error) {
 // forwarded batch goes back to its sender, refused.
 func (s *Supervisor) onSendFailed(w *worker, m handoff.Message, err error) {
 	if m.Type != handoff.TypeHandoff {
-		s.warn(w.pid, "handoff reply failed", zap.Int("pid", w.pid), zap.String("type", m.Type), zap.Error(err))
+		s.warn(w.Pid, "handoff reply failed", slog.Int("pid", w.Pid), slog.String("type", m.Type), slog.Any("error", err))
 		return
 	}
-	s.refuseBack(m.ID, w, fmt.Errorf("forward to worker pid %d: %w", w.pid, err))
+	s.refuseBack(m.ID, w, fmt.Errorf("forward to worker pid %d: %w", w.Pid, err))
 }
 
 // refuseBack ends a forwarded batch that its target w did not take: the
 // sender gets a NAK and keeps serving its connections; w is skipped until
 // it answers again.
 func (s *Supervisor) refuseBack(id uint64, w *worker, err error) {
-	p := s.pendingHO[id]
+	p := s.ho.pending[id]
 	if p == nil || p.to != w {
 		return // answered already, or the target went away
 	}
-	delete(s.pendingHO, id)
+	delete(s.ho.pending, id)
 	w.unanswered--
-	s.hoStats.Refused += p.n
-	if !w.gone && !w.exited {
+	s.count.Handoffs.Refused += p.n
+	if w.State.running() {
 		s.stall(w, err)
 	}
 	s.reply(p.from, handoff.Message{Type: handoff.TypeNak, ID: p.fromID, Reason: err.Error()})
@@ -261,11 +286,11 @@ func (s *Supervisor) refuseBack(id uint64, w *worker, err error) {
 // or not: the sender's own timeout reclaims it, and a NAK from here could
 // let both serve one connection.
 func (s *Supervisor) onAnswerTimeout(id uint64) {
-	p := s.pendingHO[id]
+	p := s.ho.pending[id]
 	if p == nil {
 		return
 	}
-	err := fmt.Errorf("worker pid %d did not answer within %s", p.to.pid, answerTimeout)
+	err := fmt.Errorf("worker pid %d did not answer within %s", p.to.Pid, answerTimeout)
 	if p.out.state.CompareAndSwap(outQueued, outCancelled) {
 		s.refuseBack(id, p.to, err)
 		return
@@ -276,15 +301,15 @@ func (s *Supervisor) onAnswerTimeout(id uint64) {
 // handoffTarget picks, round robin, a ready worker of the active generation
 // that takes kind, other than the sender.
 func (s *Supervisor) handoffTarget(from *worker, kind string) *worker {
-	g := s.current
-	if g == nil || s.stopping {
+	g := s.gens.current
+	if g == nil || s.life.stopping {
 		return nil
 	}
 	n := len(g.slots)
 	for i := 0; i < n; i++ {
-		s.rr++
-		w := g.slots[s.rr%n]
-		if w != nil && w != from && w.state == WorkerReady && !w.asked && w.hsock != nil && w.accepts[kind] &&
+		s.ho.rr++
+		w := g.slots[s.ho.rr%n]
+		if w != nil && w != from && w.State == WorkerReady && !w.asked() && w.hsock != nil && w.Accepts[kind] &&
 			!w.stalled && w.unanswered < maxUnanswered {
 			return w
 		}
@@ -293,11 +318,11 @@ func (s *Supervisor) handoffTarget(from *worker, kind string) *worker {
 }
 
 func (s *Supervisor) reply(w *worker, m handoff.Message) {
-	if s.workers[w.pid] != w || w.hsock == nil {
+	if s.gens.byPid[w.Pid] != w || w.hsock == nil {
 		return // the sender is gone: its copies went with it
 	}
 	if _, err := s.send(w, m, nil); err != nil {
-		s.warn(w.pid, "handoff reply failed", zap.Int("pid", w.pid), zap.String("type", m.Type), zap.Error(err))
+		s.warn(w.Pid, "handoff reply failed", slog.Int("pid", w.Pid), slog.String("type", m.Type), slog.Any("error", err))
 	}
 }
 
@@ -311,15 +336,15 @@ func (s *Supervisor) closeHandoff(w *worker) {
 	close(w.out) // the writer fails what is left, fast, and closes its fds
 	close(w.answers)
 	w.out, w.answers = nil, nil
-	w.accepts = nil
+	w.Accepts = nil
 	// A sender that went away needs no answer (reply checks); a target
 	// that went away refuses what it had not answered.
-	for id, p := range s.pendingHO {
+	for id, p := range s.ho.pending {
 		if p.to == w {
-			delete(s.pendingHO, id)
+			delete(s.ho.pending, id)
 			w.unanswered--
-			s.hoStats.Refused += p.n
-			s.reply(p.from, handoff.Message{Type: handoff.TypeNak, ID: p.fromID, Reason: fmt.Sprintf("worker pid %d went away", w.pid)})
+			s.count.Handoffs.Refused += p.n
+			s.reply(p.from, handoff.Message{Type: handoff.TypeNak, ID: p.fromID, Reason: fmt.Sprintf("worker pid %d went away", w.Pid)})
 		}
 	}
 }

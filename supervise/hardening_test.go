@@ -4,19 +4,17 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
-	"go.uber.org/zap"
-	"go.uber.org/zap/zapcore"
-	"go.uber.org/zap/zaptest"
-	"go.uber.org/zap/zaptest/observer"
 	"golang.org/x/sys/unix"
 
 	"github.com/seed6cb0314a/upgrader/internal/handoff"
@@ -234,7 +232,7 @@ func TestLingeringTreeIsDrainedThenForgotten(t *testing.T) {
 	h.s.post(evExit{pid: g1, status: unix.WaitStatus(unix.SIGTERM)})
 	h.killed(500, unix.SIGTERM)
 	st := h.status()
-	if len(st.Generations) != 2 || st.Generations[0].Generation != 1 || len(st.Generations[0].Workers) != 1 ||
+	if len(st.Generations) != 2 || st.Generations[0].N != 1 || len(st.Generations[0].Workers) != 1 ||
 		!slices.Equal(st.Generations[0].Workers[0].Lingering, []int{500}) {
 		t.Fatalf("generation 1 forgotten while its server runs: %+v", st.Generations)
 	}
@@ -310,15 +308,15 @@ func TestStalledHandoffTargetDoesNotBlockTheLoop(t *testing.T) {
 		}
 	}
 	var stalled bool
-	h.s.call(context.Background(), func() { stalled = h.s.workers[nw].stalled || h.s.workers[nw].unanswered >= maxUnanswered })
+	h.s.call(context.Background(), func() { stalled = h.s.gens.byPid[nw].stalled || h.s.gens.byPid[nw].unanswered >= maxUnanswered })
 	if !stalled {
 		t.Fatal("the target that does not read is still chosen")
 	}
 }
 
 func TestWarningsAreLimitedPerSenderAndCounted(t *testing.T) {
-	core, logs := observer.New(zapcore.WarnLevel)
-	log := zap.New(core)
+	rec := &records{}
+	log := slog.New(rec)
 	l := newLimiter(warnBurst, time.Hour)
 	now := time.Now()
 	for i := 0; i < 1000; i++ {
@@ -330,13 +328,41 @@ func TestWarningsAreLimitedPerSenderAndCounted(t *testing.T) {
 		}
 	}
 	l.flush(log)
-	if got := logs.FilterMessage("bad").Len(); got != warnBurst+3 {
+	if got := len(rec.withMessage("bad")); got != warnBurst+3 {
 		t.Fatalf("%d warnings logged, want %d", got, warnBurst+3)
 	}
-	sup := logs.FilterMessage("warnings suppressed").All()
-	if len(sup) != 1 || sup[0].ContextMap()["suppressed"] != int64(1000-warnBurst) || sup[0].ContextMap()["pid"] != int64(42) {
+	sup := rec.withMessage("warnings suppressed")
+	if len(sup) != 1 || sup[0]["suppressed"] != int64(1000-warnBurst) || sup[0]["pid"] != int64(42) {
 		t.Fatalf("suppressed count lines: %+v", sup)
 	}
+}
+
+// records is a slog.Handler that keeps every record's attributes, by
+// message, for the test of the limiter whose output is log records.
+type records struct {
+	mu  sync.Mutex
+	got map[string][]map[string]any
+}
+
+func (r *records) Enabled(context.Context, slog.Level) bool { return true }
+func (r *records) WithAttrs([]slog.Attr) slog.Handler       { return r }
+func (r *records) WithGroup(string) slog.Handler            { return r }
+func (r *records) Handle(_ context.Context, rec slog.Record) error {
+	attrs := map[string]any{}
+	rec.Attrs(func(a slog.Attr) bool { attrs[a.Key] = a.Value.Any(); return true })
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.got == nil {
+		r.got = map[string][]map[string]any{}
+	}
+	r.got[rec.Message] = append(r.got[rec.Message], attrs)
+	return nil
+}
+
+func (r *records) withMessage(m string) []map[string]any {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.got[m]
 }
 
 // The last message of a worker whose exit was handled first is not a
@@ -441,12 +467,14 @@ func TestCrashedWorkersLeftoversGetTheDrainTimeout(t *testing.T) {
 func TestFirstGenerationThatCannotStartEndsRun(t *testing.T) {
 	env := newFakeEnv()
 	env.startErr = errors.New("fork: resource temporarily unavailable")
-	s, err := newSupervisor(Config{Command: []string{"server"}, Log: zaptest.NewLogger(t)}, env)
+	cfg := DefaultConfig()
+	cfg.Command, cfg.Logger = []string{"server"}, testLogger(t)
+	s, err := newSupervisor(cfg, env)
 	if err != nil {
 		t.Fatal(err)
 	}
 	done := make(chan error, 1)
-	go func() { done <- s.Run() }()
+	go func() { done <- s.Run(context.Background()) }()
 	select {
 	case err := <-done:
 		if err == nil || !strings.Contains(err.Error(), "resource temporarily unavailable") {

@@ -23,7 +23,7 @@ func (h *harness) hurried() map[int]bool {
 	out := map[int]bool{}
 	for _, g := range h.status().Generations {
 		for _, w := range g.Workers {
-			out[g.Generation] = w.Hurried
+			out[g.N] = w.Hurried
 		}
 	}
 	return out

@@ -5,8 +5,8 @@ import (
 	"strconv"
 	"time"
 
-	"go.uber.org/zap"
 	"golang.org/x/sys/unix"
+	"log/slog"
 )
 
 // Repeated warnings about one sender's input are limited to warnBurst per
@@ -27,47 +27,47 @@ func (s *Supervisor) onNotify(ev evNotify) {
 			ev.release()
 		}
 	}()
-	w, ok := s.workers[dg.Pid]
+	w, ok := s.gens.byPid[dg.Pid]
 	if !ok {
-		if _, recent := s.recentExits[dg.Pid]; recent {
+		if _, recent := s.procs.recentExits[dg.Pid]; recent {
 			// Sent just before it exited; its exit was handled first.
-			s.log.Debug("notify message from a worker that has exited, dropped", zap.Int("pid", dg.Pid))
+			s.log.Debug("notify message from a worker that has exited, dropped", slog.Int("pid", dg.Pid))
 			return
 		}
 		if w = s.treeMember(dg.Pid); w == nil {
 			s.warn(dg.Pid, "notify message from a process that is not a worker, dropped",
-				zap.Int("pid", dg.Pid), zap.Uint32("uid", dg.UID))
+				slog.Int("pid", dg.Pid), slog.Any("uid", dg.UID))
 			return
 		}
 	}
-	fields := []zap.Field{zap.Int("generation", w.gen.n), zap.Int("worker", w.slot), zap.Int("pid", w.pid)}
+	fields := []any{slog.Int("generation", w.gen.N), slog.Int("worker", w.Slot), slog.Int("pid", w.Pid)}
 	if ev.truncated {
-		s.warn(w.pid, "notify message carried more fds than --fd-store-max takes; the rest were closed",
-			append(fields, zap.Int("max", s.cfg.FDStoreMax))...)
+		s.warn(w.Pid, "notify message carried more fds than --fd-store-max takes; the rest were closed",
+			append(fields, slog.Int("max", s.cfg.FDStoreMax))...)
 	}
 	if ev.dropped > 0 {
-		s.warn(w.pid, "notify message: fds not taken (no FDSTORE=1, or too many in flight), closed",
-			append(fields, zap.Int("fds", ev.dropped))...)
+		s.warn(w.Pid, "notify message: fds not taken (no FDSTORE=1, or too many in flight), closed",
+			append(fields, slog.Int("fds", ev.dropped))...)
 	}
 	if dg.Err != nil {
-		s.warn(w.pid, "malformed notify message, dropped", append(fields, zap.Error(dg.Err))...)
+		s.warn(w.Pid, "malformed notify message, dropped", append(fields, slog.Any("error", dg.Err))...)
 		return
 	}
 	m := dg.Message
 	if v, ok := m.Get("STATUS"); ok {
-		w.status = v
-		s.log.Debug("worker status", append(fields, zap.String("status", v))...)
+		w.Status = v
+		s.log.Debug("worker status", append(fields, slog.String("status", v))...)
 	}
 	if v, ok := m.Get("ERRNO"); ok {
-		s.warn(w.pid, "worker reports an error", append(fields, zap.String("errno", v))...)
+		s.warn(w.Pid, "worker reports an error", append(fields, slog.String("errno", v))...)
 	}
-	if v, ok := m.Get("EXTEND_TIMEOUT_USEC"); ok && w.state == WorkerStarting {
+	if v, ok := m.Get("EXTEND_TIMEOUT_USEC"); ok && w.State == WorkerStarting {
 		s.extendReadyTimeout(w, v, fields)
 	}
 	if m.Is("WATCHDOG", "1") {
-		w.lastPing = time.Now()
+		w.LastPing = s.env.now()
 	}
-	if m.Is("WATCHDOG", "trigger") && !w.asked {
+	if m.Is("WATCHDOG", "trigger") && !w.asked() {
 		s.replace(w, "watchdog", "the worker sent WATCHDOG=trigger", unix.SIGABRT)
 		return
 	}
@@ -77,67 +77,33 @@ func (s *Supervisor) onNotify(ev evNotify) {
 	if m.Is("READY", "1") && s.cfg.Ready.Kind == "notify" {
 		s.onReady(w)
 	}
-	if m.Is("STOPPING", "1") && !w.asked {
+	if m.Is("STOPPING", "1") && !w.asked() {
 		s.replace(w, "stopping", "the worker sent STOPPING=1 on its own", 0)
 	}
-}
-
-// treeMember finds the running worker whose process tree holds pid, as
-// systemd's NotifyAccess=all accepts any process of the service: a start
-// script that does not exec its server (npm start, a shell wrapper) leaves
-// the server a child of the worker, and its READY=1 counts for the worker.
-// A read of the process table is remembered: every pid found in a tree
-// then, and for a second each pid found in none, so that a flood from a
-// server below its worker, or from a stranger, does not read the table per
-// datagram, while a new process's first message is looked up at once.
-func (s *Supervisor) treeMember(pid int) *worker {
-	if w := s.members[pid]; w != nil && !w.exited {
-		return w
-	}
-	now := time.Now()
-	if until, ok := s.strangers[pid]; ok && now.Before(until) {
-		return nil
-	}
-	clear(s.members)
-	for w, pids := range s.trees() {
-		if !w.exited {
-			for _, p := range pids {
-				s.members[p] = w
-			}
-		}
-	}
-	if w := s.members[pid]; w != nil {
-		return w
-	}
-	if len(s.strangers) > 4096 {
-		clear(s.strangers)
-	}
-	s.strangers[pid] = now.Add(time.Second)
-	return nil
 }
 
 // extendReadyTimeout applies EXTEND_TIMEOUT_USEC=v (sd_notify(3)): the
 // worker has v µs from now to become ready. A value too large for a
 // time.Duration (up to 2^64−1, systemd's USEC_INFINITY) means no bound.
-func (s *Supervisor) extendReadyTimeout(w *worker, v string, fields []zap.Field) {
+func (s *Supervisor) extendReadyTimeout(w *worker, v string, fields []any) {
 	usec, err := strconv.ParseUint(v, 10, 64)
 	if err != nil {
-		s.warn(w.pid, "EXTEND_TIMEOUT_USEC is not a number of microseconds, ignored", append(fields, zap.String("value", v))...)
+		s.warn(w.Pid, "EXTEND_TIMEOUT_USEC is not a number of microseconds, ignored", append(fields, slog.String("value", v))...)
 		return
 	}
 	if usec > math.MaxInt64/uint64(time.Microsecond) {
-		w.readyTimeout = -1
+		w.ReadyTimeout = -1
 		s.arm(w, -1)
 		s.log.Info("worker's ready timeout lifted (EXTEND_TIMEOUT_USEC beyond any duration)", fields...)
 		return
 	}
-	w.readyTimeout = time.Duration(usec) * time.Microsecond
-	s.arm(w, w.readyTimeout)
+	w.ReadyTimeout = time.Duration(usec) * time.Microsecond
+	s.arm(w, w.ReadyTimeout)
 }
 
 // warn logs a warning about what the process pid sent, limited per pid.
-func (s *Supervisor) warn(pid int, msg string, fields ...zap.Field) {
-	if s.warns.allow(pid, time.Now(), s.log) {
+func (s *Supervisor) warn(pid int, msg string, fields ...any) {
+	if s.warns.allow(pid, s.env.now(), s.log) {
 		s.log.Warn(msg, fields...)
 	}
 }
@@ -161,7 +127,7 @@ func newLimiter(burst int, window time.Duration) *limiter {
 
 // allow reports whether an event for key may be logged now. Opening a new
 // window first logs the counts of windows that have passed.
-func (l *limiter) allow(key int, now time.Time, log *zap.Logger) bool {
+func (l *limiter) allow(key int, now time.Time, log *slog.Logger) bool {
 	b := l.keys[key]
 	if b == nil || now.Sub(b.start) >= l.window {
 		l.expire(now, log)
@@ -178,18 +144,18 @@ func (l *limiter) allow(key int, now time.Time, log *zap.Logger) bool {
 
 // expire logs the counts of passed windows and forgets them, so that many
 // senders cannot grow the map without bound.
-func (l *limiter) expire(now time.Time, log *zap.Logger) {
+func (l *limiter) expire(now time.Time, log *slog.Logger) {
 	for k, b := range l.keys {
 		if now.Sub(b.start) < l.window {
 			continue
 		}
 		if b.suppressed > 0 {
-			log.Warn("warnings suppressed", zap.Int("pid", k), zap.Int("suppressed", b.suppressed),
-				zap.Duration("within", l.window))
+			log.Warn("warnings suppressed", slog.Int("pid", k), slog.Int("suppressed", b.suppressed),
+				slog.Duration("within", l.window))
 		}
 		delete(l.keys, k)
 	}
 }
 
 // flush logs every count still held.
-func (l *limiter) flush(log *zap.Logger) { l.expire(time.Now().Add(l.window), log) }
+func (l *limiter) flush(log *slog.Logger) { l.expire(time.Now().Add(l.window), log) }

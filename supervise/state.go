@@ -1,147 +1,339 @@
 package supervise
 
 import (
+	"bufio"
+	"encoding/json"
 	"fmt"
+	"log/slog"
+	"os"
 	"time"
 
 	"golang.org/x/sys/unix"
 
 	"github.com/seed6cb0314a/upgrader/internal/handoff"
+	"github.com/seed6cb0314a/upgrader/internal/sockets"
 )
 
-// WorkerState is where a worker is in its life. Transitions:
-// starting → ready → draining → exited; starting → draining (failed or
-// stopped generation); any → exited.
-type WorkerState string
-
-const (
-	WorkerStarting WorkerState = "starting"
-	WorkerReady    WorkerState = "ready"
-	WorkerDraining WorkerState = "draining"
-	WorkerExited   WorkerState = "exited"
-)
-
-// GenerationState is where a generation is. Transitions: starting → active
-// (all workers ready) → draining (a newer one became active, or stop) →
-// exited; starting → failed (a worker exited or timed out before ready) →
-// exited.
-type GenerationState string
-
-const (
-	GenStarting GenerationState = "starting"
-	GenActive   GenerationState = "active"
-	GenDraining GenerationState = "draining"
-	GenFailed   GenerationState = "failed"
-	GenExited   GenerationState = "exited"
-)
-
-type worker struct {
-	gen     *generation
-	slot    int
-	pid     int // of its main process
-	state   WorkerState
-	started time.Time
-	readyAt time.Time
-	status  string // last STATUS= line
-	// readyTimeout is the bound on becoming ready, as EXTEND_TIMEOUT_USEC
-	// last set it (< 0: none).
-	readyTimeout time.Duration
-	asked        bool   // retired: its exit is not a crash
-	cause        string // why it was retired
-	killed       bool   // its tree was sent SIGKILL (at killedAt)
-	killedAt     time.Time
-	// exited: its main process was reaped; lingering lists what is left of
-	// its process tree (lingerSignalled: and was sent the drain signal);
-	// gone: nothing is left, the worker is forgotten.
-	exited          bool
-	lingering       []int
-	lingerSignalled bool
-	gone            bool
-	// The one deadline timer (arm), due at deadline (zero: disarmed);
-	// timerSeq tells a stale firing apart.
-	timer    *time.Timer
-	timerSeq uint64
-	deadline time.Time
-	// hurried: its generation was beyond --max-draining, and it was sent
-	// the drain signal a second time with its deadline pulled in (hurry).
-	hurried  bool
-	lastPing time.Time // last WATCHDOG=1
-	// The handoff channel: hsock, with out queueing what is sent on it
-	// (writeHandoff). A target that does not take its batches is stalled
-	// and skipped; unanswered counts batches forwarded to it awaiting an
-	// answer.
-	hsock      *handoff.Socket
-	out        chan *outMsg // batches
-	answers    chan *outMsg // ACK and NAK
-	stalled    bool
-	unanswered int
-	accepts    map[string]bool // handoff kinds it takes (ACCEPT)
+// State is the record a self-upgrade hands to the new image, as JSON in a
+// memfd named by StateEnv: what the supervisor knows, with the fds it
+// holds by number (their close-on-exec flag cleared for the exec). The
+// generations and workers are their records, so that what Status shows
+// and what the new image resumes are the same fields.
+type State struct {
+	Version    int          `json:"state_version"`
+	SavedAt    time.Time    `json:"saved_at"`
+	Executable string       `json:"executable"`
+	Args       []string     `json:"args"`
+	Execs      int          `json:"execs"`
+	Listeners  []stListener `json:"listeners"`
+	Notify     NotifyState  `json:"notify"`
+	Carried    []CarriedFD  `json:"carried"`
+	Client     *stClient    `json:"client,omitempty"`
+	FDStore    []stStored   `json:"fd_store"`
+	NextGen    int          `json:"next_generation"`
+	Current    int          `json:"current_generation"`
+	Gens       []savedGen   `json:"generations"`
+	Queued     bool         `json:"queued_upgrade"`
+	// UpgradeWorkers: upgrade the workers once resumed (not --self-only).
+	UpgradeWorkers bool          `json:"upgrade_workers"`
+	Restarts       []time.Time   `json:"restarts"` // the crash restarts in the window
+	Counts         Counters      `json:"counts"`
+	LastUp         UpgradeResult `json:"last_upgrade"`
+	NextHOID       uint64        `json:"next_handoff_id"`
 }
 
-type generation struct {
-	n       int
-	state   GenerationState
-	started time.Time
-	readyAt time.Time
-	// slots holds the worker serving each slot; nil while a crashed
-	// worker's replacement waits out its backoff.
-	slots []*worker
-	// live is every process of this generation still running, including
-	// workers that left their slot (self-stopped, replaced).
-	live     map[*worker]struct{}
-	failures []int // consecutive crash count per slot, for the backoff
-	restarts int
-	reason   string // why it failed
-	// watchers follow the upgrade that started this generation;
-	// exitWatchers, moved here when a newer one replaced it, are told
-	// "done" when this generation has exited.
-	watchers     []chan Progress
-	exitWatchers []chan Progress
-	replacedBy   int
+// NotifyState is the notify socket: its fd, path and private directory.
+type NotifyState struct {
+	FD   int    `json:"fd"`
+	Path string `json:"path"`
+	Dir  string `json:"dir"`
 }
 
-func (g *generation) allReady() bool {
-	for _, w := range g.slots {
-		if w == nil || w.state != WorkerReady {
-			return false
-		}
+type stListener struct {
+	Spec   sockets.Spec `json:"spec"`
+	FD     int          `json:"fd"`
+	Unlink string       `json:"unlink,omitempty"`
+}
+
+type stClient struct {
+	FD       int  `json:"fd"`
+	SelfOnly bool `json:"self_only"`
+}
+
+type stStored struct {
+	Name string `json:"name"`
+	FD   int    `json:"fd"`
+}
+
+// savedGen is a generation's record, which slot each worker serves (its
+// pid; 0: empty) and its workers.
+type savedGen struct {
+	GenerationRecord
+	Slots   []int         `json:"slots"`
+	Workers []savedWorker `json:"workers"`
+}
+
+// savedWorker is a worker's record and its handoff channel's fd (-1: none).
+type savedWorker struct {
+	WorkerRecord
+	HandoffFD int `json:"handoff_fd"`
+}
+
+// saveState builds the record. keep are fds the supervisor keeps using
+// (their close-on-exec flag is cleared for the exec), dups duplicates
+// made for it (closed if the exec fails).
+func (s *Supervisor) saveState(su *selfUpgrade) (st *State, keep, dups []int, err error) {
+	st = &State{Version: StateVersion, SavedAt: s.env.now(), Executable: s.cfg.Executable, Args: s.cfg.Args, Execs: s.reexec.execs + 1,
+		NextGen: s.gens.next, Queued: s.upgrades.queued, UpgradeWorkers: !su.req.SelfOnly, Restarts: s.life.restarts,
+		Counts: s.count, LastUp: s.upgrades.last, NextHOID: s.ho.nextID}
+	if s.gens.current != nil {
+		st.Current = s.gens.current.N
 	}
-	return true
+	for _, l := range s.cfg.Listeners {
+		st.Listeners = append(st.Listeners, stListener{Spec: l.sock.Spec, FD: l.sock.FD, Unlink: l.sock.UnlinkPath()})
+		keep = append(keep, l.sock.FD)
+	}
+	for _, f := range s.fdStore {
+		st.FDStore = append(st.FDStore, stStored{Name: f.name, FD: f.fd})
+		keep = append(keep, f.fd)
+	}
+	nfd, path, dir, err := s.env.notifyState()
+	if err != nil {
+		return nil, keep, dups, fmt.Errorf("notify socket: %w", err)
+	}
+	if nfd >= 0 {
+		dups = append(dups, nfd)
+	}
+	st.Notify = NotifyState{FD: nfd, Path: path, Dir: dir}
+	if s.cfg.Carry != nil {
+		c, err := s.cfg.Carry()
+		for _, x := range c {
+			dups = append(dups, x.FD)
+		}
+		if err != nil {
+			return nil, keep, dups, err
+		}
+		st.Carried = c
+	}
+	if su.req.ClientFD >= 0 {
+		st.Client = &stClient{FD: su.req.ClientFD, SelfOnly: su.req.SelfOnly}
+		// Still owned by su until the exec succeeds: not in dups.
+		keep = append(keep, su.req.ClientFD)
+	}
+	for _, g := range s.gens.all {
+		sg, more, err := saveGen(g)
+		dups = append(dups, more...)
+		if err != nil {
+			return nil, keep, dups, err
+		}
+		st.Gens = append(st.Gens, sg)
+	}
+	return st, keep, dups, nil
 }
 
-// anyUnhurried reports whether a worker of g with processes left has not
-// been hurried yet.
-func (g *generation) anyUnhurried() bool {
+// saveGen records g, with a duplicate of each running worker's handoff
+// channel (returned in dups).
+func saveGen(g *generation) (savedGen, []int, error) {
+	sg := savedGen{GenerationRecord: g.GenerationRecord}
+	var dups []int
+	for _, w := range g.slots {
+		pid := 0
+		if w != nil {
+			pid = w.Pid
+		}
+		sg.Slots = append(sg.Slots, pid)
+	}
 	for w := range g.live {
-		if !w.hurried {
-			return true
+		sw := savedWorker{WorkerRecord: w.WorkerRecord, HandoffFD: -1}
+		if w.hsock != nil && w.State.running() {
+			fd, err := w.hsock.DupFD()
+			if err != nil {
+				return sg, dups, fmt.Errorf("handoff channel of pid %d: %w", w.Pid, err)
+			}
+			dups = append(dups, fd)
+			sw.HandoffFD = fd
 		}
+		sg.Workers = append(sg.Workers, sw)
 	}
-	return false
+	return sg, dups, nil
 }
 
-func (g *generation) readyCount() int {
-	n := 0
-	for _, w := range g.slots {
-		if w != nil && w.state == WorkerReady {
-			n++
-		}
+// LoadState reads the record at fd (from StateEnv) and closes fd.
+func LoadState(fd int) (*State, error) {
+	f := os.NewFile(uintptr(fd), "upgrader-state")
+	defer f.Close()
+	var st State
+	if err := json.NewDecoder(bufio.NewReader(f)).Decode(&st); err != nil {
+		return nil, fmt.Errorf("state record (fd %d): %w", fd, err)
 	}
-	return n
+	if st.Version != StateVersion {
+		return nil, fmt.Errorf("state record version %d, want %d", st.Version, StateVersion)
+	}
+	return &st, nil
 }
 
-// describeExit renders a wait status as "exited with status 1" or "killed by
-// signal KILL".
-func describeExit(ws unix.WaitStatus) string {
-	switch {
-	case ws.Exited():
-		return fmt.Sprintf("exited with status %d", ws.ExitStatus())
-	case ws.Signaled():
-		name := unix.SignalName(ws.Signal())
-		if name == "" {
-			name = fmt.Sprint(int(ws.Signal()))
-		}
-		return "killed by signal " + name
+// Restored rebuilds the listeners of the record.
+func (st *State) Restored() []*Listener {
+	var out []*Listener
+	for _, l := range st.Listeners {
+		out = append(out, &Listener{sock: sockets.Restored(l.Spec, l.FD, l.Unlink)})
 	}
-	return fmt.Sprintf("ended with wait status %#x", uint32(ws))
+	return out
+}
+
+// CarriedFD returns the fd carried for role (-1: none).
+func (st *State) CarriedFD(role string) int {
+	for _, c := range st.Carried {
+		if c.Role == role {
+			return c.FD
+		}
+	}
+	return -1
+}
+
+// Restore returns a Supervisor that carries on from st, the record an
+// earlier image of this process left, on the real OS. cfg.Listeners must
+// be st.Restored().
+func Restore(cfg Config, st *State) (*Supervisor, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	e, err := newOSEnv(cfg)
+	if err != nil {
+		return nil, err
+	}
+	e.resume = &st.Notify
+	s, err := newSupervisor(cfg, e)
+	if err != nil {
+		return nil, err
+	}
+	for _, sg := range st.Gens {
+		for _, sw := range sg.Workers {
+			if sw.State.running() {
+				e.adopt(sw.Pid)
+			}
+		}
+	}
+	s.reexec.resumed = st
+	return s, nil
+}
+
+// resume rebuilds the state of st in the loop and re-arms its timers.
+func (s *Supervisor) resume(st *State) {
+	now := s.env.now()
+	s.reexec.execs = st.Execs
+	s.gens.next = st.NextGen
+	s.upgrades.queued = st.Queued
+	s.life.restarts = st.Restarts
+	s.count = st.Counts
+	s.upgrades.last, s.ho.nextID = st.LastUp, st.NextHOID
+	for _, f := range st.FDStore {
+		unix.CloseOnExec(f.FD)
+		s.fdStore = append(s.fdStore, storedFD{name: f.Name, fd: f.FD})
+	}
+	anyLingering := false
+	for _, sg := range st.Gens {
+		g := s.resumeGen(sg, now)
+		if g.N == st.Current {
+			s.gens.current = g
+			// A crashed worker's replacement was waiting out its backoff.
+			for i, w := range g.slots {
+				if w == nil {
+					s.after(backoffBase, evRestart{g, i})
+				}
+			}
+		}
+		for w := range g.live {
+			anyLingering = anyLingering || w.State == WorkerLingering
+		}
+	}
+	if anyLingering {
+		s.pollSoon()
+	}
+	s.reexec.last = &SelfResult{OK: true, At: now}
+	s.log.Info("self-upgrade: resumed", slog.String("version", s.cfg.Version), slog.Int("exec", s.reexec.execs),
+		slog.Int("generations", len(s.gens.all)), slog.Int("workers", len(s.gens.byPid)), slog.Duration("exec_gap", now.Sub(st.SavedAt)))
+	s.resumeUpgrades(st)
+}
+
+// resumeGen rebuilds one generation of the record, its workers' handoff
+// channels and their timers (a deadline already passed fires at once).
+func (s *Supervisor) resumeGen(sg savedGen, now time.Time) *generation {
+	g := &generation{GenerationRecord: sg.GenerationRecord, slots: make([]*worker, len(sg.Slots)), live: map[*worker]struct{}{}}
+	if len(g.Failures) < len(g.slots) {
+		g.Failures = make([]int, len(g.slots))
+	}
+	s.gens.all = append(s.gens.all, g)
+	for _, sw := range sg.Workers {
+		w := &worker{WorkerRecord: sw.WorkerRecord, gen: g}
+		g.live[w] = struct{}{}
+		if w.State.running() {
+			s.gens.byPid[w.Pid] = w
+			for i, pid := range sg.Slots {
+				if pid == w.Pid {
+					g.slots[i] = w
+				}
+			}
+		}
+		if sw.HandoffFD >= 0 {
+			unix.CloseOnExec(sw.HandoffFD)
+			if sock, err := handoff.NewSocket(os.NewFile(uintptr(sw.HandoffFD), "handoff")); err != nil {
+				s.log.Error("handoff channel not restored", slog.Int("pid", w.Pid), slog.Any("error", err))
+			} else {
+				s.openHandoff(w, sock)
+			}
+		}
+		if !w.Deadline.IsZero() {
+			s.arm(w, max(0, w.Deadline.Sub(now)))
+		}
+		if s.cfg.Ready.Kind == ReadyDelay && w.State == WorkerStarting {
+			s.after(max(0, s.cfg.Ready.Delay-now.Sub(w.Started)), evReady{w: w})
+		}
+	}
+	return g
+}
+
+// resumeUpgrades carries on the upgrades of the record: the worker upgrade
+// of upgrader upgrade --self, followed by the asking client from the new
+// image, and one queued behind it.
+func (s *Supervisor) resumeUpgrades(st *State) {
+	var ch chan Progress
+	if c := st.Client; c != nil {
+		unix.CloseOnExec(c.FD)
+		ch = make(chan Progress, 16)
+		go followClient(c.FD, ch)
+		ch <- Progress{Event: EventResumed, Version: s.cfg.Version, Execs: s.reexec.execs, Generation: st.Current}
+	}
+	if st.UpgradeWorkers {
+		if ch != nil {
+			s.upgrades.starting = append(s.upgrades.starting, ch)
+		}
+		queued := s.upgrades.queued
+		s.upgrades.queued = false
+		s.startGeneration()
+		s.upgrades.queued = queued
+		return
+	}
+	if ch != nil {
+		ch <- Progress{Event: EventDone, Version: s.cfg.Version, Execs: s.reexec.execs, Generation: st.Current}
+		close(ch)
+	}
+	if s.upgrades.queued {
+		s.upgrades.queued = false
+		s.startGeneration()
+	}
+}
+
+// followClient writes progress to the asking client's connection, carried
+// across the exec, and closes it at the end.
+func followClient(fd int, ch <-chan Progress) {
+	f := os.NewFile(uintptr(fd), "control-client")
+	defer f.Close()
+	enc := json.NewEncoder(f)
+	ok := true
+	for p := range ch {
+		if ok {
+			ok = enc.Encode(p) == nil
+		}
+	}
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"io"
+	"log/slog"
 	"net"
 	"os"
 	"strconv"
@@ -13,7 +14,6 @@ import (
 	"testing"
 	"time"
 
-	"go.uber.org/zap/zaptest"
 	"golang.org/x/sys/unix"
 
 	"github.com/seed6cb0314a/upgrader/internal/handoff"
@@ -116,12 +116,17 @@ func (f *fakeEnv) notifyManager(state string) {
 	f.mu.Unlock()
 }
 func (f *fakeEnv) connections([]int) int { return 0 }
-func (f *fakeEnv) close()                {}
+func (f *fakeEnv) now() time.Time        { return time.Now() }
+func (f *fakeEnv) afterFunc(d time.Duration, fn func()) stopper {
+	return time.AfterFunc(d, fn)
+}
+func (f *fakeEnv) ownEnviron() []string { return os.Environ() }
+func (f *fakeEnv) close()               {}
 func (f *fakeEnv) check(string) (int, io.ReadCloser, error) {
 	return 0, nil, errors.New("no self-check in the fake env")
 }
 func (f *fakeEnv) notifyState() (int, string, string, error) { return -1, "", "", nil }
-func (f *fakeEnv) exec(string, []string, []string) error {
+func (f *fakeEnv) exec(string, []string, []string, []byte, []int) error {
 	return errors.New("no exec in the fake env")
 }
 
@@ -153,13 +158,51 @@ func (h *harness) waitHandled(what string, match func(event) bool) {
 	}
 }
 
-func run(t *testing.T, cfg Config) *harness {
-	t.Helper()
-	cfg.Command = []string{"server"}
-	cfg.Log = zaptest.NewLogger(t)
+// testLogger logs to the test's output.
+func testLogger(t *testing.T) *slog.Logger {
+	return slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelDebug}))
+}
+
+// withDefaults fills the fields of cfg a test left zero from
+// DefaultConfig, so that a test names only what it is about.
+func withDefaults(cfg Config) Config {
+	d := DefaultConfig()
+	if cfg.Workers == 0 {
+		cfg.Workers = d.Workers
+	}
+	if cfg.Ready.Kind == "" {
+		cfg.Ready = d.Ready
+	}
+	if cfg.ReadyTimeout == 0 {
+		cfg.ReadyTimeout = d.ReadyTimeout
+	}
+	if cfg.DrainTimeout == 0 {
+		cfg.DrainTimeout = d.DrainTimeout
+	}
+	if cfg.DrainSignal == 0 {
+		cfg.DrainSignal = d.DrainSignal
+	}
+	if cfg.RestartWindow == 0 {
+		cfg.RestartWindow = d.RestartWindow
+	}
+	if cfg.MaxDraining == 0 {
+		cfg.MaxDraining = d.MaxDraining
+	}
+	if cfg.HurryGrace == 0 {
+		cfg.HurryGrace = d.HurryGrace
+	}
 	if cfg.GiveUpLinger == 0 {
 		cfg.GiveUpLinger = time.Millisecond
 	}
+	return cfg
+}
+
+func run(t *testing.T, cfg Config) *harness {
+	t.Helper()
+	cfg = withDefaults(cfg)
+	cfg.Command = []string{"server"}
+	cfg.Logger = testLogger(t)
+	cfg.Subreaper = true // the fake process table has orphans below the supervisor
 	switch cfg.MaxRestarts {
 	case 0:
 		cfg.MaxRestarts = 5 // the command line's default
@@ -178,7 +221,7 @@ func run(t *testing.T, cfg Config) *harness {
 		default:
 		}
 	}
-	go func() { h.err <- s.Run() }()
+	go func() { h.err <- s.Run(context.Background()) }()
 	t.Cleanup(func() {
 		select {
 		case <-s.done:
@@ -338,7 +381,7 @@ func TestReadyTimeoutFailsUpgradeAndDrainsNewWorkers(t *testing.T) {
 	h.killed(g2, unix.SIGTERM)
 	h.exit(g2, 0)
 	h.sync()
-	if h.s.current == nil || h.s.current.n != 1 {
+	if h.s.gens.current == nil || h.s.gens.current.N != 1 {
 		t.Fatal("generation 1 is no longer the active generation")
 	}
 }
@@ -390,12 +433,12 @@ func TestNotifyFromStrangerIsIgnored(t *testing.T) {
 	w := h.started()
 	h.ready(w + 1000)
 	h.sync()
-	if h.s.current != nil {
+	if h.s.gens.current != nil {
 		t.Fatal("READY=1 from a pid that is not a worker made a generation ready")
 	}
 	h.ready(w)
 	h.sync()
-	if h.s.current == nil {
+	if h.s.gens.current == nil {
 		t.Fatal("READY=1 from the worker was not taken")
 	}
 }
@@ -470,7 +513,7 @@ func TestFirstGenerationRecoversAfterCrash(t *testing.T) {
 	w := h.started()
 	h.ready(w)
 	h.sync()
-	if h.s.current == nil || h.s.current.n != 1 {
+	if h.s.gens.current == nil || h.s.gens.current.N != 1 {
 		t.Fatal("generation 1 not active after its restarted worker became ready")
 	}
 }
@@ -540,7 +583,7 @@ func TestHandoffRoutedToNewestGenerationAndAnswered(t *testing.T) {
 	// The ACCEPT comes through the new worker's own reader: wait for it.
 	h.waitHandled("ACCEPT from the new worker", func(ev event) bool {
 		e, ok := ev.(evHandoff)
-		return ok && e.w.pid == nw && e.m.Type == handoff.TypeAccept
+		return ok && e.w.Pid == nw && e.m.Type == handoff.TypeAccept
 	})
 
 	// Now it goes to the new worker, with its fd and state; its ACK comes
@@ -564,7 +607,7 @@ func TestHandoffRoutedToNewestGenerationAndAnswered(t *testing.T) {
 		t.Fatalf("answer %+v, want NAK id=8 naming busy", a)
 	}
 	h.sync()
-	if st := h.s.hoStats; st.HandedOff != 1 || st.Refused != 2 {
+	if st := h.s.count.Handoffs; st.HandedOff != 1 || st.Refused != 2 {
 		t.Fatalf("stats %+v", st)
 	}
 }

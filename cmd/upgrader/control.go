@@ -17,7 +17,7 @@ import (
 
 	"github.com/seed6cb0314a/upgrader/health"
 	"github.com/seed6cb0314a/upgrader/internal/control"
-	"github.com/seed6cb0314a/upgrader/internal/supervise"
+	"github.com/seed6cb0314a/upgrader/supervise"
 )
 
 // controlHandler answers control-socket requests from the supervisor.
@@ -36,7 +36,7 @@ func controlHandler(sup *supervise.Supervisor) control.Handler {
 			if r.Self || r.SelfOnly {
 				return selfUpgrade(ctx, sup, r, send)
 			}
-			progress, err := sup.Upgrade(ctx)
+			progress, err := sup.StartUpgrade(ctx)
 			if err != nil {
 				return err
 			}
@@ -44,7 +44,7 @@ func controlHandler(sup *supervise.Supervisor) control.Handler {
 				if err := send(p); err != nil {
 					return nil // the client went away; the upgrade goes on
 				}
-				if !r.Wait && p.Event == "started" {
+				if !r.Wait && p.Event == supervise.EventStarted {
 					return nil
 				}
 			}
@@ -312,7 +312,7 @@ func summary(st supervise.Status) string {
 		for _, w := range g.Workers {
 			ws = append(ws, fmt.Sprintf("%d:%s", w.Pid, w.State))
 		}
-		fmt.Fprintf(&b, "  generation %d %s: workers %s", g.Generation, g.State, strings.Join(ws, " "))
+		fmt.Fprintf(&b, "  generation %d %s: workers %s", g.N, g.State, strings.Join(ws, " "))
 		if g.Restarts > 0 {
 			fmt.Fprintf(&b, ", %d restarts", g.Restarts)
 		}

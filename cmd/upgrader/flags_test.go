@@ -15,7 +15,8 @@ func defaults(t *testing.T, args ...string) (runFlags, error) {
 	if err != nil {
 		return f, err
 	}
-	return f, f.validate()
+	_, err = f.config()
+	return f, err
 }
 
 func TestFlagValuesRejectedNotReplaced(t *testing.T) {
@@ -67,7 +68,10 @@ func TestFlagValuesPassedThrough(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	cfg := f.config()
+	cfg, err := f.config()
+	if err != nil {
+		t.Fatal(err)
+	}
 	if cfg.MaxRestarts != 0 || cfg.FDStoreMax != 0 || cfg.MaxDraining != 2 {
 		t.Fatalf("config: MaxRestarts %d FDStoreMax %d MaxDraining %d, want 0 0 2", cfg.MaxRestarts, cfg.FDStoreMax, cfg.MaxDraining)
 	}

@@ -8,6 +8,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"os"
 	"path/filepath"
@@ -17,6 +18,8 @@ import (
 	"time"
 
 	"github.com/coreos/go-systemd/v22/activation"
+	"go.uber.org/zap/exp/zapslog"
+	"golang.org/x/sys/unix"
 	flag "github.com/spf13/pflag"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
@@ -25,7 +28,7 @@ import (
 	"github.com/seed6cb0314a/upgrader/internal/control"
 	"github.com/seed6cb0314a/upgrader/internal/sockets"
 	"github.com/seed6cb0314a/upgrader/internal/spawn"
-	"github.com/seed6cb0314a/upgrader/internal/supervise"
+	"github.com/seed6cb0314a/upgrader/supervise"
 )
 
 // version is set at build time with -ldflags "-X main.version=…".
@@ -122,67 +125,29 @@ type runFlags struct {
 	maxDraining   int
 }
 
-// validate rejects values the supervisor would otherwise replace by a
-// default without a word: a typo such as --drain-timeout -30s must not run
-// with 30s. The error names the flag and is a usage error.
-func (f *runFlags) validate() error {
-	for _, d := range []struct {
-		name     string
-		v        time.Duration
-		zeroIsOK bool // 0 means off
-	}{
-		{"ready-timeout", f.readyTimeout, false},
-		{"drain-timeout", f.drainTimeout, false},
-		{"restart-window", f.restartWindow, false},
-		{"shutdown-delay", f.shutdownDelay, true},
-		{"watchdog", f.watchdog, true},
-	} {
-		switch {
-		case d.v < 0:
-			return fmt.Errorf("%w: --%s %s: want a duration of 0 or more", errUsage, d.name, d.v)
-		case d.v == 0 && !d.zeroIsOK:
-			return fmt.Errorf("%w: --%s 0: want a duration greater than 0", errUsage, d.name)
-		}
-	}
-	for _, n := range []struct {
-		name string
-		v    int
-		min  int
-	}{
-		{"workers", f.workers, 1},
-		{"max-restarts", f.maxRestarts, 0},
-		{"fd-store-max", f.fdStoreMax, 0},
-		{"max-draining", f.maxDraining, 1},
-	} {
-		if n.v < n.min {
-			return fmt.Errorf("%w: --%s %d: want at least %d", errUsage, n.name, n.v, n.min)
-		}
-	}
-	return nil
-}
-
 // parseRunFlags parses the command line of "upgrader run"; --help gives
-// flag.ErrHelp.
+// flag.ErrHelp. The defaults are supervise.DefaultConfig's.
 func parseRunFlags(args []string) (runFlags, error) {
+	d := supervise.DefaultConfig()
 	var f runFlags
 	fs := flag.NewFlagSet("upgrader run", flag.ContinueOnError)
 	fs.SetInterspersed(false) // everything after COMMAND belongs to COMMAND
 	fs.StringArrayVarP(&f.listen, "listen", "l", nil, "listener `[NAME=]ADDR`: tcp://HOST:PORT, tcp4://, tcp6://, unix:///PATH, udp://HOST:PORT, unixgram:///PATH, or HOST:PORT (repeatable)")
-	fs.IntVarP(&f.workers, "workers", "w", 1, "workers per generation")
-	fs.StringVar(&f.ready, "ready", "notify", "readiness `MODE`: notify (READY=1 on NOTIFY_SOCKET), fd:N (newline on fd N), delay:DURATION")
-	fs.DurationVar(&f.readyTimeout, "ready-timeout", 60*time.Second, "fail an upgrade whose workers are not ready within this")
-	fs.DurationVar(&f.drainTimeout, "drain-timeout", 30*time.Second, "SIGKILL a draining worker after this")
-	fs.StringVar(&f.drainSignal, "drain-signal", "TERM", "signal that asks a worker to drain")
-	fs.DurationVar(&f.shutdownDelay, "shutdown-delay", 0, "on TERM/INT, report not-ready this long before draining (0: off)")
+	fs.IntVarP(&f.workers, "workers", "w", d.Workers, "workers per generation")
+	fs.StringVar(&f.ready, "ready", d.Ready.String(), "readiness `MODE`: notify (READY=1 on NOTIFY_SOCKET), fd:N (newline on fd N), delay:DURATION")
+	fs.DurationVar(&f.readyTimeout, "ready-timeout", d.ReadyTimeout, "fail an upgrade whose workers are not ready within this")
+	fs.DurationVar(&f.drainTimeout, "drain-timeout", d.DrainTimeout, "SIGKILL a draining worker after this")
+	fs.StringVar(&f.drainSignal, "drain-signal", strings.TrimPrefix(unix.SignalName(d.DrainSignal), "SIG"), "signal that asks a worker to drain")
+	fs.DurationVar(&f.shutdownDelay, "shutdown-delay", d.ShutdownDelay, "on TERM/INT, report not-ready this long before draining (0: off)")
 	fs.StringVar(&f.pidFile, "pid-file", "", "write the supervisor's pid to this file")
-	fs.IntVar(&f.maxRestarts, "max-restarts", 5, "crash restarts within --restart-window, with no ready worker left, before giving up (0: give up at the first)")
-	fs.DurationVar(&f.restartWindow, "restart-window", 60*time.Second, "window for --max-restarts")
+	fs.IntVar(&f.maxRestarts, "max-restarts", d.MaxRestarts, "crash restarts within --restart-window, with no ready worker left, before giving up (0: give up at the first)")
+	fs.DurationVar(&f.restartWindow, "restart-window", d.RestartWindow, "window for --max-restarts")
 	fs.StringVar(&f.health, "health", "", "serve /livez /readyz /status /metrics on `HOST:PORT` (default off)")
 	fs.StringVar(&f.control, "control", "", "control socket `PATH` (default upgrader.sock in the runtime directory; \"none\" for none)")
-	fs.DurationVar(&f.watchdog, "watchdog", 0, "workers get WATCHDOG_USEC; a worker silent this long is replaced (0: off)")
-	fs.IntVar(&f.fdStoreMax, "fd-store-max", 64, "fds workers may keep with FDSTORE=1 for later generations (0: fd store off)")
-	fs.IntVar(&f.maxDraining, "max-draining", 4, "generations that may drain at once; beyond it the oldest is sent --drain-signal again to close what is idle, and killed 2s later if still running")
-	fs.BoolVar(&f.noHandoff, "no-handoff", false, "do not offer live-connection handoff (UPGRADER_HANDOFF_FD) to workers")
+	fs.DurationVar(&f.watchdog, "watchdog", d.Watchdog, "workers get WATCHDOG_USEC; a worker silent this long is replaced (0: off)")
+	fs.IntVar(&f.fdStoreMax, "fd-store-max", d.FDStoreMax, "fds workers may keep with FDSTORE=1 for later generations (0: fd store off)")
+	fs.IntVar(&f.maxDraining, "max-draining", d.MaxDraining, fmt.Sprintf("generations that may drain at once; beyond it the oldest is sent --drain-signal again to close what is idle, and killed %s later if still running", d.HurryGrace))
+	fs.BoolVar(&f.noHandoff, "no-handoff", d.NoHandoff, "do not offer live-connection handoff (UPGRADER_HANDOFF_FD) to workers")
 	fs.StringVar(&f.logFormat, "log-format", "console", "log format: console or json")
 	fs.StringVar(&f.logLevel, "log-level", "info", "log level: debug, info, warn, error")
 	if err := fs.Parse(args); err != nil {
@@ -198,24 +163,48 @@ func parseRunFlags(args []string) (runFlags, error) {
 	return f, nil
 }
 
-// config is the supervisor's configuration from the flags, values passed
-// through unchanged: 0 means something of its own to the supervisor.
-func (f *runFlags) config() supervise.Config {
-	return supervise.Config{
-		Version:       version,
-		Args:          os.Args,
-		Command:       f.command,
-		Workers:       f.workers,
-		ReadyTimeout:  f.readyTimeout,
-		DrainTimeout:  f.drainTimeout,
-		ShutdownDelay: f.shutdownDelay,
-		MaxRestarts:   f.maxRestarts,
-		RestartWindow: f.restartWindow,
-		MaxDraining:   f.maxDraining,
-		Watchdog:      f.watchdog,
-		NoHandoff:     f.noHandoff,
-		FDStoreMax:    f.fdStoreMax,
+// config turns the flags into the supervisor's Config, the one place the
+// two meet, and checks it with the one validator, Config.Validate (whose
+// errors configError turns into usage errors naming the flags). The
+// listeners and what the process set up come later.
+func (f *runFlags) config() (supervise.Config, error) {
+	cfg := supervise.DefaultConfig()
+	cfg.Version, cfg.Args, cfg.Command = version, os.Args, f.command
+	cfg.Workers, cfg.ReadyTimeout, cfg.DrainTimeout = f.workers, f.readyTimeout, f.drainTimeout
+	cfg.ShutdownDelay, cfg.MaxRestarts, cfg.RestartWindow = f.shutdownDelay, f.maxRestarts, f.restartWindow
+	cfg.MaxDraining, cfg.Watchdog, cfg.NoHandoff, cfg.FDStoreMax = f.maxDraining, f.watchdog, f.noHandoff, f.fdStoreMax
+	// The command handles its process's signals, and is the subreaper of
+	// its workers' trees.
+	cfg.Signals, cfg.Subreaper = true, true
+	cfg.RuntimeDir = runtimeDir()
+	var err error
+	if cfg.Ready, err = supervise.ParseReadyMode(f.ready); err != nil {
+		return cfg, fmt.Errorf("%w: %v", errUsage, err)
 	}
+	if cfg.DrainSignal, err = supervise.ParseSignal(f.drainSignal); err != nil {
+		return cfg, fmt.Errorf("%w: --drain-signal: %v", errUsage, err)
+	}
+	return cfg, configError(cfg.Validate())
+}
+
+// flagOf names the flag of each Config field the command line sets.
+var flagOf = map[string]string{
+	"Command": "COMMAND", "Workers": "--workers", "Ready": "--ready", "ReadyTimeout": "--ready-timeout",
+	"DrainTimeout": "--drain-timeout", "DrainSignal": "--drain-signal", "ShutdownDelay": "--shutdown-delay",
+	"MaxRestarts": "--max-restarts", "RestartWindow": "--restart-window", "MaxDraining": "--max-draining",
+	"Watchdog": "--watchdog", "FDStoreMax": "--fd-store-max",
+}
+
+// configError turns a *supervise.ConfigError of a field a flag sets into
+// a usage error naming the flag; other errors pass unchanged.
+func configError(err error) error {
+	var ce *supervise.ConfigError
+	if errors.As(err, &ce) {
+		if name, ok := flagOf[ce.Field]; ok {
+			return fmt.Errorf("%w: %s %v: want %s", errUsage, name, ce.Value, ce.Want)
+		}
+	}
+	return err
 }
 
 // proc is what the process set up before parsing its command line.
@@ -232,11 +221,14 @@ func (p proc) run(args []string) error {
 	if err != nil {
 		return err
 	}
-	if err := f.validate(); err != nil {
+	cfg, err := f.config()
+	if err != nil {
 		return err
 	}
+	cfg.MainThread = p.main
 	if v := os.Getenv(supervise.StateEnv); v != "" {
-		return p.resumeRun(f, v)
+		cfg.HeldSignals = p.held
+		return resumeRun(f, cfg, v)
 	}
 	// Socket activation in: read LISTEN_* once, before anything else.
 	activated, err := adoptListeners()
@@ -247,60 +239,74 @@ func (p proc) run(args []string) error {
 	if err := spawn.CloseOnExecFrom(3); err != nil {
 		return err
 	}
-	logger, err := newLogger(f.logFormat, f.logLevel)
+	log, err := newLogger(f.logFormat, f.logLevel)
 	if err != nil {
 		return fmt.Errorf("%w: %v", errUsage, err)
 	}
-	log := logger
 	defer log.Sync()
-	specs, err := parseListeners(f.listen, nil)
-	if err != nil {
-		for _, sock := range activated {
-			sock.Close()
-		}
-		return err
-	}
-	// An inherited socket named as a --listen value is that listener, kept
-	// in systemd's fd store by an earlier upgrader (fdstore.go): adopt it.
-	adopted, activated := adoptForSpecs(log, specs, activated)
-	for _, sock := range activated {
-		defer sock.Close()
-		log.Info("listening", zap.String("name", sock.Spec.Name), zap.String("network", sock.Spec.Network),
-			zap.String("address", sock.Addr()), zap.String("from", "LISTEN_FDS"))
-	}
-
-	cfg := f.config()
-	cfg.RuntimeDir, cfg.Log, cfg.Sockets = runtimeDir(), log, activated
-	cfg.MainThread = p.main
+	cfg.Logger = slogOf(log)
 	// What a self-upgrade re-executes: the path the binary had at start
 	// (/proc/self/exe would name this image's inode, replaced since).
 	if exe, err := os.Executable(); err == nil {
 		cfg.Executable = exe
 	}
-	if cfg.Ready, err = supervise.ParseReadyMode(f.ready); err != nil {
-		return fmt.Errorf("%w: %v", errUsage, err)
+	socks, err := listeners(log, f.listen, activated)
+	for _, sock := range socks {
+		defer sock.Close()
 	}
-	if cfg.DrainSignal, err = supervise.ParseSignal(f.drainSignal); err != nil {
-		return fmt.Errorf("%w: --drain-signal: %v", errUsage, err)
+	if err != nil {
+		return err
 	}
 	// What would make a second upgrader step on a running one is refused
-	// before anything is bound.
+	// before anything is served.
 	if f.pidFile != "" {
 		if err := checkPidFile(f.pidFile); err != nil {
 			return err
 		}
 	}
-	var cl net.Listener
-	if f.control != "none" {
-		path := f.control
-		if path == "" {
-			path = filepath.Join(cfg.RuntimeDir, "upgrader.sock")
-		}
-		if cl, err = control.Listen(path); err != nil {
+	cl, err := listenControl(log, f.control, cfg.RuntimeDir)
+	if err != nil {
+		return err
+	}
+	if cl != nil {
+		defer cl.Close() // unlinks the socket file
+	}
+	// Under systemd with FileDescriptorStoreMax=, the --listen sockets
+	// outlive this process: a restart or a crash leaves them open.
+	storeListeners(log, socks[len(activated):])
+	var hl net.Listener
+	if f.health != "" {
+		if hl, err = health.Listen(f.health); err != nil {
 			return err
 		}
-		defer cl.Close() // unlinks the socket file
-		log.Info("control socket", zap.String("path", path))
+	}
+	for _, sock := range socks {
+		cfg.Listeners = append(cfg.Listeners, supervise.SocketListener(sock))
+	}
+	cfg.Carry = carry(cl, hl)
+	sup, err := supervise.New(cfg)
+	if err != nil {
+		return configError(err)
+	}
+	return serve(log, f, sup, cl, hl)
+}
+
+// listeners returns the sockets workers get: the socket-activated ones
+// first, then one per --listen value, adopted from the inherited fds when
+// an earlier upgrader kept it in systemd's fd store (fdstore.go), bound
+// otherwise. On an error, what it returns is what it opened, to close.
+func listeners(log *zap.Logger, values []string, activated []*sockets.Socket) ([]*sockets.Socket, error) {
+	specs, err := parseListeners(values, nil)
+	if err != nil {
+		return activated, err
+	}
+	// An inherited socket named as a --listen value is that listener:
+	// adopt it.
+	adopted, activated := adoptForSpecs(log, specs, activated)
+	socks := append([]*sockets.Socket(nil), activated...)
+	for _, sock := range activated {
+		log.Info("listening", zap.String("name", sock.Spec.Name), zap.String("network", sock.Spec.Network),
+			zap.String("address", sock.Addr()), zap.String("from", "LISTEN_FDS"))
 	}
 	for i, spec := range specs {
 		sock, from := adopted[i], "LISTEN_FDS (adopted for --listen)"
@@ -308,34 +314,40 @@ func (p proc) run(args []string) error {
 			if sock, err = sockets.Bind(spec); err != nil {
 				for _, s := range adopted[i:] {
 					if s != nil {
-						s.Close()
+						socks = append(socks, s)
 					}
 				}
-				return err
+				return socks, err
 			}
 			from = "bound"
 		}
-		defer sock.Close()
-		cfg.Sockets = append(cfg.Sockets, sock)
+		socks = append(socks, sock)
 		log.Info("listening", zap.String("name", spec.Name), zap.String("network", spec.Network), zap.String("address", sock.Addr()),
 			zap.String("from", from))
 	}
-	// Under systemd with FileDescriptorStoreMax=, the --listen sockets
-	// outlive this process: a restart or a crash leaves them open.
-	storeListeners(log, cfg.Sockets[len(activated):])
-	var hl net.Listener
-	if f.health != "" {
-		if hl, err = health.Listen(f.health); err != nil {
-			return err
-		}
-	}
-	cfg.Carry = carry(cl, hl)
-	sup, err := supervise.New(cfg)
-	if err != nil {
-		return err
-	}
-	return serve(log, f, sup, cl, hl)
+	return socks, nil
 }
+
+// listenControl opens the control socket at path ("": upgrader.sock in
+// dir; "none": none, and nil).
+func listenControl(log *zap.Logger, path, dir string) (net.Listener, error) {
+	if path == "none" {
+		return nil, nil
+	}
+	if path == "" {
+		path = filepath.Join(dir, "upgrader.sock")
+	}
+	cl, err := control.Listen(path)
+	if err != nil {
+		return nil, err
+	}
+	log.Info("control socket", zap.String("path", path))
+	return cl, nil
+}
+
+// slogOf hands the supervisor a *slog.Logger that writes through log, so
+// that the whole process logs in one format.
+func slogOf(log *zap.Logger) *slog.Logger { return slog.New(zapslog.NewHandler(log.Core())) }
 
 // serve runs sup with the health endpoints on hl and the control socket
 // on cl (either may be nil) until it stops.
@@ -348,7 +360,7 @@ func serve(log *zap.Logger, f runFlags, sup *supervise.Supervisor, cl, hl net.Li
 	})
 	sup.SetHooks(supervise.Hooks{
 		Upgrade: func(r supervise.UpgradeResult) { hs.ObserveUpgrade(r.OK, r.ReadyAfter) },
-		Restart: hs.ObserveRestart,
+		Restart: func(c supervise.RestartCause) { hs.ObserveRestart(string(c)) },
 		// A probe accepted by this image must be answered before the exec
 		// (which would cut it); the next ones wait in the carried
 		// listener's queue for the new image.
@@ -372,7 +384,9 @@ func serve(log *zap.Logger, f runFlags, sup *supervise.Supervisor, cl, hl net.Li
 		}
 		defer remove()
 	}
-	return sup.Run()
+	// Stops come by signal (Config.Signals) or by the control socket:
+	// Run's context is never cancelled.
+	return sup.Run(context.Background())
 }
 
 // parseListeners parses the --listen values. Workers find their listeners

@@ -12,7 +12,7 @@ import (
 
 	"github.com/seed6cb0314a/upgrader/internal/sockets"
 	"github.com/seed6cb0314a/upgrader/internal/spawn"
-	"github.com/seed6cb0314a/upgrader/internal/supervise"
+	"github.com/seed6cb0314a/upgrader/supervise"
 )
 
 // Roles of the fds main carries across a self-upgrade.
@@ -67,8 +67,8 @@ func fileListener(fd int, role string) (net.Listener, error) {
 
 // resumeRun is run in the new image of a self-upgrade: it restores
 // everything from the state record at fd stateFD instead of binding
-// listeners and starting generation 1.
-func (p proc) resumeRun(f runFlags, stateFD string) error {
+// listeners and starting generation 1. cfg is the flags' configuration.
+func resumeRun(f runFlags, cfg supervise.Config, stateFD string) error {
 	os.Unsetenv(supervise.StateEnv)
 	fd, err := strconv.Atoi(stateFD)
 	if err != nil || fd < 3 {
@@ -88,19 +88,11 @@ func (p proc) resumeRun(f runFlags, stateFD string) error {
 		return fmt.Errorf("%w: %v", errUsage, err)
 	}
 	defer log.Sync()
-	cfg := f.config()
-	cfg.RuntimeDir, cfg.Log = runtimeDir(), log
-	cfg.MainThread, cfg.HeldSignals = p.main, p.held
+	cfg.Logger = slogOf(log)
 	cfg.Executable, cfg.Args = st.Executable, st.Args
-	cfg.Sockets = st.Sockets()
-	for _, sock := range cfg.Sockets {
-		defer sock.Close()
-	}
-	if cfg.Ready, err = supervise.ParseReadyMode(f.ready); err != nil {
-		return fmt.Errorf("%w: %v", errUsage, err)
-	}
-	if cfg.DrainSignal, err = supervise.ParseSignal(f.drainSignal); err != nil {
-		return fmt.Errorf("%w: --drain-signal: %v", errUsage, err)
+	cfg.Listeners = st.Restored()
+	for _, l := range cfg.Listeners {
+		defer l.Close()
 	}
 	cl, err := fileListener(st.CarriedFD(roleControl), roleControl)
 	if err != nil {
@@ -116,10 +108,10 @@ func (p proc) resumeRun(f runFlags, stateFD string) error {
 	cfg.Carry = carry(cl, hl)
 	sup, err := supervise.Restore(cfg, st)
 	if err != nil {
-		return err
+		return configError(err)
 	}
 	log.Info("resuming after a self-upgrade", zap.String("version", version), zap.Int("exec", st.Execs),
-		zap.Int("listeners", len(cfg.Sockets)))
+		zap.Int("listeners", len(cfg.Listeners)))
 	return serve(log, f, sup, cl, hl)
 }
 

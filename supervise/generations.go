@@ -1,0 +1,412 @@
+package supervise
+
+import (
+	"fmt"
+	"log/slog"
+	"os"
+	"strconv"
+	"strings"
+
+	"github.com/coreos/go-systemd/v22/daemon"
+	"golang.org/x/sys/unix"
+
+	"github.com/seed6cb0314a/upgrader/internal/handoff"
+	"github.com/seed6cb0314a/upgrader/internal/spawn"
+	"github.com/seed6cb0314a/upgrader/internal/workerenv"
+)
+
+// generations is every generation with live processes and the workers by
+// pid.
+type generations struct {
+	next    int           // the number of the last generation started
+	current *generation   // the active generation, serving
+	pending *generation   // the generation an upgrade is starting
+	all     []*generation // every generation with live processes, oldest first
+	byPid   map[int]*worker
+}
+
+// liveWorkers counts the workers not yet gone, in every generation.
+func (gs *generations) liveWorkers() int {
+	n := 0
+	for _, g := range gs.all {
+		n += len(g.live)
+	}
+	return n
+}
+
+// remove forgets g.
+func (gs *generations) remove(g *generation) {
+	for i, x := range gs.all {
+		if x == g {
+			gs.all = append(gs.all[:i], gs.all[i+1:]...)
+			return
+		}
+	}
+}
+
+// requestUpgrade starts an upgrade, or queues exactly one more when one is
+// under way.
+func (s *Supervisor) requestUpgrade() {
+	switch {
+	case s.life.stopping:
+		s.log.Warn("upgrade ignored: stopping")
+	case s.gens.pending != nil:
+		if !s.upgrades.queued {
+			s.log.Info("upgrade queued: one is under way", slog.Int("generation", s.gens.pending.N))
+		}
+		s.upgrades.queued = true
+	case s.reexec.cur != nil:
+		if !s.upgrades.queued {
+			s.log.Info("upgrade queued: a self-upgrade is under way")
+		}
+		s.upgrades.queued = true
+	default:
+		s.startGeneration()
+	}
+}
+
+// startGeneration starts generation N+1; it becomes active when every worker
+// in it is ready.
+func (s *Supervisor) startGeneration() {
+	s.gens.next++
+	g := &generation{
+		GenerationRecord: GenerationRecord{N: s.gens.next, State: GenStarting, Started: s.env.now(), Failures: make([]int, s.cfg.Workers)},
+		slots:            make([]*worker, s.cfg.Workers),
+		live:             make(map[*worker]struct{}),
+	}
+	s.gens.pending = g
+	s.gens.all = append(s.gens.all, g)
+	g.watchers, s.upgrades.starting = s.upgrades.starting, nil
+	s.emit(g, Progress{Event: EventStarted})
+	if s.gens.current != nil {
+		s.env.notifyManager(fmt.Sprintf("%s\nMONOTONIC_USEC=%d\nSTATUS=upgrading to generation %d", daemon.SdNotifyReloading, monotonicUsec(), g.N))
+	}
+	s.log.Info("starting generation", slog.Int("generation", g.N), slog.Int("workers", s.cfg.Workers))
+	for i := range g.slots {
+		if err := s.spawnWorker(g, i); err != nil {
+			if s.gens.current == nil {
+				// Nothing serves yet: a command that cannot be started
+				// is fatal, not a crash to retry.
+				s.log.Error("cannot start worker", slog.Int("generation", g.N), slog.Any("error", err))
+				g.State, g.Reason = GenFailed, err.Error()
+				s.gens.pending = nil
+				s.emit(g, Progress{Event: EventFailed, Reason: err.Error()})
+				s.beginStop(fmt.Errorf("generation %d: %w", g.N, err))
+				s.reapGeneration(g)
+				return
+			}
+			s.failGeneration(g, err.Error())
+			return
+		}
+	}
+}
+
+// startWorker refills slot of g; a worker that cannot be started is tried
+// again after a backoff.
+func (s *Supervisor) startWorker(g *generation, slot int) {
+	if err := s.spawnWorker(g, slot); err != nil {
+		s.log.Error("cannot restart worker", slog.Int("generation", g.N), slog.Int("worker", slot), slog.Any("error", err))
+		s.scheduleRestart(g, slot)
+	}
+}
+
+// spawnWorker starts the worker for slot i of g. This is where every
+// worker process is started.
+func (s *Supervisor) spawnWorker(g *generation, slot int) error {
+	path, err := s.env.lookPath(s.cfg.Command[0])
+	if err != nil {
+		return err
+	}
+	readyFD := -1
+	if s.cfg.Ready.Kind == ReadyFD {
+		readyFD = s.cfg.Ready.FD
+	}
+	files, env := s.workerFiles(readyFD), s.workerEnviron(g, slot)
+	var ours *handoff.Socket
+	if !s.cfg.NoHandoff {
+		var theirs *os.File
+		if ours, theirs, err = s.handoffChannel(); err != nil {
+			return err
+		}
+		defer theirs.Close()
+		// The handoff channel goes at the first fd after the listeners
+		// that the ready fd does not use.
+		hfd := len(files)
+		if hfd == readyFD {
+			hfd++
+		}
+		for len(files) <= hfd {
+			files = append(files, -1)
+		}
+		files[hfd] = int(theirs.Fd())
+		env = append(env, workerenv.HandoffFD+"="+strconv.Itoa(hfd))
+	}
+	spec := spawn.Spec{Path: path, Args: s.cfg.Command, Env: env, Files: files, Pdeathsig: s.cfg.DrainSignal}
+	pid, err := s.env.start(spec, readyFD, func(pid int) { s.post(evReady{pid: pid}) })
+	if err != nil {
+		if ours != nil {
+			ours.Close()
+		}
+		return err
+	}
+	w := &worker{WorkerRecord: WorkerRecord{Slot: slot, Pid: pid, State: WorkerStarting, Started: s.env.now(), ReadyTimeout: s.cfg.ReadyTimeout}, gen: g}
+	if ours != nil {
+		s.openHandoff(w, ours)
+	}
+	g.slots[slot] = w
+	g.live[w] = struct{}{}
+	s.gens.byPid[pid] = w
+	s.arm(w, s.cfg.ReadyTimeout)
+	if s.cfg.Ready.Kind == ReadyDelay {
+		s.after(s.cfg.Ready.Delay, evReady{w: w})
+	}
+	s.log.Info("worker started", slog.Int("generation", g.N), slog.Int("worker", slot), slog.Int("pid", pid))
+	return nil
+}
+
+// workerFiles lays out a worker's fds: stdio (stdin becomes /dev/null in
+// env.start), the listeners from fd 3, then the fd store, as systemd
+// passes it. LISTEN_FDS must be contiguous, so the store stops short of
+// the ready fd.
+func (s *Supervisor) workerFiles(readyFD int) []int {
+	files := []int{0, 1, 2}
+	for _, l := range s.cfg.Listeners {
+		files = append(files, l.sock.FD)
+	}
+	for _, st := range s.fdStore {
+		if len(files) == readyFD {
+			break
+		}
+		files = append(files, st.fd)
+	}
+	return files
+}
+
+// workerEnviron is a worker's environment but for its handoff channel:
+// socket activation for what workerFiles passes (sd_listen_fds(3)), the
+// watchdog, the notify socket and its place in the generation.
+func (s *Supervisor) workerEnviron(g *generation, slot int) []string {
+	var names []string
+	for _, l := range s.cfg.Listeners {
+		names = append(names, l.Name())
+	}
+	readyFD := -1
+	if s.cfg.Ready.Kind == ReadyFD {
+		readyFD = s.cfg.Ready.FD
+	}
+	for _, st := range s.fdStore {
+		if 3+len(names) == readyFD {
+			break
+		}
+		names = append(names, st.name)
+	}
+	env := append([]string(nil), s.spawnEnv.base...)
+	if len(names) > 0 {
+		env = append(env,
+			workerenv.ListenFDs+"="+strconv.Itoa(len(names)),
+			workerenv.ListenFDNames+"="+strings.Join(names, ":"),
+			workerenv.ListenPID+"=0") // the shim replaces it with the worker's pid
+	}
+	if s.cfg.Watchdog > 0 {
+		env = append(env,
+			workerenv.WatchdogUSec+"="+strconv.FormatInt(s.cfg.Watchdog.Microseconds(), 10),
+			workerenv.WatchdogPID+"=0") // the shim replaces it with the worker's pid
+	}
+	return append(env,
+		workerenv.NotifySocket+"="+s.spawnEnv.notifyPath,
+		workerenv.Generation+"="+strconv.Itoa(g.N),
+		workerenv.Worker+"="+strconv.Itoa(slot))
+}
+
+func (s *Supervisor) onReady(w *worker) {
+	if w.State != WorkerStarting {
+		return
+	}
+	s.setState(w, WorkerReady)
+	g := w.gen
+	s.log.Info("worker ready", slog.Int("generation", g.N), slog.Int("worker", w.Slot), slog.Int("pid", w.Pid),
+		slog.Duration("after", w.ReadyAt.Sub(w.Started)))
+	if g.State == GenStarting && g.allReady() {
+		s.promote(g)
+	}
+}
+
+// promote makes g the active generation and drains the one it replaces.
+func (s *Supervisor) promote(g *generation) {
+	g.State = GenActive
+	g.ReadyAt = s.env.now()
+	old := s.gens.current
+	s.gens.current, s.gens.pending = g, nil
+	s.log.Info("generation ready", slog.Int("generation", g.N), slog.Duration("after", g.ReadyAt.Sub(g.Started)))
+	s.env.notifyManager(fmt.Sprintf("%s\nSTATUS=generation %d serving with %d workers", daemon.SdNotifyReady, g.N, len(g.slots)))
+	s.emit(g, Progress{Event: EventReady, ReadyAfterMS: g.ReadyAt.Sub(g.Started).Milliseconds()})
+	if old == nil {
+		s.emit(g, Progress{Event: EventDone})
+		return
+	}
+	old.ReplacedBy = g.N
+	watchers := g.watchers
+	g.watchers = nil
+	if len(watchers) > 0 {
+		s.reportDraining(old, g.N, watchers)
+	}
+	s.drainGeneration(old)
+	s.count.UpgradesOK++
+	s.finishUpgrade(UpgradeResult{Generation: g.N, OK: true, Started: g.Started, ReadyAfter: g.ReadyAt.Sub(g.Started)})
+}
+
+// reportDraining tells the watchers of the upgrade that replaced old how
+// many connections old holds, then "done" once it has exited. Counting
+// reads the kernel's socket tables, which may take a while on a busy
+// server: it runs off the loop, and only for someone following the
+// upgrade (upgrader upgrade).
+func (s *Supervisor) reportDraining(old *generation, n int, watchers []chan Progress) {
+	var pids []int
+	for w := range old.live {
+		pids = append(pids, w.Pid)
+	}
+	go func() {
+		conns := s.env.connections(pids)
+		s.post(evFunc{func() {
+			for _, ch := range watchers {
+				send(ch, Progress{Event: EventDraining, Generation: n, Old: old.N, Connections: conns})
+			}
+			if old.State == GenExited {
+				doneWatching(watchers, old)
+				return
+			}
+			old.exitWatchers = append(old.exitWatchers, watchers...)
+		}})
+	}()
+}
+
+func (s *Supervisor) finishUpgrade(r UpgradeResult) {
+	s.upgrades.last = r
+	if s.hooks.Upgrade != nil {
+		s.hooks.Upgrade(r)
+	}
+	if su := s.reexec.queued; su != nil && !s.life.stopping {
+		// A self-upgrade waited for this upgrade; a queued worker
+		// upgrade waits for it in turn.
+		s.reexec.queued = nil
+		s.startSelf(su)
+		return
+	}
+	s.startQueued()
+}
+
+// startQueued starts the upgrade queued behind the one that just ended.
+func (s *Supervisor) startQueued() {
+	if s.upgrades.queued && !s.life.stopping && s.gens.pending == nil && s.reexec.cur == nil {
+		s.upgrades.queued = false
+		s.upgrades.starting, s.upgrades.waiting = s.upgrades.waiting, nil
+		s.log.Info("starting the queued upgrade")
+		s.startGeneration()
+	}
+}
+
+// failGeneration stops an upgrade's generation that could not become
+// ready; the active one keeps serving.
+func (s *Supervisor) failGeneration(g *generation, reason string) {
+	if g.State != GenStarting {
+		return
+	}
+	g.State, g.Reason = GenFailed, reason
+	s.gens.pending = nil
+	s.log.Error("generation failed", slog.Int("generation", g.N), slog.String("reason", reason))
+	s.emit(g, Progress{Event: EventFailed, Reason: reason})
+	for w := range g.live {
+		s.retire(w, s.cfg.DrainSignal, "failed upgrade")
+	}
+	s.reapGeneration(g)
+	s.env.notifyManager(fmt.Sprintf("%s\nSTATUS=upgrade to generation %d failed: %s; generation %d serving", daemon.SdNotifyReady, g.N, reason, s.gens.current.N))
+	s.count.UpgradesFailed++
+	s.finishUpgrade(UpgradeResult{Generation: g.N, Reason: reason, Started: g.Started, ReadyAfter: s.env.now().Sub(g.Started)})
+}
+
+// cancelGeneration stops a starting generation because the supervisor
+// stops: not a failed upgrade, nothing counted, nothing told to the service
+// manager but the stop.
+func (s *Supervisor) cancelGeneration(g *generation) {
+	if g.State != GenStarting {
+		return
+	}
+	g.State, g.Reason = GenDraining, "the supervisor is stopping"
+	s.gens.pending = nil
+	s.log.Info("generation stopped before it was ready", slog.Int("generation", g.N))
+	s.emit(g, Progress{Event: EventFailed, Reason: g.Reason})
+	for w := range g.live {
+		s.retire(w, s.cfg.DrainSignal, "stop")
+	}
+	s.reapGeneration(g)
+}
+
+// drainGeneration asks every worker of g to drain, and hurries the
+// oldest draining generations beyond the cap: a cap bounds the processes
+// and memory old versions hold, but a SIGKILL at once would cut every
+// connection they still serve.
+func (s *Supervisor) drainGeneration(g *generation) {
+	if g.State == GenDraining || g.State == GenExited {
+		return
+	}
+	g.State = GenDraining
+	s.log.Info("draining generation", slog.Int("generation", g.N), slog.Int("workers", len(g.live)))
+	for w := range g.live {
+		s.retire(w, s.cfg.DrainSignal, "drain")
+	}
+	s.reapGeneration(g)
+	var draining []*generation // newest first
+	for i := len(s.gens.all) - 1; i >= 0; i-- {
+		if old := s.gens.all[i]; old.State == GenDraining || old.State == GenFailed {
+			draining = append(draining, old)
+		}
+	}
+	for _, old := range draining[min(len(draining), s.cfg.MaxDraining):] {
+		if !old.anyUnhurried() {
+			continue // hurried at an earlier upgrade: its grace runs on
+		}
+		s.log.Warn("too many generations draining, asking the oldest to close its idle connections",
+			slog.Int("generation", old.N), slog.Int("draining", len(draining)), slog.Int("cap", s.cfg.MaxDraining),
+			slog.Duration("grace", s.cfg.HurryGrace))
+		for w := range old.live {
+			s.hurry(w)
+		}
+	}
+}
+
+func (s *Supervisor) onExit(pid int, ws unix.WaitStatus) {
+	if s.onCheckExit(pid, ws) {
+		return
+	}
+	w, ok := s.gens.byPid[pid]
+	if !ok {
+		// An orphan reparented to us (the subreaper) ended: a lingering
+		// tree may be complete now.
+		s.log.Debug("reaped a process that is not a worker", slog.Int("pid", pid), slog.String("status", describeExit(ws)))
+		s.pollSoon()
+		return
+	}
+	s.onWorkerExit(w, ws)
+}
+
+// reapGeneration forgets a generation whose processes have all exited.
+func (s *Supervisor) reapGeneration(g *generation) {
+	if len(g.live) > 0 || g.State == GenActive || g.State == GenStarting {
+		return
+	}
+	if g.State == GenDraining || g.State == GenFailed {
+		s.log.Info("generation exited", slog.Int("generation", g.N))
+	}
+	g.State = GenExited
+	doneWatching(g.exitWatchers, g)
+	g.exitWatchers = nil
+	s.gens.remove(g)
+}
+
+// doneWatching tells watchers that old, replaced, has exited.
+func doneWatching(watchers []chan Progress, old *generation) {
+	for _, ch := range watchers {
+		ch <- Progress{Event: EventDone, Generation: old.ReplacedBy, Old: old.N}
+		close(ch)
+	}
+}

@@ -1,0 +1,372 @@
+package supervise
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"strconv"
+	"strings"
+	"time"
+
+	"golang.org/x/sys/unix"
+	"log/slog"
+
+)
+
+// Self-upgrade: the supervisor re-executes the upgrader binary on disk in
+// place (same pid), as HAProxy's master does, after the new binary passed
+// a self-check run as a child; the state record (state.go) carries
+// everything to the new image. See docs/architecture.md, "Self-upgrade".
+
+const (
+	// StateVersion is the format of the state record written before the
+	// exec; a new binary must read the same (self-check).
+	StateVersion = 1
+	// StateEnv names the fd of the state record (a memfd) in the
+	// environment of the new image.
+	StateEnv = "UPGRADER_STATE_FD"
+	// SelfCheckTimeout bounds the new binary's self-check.
+	SelfCheckTimeout = 5 * time.Second
+	// ackTimeout bounds the wait for the asking client's handler to have
+	// written the last line before the exec.
+	ackTimeout = 2 * time.Second
+	// execHoldMax bounds how long the exec waits for handoffs in flight.
+	execHoldMax = 2 * time.Second
+)
+
+// CarriedFD is an fd carried across a self-upgrade, by role.
+type CarriedFD struct {
+	Role string `json:"role"`
+	FD   int    `json:"fd"`
+}
+
+// SelfRequest asks for a self-upgrade.
+type SelfRequest struct {
+	// SelfOnly skips the worker upgrade after the exec.
+	SelfOnly bool
+	// ClientFD is a close-on-exec duplicate of the asking client's
+	// connection (-1: none); the supervisor owns it once SelfUpgrade
+	// returns without error, carries it across the exec and writes the
+	// rest of the progress to it from the new image.
+	ClientFD int
+}
+
+// SelfResult is the outcome of the last self-upgrade, in the status.
+type SelfResult struct {
+	OK     bool      `json:"ok"`
+	Reason string    `json:"reason,omitempty"`
+	At     time.Time `json:"at"`
+}
+
+// reexec is the self-upgrade state: the one under way (checking the new
+// binary, or about to exec), the one queued behind a worker upgrade, the
+// last outcome, how many times this process re-executed itself, and the
+// record it resumed from (nil: a fresh start).
+type reexec struct {
+	cur, queued *selfUpgrade
+	last        *SelfResult
+	execs       int
+	resumed     *State
+}
+
+type selfUpgrade struct {
+	req      SelfRequest
+	ch       chan Progress
+	checkPid int
+	out      string
+	outDone  bool
+	exited   bool
+	status   unix.WaitStatus
+	holdFrom time.Time
+	// quiesced: Hooks.BeforeExec has returned; resume undoes it.
+	// acked: the asking client was sent EventExec.
+	quiesced, acked bool
+	resume   func()
+}
+
+type (
+	evCheckOutput struct {
+		su  *selfUpgrade
+		out string
+	}
+	evCheckTimeout struct{ su *selfUpgrade }
+	evSelfExec     struct{ su *selfUpgrade }
+)
+
+// SelfUpgrade starts a self-upgrade (or queues it behind a worker upgrade
+// under way) and returns its progress, closed after "exec" (the rest goes
+// to req.ClientFD from the new image) or "failed".
+func (s *Supervisor) SelfUpgrade(ctx context.Context, req SelfRequest) (<-chan Progress, error) {
+	ch := make(chan Progress, 16)
+	var err error
+	cerr := s.call(ctx, func() {
+		switch {
+		case s.life.stopping:
+			err = errors.New("self-upgrade refused: the supervisor is stopping")
+		case !s.life.preStopAt.IsZero():
+			// The new image would not know a stop is coming.
+			err = errors.New("self-upgrade refused: a stop is coming (prestop)")
+		case s.reexec.cur != nil || s.reexec.queued != nil:
+			err = errors.New("self-upgrade refused: one is already under way")
+		case s.cfg.Executable == "":
+			err = errors.New("self-upgrade refused: the upgrader binary's path is unknown")
+		default:
+			su := &selfUpgrade{req: req, ch: ch}
+			if s.gens.pending != nil {
+				s.reexec.queued = su
+				s.log.Info("self-upgrade queued behind the upgrade under way", slog.Int("generation", s.gens.pending.N))
+				s.emitSelf(su, Progress{Event: EventQueued, Generation: s.gens.pending.N})
+				return
+			}
+			s.startSelf(su)
+		}
+	})
+	if cerr != nil {
+		return nil, cerr
+	}
+	if err != nil {
+		return nil, err
+	}
+	return ch, nil
+}
+
+func (s *Supervisor) emitSelf(su *selfUpgrade, p Progress) {
+	if su.ch == nil {
+		return
+	}
+	if p.Generation == 0 && s.gens.current != nil {
+		p.Generation = s.gens.current.N
+	}
+	select {
+	case su.ch <- p:
+	default:
+	}
+	if p.Event == EventFailed {
+		close(su.ch)
+		su.ch = nil
+	}
+}
+
+// startSelf runs the new binary's self-check.
+func (s *Supervisor) startSelf(su *selfUpgrade) {
+	s.reexec.cur = su
+	path := s.cfg.Executable
+	s.log.Info("self-upgrade: checking the new binary", slog.String("path", path))
+	s.emitSelf(su, Progress{Event: EventChecking, Binary: path})
+	pid, out, err := s.env.check(path)
+	if err != nil {
+		s.selfFailed(su, fmt.Sprintf("new binary %s: %v", path, err))
+		return
+	}
+	su.checkPid = pid
+	go func() {
+		b, _ := io.ReadAll(io.LimitReader(out, 4096))
+		io.Copy(io.Discard, out)
+		out.Close()
+		s.post(evCheckOutput{su, string(b)})
+	}()
+	s.after(SelfCheckTimeout, evCheckTimeout{su})
+}
+
+func (s *Supervisor) onCheckOutput(su *selfUpgrade, out string) {
+	su.out, su.outDone = out, true
+	s.checkDone(su)
+}
+
+// onCheckExit takes the exit of the self-check child; false: pid is not it.
+func (s *Supervisor) onCheckExit(pid int, ws unix.WaitStatus) bool {
+	su := s.reexec.cur
+	if su == nil || su.checkPid == 0 || su.checkPid != pid {
+		return false
+	}
+	su.exited, su.status = true, ws
+	s.checkDone(su)
+	return true
+}
+
+func (s *Supervisor) onCheckTimeout(su *selfUpgrade) {
+	if s.reexec.cur != su || su.checkPid == 0 {
+		return
+	}
+	s.env.kill(-su.checkPid, unix.SIGKILL) // its own process group
+	su.checkPid = 0
+	s.selfFailed(su, fmt.Sprintf("new binary %s: self-check did not finish within %s (killed)", s.cfg.Executable, SelfCheckTimeout))
+}
+
+// ParseSelfCheck reads the self-check's output: "upgrader-self-check
+// state-version N version V".
+func ParseSelfCheck(out string) (stateVersion int, version string, err error) {
+	for line := range strings.Lines(out) {
+		f := strings.Fields(line)
+		if len(f) >= 3 && f[0] == "upgrader-self-check" && f[1] == "state-version" {
+			n, err := strconv.Atoi(f[2])
+			if err != nil {
+				return 0, "", fmt.Errorf("self-check output %q: bad state version", strings.TrimSpace(line))
+			}
+			if len(f) >= 5 && f[3] == "version" {
+				version = f[4]
+			}
+			return n, version, nil
+		}
+	}
+	return 0, "", fmt.Errorf("self-check output %.200q names no state version", out)
+}
+
+func (s *Supervisor) checkDone(su *selfUpgrade) {
+	if !su.exited || !su.outDone || s.reexec.cur != su {
+		return
+	}
+	su.checkPid = 0
+	path := s.cfg.Executable
+	if !su.status.Exited() || su.status.ExitStatus() != 0 {
+		s.selfFailed(su, fmt.Sprintf("new binary %s: self-check %s (output %.200q)", path, describeExit(su.status), strings.TrimSpace(su.out)))
+		return
+	}
+	n, version, err := ParseSelfCheck(su.out)
+	if err != nil {
+		s.selfFailed(su, fmt.Sprintf("new binary %s: %v", path, err))
+		return
+	}
+	if n != StateVersion {
+		s.selfFailed(su, fmt.Sprintf("new binary %s reads state version %d, this upgrader writes %d", path, n, StateVersion))
+		return
+	}
+	s.log.Info("self-upgrade: new binary passed its check", slog.String("path", path), slog.String("version", version))
+	s.emitSelf(su, Progress{Event: EventChecked, Version: version})
+	s.execSelf(su)
+}
+
+// selfFailed ends su: the running upgrader carries on.
+func (s *Supervisor) selfFailed(su *selfUpgrade, reason string) {
+	s.log.Error("self-upgrade refused", slog.String("reason", reason))
+	if su.checkPid != 0 {
+		s.env.kill(-su.checkPid, unix.SIGKILL)
+		su.checkPid = 0
+	}
+	if su.ch != nil {
+		s.emitSelf(su, Progress{Event: EventFailed, Reason: reason})
+	} else if su.req.ClientFD >= 0 {
+		writeProgressFD(su.req.ClientFD, Progress{Event: EventFailed, Reason: reason})
+	}
+	if su.req.ClientFD >= 0 {
+		unix.Close(su.req.ClientFD)
+		su.req.ClientFD = -1
+	}
+	su.resumeServing()
+	s.reexec.last = &SelfResult{Reason: reason, At: s.env.now()}
+	if s.reexec.cur == su {
+		s.reexec.cur = nil
+	}
+	if s.reexec.queued == su {
+		s.reexec.queued = nil
+	}
+	s.startQueued()
+}
+
+// resumeServing undoes Hooks.BeforeExec, if it was called.
+func (su *selfUpgrade) resumeServing() {
+	if su.resume != nil {
+		su.resume()
+		su.resume = nil
+	}
+}
+
+// writeProgressFD writes p as one JSON line to fd, bounded in time.
+func writeProgressFD(fd int, p Progress) {
+	b, _ := json.Marshal(p)
+	_ = unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_SNDTIMEO, &unix.Timeval{Sec: 1})
+	unix.Write(fd, append(b, '\n'))
+}
+
+// execSelf re-executes the binary with the state record, once no handoff
+// is in flight (bounded by execHoldMax). Nothing here waits on the loop:
+// each wait (handoffs in flight, Hooks.BeforeExec, the asking client's
+// last line) comes back as an event.
+func (s *Supervisor) execSelf(su *selfUpgrade) {
+	if s.reexec.cur != su || s.life.stopping {
+		su.resumeServing()
+		return
+	}
+	now := s.env.now()
+	if su.holdFrom.IsZero() {
+		su.holdFrom = now
+	}
+	if now.Sub(su.holdFrom) < execHoldMax && (len(s.ho.pending) > 0 || s.fdReadyStarting()) {
+		s.after(10*time.Millisecond, evSelfExec{su})
+		return
+	}
+	// The hook waits for requests under way, which may ask the loop for
+	// the status: it runs off the loop, and the exec comes back here.
+	if h := s.hooks.BeforeExec; h != nil && !su.quiesced {
+		su.quiesced = true
+		go func() {
+			resume := h()
+			s.post(evFunc{func() { su.resume = resume; s.execSelf(su) }})
+		}()
+		return
+	}
+	// The asking client's handler writes every line up to "exec", then
+	// lets go of its connection: the new image writes the rest. Its
+	// acknowledgement, or ackTimeout, comes back here.
+	if su.ch != nil && !su.acked {
+		ack := make(chan struct{})
+		s.emitSelf(su, Progress{Event: EventExec, Ack: ack})
+		timeout := s.after(ackTimeout, evSelfExec{su})
+		go func() {
+			select {
+			case <-ack:
+			case <-s.done:
+				return
+			}
+			timeout.Stop()
+			s.post(evSelfExec{su})
+		}()
+		su.acked = true
+		return
+	}
+	if su.ch != nil {
+		close(su.ch)
+		su.ch = nil
+	}
+	st, keep, dups, err := s.saveState(su)
+	if err == nil {
+		err = s.execWith(st, append(keep, dups...))
+	}
+	// Only a failure comes back.
+	for _, fd := range dups {
+		unix.Close(fd)
+	}
+	s.selfFailed(su, fmt.Sprintf("exec %s: %v", s.cfg.Executable, err))
+}
+
+// fdReadyStarting: a worker starting under --ready fd:N has a readiness
+// pipe that is not carried across the exec; wait for it.
+func (s *Supervisor) fdReadyStarting() bool {
+	if s.cfg.Ready.Kind != ReadyFD {
+		return false
+	}
+	for _, w := range s.gens.byPid {
+		if w.State == WorkerStarting {
+			return true
+		}
+	}
+	return false
+}
+
+// execWith execs the new image with st in a memfd and keep left open.
+func (s *Supervisor) execWith(st *State, keep []int) error {
+	b, err := json.Marshal(st)
+	if err != nil {
+		return err
+	}
+	var env []string
+	for _, kv := range s.env.ownEnviron() {
+		if !strings.HasPrefix(kv, StateEnv+"=") {
+			env = append(env, kv)
+		}
+	}
+	s.log.Info("self-upgrade: re-executing", slog.String("path", s.cfg.Executable), slog.Int("exec", st.Execs))
+	return s.env.exec(s.cfg.Executable, s.cfg.Args, env, b, keep)
+}
