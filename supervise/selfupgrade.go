@@ -12,7 +12,6 @@ import (
 
 	"golang.org/x/sys/unix"
 	"log/slog"
-
 )
 
 // Self-upgrade: the supervisor re-executes the upgrader binary on disk in
@@ -83,7 +82,7 @@ type selfUpgrade struct {
 	// quiesced: Hooks.BeforeExec has returned; resume undoes it.
 	// acked: the asking client was sent EventExec.
 	quiesced, acked bool
-	resume   func()
+	resume          func()
 }
 
 type (

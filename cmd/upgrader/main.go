@@ -18,11 +18,11 @@ import (
 	"time"
 
 	"github.com/coreos/go-systemd/v22/activation"
-	"go.uber.org/zap/exp/zapslog"
-	"golang.org/x/sys/unix"
 	flag "github.com/spf13/pflag"
 	"go.uber.org/zap"
+	"go.uber.org/zap/exp/zapslog"
 	"go.uber.org/zap/zapcore"
+	"golang.org/x/sys/unix"
 
 	"github.com/seed6cb0314a/upgrader/health"
 	"github.com/seed6cb0314a/upgrader/internal/control"
