@@ -54,9 +54,8 @@
 // A supervisor handles its process's signals only with Config.Signals,
 // becomes the child subreaper only with Config.Subreaper, and otherwise
 // reaps only the children it started (wait4 on their pids, on SIGCHLD).
-// Run it once per process: two supervisors would each take the other's
-// SIGCHLD as a reason to look, harmlessly, but a subreaper reaps
-// everything.
+// One supervisor runs per process, as with tableflip: Run returns
+// ErrRunning while another runs.
 //
 // # Stability
 //

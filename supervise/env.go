@@ -90,6 +90,7 @@ type osEnv struct {
 	// subreaper: it reaps any child (Config.Subreaper), otherwise only
 	// those it started, listed in children.
 	handle, subreaper bool
+	claimed           bool // running is ours to release
 	mu                sync.Mutex
 	children          map[int]struct{}
 }
@@ -124,7 +125,20 @@ func newOSEnv(cfg Config) (*osEnv, error) {
 		handle: cfg.Signals, subreaper: cfg.Subreaper, children: map[int]struct{}{}}, nil
 }
 
+// running enforces one supervisor on the real OS per process, as
+// tableflip does: two would each reap (or, as subreaper, steal) the
+// other's children and handle the same signals.
+var running atomic.Bool
+
+// ErrRunning is returned by Run when another supervisor runs in this
+// process.
+var ErrRunning = errors.New("supervise: a supervisor already runs in this process")
+
 func (e *osEnv) sources(dir string, fdBudget int, post func(event)) (string, error) {
+	if !running.CompareAndSwap(false, true) {
+		return "", ErrRunning
+	}
+	e.claimed = true
 	var ns *sdnotify.Server
 	if r := e.resume; r != nil {
 		e.dir = r.Dir
@@ -410,6 +424,9 @@ func (e *osEnv) notifyManager(state string) {
 }
 
 func (e *osEnv) close() {
+	if e.claimed {
+		defer running.Store(false)
+	}
 	if e.sigs != nil {
 		signal.Stop(e.sigs)
 	}

@@ -244,15 +244,16 @@ func (s *Supervisor) selfFailed(su *selfUpgrade, reason string) {
 		s.env.kill(-su.checkPid, unix.SIGKILL)
 		su.checkPid = 0
 	}
-	if su.ch != nil {
+	switch {
+	case su.ch != nil:
 		s.emitSelf(su, Progress{Event: EventFailed, Reason: reason})
-	} else if su.req.ClientFD >= 0 {
-		writeProgressFD(su.req.ClientFD, Progress{Event: EventFailed, Reason: reason})
+		closeFD(su.req.ClientFD)
+	case su.req.ClientFD >= 0:
+		// After EventExec the client is ours to tell: off the loop, since
+		// a client that does not read would hold it.
+		go writeProgressFD(su.req.ClientFD, Progress{Event: EventFailed, Reason: reason})
 	}
-	if su.req.ClientFD >= 0 {
-		unix.Close(su.req.ClientFD)
-		su.req.ClientFD = -1
-	}
+	su.req.ClientFD = -1
 	su.resumeServing()
 	s.reexec.last = &SelfResult{Reason: reason, At: s.env.now()}
 	if s.reexec.cur == su {
@@ -272,11 +273,19 @@ func (su *selfUpgrade) resumeServing() {
 	}
 }
 
-// writeProgressFD writes p as one JSON line to fd, bounded in time.
+// writeProgressFD writes p as one JSON line to fd, bounded in time, and
+// closes fd.
 func writeProgressFD(fd int, p Progress) {
 	b, _ := json.Marshal(p)
 	_ = unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_SNDTIMEO, &unix.Timeval{Sec: 1})
 	unix.Write(fd, append(b, '\n'))
+	unix.Close(fd)
+}
+
+func closeFD(fd int) {
+	if fd >= 0 {
+		unix.Close(fd)
+	}
 }
 
 // execSelf re-executes the binary with the state record, once no handoff

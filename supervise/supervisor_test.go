@@ -38,6 +38,14 @@ type fakeEnv struct {
 	table   proctree.Table
 	envs    map[int]map[string]string
 	managed []string
+	// frozen, when set, is what now returns. checkOut is what a self-check
+	// prints (none: check fails); exec hands each record it is given to
+	// execs and returns execErr (the exec "failed": the old image goes on).
+	frozen   time.Time
+	checkOut string
+	checks   chan int
+	execs    chan []byte
+	execErr  error
 }
 
 type kill struct {
@@ -47,7 +55,7 @@ type kill struct {
 
 func newFakeEnv() *fakeEnv {
 	return &fakeEnv{nextPid: 100, starts: make(chan spawn.Spec, 100), pids: make(chan int, 100), kills: make(chan kill, 10000),
-		handoffs: map[int]*handoff.Socket{}}
+		handoffs: map[int]*handoff.Socket{}, checks: make(chan int, 4), execs: make(chan []byte, 4), execErr: errors.New("no exec in the fake env")}
 }
 
 func (f *fakeEnv) sources(string, int, func(event)) (string, error) { return "/run/fake/notify", nil }
@@ -116,18 +124,33 @@ func (f *fakeEnv) notifyManager(state string) {
 	f.mu.Unlock()
 }
 func (f *fakeEnv) connections([]int) int { return 0 }
-func (f *fakeEnv) now() time.Time        { return time.Now() }
+func (f *fakeEnv) now() time.Time {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if !f.frozen.IsZero() {
+		return f.frozen
+	}
+	return time.Now()
+}
 func (f *fakeEnv) afterFunc(d time.Duration, fn func()) stopper {
 	return time.AfterFunc(d, fn)
 }
 func (f *fakeEnv) ownEnviron() []string { return os.Environ() }
 func (f *fakeEnv) close()               {}
 func (f *fakeEnv) check(string) (int, io.ReadCloser, error) {
-	return 0, nil, errors.New("no self-check in the fake env")
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.checkOut == "" {
+		return 0, nil, errors.New("no self-check in the fake env")
+	}
+	f.nextPid++
+	f.checks <- f.nextPid
+	return f.nextPid, io.NopCloser(strings.NewReader(f.checkOut)), nil
 }
 func (f *fakeEnv) notifyState() (int, string, string, error) { return -1, "", "", nil }
-func (f *fakeEnv) exec(string, []string, []string, []byte, []int) error {
-	return errors.New("no exec in the fake env")
+func (f *fakeEnv) exec(_ string, _, _ []string, record []byte, _ []int) error {
+	f.execs <- record
+	return f.execErr
 }
 
 // noRestarts asks run for Config.MaxRestarts 0 (0 there means the default).
@@ -199,6 +222,11 @@ func withDefaults(cfg Config) Config {
 
 func run(t *testing.T, cfg Config) *harness {
 	t.Helper()
+	return start(t, testConfig(t, cfg), newFakeEnv(), nil)
+}
+
+// testConfig completes what a test set of cfg.
+func testConfig(t *testing.T, cfg Config) Config {
 	cfg = withDefaults(cfg)
 	cfg.Command = []string{"server"}
 	cfg.Logger = testLogger(t)
@@ -209,11 +237,18 @@ func run(t *testing.T, cfg Config) *harness {
 	case noRestarts:
 		cfg.MaxRestarts = 0
 	}
-	env := newFakeEnv()
+	return cfg
+}
+
+// start runs a supervisor of cfg in env, resumed from st when it is not
+// nil, and stops it (fast) at the end of the test.
+func start(t *testing.T, cfg Config, env *fakeEnv, st *State) *harness {
+	t.Helper()
 	s, err := newSupervisor(cfg, env)
 	if err != nil {
 		t.Fatal(err)
 	}
+	s.reexec.resumed = st
 	h := &harness{t: t, s: s, env: env, err: make(chan error, 1), handled: make(chan event, 4096)}
 	s.afterEvent = func(ev event) {
 		select {
