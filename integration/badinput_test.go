@@ -31,7 +31,7 @@ func TestBadInputIsNamed(t *testing.T) {
 		{"port in use", []string{"-l", busy.Addr().String(), "--", helloBin}, 1, []string{busy.Addr().String(), "address already in use"}},
 		{"missing command", []string{"-l", "127.0.0.1:0", "--", "/nonexistent/server"}, 1, []string{`COMMAND "/nonexistent/server"`}},
 		{"bad ready mode", []string{"-l", "127.0.0.1:0", "--ready", "fd:1", "--", helloBin}, 2, []string{`--ready "fd:1"`}},
-		{"ready fd on a listener", []string{"-l", "127.0.0.1:0", "--ready", "fd:3", "--", helloBin}, 1, []string{"--ready fd:3 collides"}},
+		{"ready fd on a listener", []string{"-l", "127.0.0.1:0", "--ready", "fd:3", "--", helloBin}, 2, []string{"--ready fd:3", "listeners at fds 3 to 3"}},
 		{"bad drain signal", []string{"-l", "127.0.0.1:0", "--drain-signal", "TERMINATE", "--", helloBin}, 2, []string{`signal "TERMINATE"`}},
 		{"no command", []string{"-l", "127.0.0.1:0"}, 2, []string{"no COMMAND"}},
 	} {

@@ -248,19 +248,21 @@ func (s *Supervisor) promote(g *generation) {
 	watchers := g.watchers
 	g.watchers = nil
 	if len(watchers) > 0 {
-		s.reportDraining(old, g.N, watchers)
+		s.countThenDrain(old, g.N, watchers)
+	} else {
+		s.drainGeneration(old)
 	}
-	s.drainGeneration(old)
 	s.count.UpgradesOK++
 	s.finishUpgrade(UpgradeResult{Generation: g.N, OK: true, Started: g.Started, ReadyAfter: g.ReadyAt.Sub(g.Started)})
 }
 
-// reportDraining tells the watchers of the upgrade that replaced old how
-// many connections old holds, then "done" once it has exited. Counting
-// reads the kernel's socket tables, which may take a while on a busy
-// server: it runs off the loop, and only for someone following the
-// upgrade (upgrader upgrade).
-func (s *Supervisor) reportDraining(old *generation, n int, watchers []chan Progress) {
+// countThenDrain tells the watchers of the upgrade that replaced old how
+// many connections old holds, drains it, then tells them "done" once it
+// has exited. Counting reads the kernel's socket tables, which may take a
+// while on a busy server: it runs off the loop, and only for someone
+// following the upgrade (upgrader upgrade); the drain waits for the count,
+// since a drained worker hands its connections on at once.
+func (s *Supervisor) countThenDrain(old *generation, n int, watchers []chan Progress) {
 	var pids []int
 	for w := range old.live {
 		pids = append(pids, w.Pid)
@@ -271,6 +273,7 @@ func (s *Supervisor) reportDraining(old *generation, n int, watchers []chan Prog
 			for _, ch := range watchers {
 				send(ch, Progress{Event: EventDraining, Generation: n, Old: old.N, Connections: conns})
 			}
+			s.drainGeneration(old)
 			if old.State == GenExited {
 				doneWatching(watchers, old)
 				return

@@ -327,7 +327,7 @@ func TestWarningsAreLimitedPerSenderAndCounted(t *testing.T) {
 			log.Warn("bad")
 		}
 	}
-	l.flush(log)
+	l.flush(time.Now(), log)
 	if got := len(rec.withMessage("bad")); got != warnBurst+3 {
 		t.Fatalf("%d warnings logged, want %d", got, warnBurst+3)
 	}

@@ -158,4 +158,4 @@ func (l *limiter) expire(now time.Time, log *slog.Logger) {
 }
 
 // flush logs every count still held.
-func (l *limiter) flush(log *slog.Logger) { l.expire(time.Now().Add(l.window), log) }
+func (l *limiter) flush(now time.Time, log *slog.Logger) { l.expire(now.Add(l.window), log) }

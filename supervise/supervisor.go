@@ -248,7 +248,7 @@ func (s *Supervisor) Run(ctx context.Context) error {
 		s.startGeneration()
 	}
 	s.loop()
-	s.warns.flush(s.log)
+	s.warns.flush(s.env.now(), s.log)
 	s.env.notifyManager(daemon.SdNotifyStopping)
 	return s.life.err
 }

@@ -54,6 +54,13 @@ func controlHandler(sup *supervise.Supervisor) control.Handler {
 	}
 }
 
+// The events of the prestop command's reply (docs/reference/control.md):
+// not ready from now on, then the shutdown delay is over.
+const (
+	preStopNotReady = "not_ready"
+	preStopDone     = "done"
+)
+
 // preStopReply is a line of the prestop command's reply.
 type preStopReply struct {
 	Event  string `json:"event"` // "not_ready", then "done"
@@ -68,7 +75,7 @@ func preStop(ctx context.Context, sup *supervise.Supervisor, send func(any) erro
 	if err != nil {
 		return err
 	}
-	if err := send(preStopReply{Event: "not_ready", WaitMS: left.Milliseconds()}); err != nil {
+	if err := send(preStopReply{Event: preStopNotReady, WaitMS: left.Milliseconds()}); err != nil {
 		return nil // the client went away; not-ready stays
 	}
 	t := time.NewTimer(left)
@@ -78,7 +85,7 @@ func preStop(ctx context.Context, sup *supervise.Supervisor, send func(any) erro
 	case <-ctx.Done():
 		return nil
 	}
-	return send(preStopReply{Event: "done"})
+	return send(preStopReply{Event: preStopDone})
 }
 
 // preStopCmd is `upgrader prestop`: for a Kubernetes preStop hook (or any
@@ -108,9 +115,9 @@ func preStopCmd(args []string) error {
 			return fmt.Errorf("control reply %q: %w", line, err)
 		}
 		switch r.Event {
-		case "not_ready":
+		case preStopNotReady:
 			fmt.Printf("not ready from now on; waiting %s of the shutdown delay\n", time.Duration(r.WaitMS)*time.Millisecond)
-		case "done":
+		case preStopDone:
 			done = true
 			fmt.Println("shutdown delay over: stop it now")
 		}
@@ -196,27 +203,27 @@ func upgradeCmd(args []string) error {
 			return fmt.Errorf("control reply %q: %w", line, err)
 		}
 		switch p.Event {
-		case "queued":
+		case supervise.EventQueued:
 			fmt.Printf("self-upgrade queued behind the upgrade to generation %d\n", p.Generation)
-		case "checking":
+		case supervise.EventChecking:
 			fmt.Printf("checking the new upgrader binary %s\n", p.Binary)
-		case "checked":
+		case supervise.EventChecked:
 			fmt.Printf("new upgrader binary %s passed its check\n", p.Version)
-		case "exec":
+		case supervise.EventExec:
 			fmt.Println("re-executing upgrader in place")
-		case "resumed":
+		case supervise.EventResumed:
 			resumed = true
 			fmt.Printf("upgrader %s resumed (exec %d), generation %d serving\n", p.Version, p.Execs, p.Generation)
-		case "started":
+		case supervise.EventStarted:
 			fmt.Printf("generation %d started\n", p.Generation)
-		case "ready":
+		case supervise.EventReady:
 			fmt.Printf("generation %d ready after %d ms\n", p.Generation, p.ReadyAfterMS)
-		case "draining":
+		case supervise.EventDraining:
 			fmt.Printf("generation %d draining with %d connections\n", p.Old, p.Connections)
-		case "done":
+		case supervise.EventDone:
 			done = true
 			fmt.Printf("done: generation %d serving\n", p.Generation)
-		case "failed":
+		case supervise.EventFailed:
 			failed = fmt.Sprintf("upgrade to generation %d failed: %s", p.Generation, p.Reason)
 			if req.Self && !resumed {
 				failed = "self-upgrade refused: " + p.Reason
