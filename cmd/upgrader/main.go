@@ -43,7 +43,7 @@ func init() { runtime.LockOSThread() }
 
 func main() {
 	// A worker is started as a re-exec of this binary: become the command.
-	spawn.RunShimIfRequested()
+	supervise.Init()
 	spawn.RunOnMainThread(realMain)
 }
 
