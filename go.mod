@@ -1,3 +1,4 @@
+// upgrader is licensed under the Apache License, Version 2.0; see LICENSE.
 module github.com/seed6cb0314a/upgrader
 
 go 1.26.8

@@ -15,6 +15,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/seed6cb0314a/upgrader/internal/slogrec"
 )
 
 // startServe runs Serve on a fresh loopback listener; stop cancels it and
@@ -105,36 +107,26 @@ func TestCaughtPanicIsSilentWithoutLogger(t *testing.T) {
 
 // With a Logger, the panic goes there, with its stack.
 func TestCaughtPanicGoesToLogger(t *testing.T) {
-	var buf syncBuffer
-	logger := slog.New(slog.NewTextHandler(&buf, nil))
-	_, addr, stop := startServe(t, &http.Server{Handler: panicky()}, Options{Timeout: 5 * time.Second, Logger: logger})
+	rec := slogrec.New()
+	_, addr, stop := startServe(t, &http.Server{Handler: panicky()}, Options{Timeout: 5 * time.Second, Logger: rec.Logger()})
 	resp, err := noKeepAlive.Get("http://" + addr + "/panic")
 	if err != nil {
 		t.Fatal(err)
 	}
 	resp.Body.Close()
 	stop()
-	out := buf.String()
-	if !strings.Contains(out, "test panic") || !strings.Contains(out, "level=ERROR") || !strings.Contains(out, "options_test.go") {
-		t.Fatalf("Logger got %q, want the panic at ERROR with its stack", out)
+	// One record, at ERROR, carrying the panic's value and the stack of
+	// the handler that panicked.
+	recs := rec.Records()
+	if len(recs) != 1 {
+		t.Fatalf("Logger got %d records, want the panic's: %+v", len(recs), recs)
 	}
-}
-
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.String()
+	r := recs[0]
+	err, _ = r.Attrs["error"].Any().(error)
+	if r.Level != slog.LevelError || err == nil || !strings.Contains(err.Error(), "test panic") ||
+		!strings.Contains(r.Attrs["stack"].String(), "options_test.go") {
+		t.Fatalf("Logger got %+v, want the panic at ERROR with its value and its stack", r)
+	}
 }
 
 // NoRecover leaves a handler's panic to net/http: that connection closes,

@@ -2,6 +2,7 @@ package inherit
 
 import (
 	"bytes"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -18,6 +19,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/seed6cb0314a/upgrader/internal/handoff"
+	"github.com/seed6cb0314a/upgrader/internal/slogrec"
 	"github.com/seed6cb0314a/upgrader/internal/sockets"
 )
 
@@ -523,8 +525,8 @@ func TestHandoffsLogToTheLogger(t *testing.T) {
 	restore := sync.OnceFunc(func() { unix.Dup2(saved, 2); unix.Close(saved) })
 	defer restore()
 
-	var buf syncBuffer
-	s, err := New(WithLogger(slog.New(slog.NewTextHandler(&buf, nil))))
+	rec := slogrec.New()
+	s, err := New(WithLogger(rec.Logger()))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -537,7 +539,14 @@ func TestHandoffsLogToTheLogger(t *testing.T) {
 	if err := unix.Sendmsg(raw, []byte("UPGRADER/1 BOGUS\n"), nil, nil, 0); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, "the malformed message logged", func() bool { return strings.Contains(buf.String(), "malformed") })
+	// The report is the record carrying handoff.ErrMalformed, at WARN.
+	report, ok := rec.Wait(10*time.Second, func(r slogrec.Record) bool {
+		err, _ := r.Attrs["error"].Any().(error)
+		return errors.Is(err, handoff.ErrMalformed)
+	})
+	if !ok {
+		t.Fatalf("no record carries handoff.ErrMalformed: %+v", rec.Records())
+	}
 	sc, _ := tcpPair(t)
 	if m := handOff(t, up, 2, KindHTTP, sc, handoff.Conn{State: []byte("a")}); m.Type != handoff.TypeAck {
 		t.Fatalf("the channel stopped after a malformed message: %+v", m)
@@ -553,26 +562,9 @@ func TestHandoffsLogToTheLogger(t *testing.T) {
 	if stderr.Len() != 0 {
 		t.Fatalf("wrote to stderr: %q", stderr.String())
 	}
-	if !strings.Contains(buf.String(), "level=WARN") {
-		t.Fatalf("log %q", buf.String())
+	if report.Level != slog.LevelWarn {
+		t.Fatalf("the malformed message reported at %v, want WARN: %+v", report.Level, report)
 	}
-}
-
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }
 
 // Issue 8, finding 8: a worker that takes handoffs grows its fd table ahead

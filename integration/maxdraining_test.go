@@ -3,6 +3,7 @@ package integration
 import (
 	"os"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -14,7 +15,9 @@ import (
 // leaving a mark in the directory argv[1] for each one it gets:
 // gen<N>-term1, gen<N>-term2, … With argv[2] "exit-on-second" it exits 0
 // on the second, as a worker that has closed its idle connections does,
-// after marking gen<N>-exited; with "ignore" it never exits.
+// after marking gen<N>-exited; with "ignore" it never exits; with
+// "ignore-all" it never exits either, and catches every other signal it
+// can, marking gen<N>-sig<number>, so that only a SIGKILL ends it.
 const hurryWorker = `
 import os, signal, socket, sys, time
 marks, mode = sys.argv[1], sys.argv[2]
@@ -30,6 +33,15 @@ def on_term(signum, frame):
         mark("exited")
         os._exit(0)
 signal.signal(signal.SIGTERM, on_term)
+if mode == "ignore-all":
+    def on_other(signum, frame):
+        mark("sig%d" % signum)
+    for sig in signal.valid_signals():
+        if sig not in (signal.SIGKILL, signal.SIGSTOP, signal.SIGTERM):
+            try:
+                signal.signal(sig, on_other)
+            except (OSError, ValueError):
+                pass
 with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
     s.connect(os.environ["NOTIFY_SOCKET"])
     s.sendall(b"READY=1")
@@ -75,6 +87,20 @@ func waitHurryMark(t *testing.T, dir, mark string) {
 func hurryMarked(dir, mark string) bool {
 	_, err := os.Stat(filepath.Join(dir, mark))
 	return err == nil
+}
+
+// hurryCaught lists the signals other than SIGTERM that generation gen's
+// worker (in mode ignore-all) caught, by the marks it left.
+func hurryCaught(t *testing.T, dir, gen string) []string {
+	t.Helper()
+	caught, err := filepath.Glob(filepath.Join(dir, gen+"-sig*"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, c := range caught {
+		caught[i] = strings.TrimPrefix(filepath.Base(c), gen+"-")
+	}
+	return caught
 }
 
 // gen1Gone waits until generation 1 has no process left, well within the

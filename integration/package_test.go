@@ -62,6 +62,7 @@ func TestPackageDeb(t *testing.T) {
 		unitHelloPath:                                                 "-rwxr-xr-x",
 		"/usr/share/man/man1/upgrader.1.gz":                           "-rw-r--r--",
 		"/usr/share/doc/upgrader/README.md":                           "-rw-r--r--",
+		"/usr/share/doc/upgrader/copyright":                           "-rw-r--r--",
 		"/usr/share/doc/upgrader/examples/haproxy.cfg":                "-rw-r--r--",
 		"/usr/share/doc/upgrader/examples/kubernetes-deployment.yaml": "-rw-r--r--",
 	}
@@ -112,11 +113,120 @@ func TestPackageDeb(t *testing.T) {
 		}
 	}
 
+	checkCopyright(t, filepath.Join(root, "usr/share/doc/upgrader/copyright"))
+	if !strings.Contains(man, "\n.SH COPYRIGHT\n") || !strings.Contains(man, "Apache License, Version 2.0") {
+		t.Errorf("the man page has no COPYRIGHT section naming the Apache License, Version 2.0")
+	}
+
 	units, _ := filepath.Glob(filepath.Join(root, "lib/systemd/system/*"))
 	if len(units) != len(srcUnits) {
 		t.Fatalf("extracted units %v; want the %d in packaging/systemd", units, len(srcUnits))
 	}
 	verifyUnits(t, units, upgrader, filepath.Join(root, unitHelloPath))
+}
+
+// checkCopyright checks the package's copyright file against Debian's
+// machine-readable format (copyright-format 1.0): a header paragraph, a
+// "Files: *" paragraph whose license is Apache-2.0, and a standalone
+// Apache-2.0 license paragraph pointing to Debian's copy of the text. The
+// repository's LICENSE must be that text with only the appendix's
+// copyright line filled in, with the copyright the file declares, so that
+// the two cannot drift apart.
+func checkCopyright(t *testing.T, path string) {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	paras := parseDeb822(t, string(b))
+	if len(paras) < 3 {
+		t.Fatalf("%s: %d paragraphs, want a header, a Files: * and a License: Apache-2.0 one:\n%s", path, len(paras), b)
+	}
+	head := paras[0]
+	if got, want := head["Format"], "https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/"; got != want {
+		t.Errorf("%s: Format: %q, want %q", path, got, want)
+	}
+	if got := head["Upstream-Name"]; got != "upgrader" {
+		t.Errorf("%s: Upstream-Name: %q, want upgrader", path, got)
+	}
+	if !strings.HasPrefix(head["Source"], "https://") {
+		t.Errorf("%s: Source: %q, want the upstream URL", path, head["Source"])
+	}
+	var copyright string
+	var files, license bool
+	for _, p := range paras[1:] {
+		switch {
+		case p["Files"] == "*":
+			files, copyright = true, p["Copyright"]
+			if p["License"] != "Apache-2.0" {
+				t.Errorf("%s: Files: * has License: %q, want Apache-2.0", path, p["License"])
+			}
+		case p["Files"] == "" && strings.HasPrefix(p["License"], "Apache-2.0\n"):
+			license = true
+			if !strings.Contains(p["License"], "/usr/share/common-licenses/Apache-2.0") {
+				t.Errorf("%s: the License: Apache-2.0 paragraph does not point to /usr/share/common-licenses/Apache-2.0:\n%s", path, p["License"])
+			}
+		}
+	}
+	if !files || copyright == "" {
+		t.Errorf("%s: no Files: * paragraph with a Copyright: field:\n%s", path, b)
+	}
+	if !license {
+		t.Errorf("%s: no standalone License: Apache-2.0 paragraph with the license's text or a pointer to it:\n%s", path, b)
+	}
+
+	apache, err := os.ReadFile("/usr/share/common-licenses/Apache-2.0")
+	if err != nil {
+		t.Fatalf("Debian's copy of the Apache License (package base-files): %v", err)
+	}
+	mine, err := os.ReadFile(filepath.Join(repoRoot, "LICENSE"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := strings.Replace(string(apache), "Copyright [yyyy] [name of copyright owner]", "Copyright "+copyright, 1)
+	if string(mine) != want {
+		t.Errorf("LICENSE is not the text of /usr/share/common-licenses/Apache-2.0 with its appendix's copyright line reading %q", "Copyright "+copyright)
+	}
+}
+
+// parseDeb822 splits a deb822 file (Debian's control-file syntax) into
+// paragraphs of fields. A field's continuation lines are joined with
+// newlines, without their leading space; a lone "." stands for an empty
+// line.
+func parseDeb822(t *testing.T, text string) []map[string]string {
+	t.Helper()
+	var paras []map[string]string
+	var p map[string]string
+	var last string
+	for i, l := range strings.Split(text, "\n") {
+		switch {
+		case strings.TrimSpace(l) == "":
+			p = nil
+		case l[0] == ' ' || l[0] == '\t':
+			if p == nil {
+				t.Fatalf("deb822 line %d %q: a continuation line outside a field", i+1, l)
+			}
+			c := strings.TrimSpace(l)
+			if c == "." {
+				c = ""
+			}
+			p[last] += "\n" + c
+		default:
+			name, value, ok := strings.Cut(l, ":")
+			if !ok {
+				t.Fatalf("deb822 line %d %q: want Name: value", i+1, l)
+			}
+			if p == nil {
+				p = map[string]string{}
+				paras = append(paras, p)
+			}
+			if _, dup := p[name]; dup {
+				t.Fatalf("deb822 line %d: field %s twice in one paragraph", i+1, name)
+			}
+			last, p[name] = name, strings.TrimSpace(value)
+		}
+	}
+	return paras
 }
 
 // dpkgDeb runs dpkg-deb with args and returns its output, or fails.

@@ -77,13 +77,19 @@ func TestCrashingWorkerMakesUpgraderGiveUp(t *testing.T) {
 	if code, body, err := get(url); err != nil || code != 503 {
 		t.Errorf("/readyz %d %q %v while every worker crashes, want 503", code, body, err)
 	}
+	// Having given up, upgrader stays a moment (so that probes see it):
+	// its status says so, after 4 restarts, more than --max-restarts 3.
+	st := p.waitStatus(30*time.Second, "given up", func(st supervise.Status) bool { return st.GaveUp })
+	if st.Ready || st.Restarts != 4 {
+		t.Errorf("status on giving up: ready %v, %d restarts; want not ready after 4, more than --max-restarts 3", st.Ready, st.Restarts)
+	}
 	if code := p.wait(30 * time.Second); code == 0 {
 		t.Fatal("upgrader exited 0 after giving up")
 	}
-	// The exit message, upgrader's last words to the operator, says why.
-	if !strings.Contains(p.tail(5), "giving up: 4 restarts") {
-		t.Errorf("exit message does not say it gave up after 4 restarts, more than --max-restarts 3:\n%s", p.tail(5))
-	}
+	// Its report to the operator, an error, counts the restarts.
+	p.expectLogged(5*time.Second, "an error counting 4 restarts", func(m map[string]any) bool {
+		return m["level"] == "error" && m["restarts"] == float64(4)
+	})
 }
 
 func TestHandlerPanicUnderLoad(t *testing.T) {

@@ -1,19 +1,22 @@
 package integration
 
 import (
+	"context"
+	"encoding/json"
 	"fmt"
 	"io"
 	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strings"
+	"slices"
 	"sync"
 	"syscall"
 	"testing"
 	"time"
 
 	"github.com/seed6cb0314a/upgrader/integration/loadgen"
+	"github.com/seed6cb0314a/upgrader/internal/control"
 	"github.com/seed6cb0314a/upgrader/supervise"
 )
 
@@ -83,6 +86,35 @@ func (p *proc) selfUpgrade(only bool) (string, error) {
 	}
 	out, err := exec.Command(upgraderBin, "upgrade", flag, "--control", p.control, "--timeout", "60s").CombinedOutput()
 	return string(out), err
+}
+
+// selfUpgradeEvents asks for a self-upgrade (--self-only when only) over
+// the control socket, as upgrader upgrade does, and returns the progress
+// events it streams until the end: the old image's, then the new one's on
+// the same connection.
+func (p *proc) selfUpgradeEvents(only bool) ([]supervise.Progress, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	var evs []supervise.Progress
+	req := control.Request{Command: "upgrade", Wait: true, Self: true, SelfOnly: only}
+	err := control.Do(ctx, p.control, req, func(line []byte) error {
+		var e supervise.Progress
+		if err := json.Unmarshal(line, &e); err != nil {
+			return fmt.Errorf("progress %q: %w", line, err)
+		}
+		evs = append(evs, e)
+		return nil
+	})
+	return evs, err
+}
+
+// events lists the events' names, in order.
+func events(evs []supervise.Progress) []string {
+	var names []string
+	for _, e := range evs {
+		names = append(names, string(e.Event))
+	}
+	return names
 }
 
 func zombies(t testing.TB, pid int) []int {
@@ -261,9 +293,12 @@ func TestSelfUpgradeKeepsTheDrainDeadline(t *testing.T) {
 	if err := os.WriteFile(worker, []byte(hurryWorker), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	writeScript(t, script, "exec python3 "+worker+" "+marks+" ignore")
+	// ignore-all: the worker catches every signal it can (marking each) and
+	// never exits, so that only a SIGKILL ends it.
+	writeScript(t, script, "exec python3 "+worker+" "+marks+" ignore-all")
 	p, bin := startSelfUpgradable(t, "-l", "127.0.0.1:0", "--drain-timeout", "3s", "--", script)
 	p.waitReady(1)
+	victim := p.workerPids(1)[0]
 	p.signal(syscall.SIGUSR2)
 	p.waitReady(2)
 	waitHurryMark(t, marks, "gen1-term1") // draining, and ignoring it
@@ -271,18 +306,23 @@ func TestSelfUpgradeKeepsTheDrainDeadline(t *testing.T) {
 	if out, err := p.selfUpgrade(true); err != nil {
 		t.Fatalf("self-upgrade: %v\n%s", err, out)
 	}
+	// The self-upgrade is over (the new image has resumed) with generation
+	// 1 still draining: whatever ends it now, the new image does.
+	if st := p.status(); st.Execs != 1 || genOf(st, 1) == nil {
+		t.Fatalf("after the self-upgrade: execs %d, generation 1 %+v; want 1 exec and generation 1 still draining", st.Execs, genOf(st, 1))
+	}
+	if _, alive := parentOf(victim); !alive {
+		t.Fatalf("generation 1's worker %d is gone before the new image took over", victim)
+	}
 	gen1Gone(t, p)
-	// Its exit, a SIGKILL, is logged by the new image (after it resumed).
-	resumed := false
-	p.expectLogged(5*time.Second, "generation 1's worker killed by the new image", func(m map[string]any) bool {
-		if m["msg"] == "self-upgrade: resumed" {
-			resumed = true
-		}
-		status, _ := m["status"].(string)
-		return resumed && m["msg"] == "worker exited" && m["generation"] == float64(1) && strings.Contains(status, "SIGKILL")
-	})
+	waitGone(t, victim, 10*time.Second)
+	// Gone, without exiting by itself and without having caught any signal
+	// but the drain signal: a SIGKILL ended it.
 	if hurryMarked(marks, "gen1-exited") {
 		t.Fatal("generation 1's worker exited by itself; it ignores the drain signal")
+	}
+	if caught := hurryCaught(t, marks, "gen1"); len(caught) > 0 {
+		t.Fatalf("generation 1's worker caught %v besides the drain signal; want it ended by SIGKILL", caught)
 	}
 	if st := p.status(); st.Execs != 1 || !st.Ready {
 		t.Fatalf("status after the drain deadline: %+v", st)
@@ -302,9 +342,10 @@ func TestSelfUpgradeBehindAFailingUpgrade(t *testing.T) {
 	p.signal(syscall.SIGUSR2)
 	p.waitStatus(10*time.Second, "generation 2 starting", func(st supervise.Status) bool { return genOf(st, 2) != nil })
 	installBin(t, upgraderBin, bin)
-	out, err := p.selfUpgrade(true)
-	if err != nil || !contains(out, "queued") {
-		t.Fatalf("self-upgrade behind the upgrade: %v, output %q; want it queued, then done", err, out)
+	evs, err := p.selfUpgradeEvents(true)
+	if names := events(evs); err != nil || len(names) == 0 || names[0] != "queued" || evs[0].Generation != 2 ||
+		!slices.Contains(names, "resumed") || names[len(names)-1] != "done" || slices.Contains(names, "failed") {
+		t.Fatalf("self-upgrade behind the upgrade: %v, events %+v; want it queued behind generation 2, then resumed and done", err, evs)
 	}
 	st := p.waitExited(2)
 	if st.LastUpgrade == nil || st.LastUpgrade.OK || st.LastUpgrade.Generation != 2 || st.Upgrades["failed"] != 1 {

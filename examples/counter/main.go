@@ -62,39 +62,10 @@ func main() {
 	if err != nil {
 		fatal(err)
 	}
-	pid, gen := os.Getpid(), inherit.Generation()
-
-	var mu sync.Mutex
-	sessions := map[*session]bool{}
-	var wg sync.WaitGroup
-	start := func(c net.Conn, counter int) {
-		s := &session{conn: c, r: bufio.NewReader(c), counter: counter, stop: make(chan struct{}), done: make(chan struct{})}
-		mu.Lock()
-		sessions[s] = true
-		mu.Unlock()
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			defer close(s.done)
-			s.serve(pid, gen)
-		}()
-	}
-	accept := func(l net.Listener) {
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			counter := 0
-			if _, state, ok := inherit.StateOf(c); ok {
-				counter, _ = strconv.Atoi(string(state)) // a session resumed
-			}
-			start(c, counter)
-		}
-	}
-	go accept(l)
+	srv := &server{pid: os.Getpid(), gen: inherit.Generation(), sessions: map[*session]bool{}}
+	go srv.accept(l)
 	if hl := handoffs.Listener(kind); hl != nil {
-		go accept(hl)
+		go srv.accept(hl)
 	}
 	if err := inherit.Ready(); err != nil {
 		fatal(err)
@@ -108,13 +79,57 @@ func main() {
 	if hl := handoffs.Listener(kind); hl != nil {
 		hl.Close()
 	}
-	// Pause every session between lines, then hand it off with its state.
-	mu.Lock()
-	all := make([]*session, 0, len(sessions))
-	for s := range sessions {
+	srv.handOff(handoffs)
+	srv.wg.Wait()
+	handoffs.Close()
+}
+
+// server is this process's sessions.
+type server struct {
+	pid, gen int
+	mu       sync.Mutex
+	sessions map[*session]bool
+	wg       sync.WaitGroup
+}
+
+// accept starts a session for every connection l gives, until it is
+// closed: a new one, or one handed off with its counter as state.
+func (srv *server) accept(l net.Listener) {
+	for {
+		c, err := l.Accept()
+		if err != nil {
+			return
+		}
+		counter := 0
+		if _, state, ok := inherit.StateOf(c); ok {
+			counter, _ = strconv.Atoi(string(state)) // a session resumed
+		}
+		srv.start(c, counter)
+	}
+}
+
+func (srv *server) start(c net.Conn, counter int) {
+	s := &session{conn: c, r: bufio.NewReader(c), counter: counter, stop: make(chan struct{}), done: make(chan struct{})}
+	srv.mu.Lock()
+	srv.sessions[s] = true
+	srv.mu.Unlock()
+	srv.wg.Add(1)
+	go func() {
+		defer srv.wg.Done()
+		defer close(s.done)
+		s.serve(srv.pid, srv.gen)
+	}()
+}
+
+// handOff pauses every session between lines, then hands it off with its
+// state; a session that cannot be handed off is told "bye" and closed.
+func (srv *server) handOff(handoffs *inherit.Handoffs) {
+	srv.mu.Lock()
+	all := make([]*session, 0, len(srv.sessions))
+	for s := range srv.sessions {
 		all = append(all, s)
 	}
-	mu.Unlock()
+	srv.mu.Unlock()
 	for _, s := range all {
 		close(s.stop)
 		s.conn.SetReadDeadline(time.Now()) // wake a pending read
@@ -133,8 +148,6 @@ func main() {
 			s.conn.Close()
 		}
 	}
-	wg.Wait()
-	handoffs.Close()
 }
 
 // serve answers lines until the client goes, or until stop: then it returns

@@ -44,6 +44,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -51,6 +52,7 @@ import (
 	"math/big"
 	"net"
 	"net/http"
+	"net/url"
 	"os"
 	"strconv"
 	"sync/atomic"
@@ -109,97 +111,131 @@ func main() {
 		}
 	}
 
-	pid, gen := strconv.Itoa(os.Getpid()), strconv.Itoa(inherit.Generation())
 	var hung atomic.Bool
 	mux := http.NewServeMux()
-	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
-		io.Copy(io.Discard, r.Body)
-		if r.URL.Query().Get("panic") != "" {
-			panic("hello: asked to panic")
-		}
-		if r.URL.Query().Get("hang") != "" {
-			hung.Store(true)
-		}
-		q := r.URL.Query()
-		var sleep, tail time.Duration
-		size := int64(-1)
-		for _, arg := range []struct {
-			name string
-			d    *time.Duration
-		}{{"sleep", &sleep}, {"tail", &tail}} {
-			if v := q.Get(arg.name); v != "" {
-				d, err := time.ParseDuration(v)
-				if err != nil {
-					http.Error(w, arg.name+": "+err.Error(), http.StatusBadRequest)
-					return
-				}
-				*arg.d = d
-			}
-		}
-		if v := q.Get("size"); v != "" {
-			n, err := strconv.ParseInt(v, 10, 64)
-			if err != nil || n < 0 {
-				http.Error(w, "size: want a byte count", http.StatusBadRequest)
-				return
-			}
-			size = n
-		}
-		time.Sleep(sleep)
-		w.Header().Set("X-Pid", pid)
-		w.Header().Set("X-Generation", gen)
-		if size < 0 {
-			fmt.Fprintf(w, "hello from pid %s generation %s\n", pid, gen)
-		} else {
-			w.Header().Set("Content-Type", "application/octet-stream")
-			w.Header().Set("Content-Length", strconv.FormatInt(size, 10))
-			if writePattern(w, size) != nil {
-				return // the client has gone; net/http closes the connection
-			}
-		}
-		if tail > 0 {
-			// The whole response is on its way before the extra work, so
-			// the client can send its next request during it.
-			if http.NewResponseController(w).Flush() != nil {
-				return
-			}
-			time.Sleep(tail)
-		}
-	})
+	mux.Handle("/", handler(strconv.Itoa(os.Getpid()), strconv.Itoa(inherit.Generation()), &hung))
 	// Live connections: take idle keep-alive connections from a draining
 	// generation, and hand ours to the next one (nil when not offered).
 	handoffs, err := fds.Handoffs(inherit.KindHTTP)
 	if err != nil {
 		fatal(err)
 	}
+	d := drain.New(newServer(mux, log, *h2c, *useTLS), drain.Options{Timeout: *drainTimeout, Handoff: handoffs, Logger: log})
+	pingWatchdog(d, &hung)
+	if err := d.Serve(context.Background(), listeners); err != nil {
+		fatal(err)
+	}
+}
+
+// query is what a request's query asks of hello (see the package
+// documentation): hold it for sleep, answer size bytes of the pattern (-1:
+// the greeting), then hold it for tail.
+type query struct {
+	sleep, tail time.Duration
+	size        int64
+}
+
+// parseQuery reads ?sleep=, ?tail= and ?size=; the error is the answer to
+// a bad one.
+func parseQuery(q url.Values) (query, error) {
+	a := query{size: -1}
+	for _, arg := range []struct {
+		name string
+		d    *time.Duration
+	}{{"sleep", &a.sleep}, {"tail", &a.tail}} {
+		if v := q.Get(arg.name); v != "" {
+			d, err := time.ParseDuration(v)
+			if err != nil {
+				return query{}, errors.New(arg.name + ": " + err.Error())
+			}
+			*arg.d = d
+		}
+	}
+	if v := q.Get("size"); v != "" {
+		n, err := strconv.ParseInt(v, 10, 64)
+		if err != nil || n < 0 {
+			return query{}, errors.New("size: want a byte count")
+		}
+		a.size = n
+	}
+	return a, nil
+}
+
+// handler answers every request with the worker's pid and generation, as
+// its query asks; ?hang=1 sets hung.
+func handler(pid, gen string, hung *atomic.Bool) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		io.Copy(io.Discard, r.Body)
+		q := r.URL.Query()
+		if q.Get("panic") != "" {
+			panic("hello: asked to panic")
+		}
+		if q.Get("hang") != "" {
+			hung.Store(true)
+		}
+		a, err := parseQuery(q)
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusBadRequest)
+			return
+		}
+		time.Sleep(a.sleep)
+		w.Header().Set("X-Pid", pid)
+		w.Header().Set("X-Generation", gen)
+		if a.size < 0 {
+			fmt.Fprintf(w, "hello from pid %s generation %s\n", pid, gen)
+		} else {
+			w.Header().Set("Content-Type", "application/octet-stream")
+			w.Header().Set("Content-Length", strconv.FormatInt(a.size, 10))
+			if writePattern(w, a.size) != nil {
+				return // the client has gone; net/http closes the connection
+			}
+		}
+		if a.tail > 0 {
+			// The whole response is on its way before the extra work, so
+			// the client can send its next request during it.
+			if http.NewResponseController(w).Flush() != nil {
+				return
+			}
+			time.Sleep(a.tail)
+		}
+	}
+}
+
+// newServer is hello's http.Server for h: its own reports go to log, and
+// with h2c it also takes HTTP/2 with prior knowledge over cleartext.
+func newServer(h http.Handler, log *slog.Logger, h2c, useTLS bool) *http.Server {
 	srv := &http.Server{
-		Handler:           mux,
+		Handler:           h,
 		ReadHeaderTimeout: 10 * time.Second,
 		// net/http's own reports (accept errors, TLS handshakes, panics)
 		// would otherwise go out as bare standard-library log lines.
 		ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn),
 	}
-	if *h2c {
+	if h2c {
 		srv.Protocols = new(http.Protocols)
 		srv.Protocols.SetHTTP1(true)
 		srv.Protocols.SetUnencryptedHTTP2(true)
 		// Setting Protocols replaces the default set, which includes
 		// HTTP/2 over TLS: keep it for -tls -h2c.
-		srv.Protocols.SetHTTP2(*useTLS)
+		srv.Protocols.SetHTTP2(useTLS)
 	}
-	d := drain.New(srv, drain.Options{Timeout: *drainTimeout, Handoff: handoffs, Logger: log})
-	// sd_watchdog_enabled(3): ping at half the interval while not hung.
-	if every, err := daemon.SdWatchdogEnabled(false); err == nil && every > 0 {
-		d.Go(func() {
-			for range time.Tick(every / 2) {
-				if !hung.Load() {
-					inherit.Notify(daemon.SdNotifyWatchdog)
-				}
+	return srv
+}
+
+// pingWatchdog pings the sd_notify watchdog, when there is one, at half
+// its interval (sd_watchdog_enabled(3)) while hung is not set.
+func pingWatchdog(d *drain.Server, hung *atomic.Bool) {
+	every, err := daemon.SdWatchdogEnabled(false)
+	if err != nil || every <= 0 {
+		return
+	}
+	d.Go(func() {
+		for range time.Tick(every / 2) {
+			if !hung.Load() {
+				inherit.Notify(daemon.SdNotifyWatchdog)
 			}
-		})
-	}
-	if err := d.Serve(context.Background(), listeners); err != nil {
-		fatal(err)
-	}
+		}
+	})
 }
 
 // listen returns the listener called name (inherited, or bound on addr), or

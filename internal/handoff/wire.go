@@ -127,140 +127,197 @@ var ErrMalformed = errors.New("malformed handoff message")
 // a HANDOFF must carry exactly n, any other message none. Errors wrap
 // ErrMalformed and quote the offending input.
 func Parse(b []byte, nfds int) (Message, error) {
-	bad := func(format string, a ...any) (Message, error) {
-		return Message{}, fmt.Errorf("%w: "+format, append([]any{ErrMalformed}, a...)...)
-	}
 	if len(b) > MaxMessage {
-		return bad("%d bytes, over %d", len(b), MaxMessage)
+		return Message{}, malformed("%d bytes, over %d", len(b), MaxMessage)
 	}
-	line, rest, ok := bytes.Cut(b, []byte("\n"))
+	h, rest, err := parseHeader(b, nfds)
+	if err != nil {
+		return Message{}, err
+	}
+	m := Message{Type: h.typ, Reason: h.reason}
+	switch h.typ {
+	case TypeAccept:
+		m.Kinds, err = h.kinds()
+	case TypeAck, TypeNak:
+		if err = h.need("id"); err == nil {
+			m.ID, err = h.id()
+		}
+	case TypeHandoff:
+		err = h.handoff(&m, rest, nfds)
+	default:
+		err = malformed("unknown message type %.20q", h.typ)
+	}
+	if err != nil {
+		return Message{}, err
+	}
+	return m, nil
+}
+
+// malformed returns an error wrapping ErrMalformed.
+func malformed(format string, a ...any) error {
+	return fmt.Errorf("%w: "+format, append([]any{ErrMalformed}, a...)...)
+}
+
+// header is a message's first line: its type, the line after the magic
+// (which errors quote), a NAK's reason, and the key=value fields.
+type header struct {
+	typ, line, reason string
+	fields            map[string]string
+}
+
+// parseHeader parses b's first line and returns it with what follows it.
+// Only a HANDOFF may carry fds or have more than its header line.
+func parseHeader(b []byte, nfds int) (header, []byte, error) {
+	first, rest, ok := bytes.Cut(b, []byte("\n"))
 	if !ok {
-		return bad("header %.60q has no newline", b)
+		return header{}, nil, malformed("header %.60q has no newline", b)
 	}
-	head, ok := strings.CutPrefix(string(line), magic)
+	line, ok := strings.CutPrefix(string(first), magic)
 	if !ok {
-		return bad("header %.60q does not start with %q", line, magic)
+		return header{}, nil, malformed("header %.60q does not start with %q", first, magic)
 	}
-	typ, args, _ := strings.Cut(head, " ")
-	m := Message{Type: typ}
+	typ, args, _ := strings.Cut(line, " ")
+	h := header{typ: typ, line: line, fields: map[string]string{}}
 	if typ != TypeHandoff && nfds != 0 {
-		return bad("%s message carried %d fds", typ, nfds)
+		return header{}, nil, malformed("%s message carried %d fds", typ, nfds)
 	}
 	if typ != TypeHandoff && len(rest) != 0 {
-		return bad("%s message has %d bytes after its header line", typ, len(rest))
+		return header{}, nil, malformed("%s message has %d bytes after its header line", typ, len(rest))
 	}
-	fields := map[string]string{}
 	if typ == TypeNak {
 		// reason= runs to the end of the line.
-		var reason string
 		var found bool
-		args, reason, found = strings.Cut(args, " reason=")
+		args, h.reason, found = strings.Cut(args, " reason=")
 		if !found {
-			return bad("NAK %.60q has no reason=", head)
+			return header{}, nil, malformed("NAK %.60q has no reason=", line)
 		}
-		m.Reason = reason
 	}
 	for _, kv := range strings.Fields(args) {
 		k, v, ok := strings.Cut(kv, "=")
 		if !ok {
-			return bad("field %.40q in %.60q is not key=value", kv, head)
+			return header{}, nil, malformed("field %.40q in %.60q is not key=value", kv, line)
 		}
-		if _, dup := fields[k]; dup {
-			return bad("field %q repeated in %.60q", k, head)
+		if _, dup := h.fields[k]; dup {
+			return header{}, nil, malformed("field %q repeated in %.60q", k, line)
 		}
-		fields[k] = v
+		h.fields[k] = v
 	}
-	need := func(keys ...string) error {
-		for _, k := range keys {
-			if _, ok := fields[k]; !ok {
-				return fmt.Errorf("%w: %s %.60q lacks %s=", ErrMalformed, typ, head, k)
-			}
+	return h, rest, nil
+}
+
+// need checks that the header has exactly the fields keys.
+func (h header) need(keys ...string) error {
+	for _, k := range keys {
+		if _, ok := h.fields[k]; !ok {
+			return malformed("%s %.60q lacks %s=", h.typ, h.line, k)
 		}
-		if len(fields) != len(keys) {
-			return fmt.Errorf("%w: %s %.60q has fields other than %v", ErrMalformed, typ, head, keys)
-		}
-		return nil
 	}
-	parseID := func() error {
-		id, err := strconv.ParseUint(fields["id"], 10, 64)
-		if err != nil {
-			return fmt.Errorf("%w: id %q is not a number", ErrMalformed, fields["id"])
-		}
-		m.ID = id
-		return nil
+	if len(h.fields) != len(keys) {
+		return malformed("%s %.60q has fields other than %v", h.typ, h.line, keys)
 	}
-	switch typ {
-	case TypeAccept:
-		if err := need("kinds"); err != nil {
-			return Message{}, err
+	return nil
+}
+
+// id parses the id= field.
+func (h header) id() (uint64, error) {
+	id, err := strconv.ParseUint(h.fields["id"], 10, 64)
+	if err != nil {
+		return 0, malformed("id %q is not a number", h.fields["id"])
+	}
+	return id, nil
+}
+
+// kinds parses an ACCEPT's kinds= field, which may be empty.
+func (h header) kinds() ([]string, error) {
+	if err := h.need("kinds"); err != nil {
+		return nil, err
+	}
+	if h.fields["kinds"] == "" {
+		return nil, nil
+	}
+	var kinds []string
+	for _, k := range strings.Split(h.fields["kinds"], ",") {
+		if !ValidKind(k) {
+			return nil, malformed("kind %.40q is not 1-32 of [a-z0-9._-]", k)
 		}
-		if fields["kinds"] != "" {
-			for _, k := range strings.Split(fields["kinds"], ",") {
-				if !ValidKind(k) {
-					return bad("kind %.40q is not 1-32 of [a-z0-9._-]", k)
-				}
-				m.Kinds = append(m.Kinds, k)
-			}
-		}
-		return m, nil
-	case TypeAck, TypeNak:
-		if err := need("id"); err != nil {
-			return Message{}, err
-		}
-		if err := parseID(); err != nil {
-			return Message{}, err
-		}
-		return m, nil
-	case TypeHandoff:
-		if err := need("id", "kind", "n"); err != nil {
-			return Message{}, err
-		}
-		if err := parseID(); err != nil {
-			return Message{}, err
-		}
-		m.Kind = fields["kind"]
-		if !ValidKind(m.Kind) {
-			return bad("kind %.40q is not 1-32 of [a-z0-9._-]", m.Kind)
-		}
-		n, err := strconv.Atoi(fields["n"])
-		if err != nil || n < 1 || n > MaxFDs {
-			return bad("n=%.20q is not 1 to %d", fields["n"], MaxFDs)
-		}
-		if n != nfds {
-			return bad("n=%d but %d fds came with the message", n, nfds)
-		}
-		sizes := make([][2]int, n)
-		for i := range n {
-			var l []byte
-			l, rest, ok = bytes.Cut(rest, []byte("\n"))
-			if !ok {
-				return bad("connection line %d missing", i+1)
-			}
-			var st, bu int
-			if c, err := fmt.Sscanf(string(l), "state=%d buffered=%d", &st, &bu); err != nil || c != 2 ||
-				fmt.Sprintf("state=%d buffered=%d", st, bu) != string(l) {
-				return bad("connection line %.60q is not state=N buffered=N", l)
-			}
-			if st < 0 || st > MaxState || bu < 0 || bu > MaxBuffered {
-				return bad("connection line %.60q over the limits (%d, %d)", l, MaxState, MaxBuffered)
-			}
-			sizes[i] = [2]int{st, bu}
-		}
-		rest, ok = bytes.CutPrefix(rest, []byte("\n"))
+		kinds = append(kinds, k)
+	}
+	return kinds, nil
+}
+
+// handoff fills in a HANDOFF's id, kind and connections from its header
+// and rest, what follows the header line: one line per connection, a
+// blank line, then the connections' state and buffered bytes.
+func (h header) handoff(m *Message, rest []byte, nfds int) error {
+	if err := h.need("id", "kind", "n"); err != nil {
+		return err
+	}
+	id, err := h.id()
+	if err != nil {
+		return err
+	}
+	m.ID, m.Kind = id, h.fields["kind"]
+	if !ValidKind(m.Kind) {
+		return malformed("kind %.40q is not 1-32 of [a-z0-9._-]", m.Kind)
+	}
+	n, err := strconv.Atoi(h.fields["n"])
+	if err != nil || n < 1 || n > MaxFDs {
+		return malformed("n=%.20q is not 1 to %d", h.fields["n"], MaxFDs)
+	}
+	if n != nfds {
+		return malformed("n=%d but %d fds came with the message", n, nfds)
+	}
+	sizes, payload, err := connLines(rest, n)
+	if err != nil {
+		return err
+	}
+	m.Conns, err = splitPayload(payload, sizes)
+	return err
+}
+
+// connLines parses the n connection lines at the start of rest, and the
+// blank line after them; it returns each connection's state and buffered
+// sizes, and the payload that follows.
+func connLines(rest []byte, n int) (sizes [][2]int, payload []byte, err error) {
+	sizes = make([][2]int, n)
+	for i := range n {
+		var l []byte
+		var ok bool
+		l, rest, ok = bytes.Cut(rest, []byte("\n"))
 		if !ok {
-			return bad("no blank line after the connection lines")
+			return nil, nil, malformed("connection line %d missing", i+1)
 		}
-		for _, sz := range sizes {
-			if len(rest) < sz[0]+sz[1] {
-				return bad("payload is %d bytes short", sz[0]+sz[1]-len(rest))
-			}
-			m.Conns = append(m.Conns, Conn{State: rest[:sz[0]:sz[0]], Buffered: rest[sz[0] : sz[0]+sz[1] : sz[0]+sz[1]]})
-			rest = rest[sz[0]+sz[1]:]
+		var st, bu int
+		if c, err := fmt.Sscanf(string(l), "state=%d buffered=%d", &st, &bu); err != nil || c != 2 ||
+			fmt.Sprintf("state=%d buffered=%d", st, bu) != string(l) {
+			return nil, nil, malformed("connection line %.60q is not state=N buffered=N", l)
 		}
-		if len(rest) != 0 {
-			return bad("%d bytes after the payload", len(rest))
+		if st < 0 || st > MaxState || bu < 0 || bu > MaxBuffered {
+			return nil, nil, malformed("connection line %.60q over the limits (%d, %d)", l, MaxState, MaxBuffered)
 		}
-		return m, nil
+		sizes[i] = [2]int{st, bu}
 	}
-	return bad("unknown message type %.20q", typ)
+	payload, ok := bytes.CutPrefix(rest, []byte("\n"))
+	if !ok {
+		return nil, nil, malformed("no blank line after the connection lines")
+	}
+	return sizes, payload, nil
+}
+
+// splitPayload cuts payload into the connections' state and buffered
+// bytes, by sizes; it must hold exactly that. Each slice is capped, so
+// that an append to one cannot overwrite the next.
+func splitPayload(payload []byte, sizes [][2]int) ([]Conn, error) {
+	var conns []Conn
+	for _, sz := range sizes {
+		if len(payload) < sz[0]+sz[1] {
+			return nil, malformed("payload is %d bytes short", sz[0]+sz[1]-len(payload))
+		}
+		conns = append(conns, Conn{State: payload[:sz[0]:sz[0]], Buffered: payload[sz[0] : sz[0]+sz[1] : sz[0]+sz[1]]})
+		payload = payload[sz[0]+sz[1]:]
+	}
+	if len(payload) != 0 {
+		return nil, malformed("%d bytes after the payload", len(payload))
+	}
+	return conns, nil
 }

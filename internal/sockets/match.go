@@ -15,19 +15,9 @@ import (
 // host, any unspecified address matching an empty or unspecified host).
 // When it does not, the error says what differs. A host name is resolved.
 func (spec Spec) Matches(fd int) error {
-	typ, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_TYPE)
+	typ, err := spec.matchKind(fd)
 	if err != nil {
-		return fmt.Errorf("socket type: %w", err)
-	}
-	if spec.Stream() {
-		if typ != unix.SOCK_STREAM {
-			return fmt.Errorf("not a stream socket")
-		}
-		if acc, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_ACCEPTCONN); err != nil || acc != 1 {
-			return fmt.Errorf("not a listening socket")
-		}
-	} else if typ != unix.SOCK_DGRAM {
-		return fmt.Errorf("not a datagram socket")
+		return err
 	}
 	sa, err := unix.Getsockname(fd)
 	if err != nil {
@@ -61,6 +51,32 @@ func (spec Spec) Matches(fd int) error {
 	if spec.Network == "unix" || spec.Network == "unixgram" {
 		return fmt.Errorf("bound to IP address %s, not a Unix address", got)
 	}
+	return spec.matchIP(ip, port, got)
+}
+
+// matchKind checks that fd is a listening stream socket, or a datagram
+// socket, as spec wants, and returns its SO_TYPE.
+func (spec Spec) matchKind(fd int) (int, error) {
+	typ, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_TYPE)
+	if err != nil {
+		return 0, fmt.Errorf("socket type: %w", err)
+	}
+	if spec.Stream() {
+		if typ != unix.SOCK_STREAM {
+			return 0, fmt.Errorf("not a stream socket")
+		}
+		if acc, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_ACCEPTCONN); err != nil || acc != 1 {
+			return 0, fmt.Errorf("not a listening socket")
+		}
+	} else if typ != unix.SOCK_DGRAM {
+		return 0, fmt.Errorf("not a datagram socket")
+	}
+	return typ, nil
+}
+
+// matchIP checks an IP socket's address, ip and port (got as described
+// in errors), against spec's host and port.
+func (spec Spec) matchIP(ip net.IP, port int, got string) error {
 	host, ps, err := net.SplitHostPort(spec.Address)
 	if err != nil {
 		return err
