@@ -444,7 +444,7 @@ func idleConns(t *testing.T, addr string, n int) ([]net.Conn, []*bufio.Reader) {
 	return cs, brs
 }
 
-// Issue 8, finding 8: batches awaiting an answer are bounded (upgrader
+// Batches awaiting an answer are bounded (upgrader
 // refuses a batch beyond its 4-deep queue for a target, and each batch
 // in flight holds the target's fds): a slow answerer sees at most
 // maxInFlight unanswered, and every connection is handed off all the same.

@@ -25,7 +25,7 @@ import (
 	"golang.org/x/net/http2/hpack"
 )
 
-// One test per way a connection used to leave a drain wrong (issue 9).
+// One test per way a connection used to leave a drain wrong.
 
 // Finding 1: the client sends its next request while the handler is still
 // finishing the response; net/http's background read holds its first

@@ -170,7 +170,7 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 	}
 }
 
-// Issue 8, finding 2: a second Handoffs looked UPGRADER_HANDOFF_FD up
+// A second Handoffs looked UPGRADER_HANDOFF_FD up
 // again, found the number reused (by the first call's epoll instance, or
 // anything the process opened since) and closed it.
 func TestHandoffsTwiceClosesNothing(t *testing.T) {
@@ -232,7 +232,7 @@ func TestHandoffsTwiceClosesNothing(t *testing.T) {
 	c.Close()
 }
 
-// Issue 8, finding 2: an UPGRADER_HANDOFF_FD that names something else is
+// An UPGRADER_HANDOFF_FD that names something else is
 // reported once, naming the variable, and that fd is left open (the old
 // code closed whatever lived at the number).
 func TestHandoffsBadFDIsNotClosed(t *testing.T) {
@@ -285,7 +285,7 @@ func TestHandoffsWithoutChannel(t *testing.T) {
 	}
 }
 
-// Issue 8, finding 7: the taking side. ACCEPT goes at start; a HANDOFF of
+// The taking side. ACCEPT goes at start; a HANDOFF of
 // an application kind is acknowledged and its connection comes out of the
 // listener with its state, its buffered bytes first; an unknown kind is
 // refused.
@@ -322,7 +322,7 @@ func TestHandoffsReceive(t *testing.T) {
 	}
 }
 
-// Issue 8, finding 7: an idle HTTP connection is parked in the epoll set,
+// An idle HTTP connection is parked in the epoll set,
 // not turned into a net.Conn, until its client speaks.
 func TestHandoffsParkIdleHTTP(t *testing.T) {
 	up, _ := fakeUpgrader(t)
@@ -358,7 +358,7 @@ func TestHandoffsParkIdleHTTP(t *testing.T) {
 	}
 }
 
-// Issue 8, finding 7: sending. Send passes the fd with its state and waits
+// Sending. Send passes the fd with its state and waits
 // for upgrader's answer: nil on ACK, an error with the reason on NAK.
 func TestHandoffsSend(t *testing.T) {
 	up, _ := fakeUpgrader(t)
@@ -390,7 +390,7 @@ func TestHandoffsSend(t *testing.T) {
 	}
 }
 
-// Issue 8, finding 8: Send passes the connections' own fds, a full batch
+// Send passes the connections' own fds, a full batch
 // of 253 in order, and opens no fd of its own; a batch holding a closed
 // connection fails before anything is sent, and the others stay usable.
 func TestHandoffsSendPassesOwnFDs(t *testing.T) {
@@ -451,7 +451,7 @@ func TestHandoffsSendPassesOwnFDs(t *testing.T) {
 	}
 }
 
-// Issue 8, finding 5: Close ends the goroutines and closes the socket and
+// Close ends the goroutines and closes the socket and
 // epoll instance; a connection parked at that moment still comes out of
 // Accept (it was acknowledged), then Accept reports the listener closed.
 func TestHandoffsCloseReleases(t *testing.T) {
@@ -507,7 +507,7 @@ func TestHandoffsCloseReleases(t *testing.T) {
 	}
 }
 
-// Issue 8, finding 4: reports go to the caller's logger, never to stderr.
+// Reports go to the caller's logger, never to stderr.
 func TestHandoffsLogToTheLogger(t *testing.T) {
 	up, _, raw := fakeUpgraderRaw(t)
 	defer unix.Close(raw)
@@ -567,7 +567,7 @@ func TestHandoffsLogToTheLogger(t *testing.T) {
 	}
 }
 
-// Issue 8, finding 8: a worker that takes handoffs grows its fd table ahead
+// A worker that takes handoffs grows its fd table ahead
 // of the fds it receives (each growth inside recvmsg would stall the
 // channel for an RCU grace period): room for a few batches at once, and
 // more as batches fill it.

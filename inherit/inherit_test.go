@@ -120,7 +120,7 @@ func TestNewRejectsLISTEN_FDSBeyondOpenFds(t *testing.T) {
 	}
 }
 
-// Issue 8, finding 3: Listeners takes every inherited stream listener by
+// Listeners takes every inherited stream listener by
 // name and no datagram socket; Inherited tells inherited from fresh; a
 // fresh bind goes through the ListenConfig given.
 func TestListenersTakesEveryStreamListener(t *testing.T) {

@@ -151,7 +151,7 @@ func binaries(t *testing.T) (upgrader, hello string) {
 	return upgraderBin, helloBin
 }
 
-// Issue 8, finding 3: with a TCP and a UDP socket inherited, hello serves
+// With a TCP and a UDP socket inherited, hello serves
 // the TCP one and binds nothing of its own. It used to take as many
 // listeners as it inherited fds: the UDP socket counted, found no stream
 // listener, and bound one on -addr.
@@ -265,7 +265,7 @@ func TestWritePattern(t *testing.T) {
 // -tls serves TLS with HTTP/2 by ALPN and HTTP/1.1 otherwise; -h2c serves
 // HTTP/2 with prior knowledge and HTTP/1.1 on cleartext. Every response
 // names its generation and ?size= sets the body and its length, with ?tail=
-// (which holds the handler after the body is flushed: issue 9's test shows
+// (which holds the handler after the body is flushed: the connection-kinds test shows
 // what that does to a drain) or without; a bad ?tail= is refused.
 func TestProtocolsSizeAndTail(t *testing.T) {
 	if testing.Short() {
