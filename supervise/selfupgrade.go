@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -21,8 +22,9 @@ import (
 
 const (
 	// StateVersion is the format of the state record written before the
-	// exec; a new binary must read the same (self-check).
-	StateVersion = 1
+	// exec; a new binary must read it (its self-check says what it reads).
+	// Format 1 is the record of the releases before the worker records.
+	StateVersion = 2
 	// StateEnv names the fd of the state record (a memfd) in the
 	// environment of the new image.
 	StateEnv = "UPGRADER_STATE_FD"
@@ -194,23 +196,40 @@ func (s *Supervisor) onCheckTimeout(su *selfUpgrade) {
 	s.selfFailed(su, fmt.Sprintf("new binary %s: self-check did not finish within %s (killed)", s.cfg.Executable, SelfCheckTimeout))
 }
 
-// ParseSelfCheck reads the self-check's output: "upgrader-self-check
-// state-version N version V".
-func ParseSelfCheck(out string) (stateVersion int, version string, err error) {
+// SelfCheckLine is what `upgrader self-check` prints: the state formats
+// this build reads and its version. An upgrader before format 2 reads only
+// "state-version N" and wants its own format there, so that field names
+// the oldest format read, and "reads" lists them all.
+func SelfCheckLine(version string) string {
+	return fmt.Sprintf("upgrader-self-check state-version %d version %s reads 1,%d", 1, version, StateVersion)
+}
+
+// ParseSelfCheck reads the self-check's output, "upgrader-self-check
+// state-version N version V [reads N,M,...]": the state formats the
+// binary reads (from reads, else N) and its version.
+func ParseSelfCheck(out string) (reads []int, version string, err error) {
 	for line := range strings.Lines(out) {
 		f := strings.Fields(line)
-		if len(f) >= 3 && f[0] == "upgrader-self-check" && f[1] == "state-version" {
-			n, err := strconv.Atoi(f[2])
-			if err != nil {
-				return 0, "", fmt.Errorf("self-check output %q: bad state version", strings.TrimSpace(line))
-			}
-			if len(f) >= 5 && f[3] == "version" {
-				version = f[4]
-			}
-			return n, version, nil
+		if len(f) < 3 || f[0] != "upgrader-self-check" || f[1] != "state-version" {
+			continue
 		}
+		list := f[2]
+		if len(f) >= 5 && f[3] == "version" {
+			version = f[4]
+		}
+		if len(f) >= 7 && f[5] == "reads" {
+			list = f[6]
+		}
+		for _, v := range strings.Split(list, ",") {
+			n, err := strconv.Atoi(v)
+			if err != nil {
+				return nil, "", fmt.Errorf("self-check output %q: bad state version %q", strings.TrimSpace(line), v)
+			}
+			reads = append(reads, n)
+		}
+		return reads, version, nil
 	}
-	return 0, "", fmt.Errorf("self-check output %.200q names no state version", out)
+	return nil, "", fmt.Errorf("self-check output %.200q names no state version", out)
 }
 
 func (s *Supervisor) checkDone(su *selfUpgrade) {
@@ -223,13 +242,13 @@ func (s *Supervisor) checkDone(su *selfUpgrade) {
 		s.selfFailed(su, fmt.Sprintf("new binary %s: self-check %s (output %.200q)", path, describeExit(su.status), strings.TrimSpace(su.out)))
 		return
 	}
-	n, version, err := ParseSelfCheck(su.out)
+	reads, version, err := ParseSelfCheck(su.out)
 	if err != nil {
 		s.selfFailed(su, fmt.Sprintf("new binary %s: %v", path, err))
 		return
 	}
-	if n != StateVersion {
-		s.selfFailed(su, fmt.Sprintf("new binary %s reads state version %d, this upgrader writes %d", path, n, StateVersion))
+	if !slices.Contains(reads, StateVersion) {
+		s.selfFailed(su, fmt.Sprintf("new binary %s reads state version %s, this upgrader writes %d", path, joinInts(reads), StateVersion))
 		return
 	}
 	s.log.Info("self-upgrade: new binary passed its check", slog.String("path", path), slog.String("version", version))
@@ -280,6 +299,17 @@ func writeProgressFD(fd int, p Progress) {
 	_ = unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_SNDTIMEO, &unix.Timeval{Sec: 1})
 	unix.Write(fd, append(b, '\n'))
 	unix.Close(fd)
+}
+
+func joinInts(ns []int) string {
+	var b strings.Builder
+	for i, n := range ns {
+		if i > 0 {
+			b.WriteString(", ")
+		}
+		b.WriteString(strconv.Itoa(n))
+	}
+	return b.String()
 }
 
 func closeFD(fd int) {

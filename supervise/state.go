@@ -1,9 +1,9 @@
 package supervise
 
 import (
-	"bufio"
 	"encoding/json"
 	"fmt"
+	"io"
 	"log/slog"
 	"os"
 	"time"
@@ -158,16 +158,43 @@ func saveGen(g *generation) (savedGen, []int, error) {
 	return sg, dups, nil
 }
 
-// LoadState reads the record at fd (from StateEnv) and closes fd.
+// LoadState reads the record at fd (from StateEnv) and closes fd. It reads
+// format StateVersion and format 1 (that of earlier releases).
 func LoadState(fd int) (*State, error) {
 	f := os.NewFile(uintptr(fd), "upgrader-state")
 	defer f.Close()
-	var st State
-	if err := json.NewDecoder(bufio.NewReader(f)).Decode(&st); err != nil {
+	b, err := io.ReadAll(f)
+	if err != nil {
 		return nil, fmt.Errorf("state record (fd %d): %w", fd, err)
 	}
-	if st.Version != StateVersion {
-		return nil, fmt.Errorf("state record version %d, want %d", st.Version, StateVersion)
+	return decodeState(b)
+}
+
+func decodeState(b []byte) (*State, error) {
+	var st State
+	var v struct {
+		Version int `json:"state_version"`
+	}
+	if err := json.Unmarshal(b, &v); err != nil {
+		return nil, fmt.Errorf("state record: %w", err)
+	}
+	switch v.Version {
+	case StateVersion:
+		if err := json.Unmarshal(b, &st); err != nil {
+			return nil, fmt.Errorf("state record: %w", err)
+		}
+	case 1:
+		// Its generations and counts have other shapes: decoded apart.
+		var shared State
+		if err := json.Unmarshal(stripV1(b), &shared); err != nil {
+			return nil, fmt.Errorf("state record of format 1: %w", err)
+		}
+		st = shared
+		if err := decodeV1(b, &st); err != nil {
+			return nil, err
+		}
+	default:
+		return nil, fmt.Errorf("state record version %d, want %d or 1", v.Version, StateVersion)
 	}
 	return &st, nil
 }

@@ -79,7 +79,7 @@ func realMain(m *spawn.MainThread) int {
 		// Run by a running upgrader on the binary it is about to
 		// re-execute (upgrader upgrade --self): say which state format
 		// this build reads.
-		fmt.Printf("upgrader-self-check state-version %d version %s\n", supervise.StateVersion, version)
+		fmt.Println(supervise.SelfCheckLine(version))
 	case "help":
 		fmt.Print(usage)
 	}
