@@ -242,6 +242,9 @@ func (s *Supervisor) promote(g *generation) {
 	s.emit(g, Progress{Event: EventReady, ReadyAfterMS: g.ReadyAt.Sub(g.Started).Milliseconds()})
 	if old == nil {
 		s.emit(g, Progress{Event: EventDone})
+		// An upgrade asked for while the first generation started waits
+		// for it, as one asked for during an upgrade does.
+		s.startQueued()
 		return
 	}
 	old.ReplacedBy = g.N
