@@ -139,6 +139,9 @@ type Config struct {
 	RuntimeDir string
 	// Logger receives the supervisor's log (nil: none).
 	Logger *slog.Logger
+	// Stdout and Stderr are the workers' fds 1 and 2 (nil: the process's
+	// own), so that a program whose own stdout is a protocol keeps it.
+	Stdout, Stderr *os.File
 	// Signals makes the supervisor handle its process's signals as the
 	// upgrader command does: USR2 and HUP upgrade, TERM and INT stop
 	// gracefully (a second one fast), QUIT stops fast, USR1 goes to the

@@ -170,6 +170,12 @@ func (s *Supervisor) spawnWorker(g *generation, slot int) error {
 // the ready fd.
 func (s *Supervisor) workerFiles(readyFD int) []int {
 	files := []int{0, 1, 2}
+	if s.cfg.Stdout != nil {
+		files[1] = int(s.cfg.Stdout.Fd())
+	}
+	if s.cfg.Stderr != nil {
+		files[2] = int(s.cfg.Stderr.Fd())
+	}
 	for _, l := range s.cfg.Listeners {
 		files = append(files, l.sock.FD)
 	}

@@ -690,3 +690,26 @@ func TestFDStoreBoundsAndNames(t *testing.T) {
 		t.Fatalf("worker env %q, files %v: want the stored fd at 3", env, spec.Files)
 	}
 }
+
+// An upgrade asked for while generation 1 starts waits for it, as one
+// asked for during an upgrade does, rather than vanishing.
+func TestUpgradeDuringFirstStartRunsOnceReady(t *testing.T) {
+	h := run(t, Config{})
+	first := h.started()
+	progress, err := h.s.StartUpgrade(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	h.ready(first)
+	second := h.started()
+	h.ready(second)
+	h.killed(first, unix.SIGTERM)
+	h.exit(first, 0)
+	var last Progress
+	for p := range progress {
+		last = p
+	}
+	if last.Event != EventDone || last.Generation != 2 {
+		t.Fatalf("the queued upgrade ended with %+v", last)
+	}
+}

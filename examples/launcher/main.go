@@ -28,8 +28,6 @@ import (
 	"syscall"
 	"time"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/seed6cb0314a/upgrader/supervise"
 )
 
@@ -56,16 +54,7 @@ func main() {
 		os.Exit(1)
 	}
 	command := flag.Args() // none: New says Config.Command wants one
-	// Workers inherit our stdout: keep the events on a copy of it and give
-	// fd 1 our stderr, so that what a worker prints cannot break a line.
-	fd, err := unix.FcntlInt(1, unix.F_DUPFD_CLOEXEC, 3)
-	if err == nil {
-		err = unix.Dup2(2, 1)
-	}
-	if err != nil {
-		fatal(fmt.Errorf("stdout: %w", err))
-	}
-	out := json.NewEncoder(os.NewFile(uintptr(fd), "events"))
+	out := json.NewEncoder(os.Stdout)
 
 	// Ours, caught before the supervisor runs so that none is lost.
 	hup := make(chan os.Signal, 1) // one held while an upgrade runs, more coalesced
@@ -75,6 +64,9 @@ func main() {
 
 	cfg := supervise.DefaultConfig()
 	cfg.Command, cfg.Workers, cfg.Logger = command, *workers, log
+	// Our stdout carries the events: what a worker prints goes to stderr,
+	// so that it cannot break a line.
+	cfg.Stdout = os.Stderr
 	for _, a := range listens {
 		l, err := supervise.Listen(a)
 		if err != nil {
