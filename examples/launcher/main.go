@@ -87,12 +87,7 @@ func main() {
 	done := make(chan error, 1)
 	go func() { done <- sup.Run(context.Background()) }()
 
-	// Status answers once Run's loop runs, or fails once Run has returned.
-	st, err := sup.Status(context.Background())
-	for err == nil && st.Current < 1 {
-		time.Sleep(10 * time.Millisecond)
-		st, err = sup.Status(context.Background())
-	}
+	st, err := firstReady(sup)
 	if err != nil {
 		fatal(fmt.Errorf("generation 1: %w", <-done))
 	}
@@ -116,6 +111,18 @@ func main() {
 	}
 	if err := <-done; err != nil {
 		fatal(err)
+	}
+}
+
+// firstReady polls the status until generation 1 is ready. Status
+// answers once Run's loop runs, and fails once Run has returned.
+func firstReady(sup *supervise.Supervisor) (supervise.Status, error) {
+	for {
+		st, err := sup.Status(context.Background())
+		if err != nil || st.Current >= 1 {
+			return st, err
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 }
 
