@@ -11,7 +11,7 @@
 //
 // With Options.Handoff (inherit.Set.Handoffs), idle keep-alive HTTP/1.1
 // connections are not even closed: they go to the newest generation over
-// upgrader's handoff channel (docs/handoff.md), and a connection of another
+// upgrader's handoff channel (docs/reference/handoff.md), and a connection of another
 // protocol can go with its state (Handoff). The same code runs three ways,
 // as the examples show: under upgrader, under systemd socket activation
 // (sd_listen_fds(3); no handoff there), and standalone.

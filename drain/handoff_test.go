@@ -185,8 +185,8 @@ func TestRefusedHandoffIdleConnectionClosedAfterGrace(t *testing.T) {
 // Half a request already read by net/http when the drain begins: the
 // connection is not taken (the bytes are in net/http's buffer); the request
 // is finished and answered here, with "Connection: close", so that the
-// connection leaves promptly all the same (DESIGN: one that cannot be
-// taken gets Connection: close on its next response).
+// connection leaves promptly all the same (one that cannot be taken gets
+// Connection: close on its next response).
 func TestHandoffLeavesHalfReadRequestHere(t *testing.T) {
 	_, d, addr, drain := handoffServer(t, func() bool { return true })
 	c, br := dialKeepAlive(t, addr)

@@ -5,7 +5,7 @@ import "net"
 // Handoff hands one connection of the application's own protocol, with
 // its state and any bytes read but not consumed, to a ready worker of the
 // newest generation that took kind, and closes it here once that worker
-// has it (docs/handoff.md). On error the connection is untouched and still
+// has it (docs/reference/handoff.md). On error the connection is untouched and still
 // the caller's to serve or close; the error is ErrNoHandoff on a nil
 // Handoffs.
 func (h *Handoffs) Handoff(conn net.Conn, kind string, state, buffered []byte) error {

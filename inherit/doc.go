@@ -4,7 +4,7 @@
 // supervisor when the process is ready (sd_notify(3)), and takes and hands
 // over live connections through upgrader's handoff channel
 // (UPGRADER_HANDOFF_FD, a SOCK_SEQPACKET socket, unix(7); the protocol is
-// docs/handoff.md).
+// docs/reference/handoff.md).
 //
 // # Three ways to run
 //
@@ -41,7 +41,7 @@
 // there as under upgrader. Ready sends MAINPID= and READY=1 and calls
 // tableflip's Ready; the old process then finds Upgraded closed (package
 // drain starts its drain on it) and hands its live connections straight to
-// the new process over the channel, with the protocol of docs/handoff.md.
+// the new process over the channel, with the protocol of docs/reference/handoff.md.
 // A failed upgrade is logged through WithLogger's logger, and the process
 // keeps serving. Under upgrader the option is ignored.
 //

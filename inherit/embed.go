@@ -25,7 +25,7 @@ import (
 // Set keeps every socket it hands out in tableflip's Fds, under a name of
 // its own, so that the next process gets them with their LISTEN_FDNAMES
 // names; and it passes that process one end of a fresh handoff channel
-// (docs/handoff.md) among the same files, through which the draining
+// (docs/reference/handoff.md) among the same files, through which the draining
 // process hands over its live connections directly, with no upgrader in
 // between: the new process answers ACK or NAK itself.
 const (

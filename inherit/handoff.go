@@ -20,11 +20,11 @@ import (
 
 // KindHTTP is the handoff kind of idle HTTP/1.x keep-alive connections
 // between two requests, the kind net/http servers take through drain
-// (docs/handoff.md). Other kinds are the applications' own.
+// (docs/reference/handoff.md). Other kinds are the applications' own.
 const KindHTTP = "http"
 
 // Handoffs is the worker's end of upgrader's live-connection handoff
-// channel (UPGRADER_HANDOFF_FD; the protocol is in docs/handoff.md). A new
+// channel (UPGRADER_HANDOFF_FD; the protocol is in docs/reference/handoff.md). A new
 // worker receives connections from a draining one through it; a draining
 // worker sends its connections through it.
 //
@@ -65,7 +65,7 @@ const minFDTable = 1024
 var ErrNoHandoff = errors.New("no handoff channel (not run by upgrader, --no-handoff, or closed)")
 
 // Handoffs opens the handoff channel New took from UPGRADER_HANDOFF_FD and
-// tells upgrader, with the ACCEPT message of docs/handoff.md, which kinds of
+// tells upgrader, with the ACCEPT message of docs/reference/handoff.md, which kinds of
 // connection this worker takes (KindHTTP for net/http servers; any name of
 // 1-32 [a-z0-9._-] for the application's own). Connections arrive on
 // Listener(kind) until Close.
@@ -88,7 +88,7 @@ func (s *Set) Handoffs(kinds ...string) (*Handoffs, error) {
 	if h := s.handoffs; h != nil {
 		for _, k := range kinds {
 			if h.kinds[k] == nil {
-				return nil, fmt.Errorf("handoff kinds %q: the channel already takes %q, and ACCEPT is sent once (docs/handoff.md)", kinds, h.kindList())
+				return nil, fmt.Errorf("handoff kinds %q: the channel already takes %q, and ACCEPT is sent once (docs/reference/handoff.md)", kinds, h.kindList())
 			}
 		}
 		return h, nil
@@ -366,7 +366,7 @@ const SendTimeout = 5 * time.Second
 
 // Send hands conns (at most 253, the kernel's SCM_MAX_FD) of kind to a
 // ready worker of the newest generation, through upgrader: one HANDOFF
-// message of docs/handoff.md with their fds as SCM_RIGHTS (unix(7)). It
+// message of docs/reference/handoff.md with their fds as SCM_RIGHTS (unix(7)). It
 // waits for the answer, ACK or NAK, at most SendTimeout. On nil the
 // receiver owns them and the caller must close its copies; on error
 // (refused: no ready worker takes kind, the target failed; timeout;

@@ -19,7 +19,7 @@ import (
 )
 
 // HandoffEnv names the variable by which upgrader passes the handoff
-// channel's fd (docs/handoff.md). New reads it once and unsets it.
+// channel's fd (docs/reference/handoff.md). New reads it once and unsets it.
 const HandoffEnv = workerenv.HandoffFD
 
 // Set is the fds a process inherited: the sockets of LISTEN_FDS and the

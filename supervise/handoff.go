@@ -46,7 +46,7 @@ const (
 	// has not answered; past it the target is skipped.
 	maxUnanswered = 64
 	// answerTimeout bounds the wait for a target's answer to a batch.
-	// Targets answer on receipt (docs/handoff.md), within a millisecond or
+	// Targets answer on receipt (docs/reference/handoff.md), within a millisecond or
 	// so. Past it, a batch still in the target's outbox goes back to its
 	// sender, refused, and the target is skipped until it answers again;
 	// one already written to its socket is left to the sender's own

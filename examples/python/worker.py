@@ -7,7 +7,7 @@ it stops accepting, finishes the requests in flight, and exits 0.
 
 It also takes live HTTP connections handed off by a draining worker of the
 previous generation, on $UPGRADER_HANDOFF_FD, speaking the protocol of
-docs/handoff.md by hand: that is the proof that the wire format needs no Go.
+docs/reference/handoff.md by hand: that is the proof that the wire format needs no Go.
 
 Run under upgrader:  upgrader -l 127.0.0.1:8080 -- python3 examples/python/worker.py
 Run alone:           python3 examples/python/worker.py  (binds 127.0.0.1:8080)

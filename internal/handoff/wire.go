@@ -1,7 +1,7 @@
 // Package handoff is the wire protocol that moves live connections between
 // a draining worker and a ready one, through upgrader: SOCK_SEQPACKET
 // messages (unix(7)) with a text header and, for HANDOFF, the connections'
-// fds as SCM_RIGHTS. docs/handoff.md is the specification for workers in
+// fds as SCM_RIGHTS. docs/reference/handoff.md is the specification for workers in
 // other languages.
 //
 //	UPGRADER/1 ACCEPT kinds=http,counter

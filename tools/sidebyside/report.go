@@ -183,8 +183,8 @@ Where failures come from, by mechanism (the counts are the table's):
   which since Node 19 closes its idle connections too; tableflip's documented pattern calls ` + "`http.Server.Shutdown`" + `,
   which closes idle connections at once.
 - tableflip's failures with a new connection per request (EOF, never refused): once Shutdown has begun, net/http drops
-  a request it has already read, unanswered, on a connection accepted just before the listener closed (DESIGN.md,
-  "Pitfalls").
+  a request it has already read, unanswered, on a connection accepted just before the listener closed
+  ([architecture.md](architecture.md), "Draining").
 - HAProxy with ` + "`option idle-close-on-response`" + ` answers the next request on each old connection with
   ` + "`Connection: close`" + ` instead of closing it idle; upgrader hands idle connections to the new generation, so
   their clients see no close at all.
