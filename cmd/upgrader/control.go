@@ -98,7 +98,7 @@ func preStopCmd(args []string) error {
 	path := fs.String("control", "", "the supervisor's control socket (default upgrader.sock in the runtime directory)")
 	timeout := fs.Duration("timeout", 5*time.Minute, "give up waiting after this long")
 	if err := fs.Parse(args); err != nil {
-		return fmt.Errorf("%w: %v", errUsage, err)
+		return fmt.Errorf("%w: %w", errUsage, err)
 	}
 	if fs.NArg() > 0 {
 		return fmt.Errorf("%w: prestop takes no arguments, got %q", errUsage, fs.Args())
@@ -181,7 +181,7 @@ func upgradeCmd(args []string) error {
 	self := fs.Bool("self", false, "re-execute the upgrader binary on disk in place (same pid, workers untouched), then upgrade the workers")
 	selfOnly := fs.Bool("self-only", false, "as --self, without upgrading the workers")
 	if err := fs.Parse(args); err != nil {
-		return fmt.Errorf("%w: %v", errUsage, err)
+		return fmt.Errorf("%w: %w", errUsage, err)
 	}
 	if *pidFile != "" && *path == "" {
 		return signalPidFile(*pidFile)
@@ -271,7 +271,7 @@ func statusCmd(args []string) error {
 	path := fs.String("control", "", "the supervisor's control socket (default upgrader.sock in the runtime directory)")
 	asJSON := fs.Bool("json", false, "print the full status as JSON")
 	if err := fs.Parse(args); err != nil {
-		return fmt.Errorf("%w: %v", errUsage, err)
+		return fmt.Errorf("%w: %w", errUsage, err)
 	}
 	if *path == "" {
 		*path = defaultControlPath()

@@ -83,6 +83,9 @@ func realMain(m *spawn.MainThread) int {
 	case "help":
 		fmt.Print(usage)
 	}
+	if errors.Is(err, flag.ErrHelp) {
+		return 0 // the flag set printed the help
+	}
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "upgrader:", strings.TrimPrefix(err.Error(), "usage: "))
 		if errors.Is(err, errUsage) {
