@@ -91,8 +91,11 @@ type osEnv struct {
 	// those it started, listed in children.
 	handle, subreaper bool
 	claimed           bool // running is ours to release
-	mu                sync.Mutex
-	children          map[int]struct{}
+	// reapAll: every child is reaped, as the subreaper or as PID 1 (a
+	// container's init), to which orphans come whatever we ask.
+	reapAll  bool
+	mu       sync.Mutex
+	children map[int]struct{}
 }
 
 // selfSignals are the signals the supervisor handles, other than SIGCHLD.
@@ -122,7 +125,7 @@ func newOSEnv(cfg Config) (*osEnv, error) {
 		}
 	}
 	return &osEnv{spawner: spawn.NewSpawner("/proc/self/exe", cfg.MainThread), devnull: devnull, held: cfg.HeldSignals,
-		handle: cfg.Signals, subreaper: cfg.Subreaper, children: map[int]struct{}{}}, nil
+		handle: cfg.Signals, subreaper: cfg.Subreaper, reapAll: cfg.Subreaper || os.Getpid() == 1, children: map[int]struct{}{}}, nil
 }
 
 // running enforces one supervisor on the real OS per process, as
@@ -202,7 +205,7 @@ func (e *osEnv) adopt(pids ...int) {
 // supervisor started, so that a host program's own children (os/exec's)
 // are left to it.
 func (e *osEnv) reap(post func(event)) {
-	if e.subreaper {
+	if e.reapAll {
 		reapPid(-1, post)
 		return
 	}
@@ -366,7 +369,7 @@ func (e *osEnv) notifyState() (int, string, string, error) {
 // before the record is looked at again.
 func (e *osEnv) startChild(spec spawn.Spec) (int, error) {
 	pid, err := e.spawner.Start(spec)
-	if err != nil || e.subreaper {
+	if err != nil || e.reapAll {
 		return pid, err
 	}
 	e.adopt(pid)

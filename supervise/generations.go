@@ -125,21 +125,24 @@ func (s *Supervisor) spawnWorker(g *generation, slot int) error {
 	var ours *handoff.Socket
 	if !s.cfg.NoHandoff {
 		var theirs *os.File
-		if ours, theirs, err = s.handoffChannel(); err != nil {
-			return err
+		var herr error
+		if ours, theirs, herr = s.handoffChannel(); herr != nil {
+			// A worker without handoffs still serves: start it.
+			s.log.Error("handoff channel", slog.Int("generation", g.N), slog.Int("worker", slot), slog.Any("error", herr))
+		} else {
+			defer theirs.Close()
+			// The handoff channel goes at the first fd after the
+			// listeners that the ready fd does not use.
+			hfd := len(files)
+			if hfd == readyFD {
+				hfd++
+			}
+			for len(files) <= hfd {
+				files = append(files, -1)
+			}
+			files[hfd] = int(theirs.Fd())
+			env = append(env, workerenv.HandoffFD+"="+strconv.Itoa(hfd))
 		}
-		defer theirs.Close()
-		// The handoff channel goes at the first fd after the listeners
-		// that the ready fd does not use.
-		hfd := len(files)
-		if hfd == readyFD {
-			hfd++
-		}
-		for len(files) <= hfd {
-			files = append(files, -1)
-		}
-		files[hfd] = int(theirs.Fd())
-		env = append(env, workerenv.HandoffFD+"="+strconv.Itoa(hfd))
 	}
 	spec := spawn.Spec{Path: path, Args: s.cfg.Command, Env: env, Files: files, Pdeathsig: s.cfg.DrainSignal}
 	pid, err := s.env.start(spec, readyFD, func(pid int) { s.post(evReady{pid: pid}) })
@@ -265,29 +268,30 @@ func (s *Supervisor) promote(g *generation) {
 	s.finishUpgrade(UpgradeResult{Generation: g.N, OK: true, Started: g.Started, ReadyAfter: g.ReadyAt.Sub(g.Started)})
 }
 
-// countThenDrain tells the watchers of the upgrade that replaced old how
-// many connections old holds, drains it, then tells them "done" once it
-// has exited. Counting reads the kernel's socket tables, which may take a
-// while on a busy server: it runs off the loop, and only for someone
-// following the upgrade (upgrader upgrade); the drain waits for the count,
-// since a drained worker hands its connections on at once.
+// countThenDrain marks old draining at once, tells the watchers of the
+// upgrade that replaced it how many connections it holds, asks its
+// workers to drain, then tells them "done" once it has exited. Counting
+// reads the kernel's socket tables, which may take a while on a busy
+// server: it runs off the loop, and only for someone following the
+// upgrade (upgrader upgrade); the drain signals wait for the count, since
+// a draining worker hands its connections on at once, and a self-upgrade
+// waits for them (upgradeQueue.counting).
 func (s *Supervisor) countThenDrain(old *generation, n int, watchers []chan Progress) {
 	var pids []int
 	for w := range old.live {
 		pids = append(pids, w.Pid)
 	}
+	s.markDraining(old)
+	old.exitWatchers = append(old.exitWatchers, watchers...)
+	s.upgrades.counting++
 	go func() {
 		conns := s.env.connections(pids)
 		s.post(evFunc{func() {
+			s.upgrades.counting--
 			for _, ch := range watchers {
 				send(ch, Progress{Event: EventDraining, Generation: n, Old: old.N, Connections: conns})
 			}
 			s.drainGeneration(old)
-			if old.State == GenExited {
-				doneWatching(watchers, old)
-				return
-			}
-			old.exitWatchers = append(old.exitWatchers, watchers...)
 		}})
 	}()
 }
@@ -353,20 +357,42 @@ func (s *Supervisor) cancelGeneration(g *generation) {
 	s.reapGeneration(g)
 }
 
-// drainGeneration asks every worker of g to drain, and hurries the
-// oldest draining generations beyond the cap: a cap bounds the processes
-// and memory old versions hold, but a SIGKILL at once would cut every
-// connection they still serve.
+// drainGeneration asks every worker of g to drain (markDraining hurries
+// the oldest draining generations beyond the cap: a cap bounds the
+// processes and memory old versions hold, but a SIGKILL at once would cut
+// every connection they still serve).
 func (s *Supervisor) drainGeneration(g *generation) {
+	if g.State == GenExited {
+		return
+	}
+	first := g.State != GenDraining
+	if first {
+		g.State = GenDraining
+		s.log.Info("draining generation", slog.Int("generation", g.N), slog.Int("workers", len(g.live)))
+	}
+	for w := range g.live {
+		s.retire(w, s.cfg.DrainSignal, "drain") // once per worker
+	}
+	s.reapGeneration(g)
+	if first {
+		s.hurryBeyondCap()
+	}
+}
+
+// markDraining moves g to draining without asking its workers yet
+// (countThenDrain), and hurries the oldest beyond the cap.
+func (s *Supervisor) markDraining(g *generation) {
 	if g.State == GenDraining || g.State == GenExited {
 		return
 	}
 	g.State = GenDraining
 	s.log.Info("draining generation", slog.Int("generation", g.N), slog.Int("workers", len(g.live)))
-	for w := range g.live {
-		s.retire(w, s.cfg.DrainSignal, "drain")
-	}
-	s.reapGeneration(g)
+	s.hurryBeyondCap()
+}
+
+// hurryBeyondCap hurries the workers of the oldest draining generations
+// beyond MaxDraining.
+func (s *Supervisor) hurryBeyondCap() {
 	var draining []*generation // newest first
 	for i := len(s.gens.all) - 1; i >= 0; i-- {
 		if old := s.gens.all[i]; old.State == GenDraining || old.State == GenFailed {

@@ -113,6 +113,10 @@ func (s *Supervisor) SelfUpgrade(ctx context.Context, req SelfRequest) (<-chan P
 			err = errors.New("self-upgrade refused: one is already under way")
 		case s.cfg.Executable == "":
 			err = errors.New("self-upgrade refused: the upgrader binary's path is unknown")
+		case !s.cfg.Signals:
+			// The exec ignores the process's signals until the new image
+			// catches them again: only a supervisor that owns them may.
+			err = errors.New("self-upgrade refused: the supervisor does not handle the process's signals (Config.Signals)")
 		default:
 			su := &selfUpgrade{req: req, ch: ch}
 			if s.gens.pending != nil {
@@ -331,7 +335,7 @@ func (s *Supervisor) execSelf(su *selfUpgrade) {
 	if su.holdFrom.IsZero() {
 		su.holdFrom = now
 	}
-	if now.Sub(su.holdFrom) < execHoldMax && (len(s.ho.pending) > 0 || s.fdReadyStarting()) {
+	if now.Sub(su.holdFrom) < execHoldMax && (len(s.ho.pending) > 0 || s.fdReadyStarting() || s.upgrades.counting > 0) {
 		s.after(10*time.Millisecond, evSelfExec{su})
 		return
 	}

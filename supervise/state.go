@@ -274,6 +274,13 @@ func (s *Supervisor) resume(st *State) {
 			anyLingering = anyLingering || w.State == WorkerLingering
 		}
 	}
+	// A generation replaced but not yet asked to drain when the record
+	// was written (its connections were being counted) drains now.
+	for _, g := range append([]*generation(nil), s.gens.all...) {
+		if g != s.gens.current && (g.State == GenActive || g.State == GenDraining) {
+			s.drainGeneration(g)
+		}
+	}
 	if anyLingering {
 		s.pollSoon()
 	}

@@ -163,7 +163,7 @@ func requireEveryField(t *testing.T, st Status) {
 func TestSelfUpgradeInFakeEnv(t *testing.T) {
 	env := newFakeEnv()
 	env.checkOut = SelfCheckLine("v2") + "\n"
-	cfg := testConfig(t, Config{Executable: "/bin/upgrader", Version: "v1"})
+	cfg := testConfig(t, Config{Executable: "/bin/upgrader", Version: "v1", Signals: true})
 	h := start(t, cfg, env, nil)
 	old := h.started()
 	h.ready(old)

@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"slices"
 	"time"
 )
@@ -111,8 +112,11 @@ func (s *Supervisor) snapshot() Status {
 	}
 	for _, g := range s.gens.all {
 		gs := GenStatus{GenerationRecord: g.GenerationRecord}
+		gs.Failures = slices.Clone(g.Failures) // the loop changes it in place
 		for w := range g.live {
-			gs.Workers = append(gs.Workers, w.WorkerRecord)
+			r := w.WorkerRecord
+			r.Lingering, r.Accepts = slices.Clone(r.Lingering), maps.Clone(r.Accepts)
+			gs.Workers = append(gs.Workers, r)
 		}
 		slices.SortFunc(gs.Workers, func(a, b WorkerRecord) int {
 			return cmp.Or(cmp.Compare(a.Slot, b.Slot), cmp.Compare(a.Pid, b.Pid))
@@ -165,6 +169,7 @@ type Progress struct {
 // (starting) and of the queued upgrade (waiting), and the last result.
 type upgradeQueue struct {
 	queued   bool
+	counting int // replaced generations whose connections are being counted
 	starting []chan Progress
 	waiting  []chan Progress
 	last     UpgradeResult

@@ -33,7 +33,7 @@ type lifecycle struct {
 // worker's tree is sent SIGKILL), and Stop returns ctx's error once Run
 // has returned. ErrNotRunning: Run is not running.
 func (s *Supervisor) Stop(ctx context.Context) error {
-	if err := s.call(context.Background(), func() { s.beginStop(nil) }); err != nil {
+	if err := s.call(ctx, func() { s.beginStop(nil) }); err != nil {
 		return err
 	}
 	select {

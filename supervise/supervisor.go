@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"os"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -102,6 +103,7 @@ type Supervisor struct {
 	done  chan struct{}
 	// afterEvent, for tests, sees every event once the loop has handled it.
 	afterEvent func(event)
+	ran        atomic.Bool // Run was called
 
 	// Owned by the Run goroutine.
 	spawnEnv spawnEnv
@@ -225,6 +227,9 @@ var ErrNotRunning = errors.New("supervise: the supervisor is not running")
 // started below the supervisor killed, when it returns. Run may be called
 // once.
 func (s *Supervisor) Run(ctx context.Context) error {
+	if !s.ran.CompareAndSwap(false, true) {
+		return errors.New("supervise: Run called twice")
+	}
 	defer close(s.done)
 	defer s.env.close()
 	defer s.fdStore.closeAll()

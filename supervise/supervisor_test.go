@@ -46,6 +46,8 @@ type fakeEnv struct {
 	checks   chan int
 	execs    chan []byte
 	execErr  error
+	// connBlock, when set, holds connections until it is closed.
+	connBlock chan struct{}
 }
 
 type kill struct {
@@ -123,7 +125,12 @@ func (f *fakeEnv) notifyManager(state string) {
 	f.managed = append(f.managed, state)
 	f.mu.Unlock()
 }
-func (f *fakeEnv) connections([]int) int { return 0 }
+func (f *fakeEnv) connections([]int) int {
+	if f.connBlock != nil {
+		<-f.connBlock
+	}
+	return 0
+}
 func (f *fakeEnv) now() time.Time {
 	f.mu.Lock()
 	defer f.mu.Unlock()

@@ -168,7 +168,9 @@ func (s *Supervisor) replace(w *worker, cause RestartCause, reason string, sig s
 		s.failGeneration(g, fmt.Sprintf("worker %d (pid %d): %s before it was ready", w.Slot, w.Pid, reason))
 		return
 	}
-	if g.slots[w.Slot] == w {
+	if g.slots[w.Slot] == w && (g == s.gens.current || g == s.gens.pending) {
+		// Only the serving generation, or the one starting, is refilled:
+		// a replaced one drains as it is.
 		g.slots[w.Slot] = nil
 		s.refill(g, w.Slot, cause)
 	}
