@@ -74,6 +74,7 @@ type reexec struct {
 
 type selfUpgrade struct {
 	req      SelfRequest
+	format   int // of the state record the new binary reads
 	ch       chan Progress
 	checkPid int
 	out      string
@@ -251,8 +252,13 @@ func (s *Supervisor) checkDone(su *selfUpgrade) {
 		s.selfFailed(su, fmt.Sprintf("new binary %s: %v", path, err))
 		return
 	}
-	if !slices.Contains(reads, StateVersion) {
-		s.selfFailed(su, fmt.Sprintf("new binary %s reads state version %s, this upgrader writes %d", path, joinInts(reads), StateVersion))
+	switch {
+	case slices.Contains(reads, StateVersion):
+		su.format = StateVersion
+	case slices.Contains(reads, 1):
+		su.format = 1 // an earlier release: rolled back to, it gets its own format
+	default:
+		s.selfFailed(su, fmt.Sprintf("new binary %s reads state version %s, this upgrader writes %d or 1", path, joinInts(reads), StateVersion))
 		return
 	}
 	s.log.Info("self-upgrade: new binary passed its check", slog.String("path", path), slog.String("version", version))
@@ -374,7 +380,7 @@ func (s *Supervisor) execSelf(su *selfUpgrade) {
 	}
 	st, keep, dups, err := s.saveState(su)
 	if err == nil {
-		err = s.execWith(st, append(keep, dups...))
+		err = s.execWith(st, su.format, append(keep, dups...))
 	}
 	// Only a failure comes back.
 	for _, fd := range dups {
@@ -397,9 +403,10 @@ func (s *Supervisor) fdReadyStarting() bool {
 	return false
 }
 
-// execWith execs the new image with st in a memfd and keep left open.
-func (s *Supervisor) execWith(st *State, keep []int) error {
-	b, err := json.Marshal(st)
+// execWith execs the new image with st, in format, in a memfd and keep
+// left open.
+func (s *Supervisor) execWith(st *State, format int, keep []int) error {
+	b, err := encodeState(st, format)
 	if err != nil {
 		return err
 	}

@@ -115,3 +115,49 @@ func stripV1(b []byte) []byte {
 	}
 	return out
 }
+
+// encodeState writes st in format (StateVersion, or 1 for an earlier
+// release that a self-upgrade rolls back to).
+func encodeState(st *State, format int) ([]byte, error) {
+	b, err := json.Marshal(st)
+	if err != nil || format == StateVersion {
+		return b, err
+	}
+	if format != 1 {
+		return nil, fmt.Errorf("state record format %d: this upgrader writes %d or 1", format, StateVersion)
+	}
+	var m map[string]any
+	if err := json.Unmarshal(b, &m); err != nil {
+		return nil, err
+	}
+	var gens []genV1
+	for _, g := range st.Gens {
+		og := genV1{N: g.N, State: g.State, Started: g.Started, ReadyAt: g.ReadyAt, Slots: g.Slots, Failures: g.Failures,
+			Restarts: g.Restarts, Reason: g.Reason, ReplacedBy: g.ReplacedBy}
+		for _, w := range g.Workers {
+			og.Workers = append(og.Workers, workerOfV1(w, st.SavedAt))
+		}
+		gens = append(gens, og)
+	}
+	m["state_version"] = 1
+	m["generations"] = gens
+	m["counts"] = [3]int{st.Counts.Restarts, st.Counts.UpgradesOK, st.Counts.UpgradesFailed}
+	m["handoffs"] = st.Counts.Handoffs
+	return json.Marshal(m)
+}
+
+// workerOfV1 is w in format 1: its state becomes flags again, its
+// deadline the time left at savedAt.
+func workerOfV1(w savedWorker, savedAt time.Time) workerV1 {
+	o := workerV1{Pid: w.Pid, Slot: w.Slot, State: w.State, Started: w.Started, ReadyAt: w.ReadyAt, Status: w.Status,
+		ReadyTimeout: w.ReadyTimeout, Asked: w.Cause != "", Cause: w.Cause, Killed: !w.KilledAt.IsZero(), KilledAt: w.KilledAt,
+		Lingering: w.Lingering, LingerSignalled: w.LingerSignalled, Hurried: w.Hurried, LastPing: w.LastPing,
+		Accepts: w.Accepts, Deadline: -1, HandoffFD: w.HandoffFD}
+	if w.State == WorkerLingering {
+		o.State, o.Exited = WorkerDraining, true // format 1 named no lingering state
+	}
+	if !w.Deadline.IsZero() {
+		o.Deadline = max(0, w.Deadline.Sub(savedAt))
+	}
+	return o
+}

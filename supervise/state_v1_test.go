@@ -1,6 +1,7 @@
 package supervise
 
 import (
+	"encoding/json"
 	"os"
 	"testing"
 	"time"
@@ -96,5 +97,34 @@ func TestParseSelfCheck(t *testing.T) {
 		if _, _, err := ParseSelfCheck(bad); err == nil {
 			t.Errorf("%q accepted", bad)
 		}
+	}
+}
+
+// A record written in format 1, for a rollback to an earlier release,
+// reads back as the same record: nothing is lost either way.
+func TestFormat1RoundTrip(t *testing.T) {
+	st, err := decodeState([]byte(recordV1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := encodeState(st, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	back, err := decodeState(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want, _ := json.Marshal(st)
+	got, _ := json.Marshal(back)
+	if string(want) != string(got) {
+		t.Fatalf("format 1 round trip:\nwant %s\ngot  %s", want, got)
+	}
+	var v struct {
+		Version int `json:"state_version"`
+	}
+	json.Unmarshal(b, &v)
+	if v.Version != 1 {
+		t.Fatalf("written as format %d", v.Version)
 	}
 }
