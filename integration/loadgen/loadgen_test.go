@@ -3,9 +3,14 @@ package loadgen
 import (
 	"bufio"
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
 	"crypto/tls"
+	"crypto/x509"
 	"fmt"
 	"io"
+	"math/big"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -222,4 +227,114 @@ func TestOnOutcomeAndOnIdleClosed(t *testing.T) {
 			t.Errorf("hook time %s outside the run (%s to %s)", at, before, after)
 		}
 	}
+}
+
+// TestIdleRaceClass runs one keep-alive client against a server that
+// answers a connection's first request, reads the second whole, and then
+// ends the connection one way or another. Only an orderly end (FIN, or
+// TLS close_notify) with not one byte of a response is an IdleRace, the
+// race of a server closing an idle connection as its client sends; a
+// reset, a partial response, or the first request of a connection are
+// failures of their own class.
+func TestIdleRaceClass(t *testing.T) {
+	reset := func(c net.Conn) {
+		c.(*net.TCPConn).SetLinger(0) // close(2) sends RST
+		c.Close()
+	}
+	for _, tc := range []struct {
+		name  string
+		tls   bool
+		first bool // end the connection at its first request
+		end   func(c net.Conn)
+		want  Class
+	}{
+		{"FIN", false, false, func(c net.Conn) { c.Close() }, IdleRace},
+		{"close_notify", true, false, func(c net.Conn) { c.Close() }, IdleRace},
+		{"reset", false, false, reset, Reset},
+		{"partial status line", false, false, func(c net.Conn) {
+			io.WriteString(c, "HTTP/1.1 2")
+			c.Close()
+		}, EOF},
+		{"partial body", false, false, func(c net.Conn) {
+			io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+			c.Close()
+		}, EOF},
+		{"reset after response bytes", false, false, func(c net.Conn) {
+			io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+			reset(c)
+		}, Reset},
+		{"first request", false, true, func(c net.Conn) { c.Close() }, EOF},
+		{"first request, close_notify", true, true, func(c net.Conn) { c.Close() }, EOF},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ln, err := net.Listen("tcp", "127.0.0.1:0")
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { ln.Close() })
+			var srvTLS *tls.Config
+			if tc.tls {
+				srvTLS = selfSigned(t)
+			}
+			go func() {
+				raw, err := ln.Accept()
+				if err != nil {
+					return
+				}
+				conn := raw
+				if srvTLS != nil {
+					conn = tls.Server(raw, srvTLS)
+				}
+				defer conn.Close()
+				br := bufio.NewReader(conn)
+				for n := 1; ; n++ {
+					req, err := http.ReadRequest(br)
+					if err != nil {
+						return
+					}
+					io.Copy(io.Discard, req.Body)
+					if n == 2 || tc.first {
+						if srvTLS != nil {
+							tc.end(conn)
+						} else {
+							tc.end(raw)
+						}
+						return
+					}
+					io.WriteString(conn, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+				}
+			}()
+			cfg := Config{Addr: ln.Addr().String(), Clients: 1, Requests: 2, Mode: KeepAlive, Timeout: 10 * time.Second}
+			if tc.first {
+				cfg.Requests = 1
+			}
+			if tc.tls {
+				cfg.TLS = &tls.Config{InsecureSkipVerify: true}
+			}
+			r := Run(context.Background(), cfg)
+			if r.Counts[tc.want] != 1 || r.Counts[OK] != cfg.Requests-1 || r.Requests != cfg.Requests {
+				t.Fatalf("%s; want the last request %s", r, tc.want)
+			}
+			if r.Failed() != 1 {
+				t.Fatalf("Failed() = %d, want 1: %s", r.Failed(), r)
+			}
+		})
+	}
+}
+
+// selfSigned is a TLS server configuration with a fresh self-signed
+// certificate for 127.0.0.1.
+func selfSigned(t *testing.T) *tls.Config {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), NotBefore: time.Now().Add(-time.Hour),
+		NotAfter: time.Now().Add(time.Hour), IPAddresses: []net.IP{net.IPv4(127, 0, 0, 1)}}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &tls.Config{Certificates: []tls.Certificate{{Certificate: [][]byte{der}, PrivateKey: key}}}
 }

@@ -37,6 +37,9 @@ var marks = []mark{
 // markOf is the mark of an event's class; the rarer failure classes go
 // with "other", as in the table.
 func markOf(c loadgen.Class) mark {
+	if c == loadgen.IdleRace {
+		c = loadgen.EOF // an EOF too, as in the table
+	}
 	for _, m := range marks {
 		if m.class == c {
 			return m

@@ -67,6 +67,10 @@ func totals(o Options, runs []*Run) []*total {
 
 func (t *total) failed() int { return t.requests - t.counts[loadgen.OK] }
 
+// eof is every request whose connection ended in order before a whole
+// response: the race with an idle close (loadgen.IdleRace) is one too.
+func (t *total) eof() int { return t.counts[loadgen.EOF] + t.counts[loadgen.IdleRace] }
+
 // other is every failure class the table has no column of its own for.
 func (t *total) other() int {
 	return t.counts[loadgen.Other] + t.counts[loadgen.Non2xx] + t.counts[loadgen.Malform] + t.counts[loadgen.Corrupt]
@@ -95,7 +99,7 @@ func Table(o Options, runs []*Run) string {
 		}
 		fmt.Fprintf(&b, "| %s | %s | %d of %d | %s | %s | %s | %s | %d | %d | %d | %d | %d | %s | %s | %s |\n",
 			t.sys.title, reload, t.reloadsDone, t.reloads, modeName(t.mode), thousands(t.requests), bold(t.failed()), strings.Join(per, " / "),
-			t.counts[loadgen.Refused], t.counts[loadgen.Reset], t.counts[loadgen.EOF], t.counts[loadgen.Timeout], t.other(),
+			t.counts[loadgen.Refused], t.counts[loadgen.Reset], t.eof(), t.counts[loadgen.Timeout], t.other(),
 			thousands(t.idle), thousands(t.under), thousands(t.polite))
 	}
 	return b.String()
