@@ -20,7 +20,7 @@ import (
 	"github.com/seed6cb0314a/upgrader/supervise"
 )
 
-// Issue 9, "Every connection drains right": each kind of connection that
+// Every connection drains right: each kind of connection that
 // examples/hello serves goes through 20 upgrades 0.5 s apart under 16
 // clients, handoff on (the default). For each, every request succeeds and
 // no generation serves more than 2 s after the next one is ready, so a
