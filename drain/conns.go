@@ -4,20 +4,14 @@ import (
 	"context"
 	"crypto/tls"
 	"errors"
-	"fmt"
-	"io"
 	"net"
 	"net/http"
-	"os"
 	"reflect"
-	"runtime"
 	"sync/atomic"
 	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
-
-	"github.com/seed6cb0314a/upgrader/inherit"
 )
 
 // What the drain does with each kind of connection (docs/draining.md has
@@ -43,13 +37,6 @@ type connInfo struct {
 	// What the requests on it were, set by the handler wrapper: a
 	// connection is HTTP/1.x only once it has served an HTTP/1.x request.
 	http1, h2 atomic.Bool
-	// closing: closeTLS has set a past read deadline to end net/http's
-	// read of this idle TLS connection (until undoCloseLocked); linger is
-	// a duplicate of its socket, which outlives net/http's close so that
-	// the close ends in stages (nil when dup(2) failed). Both under
-	// Server.mu.
-	closing bool
-	linger  net.Conn
 }
 
 // infoKey carries a connection's *connInfo in its requests' contexts.
@@ -122,11 +109,7 @@ func (s *Server) planIdleClose(checks []idleCheck, grace time.Duration) {
 // count of received bytes must not have moved either). What remains is
 // the race every HTTP/1.1 server closing an idle connection has: a
 // request sent in the microseconds before the client sees the close
-// (RFC 9112, section 9.3.1: clients retry idempotent ones). Such a
-// request is served whole, when net/http read it before the close took
-// effect, or not at all, and the close is in stages (lingerLocked): the
-// client finds an orderly end (EOF before any response byte), not a
-// reset.
+// (RFC 9112, section 9.3.1: clients retry idempotent ones).
 func (s *Server) closeIdle(ck idleCheck, same bool) {
 	s.mu.Lock()
 	ok := s.conns[ck.c] == ck.info && ck.info.seq == ck.seq && s.idleCloseLocked(ck.c, ck.info)
@@ -134,149 +117,21 @@ func (s *Server) closeIdle(ck idleCheck, same bool) {
 	if !ok {
 		return
 	}
-	switch c := ck.c.(type) {
-	case *hconn:
-		if s.arrived(ck, same) {
+	if same && ck.known {
+		if n, known := received(ck.c); !known || n != ck.received {
 			return
 		}
+	}
+	switch c := ck.c.(type) {
+	case *hconn:
 		// Its serve loop's read decides, under the connection's lock, with
 		// net/http's buffer and the kernel's checked (hconn.ready).
 		c.kick(true)
 	case *tls.Conn:
-		s.closeTLS(ck, c, same)
-	}
-}
-
-// arrived reports whether the kernel has received bytes on ck's
-// connection since its close was planned (only with same, and on TCP).
-func (s *Server) arrived(ck idleCheck, same bool) bool {
-	if !same || !ck.known {
-		return false
-	}
-	n, known := received(ck.c)
-	return !known || n != ck.received
-}
-
-// closeTLS closes an idle TLS connection by ending net/http's read of it
-// with a read deadline in the past: net/http's serve loop then closes it
-// itself (close_notify, then its socket). Closing the tls.Conn under that
-// read instead would let the read take a request the client sends in the
-// same instant and run its handler, whose response could never be
-// written. The deadline does not stop a read that bytes reach before
-// net/http's goroutine runs again (Go's poller lets readiness win): then
-// net/http serves that request, whole, and closes after its response
-// (undoCloseLocked). A duplicate of the socket keeps it open past
-// net/http's close, so that track, at StateClosed, ends it in stages
-// (lingerLocked).
-func (s *Server) closeTLS(ck idleCheck, c *tls.Conn, same bool) {
-	// Before the checks, so that as little as possible comes between the
-	// last one and the close.
-	dup, _ := dupConn(rawConn(c)) // nil if it fails: net/http's close is then the whole close
-	s.mu.Lock()
-	ok := !s.arrived(ck, same) && unread(rawConn(c)) == 0 &&
-		s.conns[ck.c] == ck.info && ck.info.seq == ck.seq && !ck.info.closing
-	if ok {
-		if ck.info.linger == nil {
-			ck.info.linger, dup = dup, nil
+		if unread(c.NetConn()) == 0 {
+			c.Close() // close_notify, then the socket; net/http's read ends
 		}
-		ck.info.closing = true
-		c.SetReadDeadline(aLongTimeAgo)
 	}
-	s.mu.Unlock()
-	if dup != nil {
-		dup.Close() // not needed, or one from an earlier close serves
-	}
-	if ok {
-		// The serve loop the deadline woke sends close_notify: let it run
-		// now, not once the caller has gone through every other
-		// connection of its batch, so that the client sees the close as
-		// soon as can be.
-		runtime.Gosched()
-	}
-}
-
-// undoCloseLocked is for a TLS connection whose next request net/http
-// read, header and all, before closeTLS's deadline could stop it: it is
-// served after all, so the deadline goes back to the one net/http set
-// once the header was in (ReadTimeout's, or none), before the handler can
-// read the body. The duplicate stays: net/http closes after the response,
-// and that close too ends in stages. s.mu is held.
-func (s *Server) undoCloseLocked(c net.Conn, info *connInfo) {
-	var d time.Time
-	if t := s.srv.ReadTimeout; t > 0 {
-		d = time.Now().Add(t)
-	}
-	c.SetReadDeadline(d)
-	info.closing = false
-}
-
-// lingerTime bounds how long a connection closed in stages reads what its
-// client still sends: net/http's figure for the same wait (its
-// rstAvoidanceDelay), about a round trip around the planet.
-var lingerTime = 500 * time.Millisecond
-
-// lingerLocked closes c, an idle HTTP/1.1 connection net/http has let go
-// of, in stages (RFC 9112, section 9.6). The caller has sent the FIN
-// (closeWrite) on its own goroutine, net/http's closing one, so that the
-// client sees it as soon as can be; lingerLocked then reads and discards
-// until the client closes its side too, or s.linger has passed, and only
-// then closes. A request the client sent before it saw the close meets an
-// orderly end (close_notify, FIN: EOF before any response byte, which
-// clients retry), not a reset: closing a socket that holds unread bytes
-// sends RST instead of FIN, bytes that reach a closed one are answered
-// with RST, and some TCP stacks let a reset overtake what the client has
-// not read yet. The drain counts it open meanwhile. s.mu is held.
-func (s *Server) lingerLocked(c net.Conn) {
-	s.lingering++
-	go func() {
-		defer func() {
-			s.mu.Lock()
-			s.lingering--
-			s.mu.Unlock()
-			s.signalClosed()
-		}()
-		c.SetReadDeadline(time.Now().Add(s.linger))
-		io.Copy(io.Discard, c)
-		c.Close()
-	}()
-}
-
-// closeWrite sends c's FIN (shutdown(2), SHUT_WR), the first stage of
-// lingerLocked's close.
-func closeWrite(c net.Conn) {
-	if ic, ok := c.(*inherit.Conn); ok {
-		c = ic.Conn
-	}
-	if cw, ok := c.(interface{ CloseWrite() error }); ok {
-		cw.CloseWrite()
-	}
-}
-
-// dupConn returns a second net.Conn on c's socket (dup(2)); the socket
-// stays open until both are closed.
-func dupConn(c net.Conn) (net.Conn, error) {
-	sc, ok := c.(syscall.Conn)
-	if !ok {
-		return nil, fmt.Errorf("drain: duplicate the socket of %s: no fd", c.RemoteAddr())
-	}
-	rc, err := sc.SyscallConn()
-	if err != nil {
-		return nil, fmt.Errorf("drain: duplicate the socket of %s: %w", c.RemoteAddr(), err)
-	}
-	fd, derr := -1, error(nil)
-	if err := rc.Control(func(f uintptr) { fd, derr = unix.FcntlInt(f, unix.F_DUPFD_CLOEXEC, 0) }); err != nil {
-		derr = err
-	}
-	if derr != nil {
-		return nil, fmt.Errorf("drain: duplicate the socket of %s: %w", c.RemoteAddr(), derr)
-	}
-	f := os.NewFile(uintptr(fd), "drain-linger")
-	defer f.Close()
-	d, err := net.FileConn(f)
-	if err != nil {
-		return nil, fmt.Errorf("drain: duplicate the socket of %s: %w", c.RemoteAddr(), err)
-	}
-	return d, nil
 }
 
 // idleConns lists the connections closeIdle may close now.

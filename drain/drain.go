@@ -138,11 +138,6 @@ type Server struct {
 	handedOff   int
 	serving     sync.WaitGroup // the listeners' Serve loops
 
-	// lingering counts connections being closed in stages (lingerLocked),
-	// under mu; linger is how long each may take (lingerTime).
-	lingering int
-	linger    time.Duration
-
 	closeMu  sync.Mutex
 	toClose  []*hconn // handed off, our copies still open (under closeMu)
 	closerOn bool     // closeCopies' goroutine runs (under closeMu)
@@ -181,8 +176,7 @@ func New(srv *http.Server, opts Options) *Server {
 		closed: make(chan struct{}, 1), fatal: make(chan struct{}),
 		apps: make(map[*appConn]struct{}), hijacks: make(map[net.Conn]*appConn),
 		started: make(chan struct{}), hurried: make(chan struct{}),
-		fallback: &fallbackListener{ch: make(chan net.Conn), done: make(chan struct{})},
-		linger:   lingerTime}
+		fallback: &fallbackListener{ch: make(chan net.Conn), done: make(chan struct{})}}
 	s.handoffOn.Store(opts.Handoff != nil)
 	userHook := srv.ConnState
 	srv.ConnState = func(c net.Conn, st http.ConnState) {
@@ -454,20 +448,11 @@ func (s *Server) track(c net.Conn, st http.ConnState) {
 	case http.StateHijacked:
 		// The application's from now on: counted as such under the same
 		// lock, so that the drain never sees it in neither set.
-		if info := s.conns[c]; info != nil && info.linger != nil {
-			info.linger.Close() // the application closes it its own way
-		}
 		delete(s.conns, c)
 		ac := &appConn{Conn: c, s: s}
 		s.apps[ac] = struct{}{}
 		s.hijacks[c] = ac
 	case http.StateClosed:
-		// Counted lingering under the same lock that stops counting it
-		// served, so that the drain cannot end between the two.
-		if info := s.conns[c]; info != nil && info.linger != nil {
-			closeWrite(info.linger) // net/http's close sent close_notify
-			s.lingerLocked(info.linger)
-		}
 		delete(s.conns, c)
 		s.signalClosed()
 	case http.StateNew:
@@ -485,9 +470,6 @@ func (s *Server) track(c net.Conn, st http.ConnState) {
 		// server run on a hijacked connection (x/net's h2c) reports
 		// states of a connection net/http never reports closed.
 		if info, ok := s.conns[c]; ok {
-			if info.closing && st == http.StateActive {
-				s.undoCloseLocked(c, info)
-			}
 			info.state = st
 			info.seq++
 			if st == http.StateIdle && s.draining.Load() && s.idleCloseLocked(c, info) {
@@ -530,7 +512,7 @@ func (s *Server) kickIdle() {
 // answer.
 func (s *Server) open() int {
 	s.mu.Lock()
-	n := len(s.conns) + s.pendingHO + len(s.apps) + s.lingering
+	n := len(s.conns) + s.pendingHO + len(s.apps)
 	s.mu.Unlock()
 	// Connections handed to us and not accepted yet.
 	return n + s.opts.Handoff.Listener("http").Pending()

@@ -64,9 +64,6 @@ type hconn struct {
 	taken        bool // Read refused net/http: Close hands off
 	handing      bool // Close has queued it for handoff
 	offered      bool // it was queued once: never again, even if refused
-	// closeTaken: Read refused net/http for a close (closeIdle), so Close
-	// closes in stages (lingerLocked); lingers once that has begun.
-	closeTaken, lingers bool
 	// noHandoff: net/http holds bytes of a next request (a takeover failed
 	// on them, or the client sent it while a response was being finished),
 	// so the connection cannot be handed off: its next response says
@@ -117,7 +114,7 @@ func (c *hconn) ready(n int) bool {
 // which net/http drops the connection without a word, and calls Close,
 // which hands off (taken) or closes. c.mu is held, and released.
 func (c *hconn) takeover() (int, error) {
-	c.taken, c.closeTaken = !c.closeWant, c.closeWant
+	c.taken = !c.closeWant
 	c.want, c.kicked = false, false
 	c.mu.Unlock()
 	return 0, errTakenOver
@@ -223,20 +220,7 @@ func (c *hconn) Close() error {
 		c.handing, c.offered = true, true
 		c.released = make(chan struct{})
 	}
-	linger, lingers := c.closeTaken && !c.lingers, c.lingers
-	c.lingers = c.lingers || linger
 	c.mu.Unlock()
-	if linger {
-		closeWrite(c.Conn)
-		// Before net/http reports it closed: the drain counts it all along.
-		c.s.mu.Lock()
-		c.s.lingerLocked(c.Conn)
-		c.s.mu.Unlock()
-		return nil
-	}
-	if lingers {
-		return nil // the linger closes it
-	}
 	if taken {
 		if first {
 			c.s.takenConn(c)
