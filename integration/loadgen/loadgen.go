@@ -464,9 +464,10 @@ func (c *client) dial(deadline time.Time) (Class, string) {
 	return OK, ""
 }
 
-// exchange sends one request and reads its response; headerAt is when the
-// status line arrived.
-func (c *client) exchange(deadline time.Time) (class Class, detail, gen string, headerAt time.Time, closeAfter bool) {
+// send writes the request, on the connection in use unless the server
+// closed it while idle (as a real client finds before reuse), else on a
+// new one.
+func (c *client) send(deadline time.Time) (Class, string) {
 	if c.conn != nil && c.closedWhileIdle() {
 		c.idleClosed++
 		if c.cfg.OnIdleClosed != nil {
@@ -476,7 +477,7 @@ func (c *client) exchange(deadline time.Time) (class Class, detail, gen string, 
 	}
 	if c.conn == nil {
 		if class, detail := c.dial(deadline); class != OK {
-			return class, detail, "", time.Time{}, false
+			return class, detail
 		}
 	}
 	c.conn.SetDeadline(deadline)
@@ -487,7 +488,16 @@ func (c *client) exchange(deadline time.Time) (class Class, detail, gen string, 
 	req := fmt.Sprintf("POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n%s\r\n",
 		c.cfg.Path, c.cfg.Addr, len(c.cfg.Body), connHdr)
 	if _, err := c.conn.Write(append([]byte(req), c.cfg.Body...)); err != nil {
-		return classify(err, false), "write: " + err.Error(), "", headerAt, false
+		return classify(err, false), "write: " + err.Error()
+	}
+	return OK, ""
+}
+
+// exchange sends one request and reads its response; headerAt is when the
+// status line arrived.
+func (c *client) exchange(deadline time.Time) (class Class, detail, gen string, headerAt time.Time, closeAfter bool) {
+	if class, detail := c.send(deadline); class != OK {
+		return class, detail, "", headerAt, false
 	}
 	if _, err := c.br.Peek(1); err != nil {
 		// Not one byte of a response.
