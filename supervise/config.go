@@ -129,8 +129,13 @@ type Config struct {
 	// (sd_notify(3)), as systemd's FileDescriptorStoreMax=; 0 turns the
 	// store off.
 	FDStoreMax int
-	// NoHandoff stops offering live-connection handoff (UPGRADER_HANDOFF_FD).
+	// NoHandoff stops offering live-connection handoff (UPGRADER_HANDOFF_FD;
+	// an ACCEPT on Node's IPC channel is ignored).
 	NoHandoff bool
+	// IPC, when IPCNode, gives every worker Node.js's IPC channel too
+	// (NODE_CHANNEL_FD, docs/reference/node-ipc.md): ready, stopping,
+	// status, watchdog and handoffs with process.send.
+	IPC IPCKind
 	// Listeners are passed to every worker as fds 3, 4, … in this order.
 	// The supervisor closes its copies when a stop drains.
 	Listeners []*Listener
@@ -262,6 +267,9 @@ func (c *Config) Validate() error {
 		}
 	default:
 		return &ConfigError{"Ready", c.Ready, "notify, fd:N or delay:DURATION"}
+	}
+	if c.IPC != IPCNone && c.IPC != IPCNode {
+		return &ConfigError{"IPC", c.IPC, `"node" or none`}
 	}
 	for i, l := range c.Listeners {
 		if l == nil || l.sock == nil {

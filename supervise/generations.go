@@ -10,7 +10,7 @@ import (
 	"github.com/coreos/go-systemd/v22/daemon"
 	"golang.org/x/sys/unix"
 
-	"github.com/seed6cb0314a/upgrader/internal/handoff"
+	"github.com/seed6cb0314a/upgrader/internal/nodeipc"
 	"github.com/seed6cb0314a/upgrader/internal/spawn"
 	"github.com/seed6cb0314a/upgrader/internal/workerenv"
 )
@@ -122,39 +122,23 @@ func (s *Supervisor) spawnWorker(g *generation, slot int) error {
 		readyFD = s.cfg.Ready.FD
 	}
 	files, env := s.workerFiles(readyFD), s.workerEnviron(g, slot)
-	var ours *handoff.Socket
-	if !s.cfg.NoHandoff {
-		var theirs *os.File
-		var herr error
-		if ours, theirs, herr = s.handoffChannel(); herr != nil {
-			// A worker without handoffs still serves: start it.
-			s.log.Error("handoff channel", slog.Int("generation", g.N), slog.Int("worker", slot), slog.Any("error", herr))
-		} else {
-			defer theirs.Close()
-			// The handoff channel goes at the first fd after the
-			// listeners that the ready fd does not use.
-			hfd := len(files)
-			if hfd == readyFD {
-				hfd++
-			}
-			for len(files) <= hfd {
-				files = append(files, -1)
-			}
-			files[hfd] = int(theirs.Fd())
-			env = append(env, workerenv.HandoffFD+"="+strconv.Itoa(hfd))
+	files, env, chans, theirs := s.workerChannels(files, env, readyFD, g, slot)
+	defer func() {
+		for _, f := range theirs {
+			f.Close()
 		}
-	}
+	}()
 	spec := spawn.Spec{Path: path, Args: s.cfg.Command, Env: env, Files: files, Pdeathsig: s.cfg.DrainSignal}
 	pid, err := s.env.start(spec, readyFD, func(pid int) { s.post(evReady{pid: pid}) })
 	if err != nil {
-		if ours != nil {
-			ours.Close()
+		for _, ch := range chans {
+			ch.close()
 		}
 		return err
 	}
 	w := &worker{WorkerRecord: WorkerRecord{Slot: slot, Pid: pid, State: WorkerStarting, Started: s.env.now(), ReadyTimeout: s.cfg.ReadyTimeout}, gen: g}
-	if ours != nil {
-		s.openHandoff(w, ours)
+	for _, ch := range chans {
+		s.openHandoff(w, ch)
 	}
 	g.slots[slot] = w
 	g.live[w] = struct{}{}
@@ -165,6 +149,42 @@ func (s *Supervisor) spawnWorker(g *generation, slot int) error {
 	}
 	s.log.Info("worker started", slog.Int("generation", g.N), slog.Int("worker", slot), slog.Int("pid", pid))
 	return nil
+}
+
+// workerChannels adds a worker's channels to its files and environment:
+// the handoff channel at UPGRADER_HANDOFF_FD (unless Config.NoHandoff) and
+// Node's IPC channel at NODE_CHANNEL_FD (Config.IPC), each at the first fd
+// after the others that the ready fd does not use. It returns our ends,
+// and the worker's ends to close once it has started. A channel that
+// cannot be made is logged and left out: a worker without it still serves.
+func (s *Supervisor) workerChannels(files []int, env []string, readyFD int, g *generation, slot int) ([]int, []string, []channel, []*os.File) {
+	var chans []channel
+	var theirs []*os.File
+	add := func(what string, mk func() (channel, *os.File, error), vars ...string) {
+		ours, f, err := mk()
+		if err != nil {
+			s.log.Error(what, slog.Int("generation", g.N), slog.Int("worker", slot), slog.Any("error", err))
+			return
+		}
+		fd := len(files)
+		if fd == readyFD {
+			fd++
+		}
+		for len(files) <= fd {
+			files = append(files, -1)
+		}
+		files[fd] = int(f.Fd())
+		env = append(env, vars[0]+"="+strconv.Itoa(fd))
+		env = append(env, vars[1:]...)
+		chans, theirs = append(chans, ours), append(theirs, f)
+	}
+	if !s.cfg.NoHandoff {
+		add("handoff channel", newSeqpacketChannel, workerenv.HandoffFD)
+	}
+	if s.cfg.IPC == IPCNode {
+		add("node IPC channel", newNodeChannel, workerenv.NodeChannelFD, workerenv.NodeSerialization+"="+nodeipc.SerializationJSON)
+	}
+	return files, env, chans, theirs
 }
 
 // workerFiles lays out a worker's fds: stdio (stdin becomes /dev/null in

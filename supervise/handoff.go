@@ -3,13 +3,13 @@ package supervise
 import (
 	"errors"
 	"fmt"
-	"os"
 	"sync/atomic"
 	"time"
 
 	"log/slog"
 
 	"github.com/seed6cb0314a/upgrader/internal/handoff"
+	"github.com/seed6cb0314a/upgrader/internal/nodeipc"
 )
 
 // HandoffStats counts live connections passed between generations.
@@ -26,10 +26,20 @@ type HandoffStats struct {
 // pendingHandoff is a batch forwarded to a target that has not answered.
 type pendingHandoff struct {
 	from   *worker
+	fromCh *wchan // the answer goes back where the batch came from
 	fromID uint64
 	to     *worker
+	toCh   *wchan
 	n      int
 	out    *outMsg // as queued in the target's outbox
+}
+
+// wchan is one of a worker's open channels, with its queues: out for
+// batches and answers for ACK and NAK, sent by writeHandoff.
+type wchan struct {
+	ch      channel
+	out     chan *outMsg
+	answers chan *outMsg
 }
 
 const (
@@ -71,21 +81,6 @@ const (
 
 var errOutboxFull = errors.New("the worker is not reading its handoff channel (outbox full)")
 
-// handoffChannel makes a worker's handoff channel: our end, and the
-// worker's to pass it at its UPGRADER_HANDOFF_FD.
-func (s *Supervisor) handoffChannel() (*handoff.Socket, *os.File, error) {
-	ours, theirs, err := handoff.Pair()
-	if err != nil {
-		return nil, nil, err
-	}
-	sock, err := handoff.NewSocket(ours)
-	if err != nil {
-		theirs.Close()
-		return nil, nil, fmt.Errorf("handoff channel: %w", err)
-	}
-	return sock, theirs, nil
-}
-
 // router routes handoff batches between workers: the batches forwarded
 // and not yet answered, by the id the supervisor gave them, and a
 // round-robin cursor over targets.
@@ -95,21 +90,19 @@ type router struct {
 	rr      int
 }
 
-// openHandoff gives w its channel: a reader that turns what w sends into
-// loop events, and a writer that sends what the loop queues, so that the
-// loop never blocks on a worker's socket.
-func (s *Supervisor) openHandoff(w *worker, sock *handoff.Socket) {
-	sock.SetSendTimeout(sendTimeout)
-	w.hsock = sock
-	w.out = make(chan *outMsg, outboxSize)
-	w.answers = make(chan *outMsg, answersSize)
-	go s.readHandoff(w, sock)
-	go s.writeHandoff(w, sock, w.out, w.answers)
+// openHandoff opens ch for w: a reader that turns what w sends into loop
+// events, and a writer that sends what the loop queues, so that the loop
+// never blocks on a worker's socket.
+func (s *Supervisor) openHandoff(w *worker, ch channel) {
+	c := &wchan{ch: ch, out: make(chan *outMsg, ch.outbox()), answers: make(chan *outMsg, answersSize)}
+	w.chans = append(w.chans, c)
+	go s.readHandoff(w, c)
+	go s.writeHandoff(w, c, c.out, c.answers)
 }
 
-// writeHandoff sends w's queues until closeHandoff closes them; a failed
+// writeHandoff sends c's queues until closeChannel closes them; a failed
 // send goes back to the loop, which answers for it.
-func (s *Supervisor) writeHandoff(w *worker, sock *handoff.Socket, out, answers <-chan *outMsg) {
+func (s *Supervisor) writeHandoff(w *worker, c *wchan, out, answers <-chan *outMsg) {
 	for out != nil || answers != nil {
 		var o *outMsg
 		var ok bool
@@ -129,19 +122,30 @@ func (s *Supervisor) writeHandoff(w *worker, sock *handoff.Socket, out, answers 
 			handoff.CloseFDs(o.fds) // taken back by the loop
 			continue
 		}
-		err := sock.Send(o.m, o.fds)
+		err := c.ch.send(o.m, o.fds)
 		handoff.CloseFDs(o.fds)
-		if err != nil {
-			s.post(evHandoffSendFailed{w: w, m: o.m, err: err})
+		var partial *nodeipc.PartialError
+		if errors.As(err, &partial) {
+			// Those it took are its own: the batch is taken.
+			s.post(evFunc{func() {
+				s.log.Warn("handoff target took part of a batch; the rest were closed", slog.Int("pid", w.Pid), slog.Any("error", err))
+			}})
+			err = nil
+		}
+		switch {
+		case err != nil:
+			s.post(evHandoffSendFailed{w: w, c: c, m: o.m, err: err})
+		case o.m.Type == handoff.TypeHandoff && c.ch.takenOnSend():
+			s.post(evHandoff{w: w, c: c, m: handoff.Message{Type: handoff.TypeAck, ID: o.m.ID}})
 		}
 	}
 }
 
-// send queues m with fds (which it takes over) for w without blocking.
-func (s *Supervisor) send(w *worker, m handoff.Message, fds []int) (*outMsg, error) {
-	q := w.out
+// send queues m with fds (which it takes over) on c without blocking.
+func (s *Supervisor) send(c *wchan, m handoff.Message, fds []int) (*outMsg, error) {
+	q := c.out
 	if m.Type != handoff.TypeHandoff {
-		q = w.answers
+		q = c.answers
 	}
 	if q == nil {
 		handoff.CloseFDs(fds)
@@ -157,15 +161,19 @@ func (s *Supervisor) send(w *worker, m handoff.Message, fds []int) (*outMsg, err
 	}
 }
 
-// readHandoff turns w's handoff channel into loop events until it closes.
-func (s *Supervisor) readHandoff(w *worker, sock *handoff.Socket) {
+// readHandoff turns what w sends on c into loop events until c closes.
+func (s *Supervisor) readHandoff(w *worker, c *wchan) {
 	for {
-		m, fds, err := sock.Recv()
-		if err != nil && !errors.Is(err, handoff.ErrMalformed) {
-			s.post(evHandoffClosed{w})
+		m, fds, n, err := c.ch.recv()
+		switch {
+		case err != nil && !isMalformed(err):
+			s.post(evHandoffClosed{w, c})
 			return
+		case n != nil:
+			s.post(evFunc{func() { s.onChannelNotify(w, n) }})
+		default:
+			s.post(evHandoff{w: w, c: c, m: m, fds: fds, err: err})
 		}
-		s.post(evHandoff{w: w, m: m, fds: fds, err: err})
 	}
 }
 
@@ -173,8 +181,8 @@ func (s *Supervisor) readHandoff(w *worker, sock *handoff.Socket) {
 // handed off: a HANDOFF batch from a draining worker is forwarded to a
 // ready worker of the newest generation; the target's ACK or NAK goes back
 // to the sender, which keeps its copies until then.
-func (s *Supervisor) onHandoff(w *worker, m handoff.Message, fds []int, err error) {
-	if s.gens.byPid[w.Pid] != w {
+func (s *Supervisor) onHandoff(w *worker, c *wchan, m handoff.Message, fds []int, err error) {
+	if s.gens.byPid[w.Pid] != w || !w.hasChannel(c) {
 		handoff.CloseFDs(fds)
 		return
 	}
@@ -191,6 +199,10 @@ func (s *Supervisor) onHandoff(w *worker, m handoff.Message, fds []int, err erro
 	}
 	switch m.Type {
 	case handoff.TypeAccept:
+		if s.cfg.NoHandoff {
+			return
+		}
+		w.takeOn = c
 		w.Accepts = make(map[string]bool)
 		for _, k := range m.Kinds {
 			w.Accepts[k] = true
@@ -203,27 +215,27 @@ func (s *Supervisor) onHandoff(w *worker, m handoff.Message, fds []int, err erro
 			handoff.CloseFDs(fds)
 			s.count.Handoffs.Refused += n
 			log.Info("handoff refused: no target", slog.String("kind", m.Kind), slog.Int("connections", n))
-			s.reply(w, handoff.Message{Type: handoff.TypeNak, ID: m.ID,
+			s.reply(w, c, handoff.Message{Type: handoff.TypeNak, ID: m.ID,
 				Reason: fmt.Sprintf("no ready worker of the newest generation takes kind %s", m.Kind)})
 			return
 		}
 		s.ho.nextID++
 		fwd := m
 		fwd.ID = s.ho.nextID
-		o, err := s.send(target, fwd, fds)
+		o, err := s.send(target.takeOn, fwd, fds)
 		if err != nil {
 			s.count.Handoffs.Refused += n
 			s.stall(target, err)
-			s.reply(w, handoff.Message{Type: handoff.TypeNak, ID: m.ID, Reason: fmt.Sprintf("forward to worker pid %d: %v", target.Pid, err)})
+			s.reply(w, c, handoff.Message{Type: handoff.TypeNak, ID: m.ID, Reason: fmt.Sprintf("forward to worker pid %d: %v", target.Pid, err)})
 			return
 		}
 		target.unanswered++
-		s.ho.pending[fwd.ID] = &pendingHandoff{from: w, fromID: m.ID, to: target, n: n, out: o}
+		s.ho.pending[fwd.ID] = &pendingHandoff{from: w, fromCh: c, fromID: m.ID, to: target, toCh: target.takeOn, n: n, out: o}
 		id := fwd.ID
 		s.after(answerTimeout, evHandoffTimeout{id})
 	case handoff.TypeAck, handoff.TypeNak:
 		p := s.ho.pending[m.ID]
-		if p == nil || p.to != w {
+		if p == nil || p.to != w || p.toCh != c {
 			s.warn(w.Pid, "handoff answer for an unknown batch, dropped", slog.Int("pid", w.Pid), slog.String("type", m.Type), slog.Uint64("id", m.ID))
 			return
 		}
@@ -232,12 +244,12 @@ func (s *Supervisor) onHandoff(w *worker, m handoff.Message, fds []int, err erro
 		w.stalled = false // it reads and answers again
 		if m.Type == handoff.TypeAck {
 			s.count.Handoffs.HandedOff += p.n
-			s.reply(p.from, handoff.Message{Type: handoff.TypeAck, ID: p.fromID})
+			s.reply(p.from, p.fromCh, handoff.Message{Type: handoff.TypeAck, ID: p.fromID})
 			return
 		}
 		s.count.Handoffs.Refused += p.n
 		log.Info("handoff refused by target", slog.String("reason", m.Reason), slog.Int("connections", p.n))
-		s.reply(p.from, handoff.Message{Type: handoff.TypeNak, ID: p.fromID, Reason: fmt.Sprintf("worker pid %d: %s", w.Pid, m.Reason)})
+		s.reply(p.from, p.fromCh, handoff.Message{Type: handoff.TypeNak, ID: p.fromID, Reason: fmt.Sprintf("worker pid %d: %s", w.Pid, m.Reason)})
 	default:
 		s.warn(w.Pid, "unexpected handoff message from worker, dropped", slog.Int("pid", w.Pid), slog.String("type", m.Type))
 	}
@@ -277,7 +289,7 @@ func (s *Supervisor) refuseBack(id uint64, w *worker, err error) {
 	if w.State.running() {
 		s.stall(w, err)
 	}
-	s.reply(p.from, handoff.Message{Type: handoff.TypeNak, ID: p.fromID, Reason: err.Error()})
+	s.reply(p.from, p.fromCh, handoff.Message{Type: handoff.TypeNak, ID: p.fromID, Reason: err.Error()})
 }
 
 // onAnswerTimeout handles a batch its target has not answered in time: the
@@ -309,42 +321,67 @@ func (s *Supervisor) handoffTarget(from *worker, kind string) *worker {
 	for i := 0; i < n; i++ {
 		s.ho.rr++
 		w := g.slots[s.ho.rr%n]
-		if w != nil && w != from && w.State == WorkerReady && !w.asked() && w.hsock != nil && w.Accepts[kind] &&
-			!w.stalled && w.unanswered < maxUnanswered {
+		if w != nil && w != from && w.State == WorkerReady && !w.asked() && w.takeOn != nil && w.Accepts[kind] &&
+			!w.stalled && w.unanswered < w.takeOn.ch.maxUnanswered() {
 			return w
 		}
 	}
 	return nil
 }
 
-func (s *Supervisor) reply(w *worker, m handoff.Message) {
-	if s.gens.byPid[w.Pid] != w || w.hsock == nil {
+// reply sends an answer to w on c, the channel its batch came on.
+func (s *Supervisor) reply(w *worker, c *wchan, m handoff.Message) {
+	if s.gens.byPid[w.Pid] != w || !w.hasChannel(c) {
 		return // the sender is gone: its copies went with it
 	}
-	if _, err := s.send(w, m, nil); err != nil {
+	if _, err := s.send(c, m, nil); err != nil {
 		s.warn(w.Pid, "handoff reply failed", slog.Int("pid", w.Pid), slog.String("type", m.Type), slog.Any("error", err))
 	}
 }
 
-// closeHandoff closes w's channel and refuses what it had not answered.
+// hasChannel reports whether c is one of w's open channels.
+func (w *worker) hasChannel(c *wchan) bool {
+	for _, o := range w.chans {
+		if o == c {
+			return true
+		}
+	}
+	return false
+}
+
+// closeHandoff closes all of w's channels.
 func (s *Supervisor) closeHandoff(w *worker) {
-	if w.hsock == nil {
+	for len(w.chans) > 0 {
+		s.closeChannel(w, w.chans[0])
+	}
+}
+
+// closeChannel closes c, one of w's channels, and refuses what w had not
+// answered on it.
+func (s *Supervisor) closeChannel(w *worker, c *wchan) {
+	if !w.hasChannel(c) {
 		return
 	}
-	w.hsock.Close()
-	w.hsock = nil
-	close(w.out) // the writer fails what is left, fast, and closes its fds
-	close(w.answers)
-	w.out, w.answers = nil, nil
-	w.Accepts = nil
+	for i, o := range w.chans {
+		if o == c {
+			w.chans = append(w.chans[:i:i], w.chans[i+1:]...)
+			break
+		}
+	}
+	c.ch.close()
+	close(c.out) // the writer fails what is left, fast, and closes its fds
+	close(c.answers)
+	if w.takeOn == c {
+		w.takeOn, w.Accepts = nil, nil
+	}
 	// A sender that went away needs no answer (reply checks); a target
 	// that went away refuses what it had not answered.
 	for id, p := range s.ho.pending {
-		if p.to == w {
+		if p.to == w && p.toCh == c {
 			delete(s.ho.pending, id)
 			w.unanswered--
 			s.count.Handoffs.Refused += p.n
-			s.reply(p.from, handoff.Message{Type: handoff.TypeNak, ID: p.fromID, Reason: fmt.Sprintf("worker pid %d went away", w.Pid)})
+			s.reply(p.from, p.fromCh, handoff.Message{Type: handoff.TypeNak, ID: p.fromID, Reason: fmt.Sprintf("worker pid %d went away", w.Pid)})
 		}
 	}
 }

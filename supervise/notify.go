@@ -2,11 +2,14 @@ package supervise
 
 import (
 	"math"
+	"os"
 	"strconv"
 	"time"
 
 	"golang.org/x/sys/unix"
 	"log/slog"
+
+	"github.com/seed6cb0314a/upgrader/internal/sdnotify"
 )
 
 // Repeated warnings about one sender's input are limited to warnBurst per
@@ -53,7 +56,21 @@ func (s *Supervisor) onNotify(ev evNotify) {
 		s.warn(w.Pid, "malformed notify message, dropped", append(fields, slog.Any("error", dg.Err))...)
 		return
 	}
-	m := dg.Message
+	s.applyNotify(w, dg.Message, dg.Files, fields)
+}
+
+// onChannelNotify handles sd_notify(3) assignments that w sent on a
+// channel of its own (Node's IPC channel) rather than to NOTIFY_SOCKET.
+func (s *Supervisor) onChannelNotify(w *worker, m sdnotify.Message) {
+	if s.gens.byPid[w.Pid] != w {
+		return // it has exited: its exit was handled first
+	}
+	s.applyNotify(w, m, nil, []any{slog.Int("generation", w.gen.N), slog.Int("worker", w.Slot), slog.Int("pid", w.Pid)})
+}
+
+// applyNotify applies a notify message from w: sd_notify(3)'s assignments,
+// as systemd does for a service, for a worker.
+func (s *Supervisor) applyNotify(w *worker, m sdnotify.Message, files []*os.File, fields []any) {
 	if v, ok := m.Get("STATUS"); ok {
 		w.Status = v
 		s.log.Debug("worker status", append(fields, slog.String("status", v))...)
@@ -72,7 +89,7 @@ func (s *Supervisor) onNotify(ev evNotify) {
 		return
 	}
 	if m.Is("FDSTORE", "1") || m.Is("FDSTOREREMOVE", "1") {
-		s.onFDStore(w, m, dg.Files)
+		s.onFDStore(w, m, files)
 	}
 	if m.Is("READY", "1") && s.cfg.Ready.Kind == "notify" {
 		s.onReady(w)

@@ -5,8 +5,6 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
-
-	"github.com/seed6cb0314a/upgrader/internal/handoff"
 )
 
 // WorkerState is where a worker is in its life; a worker's state changes
@@ -111,13 +109,12 @@ type worker struct {
 	// The one deadline timer (arm); timerSeq tells a stale firing apart.
 	timer    stopper
 	timerSeq uint64
-	// The handoff channel: hsock, with out queueing what is sent on it
-	// (writeHandoff). A target that does not take its batches is stalled
-	// and skipped; unanswered counts batches forwarded to it awaiting an
-	// answer.
-	hsock      *handoff.Socket
-	out        chan *outMsg // batches
-	answers    chan *outMsg // ACK and NAK
+	// Its open channels (the handoff channel, Node's IPC channel), and
+	// takeOn, the one it last sent ACCEPT on, where batches for it go. A
+	// target that does not take its batches is stalled and skipped;
+	// unanswered counts batches forwarded to it awaiting an answer.
+	chans      []*wchan
+	takeOn     *wchan
 	stalled    bool
 	unanswered int
 }

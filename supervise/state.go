@@ -73,11 +73,22 @@ type savedGen struct {
 	Workers []savedWorker `json:"workers"`
 }
 
-// savedWorker is a worker's record and its handoff channel's fd (-1: none).
+// savedWorker is a worker's record and its channels' fds: the handoff
+// channel's (-1: none) and Node's IPC channel's (0: none; fd 0 is never
+// one). TakeOn names the channel it takes handoffs on ("": the handoff
+// channel, if it sent ACCEPT on it).
 type savedWorker struct {
 	WorkerRecord
-	HandoffFD int `json:"handoff_fd"`
+	HandoffFD int    `json:"handoff_fd"`
+	NodeFD    int    `json:"node_fd,omitempty"`
+	TakeOn    string `json:"take_on,omitempty"`
 }
+
+// Names of a worker's channels in savedWorker.TakeOn.
+const (
+	takeOnHandoff = "handoff"
+	takeOnNode    = "node"
+)
 
 // saveState builds the record. keep are fds the supervisor keeps using
 // (their close-on-exec flag is cleared for the exec), dups duplicates
@@ -145,13 +156,24 @@ func saveGen(g *generation) (savedGen, []int, error) {
 	}
 	for w := range g.live {
 		sw := savedWorker{WorkerRecord: w.WorkerRecord, HandoffFD: -1}
-		if w.hsock != nil && w.State.running() {
-			fd, err := w.hsock.DupFD()
+		for _, c := range w.chans {
+			if !w.State.running() {
+				break
+			}
+			fd, err := c.ch.dupFD()
 			if err != nil {
-				return sg, dups, fmt.Errorf("handoff channel of pid %d: %w", w.Pid, err)
+				return sg, dups, fmt.Errorf("channel of pid %d: %w", w.Pid, err)
 			}
 			dups = append(dups, fd)
-			sw.HandoffFD = fd
+			name := takeOnHandoff
+			if _, node := c.ch.(nodeChannel); node {
+				sw.NodeFD, name = fd, takeOnNode
+			} else {
+				sw.HandoffFD = fd
+			}
+			if w.takeOn == c {
+				sw.TakeOn = name
+			}
 		}
 		sg.Workers = append(sg.Workers, sw)
 	}
@@ -309,14 +331,7 @@ func (s *Supervisor) resumeGen(sg savedGen, now time.Time) *generation {
 				}
 			}
 		}
-		if sw.HandoffFD >= 0 {
-			unix.CloseOnExec(sw.HandoffFD)
-			if sock, err := handoff.NewSocket(os.NewFile(uintptr(sw.HandoffFD), "handoff")); err != nil {
-				s.log.Error("handoff channel not restored", slog.Int("pid", w.Pid), slog.Any("error", err))
-			} else {
-				s.openHandoff(w, sock)
-			}
-		}
+		s.resumeChannels(w, sw)
 		if !w.Deadline.IsZero() {
 			s.arm(w, max(0, w.Deadline.Sub(now)))
 		}
@@ -368,6 +383,33 @@ func followClient(fd int, ch <-chan Progress) {
 	for p := range ch {
 		if ok {
 			ok = enc.Encode(p) == nil
+		}
+	}
+}
+
+// resumeChannels opens the channels a worker had before the exec.
+func (s *Supervisor) resumeChannels(w *worker, sw savedWorker) {
+	if sw.HandoffFD >= 0 {
+		unix.CloseOnExec(sw.HandoffFD)
+		if sock, err := handoff.NewSocket(os.NewFile(uintptr(sw.HandoffFD), "handoff")); err != nil {
+			s.log.Error("handoff channel not restored", slog.Int("pid", w.Pid), slog.Any("error", err))
+		} else {
+			sock.SetSendTimeout(sendTimeout)
+			s.openHandoff(w, seqpacketChannel{sock})
+			if sw.TakeOn == takeOnHandoff || sw.TakeOn == "" && w.Accepts != nil {
+				w.takeOn = w.chans[len(w.chans)-1]
+			}
+		}
+	}
+	if sw.NodeFD > 0 {
+		unix.CloseOnExec(sw.NodeFD)
+		if ch, err := resumeNodeChannel(os.NewFile(uintptr(sw.NodeFD), "node-ipc")); err != nil {
+			s.log.Error("node IPC channel not restored", slog.Int("pid", w.Pid), slog.Any("error", err))
+		} else {
+			s.openHandoff(w, ch)
+			if sw.TakeOn == takeOnNode {
+				w.takeOn = w.chans[len(w.chans)-1]
+			}
 		}
 	}
 }

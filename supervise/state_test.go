@@ -111,7 +111,7 @@ func TestSaveAndResumeRoundTrip(t *testing.T) {
 	var accepts bool
 	h2.s.call(context.Background(), func() {
 		for _, w := range h2.s.gens.byPid {
-			accepts = accepts || (w.hsock != nil && w.Accepts["http"])
+			accepts = accepts || (w.takeOn != nil && w.Accepts["http"])
 		}
 	})
 	if !accepts {

@@ -54,14 +54,19 @@ type (
 	evFunc     struct{ f func() }
 	evHandoff  struct {
 		w   *worker
+		c   *wchan
 		m   handoff.Message
 		fds []int
 		err error
 	}
-	evHandoffClosed     struct{ w *worker }
+	evHandoffClosed struct {
+		w *worker
+		c *wchan
+	}
 	evHandoffTimeout    struct{ id uint64 }
 	evHandoffSendFailed struct {
 		w   *worker
+		c   *wchan
 		m   handoff.Message
 		err error
 	}
@@ -312,9 +317,9 @@ func (s *Supervisor) handle(ev event) {
 	case evPoll:
 		s.onPoll()
 	case evHandoff:
-		s.onHandoff(ev.w, ev.m, ev.fds, ev.err)
+		s.onHandoff(ev.w, ev.c, ev.m, ev.fds, ev.err)
 	case evHandoffClosed:
-		s.closeHandoff(ev.w)
+		s.closeChannel(ev.w, ev.c)
 	case evHandoffSendFailed:
 		s.onSendFailed(ev.w, ev.m, ev.err)
 	case evHandoffTimeout:
@@ -367,7 +372,9 @@ func workerBaseEnv(environ []string) []string {
 		k, _, _ := strings.Cut(kv, "=")
 		switch k {
 		case workerenv.ListenPID, workerenv.ListenFDs, workerenv.ListenFDNames, workerenv.NotifySocket,
-			workerenv.WatchdogUSec, workerenv.WatchdogPID:
+			workerenv.WatchdogUSec, workerenv.WatchdogPID,
+			// A channel of upgrader's own parent is not a worker's.
+			workerenv.NodeChannelFD, workerenv.NodeSerialization:
 			continue
 		}
 		if strings.HasPrefix(k, workerenv.Prefix) {

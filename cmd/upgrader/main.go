@@ -124,6 +124,7 @@ type runFlags struct {
 	control       string
 	watchdog      time.Duration
 	noHandoff     bool
+	ipc           string
 	fdStoreMax    int
 	maxDraining   int
 }
@@ -151,6 +152,7 @@ func parseRunFlags(args []string) (runFlags, error) {
 	fs.IntVar(&f.fdStoreMax, "fd-store-max", d.FDStoreMax, "fds workers may keep with FDSTORE=1 for later generations (0: fd store off)")
 	fs.IntVar(&f.maxDraining, "max-draining", d.MaxDraining, fmt.Sprintf("generations that may drain at once; beyond it the oldest is sent --drain-signal again to close what is idle, and killed %s later if still running", d.HurryGrace))
 	fs.BoolVar(&f.noHandoff, "no-handoff", d.NoHandoff, "do not offer live-connection handoff (UPGRADER_HANDOFF_FD) to workers")
+	fs.StringVar(&f.ipc, "ipc", string(d.IPC), "also give workers this `CHANNEL`: node (Node.js's IPC channel at NODE_CHANNEL_FD: ready and handoffs with process.send)")
 	fs.StringVar(&f.logFormat, "log-format", "console", "log format: console or json")
 	fs.StringVar(&f.logLevel, "log-level", "info", "log level: debug, info, warn, error")
 	if err := fs.Parse(args); err != nil {
@@ -176,6 +178,7 @@ func (f *runFlags) config() (supervise.Config, error) {
 	cfg.Workers, cfg.ReadyTimeout, cfg.DrainTimeout = f.workers, f.readyTimeout, f.drainTimeout
 	cfg.ShutdownDelay, cfg.MaxRestarts, cfg.RestartWindow = f.shutdownDelay, f.maxRestarts, f.restartWindow
 	cfg.MaxDraining, cfg.Watchdog, cfg.NoHandoff, cfg.FDStoreMax = f.maxDraining, f.watchdog, f.noHandoff, f.fdStoreMax
+	cfg.IPC = supervise.IPCKind(f.ipc)
 	// The command handles its process's signals, and is the subreaper of
 	// its workers' trees.
 	cfg.Signals, cfg.Subreaper = true, true
@@ -195,7 +198,7 @@ var flagOf = map[string]string{
 	"Command": "COMMAND", "Workers": "--workers", "Ready": "--ready", "ReadyTimeout": "--ready-timeout",
 	"DrainTimeout": "--drain-timeout", "DrainSignal": "--drain-signal", "ShutdownDelay": "--shutdown-delay",
 	"MaxRestarts": "--max-restarts", "RestartWindow": "--restart-window", "MaxDraining": "--max-draining",
-	"Watchdog": "--watchdog", "FDStoreMax": "--fd-store-max",
+	"Watchdog": "--watchdog", "FDStoreMax": "--fd-store-max", "IPC": "--ipc",
 }
 
 // configError turns a *supervise.ConfigError of a field a flag sets into

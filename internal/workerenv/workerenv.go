@@ -26,3 +26,10 @@ const (
 	// SOCK_SEQPACKET socket to the supervisor (docs/reference/handoff.md).
 	HandoffFD = "UPGRADER_HANDOFF_FD"
 )
+
+// Node.js's IPC channel (docs/reference/node-ipc.md), as
+// child_process.fork() sets it.
+const (
+	NodeChannelFD     = "NODE_CHANNEL_FD"
+	NodeSerialization = "NODE_CHANNEL_SERIALIZATION_MODE"
+)
