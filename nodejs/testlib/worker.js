@@ -1,0 +1,53 @@
+'use strict';
+// A worker for the tests: an http.Server on upgrader-drain, configured by
+// environment. It tells the test what it sees over the IPC channel as
+// {test: ...} messages, which upgrader would log and ignore.
+const http = require('http');
+const upgrader = require('..');
+
+const pid = String(process.pid);
+const tell = (m) => { if (process.send) process.send({ test: m.test, ...m }); };
+let release = null;
+
+const fs = require('fs');
+const https = require('https');
+const tlsOpts = process.env.TEST_TLS_DIR
+  ? { key: fs.readFileSync(`${process.env.TEST_TLS_DIR}/key.pem`), cert: fs.readFileSync(`${process.env.TEST_TLS_DIR}/cert.pem`) }
+  : null;
+const handler = (req, res) => {
+  const body = `hello from ${pid} ${req.url}\n`;
+  const reply = () => {
+    res.writeHead(200, { 'Content-Length': Buffer.byteLength(body), 'X-Pid': pid });
+    res.end(body);
+  };
+  tell({ test: 'request', url: req.url });
+  if (req.url === '/slow') {
+    // Answered only once the drain has begun: the response in flight.
+    release = reply;
+    return;
+  }
+  reply();
+  if (req.url === '/throw') setImmediate(() => { throw new Error('boom from /throw'); });
+};
+const server = tlsOpts ? https.createServer(tlsOpts, handler) : http.createServer(handler);
+
+upgrader.on('drain', () => {
+  tell({ test: 'drain' });
+  if (release) setImmediate(release);
+});
+
+const fds = process.env.TEST_FDS ? upgrader.listenFds() : null;
+if (fds) tell({ test: 'fds', fds, env: ['LISTEN_FDS', 'LISTEN_FDNAMES', 'LISTEN_PID'].filter((k) => k in process.env) });
+
+upgrader.serve(server, {
+  name: process.env.TEST_NAME || undefined,
+  port: 0,
+  host: '127.0.0.1',
+  idleGrace: Number(process.env.TEST_IDLE_GRACE || 1000),
+  drainTimeout: Number(process.env.TEST_DRAIN_TIMEOUT || 30000),
+  readyFd: process.env.TEST_READY_FD ? Number(process.env.TEST_READY_FD) : undefined,
+});
+server.on('listening', () => {
+  tell({ test: 'listening', port: server.address().port });
+  if (process.env.TEST_STATUS) upgrader.status(process.env.TEST_STATUS);
+});
