@@ -43,6 +43,9 @@ func TestFlagValuesRejectedNotReplaced(t *testing.T) {
 		{[]string{"--max-draining", "0"}, "--max-draining 0"},
 		{[]string{"--max-draining", "1"}, ""},
 		{[]string{"--workers", "0"}, "--workers 0"},
+		{[]string{"--ipc", "node"}, ""},
+		{[]string{"--ipc", "Node"}, "--ipc Node"},
+		{[]string{"--ipc", "cluster"}, "--ipc cluster"},
 	} {
 		_, err := defaults(t, tc.args...)
 		switch {
