@@ -100,6 +100,8 @@ type Conn struct {
 
 	// Read side, owned by Recv's goroutine.
 	buf   []byte // bytes read, not yet a whole line
+	rbuf  []byte // what one read fills
+	oob   []byte
 	skip  bool   // dropping an over-long line up to its newline
 	loose []int  // fds received, not yet claimed by a NODE_HANDLE line
 
@@ -287,14 +289,18 @@ func (c *Conn) nextLine() ([]byte, bool) {
 
 // fill reads more bytes and fds.
 func (c *Conn) fill() error {
-	b := make([]byte, readChunk)
-	oob := make([]byte, unix.CmsgSpace(maxLooseFDs*4))
-	n, oobn, _, _, err := c.c.ReadMsgUnix(b, oob)
+	if c.rbuf == nil {
+		c.rbuf, c.oob = make([]byte, readChunk), make([]byte, unix.CmsgSpace(maxLooseFDs*4))
+	}
+	if len(c.buf) == 0 {
+		c.buf = nil // let a drained buffer go; messages returned keep theirs
+	}
+	n, oobn, _, _, err := c.c.ReadMsgUnix(c.rbuf, c.oob)
 	if oobn > 0 {
-		c.takeFDs(oob[:oobn])
+		c.takeFDs(c.oob[:oobn])
 	}
 	if n > 0 {
-		c.buf = append(c.buf, b[:n]...)
+		c.buf = append(c.buf, c.rbuf[:n]...)
 	}
 	if err != nil {
 		return err
