@@ -98,9 +98,9 @@ func BenchmarkNodeHandoff10k(b *testing.B) {
 	}
 }
 
-// raiseNofile raises this process's soft RLIMIT_NOFILE to at least want
-// (up to the hard limit): set explicitly, it is inherited by upgrader and
-// from upgrader by its workers, where the limit Go raises by itself at
+// raiseNofile raises this process's soft RLIMIT_NOFILE to its hard limit,
+// which must be at least want: set explicitly, it is inherited by upgrader
+// and from upgrader by its workers, where the limit Go raises by itself at
 // start-up is not.
 func raiseNofile(b *testing.B, want uint64) {
 	var rl syscall.Rlimit
