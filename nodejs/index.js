@@ -7,9 +7,15 @@ const net = require('net');
 const tls = require('tls');
 const { EventEmitter } = require('events');
 
-// The contract's wait for an answer to a handoff; the Go library's
-// inherit.SendTimeout is the same.
+// The contract's wait for an answer to a handoff, from when its message has
+// been written; the Go library's inherit.SendTimeout is the same.
 const HANDOFF_TIMEOUT = 5000;
+// Handoffs given to process.send and not yet answered. Node writes one
+// handle at a time and waits for each NODE_HANDLE_ACK, queueing the rest in
+// the process: past a few, a connection only waits there, paused and unable
+// to serve a request that comes meanwhile, and its answer's clock would run
+// while it has not even been written. The others wait here, still served.
+const MAX_HANDING = 32;
 
 const config = {
   drainTimeout: 30000,
@@ -25,6 +31,7 @@ const entries = []; // one per served server
 const conns = new Map(); // tracked connection -> its state
 const rawTls = new Set(); // TCP sockets of TLS servers, until they close
 const pending = new Map(); // handoff id -> {socket, st, timer}
+const waiting = []; // idle sockets of a draining worker waiting for a handoff slot
 let nextId = 1;
 let draining = false;
 let drainCode = 0;
@@ -174,7 +181,7 @@ function track(entry, socket, fromHandoff) {
     // bytesRead when the connection was last between requests; -1: never
     // (a handed-off connection with buffered bytes is a request under way).
     idleBytes: fromHandoff === 'buffered' ? -1 : socket.bytesRead,
-    phase: 'live', // live | handing | kept
+    phase: 'live', // live | waiting | handing | kept
     timer: null,
   };
   conns.set(socket, st);
@@ -226,8 +233,29 @@ function considerIdle(socket) {
   if (!draining || !st || st.phase !== 'live') return;
   if (socket.destroyed || socket.writableEnded || !socket.readable) return;
   if (!quiet(socket, st)) return;
-  if (!st.entry.tls && channel() && socket._handle) handOff(socket, st);
-  else keep(socket, st);
+  if (st.entry.tls || !channel() || !socket._handle) {
+    keep(socket, st);
+  } else if (pending.size >= MAX_HANDING) {
+    // Not paused: a request that comes while it waits is served (with
+    // Connection: close), and the connection then ends as any other.
+    st.phase = 'waiting';
+    waiting.push(socket);
+  } else {
+    handOff(socket, st);
+  }
+}
+
+// nextWaiting gives freed handoff slots to the connections waiting for one,
+// each considered again as it is now.
+function nextWaiting() {
+  while (pending.size < MAX_HANDING && waiting.length > 0) {
+    const socket = waiting.shift();
+    const st = stateOf(socket);
+    if (!st || st.phase !== 'waiting') continue;
+    st.phase = 'live';
+    considerIdle(socket);
+    // Not quiet any more: it is served, and ends after its response.
+  }
 }
 
 function handOff(socket, st) {
@@ -236,10 +264,12 @@ function handOff(socket, st) {
   const id = nextId++;
   const p = { socket, st, timer: null };
   pending.set(id, p);
-  p.timer = setTimeout(answer, HANDOFF_TIMEOUT, id, false, 'no answer');
   send({ upgrader: 'handoff', id, kind: st.entry.kind, state: '', buffered: '' },
     socket, { keepOpen: true }, (err) => {
       if (err) answer(id, false, err.message);
+      // Written now (Node calls back once the message has gone, after the
+      // ones queued before it): the answer's clock starts.
+      else if (pending.has(id)) p.timer = setTimeout(answer, HANDOFF_TIMEOUT, id, false, 'no answer');
     });
 }
 
@@ -257,6 +287,7 @@ function answer(id, ok, reason) {
     p.socket.resume();
     keep(p.socket, p.st);
   }
+  nextWaiting();
   maybeFinish();
 }
 

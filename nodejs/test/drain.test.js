@@ -268,3 +268,60 @@ test('https: an idle TLS connection is never handed off; closed after the idle g
   assert.deepStrictEqual(await w.exited, { code: 0, signal: null });
   assert.deepStrictEqual(w.messages.filter((m) => m.upgrader === 'handoff'), []);
 });
+
+test('many idle connections: at most 32 handoffs unanswered, the ones waiting for a slot are still served', async (t) => {
+  const n = 100;
+  const { w: w1, port } = await startFirst(t);
+  const w2 = await startTaker(t);
+  const clients = [];
+  for (let i = 0; i < n; i++) {
+    const c = new Client(port);
+    await c.get(`/${i}`);
+    clients.push(c);
+  }
+  // Plays an upgrader that holds its answers until 32 handoffs are
+  // unanswered: the worker must then stop sending.
+  const held = [];
+  let unanswered = 0;
+  let most = 0;
+  let holding = true;
+  let id = 1000;
+  const full = new Promise((resolve) => {
+    w1.on('msg', (m, handle) => {
+      if (m.upgrader !== 'handoff') return;
+      unanswered++;
+      most = Math.max(most, unanswered);
+      held.push({ m, handle });
+      if (holding && unanswered === 32) resolve();
+      if (!holding) release();
+    });
+  });
+  const release = () => {
+    for (const { m, handle } of held.splice(0)) {
+      w2.send({ upgrader: 'handoff', id: id++, kind: m.kind, state: m.state, buffered: m.buffered }, handle)
+        .then(() => { unanswered--; return w1.send({ upgrader: 'ack', id: m.id }); });
+    }
+  };
+  process.kill(w1.pid, 'SIGTERM');
+  await full;
+  // A connection that is not among the 32 waits in the worker for a slot,
+  // not paused: its request is answered, with Connection: close.
+  const handed = new Set(held.map(({ handle }) => handle.remotePort));
+  const waiting = clients.find((c) => !handed.has(c.sock.localPort));
+  const r = await waiting.get('/while-waiting');
+  assert.strictEqual(r.headers['x-pid'], String(w1.pid));
+  assert.strictEqual(r.headers.connection, 'close');
+  assert.strictEqual(await waiting.eof(), '');
+  holding = false;
+  release();
+  assert.deepStrictEqual(await w1.exited, { code: 0, signal: null }, w1.stderr);
+  assert.ok(most <= 32, `${most} handoffs unanswered at once`);
+  for (const c of clients) {
+    if (c === waiting) continue;
+    const r2 = await c.get('/after');
+    assert.strictEqual(r2.headers['x-pid'], String(w2.pid));
+    c.destroy();
+  }
+  process.kill(w2.pid, 'SIGTERM');
+  assert.deepStrictEqual(await w2.exited, { code: 0, signal: null });
+});

@@ -8,8 +8,10 @@
 // The systems: upgrader supervising examples/hello (USR2), nginx reloaded
 // (HUP) and upgraded on the fly (USR2, then QUIT to the old master),
 // HAProxy in master-worker mode (USR2), a bare tableflip server
-// (integration/cmd/bareflip, USR2) and a Node.js cluster restarting its
-// workers one by one (cluster.js, USR2). nginx, HAProxy and Node.js must
+// (integration/cmd/bareflip, USR2), a Node.js cluster restarting its
+// workers one by one (cluster.js, USR2), and upgrader --ipc node
+// supervising examples/node/server.js (the nodejs/ module) with as many
+// workers as the cluster (USR2). nginx, HAProxy and Node.js must
 // be installed (scripts/sidebyside installs them); upgrader, hello and
 // bareflip are built from -repo. Every process runs on 127.0.0.1 as this
 // tool's child, in a temp dir, and is stopped by pid at the end of its run.

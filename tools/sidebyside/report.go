@@ -163,7 +163,8 @@ func Section(o Options, runs []*Run, pngRel, cmd string, elapsed time.Duration) 
 	fmt.Fprintf(&b, `
 "Reloads done": the reloads that took effect, of those asked for: from the systems' own logs (nginx: SIGHUP received,
 new binary process started; HAProxy: new worker forked) or from the newest X-Generation that answered (upgrader,
-tableflip, Node.js cluster; a USR2 that reaches the Node.js primary during a restart is folded into one more restart).
+upgrader + Node.js, tableflip, Node.js cluster; a USR2 that reaches the Node.js primary during a restart is folded into
+one more restart).
 "failed" is every request that did not end in a whole 2xx response: refused (connect: ECONNREFUSED), reset (ECONNRESET
 or EPIPE), EOF (the connection ended before a whole response), timeout (no whole response within %s), other (any other
 error or status). "Closed while idle": keep-alive connections the server closed between two requests, found closed
@@ -191,7 +192,10 @@ Where failures come from, by mechanism (the counts are the table's):
   ([architecture.md](architecture.md), "Draining").
 - HAProxy with ` + "`option idle-close-on-response`" + ` answers the next request on each old connection with
   ` + "`Connection: close`" + ` instead of closing it idle; upgrader hands idle connections to the new generation, so
-  their clients see no close at all.
+  their clients see no close at all. The same Node.js server that fails under the cluster's restart fails nothing under
+  upgrader: the nodejs/ module stops the server accepting without ` + "`http.Server`" + `'s own close (which would drop
+  its idle connections), and sends each idle connection over Node's IPC channel to upgrader, which passes it to a worker
+  of the new generation.
 
 How each system is set up and reloaded (each as the tool's own child on 127.0.0.1, in a temp dir, stopped by pid):
 
@@ -220,6 +224,11 @@ How each system is set up and reloaded (each as the tool's own child on 127.0.0.
   the primary's shared socket; on USR2 the primary replaces its workers one at a time: fork a new worker, and on its
   ` + "`'listening'`" + ` event ` + "`disconnect()`" + ` the old one (which closes its server and exits when its
   connections are done).
+- **upgrader + Node.js (module)**: ` + "`upgrader run --ipc node -w N -l 127.0.0.1:0 -- node examples/node/server.js`" + `,
+  N the Node.js cluster's worker count (one per CPU), the same HTTP handler as cluster.js's workers, served through the
+  upgrader-drain module (nodejs/: ` + "`serve(server)`" + ` listens on the inherited socket, says ready over Node's IPC
+  channel, and on the drain signal hands its idle keep-alive connections to the next generation with
+  ` + "`process.send(msg, socket)`" + `; [node-ipc.md](reference/node-ipc.md)); ` + "`kill -USR2`" + ` to upgrader.
 `)
 	b.WriteString(endMarker + "\n")
 	return b.String()

@@ -6,6 +6,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
 	"syscall"
@@ -72,6 +73,7 @@ var systems = []system{
 	{name: "haproxy", title: "HAProxy", reload: "USR2 to the master", needs: []string{"haproxy"}, start: startHAProxy},
 	{name: "bareflip", title: "tableflip (bare)", reload: "USR2 (tableflip Upgrade)", start: startBareflip},
 	{name: "node-cluster", title: "Node.js cluster", reload: "USR2: rolling restart", needs: []string{"node"}, start: startNodeCluster},
+	{name: "upgrader-node", title: "upgrader + Node.js (module)", reload: "USR2 to upgrader", needs: []string{"node"}, start: startUpgraderNode},
 }
 
 func systemNamed(name string) (system, bool) {
@@ -105,9 +107,25 @@ type upgraderServer struct {
 // picks itself (127.0.0.1:0), live-connection handoff on as by default,
 // and reads the port from `upgrader status --json`.
 func startUpgrader(e env) (server, error) {
+	return startUpgraderWith(e, nil, filepath.Join(e.bin, "hello"))
+}
+
+// startUpgraderNode runs upgrader with Node's IPC channel (--ipc node)
+// supervising examples/node/server.js, which drains with the nodejs/
+// module; as many workers per generation as the Node.js cluster runs (one
+// per CPU), so that both spread the load over the same processes.
+func startUpgraderNode(e env) (server, error) {
+	return startUpgraderWith(e, []string{"--ipc", "node", "-w", strconv.Itoa(nodeWorkers())},
+		"node", filepath.Join(e.repo, "examples", "node", "server.js"))
+}
+
+// startUpgraderWith runs upgrader with flags added to the common ones,
+// supervising the worker command.
+func startUpgraderWith(e env, flags []string, command ...string) (server, error) {
 	control := filepath.Join(e.dir, "control.sock")
-	c, err := startChild(e.dir, "upgrader.log", nil, filepath.Join(e.bin, "upgrader"), "run",
-		"--log-level", "warn", "--control", control, "-l", "127.0.0.1:0", "--", filepath.Join(e.bin, "hello"))
+	argv := append([]string{"run", "--log-level", "warn", "--control", control, "-l", "127.0.0.1:0"}, flags...)
+	argv = append(append(argv, "--"), command...)
+	c, err := startChild(e.dir, "upgrader.log", nil, filepath.Join(e.bin, "upgrader"), argv...)
 	if err != nil {
 		return nil, err
 	}
@@ -302,6 +320,10 @@ func (s nginxBinary) reload() error {
 func (s nginxBinary) reloadsDone(loadgen.Result) int {
 	return countLines(filepath.Join(s.e.dir, "error.log"), "start new binary process")
 }
+
+// nodeWorkers is what cluster.js starts: os.availableParallelism(), one
+// per CPU this process may run on.
+func nodeWorkers() int { return max(1, runtime.NumCPU()) }
 
 // nginxWorkers is what worker_processes auto starts: one per CPU.
 func nginxWorkers() int {
