@@ -104,3 +104,26 @@ exec %s %s`, helloBin, node, script))
 		t.Fatalf("handoff counts %+v; want nothing malformed", st.Handoffs)
 	}
 }
+
+// A Node.js worker whose connections nobody takes (the next generation
+// does not accept handoffs) keeps them on the nak, thanks to keepOpen, and
+// ends each the polite way on its next request.
+func TestNodeWorkerServesRefusedHandoffsWithConnectionClose(t *testing.T) {
+	node, script := nodeDocWorker(t)
+	p, wrapper, addr := startScripted(t, "exec "+node+" "+script, "--ipc", "node", "--drain-timeout", nodeDrainTimeout)
+	const clients = 16
+	l := startLoad(loadgen.Config{Addr: addr, Clients: clients, Mode: loadgen.KeepAlive, MaxIdle: 50 * time.Millisecond})
+	l.waitServed(t, 1, 100)
+	writeScript(t, wrapper, "exec env -u UPGRADER_HANDOFF_FD "+helloBin)
+	p.upgradeTo(2)
+	l.waitServed(t, 2, 100)
+	r := l.stop()
+	requireNoFailures(t, r)
+	if r.ServerCloses < clients || r.ClosedUnderClient != 0 || r.IdleClosed != 0 {
+		t.Fatalf("%d polite closes, %d under the client, %d while idle; want every client's connection closed politely",
+			r.ServerCloses, r.ClosedUnderClient, r.IdleClosed)
+	}
+	if st := p.status(); st.Handoffs.HandedOff != 0 || st.Handoffs.Refused < clients || st.Handoffs.Malformed != 0 {
+		t.Fatalf("handoff counts %+v; want every connection refused and none handed off", st.Handoffs)
+	}
+}
