@@ -69,9 +69,11 @@ server.on('connection', (s) => {
 function handOff(s) {
   if (s.inFlight > 0 || s.handingOff || s.refused || s.closing || s.destroyed || s.bytesRead !== s.quietAt) return;
   s.handingOff = true;
-  s.pause();
+  s.pause(); // an http.Server's socket stops reading at once
   const id = nextId++;
-  // No answer within 5 s: ours again. The socket is paused, so still quiet.
+  // No answer within 5 s: ours again (the socket is paused, so still
+  // quiet). The timer also keeps the process alive until the answer: the
+  // channel is unref'd, and a handle still queued in Node would be lost.
   const timer = setTimeout(() => answered({upgrader: 'nak', id, reason: 'no answer within 5 s'}), 5000);
   pending.set(id, {s, timer});
   process.send({upgrader: 'handoff', id, kind: 'http', state: '', buffered: ''}, s, {keepOpen: true});
@@ -100,7 +102,8 @@ function answered(m) {
 }
 
 // node-ipc.md, "The taker": a handed-in socket is a fresh connection,
-// after its buffered bytes.
+// after its buffered bytes. The net.Server does not count it, so conns
+// (above) is what tells when we are done.
 function take(m, socket) {
   if (!socket) return;
   if (m.buffered) socket.unshift(Buffer.from(m.buffered, 'base64'));
@@ -134,7 +137,7 @@ process.on('SIGTERM', () => {
   draining = true;
   // Stop accepting, without http.Server.close(), which closes idle
   // keep-alive connections (Node >= 19) that we want to hand off
-  // (docs/workers.md, "Node.js"). We exit when nothing is left: no
+  // (node-ipc.md, "The sender"). We exit when nothing is left: no
   // listener, no connection, no handoff awaiting its answer (its timer).
   net.Server.prototype.close.call(server);
   for (const s of conns) handOff(s);
