@@ -258,6 +258,7 @@ func (s *Supervisor) onReady(w *worker) {
 	if g.State == GenStarting && g.allReady() {
 		s.promote(g)
 	}
+	s.flushParked()
 }
 
 // promote makes g the active generation and drains the one it replaces.

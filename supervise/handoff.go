@@ -62,6 +62,11 @@ const (
 	// one already written to its socket is left to the sender's own
 	// timeout (inherit.SendTimeout), since the target may still read it.
 	answerTimeout = 2 * time.Second
+	// parkTimeout bounds how long a batch waits for a replacement to be
+	// ready, well within the senders' own timeout (inherit.SendTimeout,
+	// 5 s); maxParkedFDs bounds the fds held meanwhile.
+	parkTimeout  = 2 * time.Second
+	maxParkedFDs = 1024
 )
 
 // outMsg is a message waiting in a worker's outbox; fds are closed once
@@ -88,6 +93,19 @@ type router struct {
 	pending map[uint64]*pendingHandoff
 	nextID  uint64
 	rr      int
+	// parked are batches that came when no worker could take them but a
+	// replacement was starting, with their fds (parkedFDs in all).
+	parked    []parkedBatch
+	parkedFDs int
+}
+
+// parkedBatch is a HANDOFF from a sender, waiting for a target.
+type parkedBatch struct {
+	from   *worker
+	fromCh *wchan
+	m      handoff.Message
+	fds    []int
+	at     time.Time
 }
 
 // openHandoff opens ch for w: a reader that turns what w sends into loop
@@ -208,31 +226,24 @@ func (s *Supervisor) onHandoff(w *worker, c *wchan, m handoff.Message, fds []int
 			w.Accepts[k] = true
 		}
 		log.Debug("worker takes handoffs", slog.Any("kinds", m.Kinds))
+		s.flushParked() // it may be the target they wait for
 	case handoff.TypeHandoff:
-		n := len(m.Conns)
+		b := parkedBatch{from: w, fromCh: c, m: m, fds: fds}
 		target := s.handoffTarget(w, m.Kind)
-		if target == nil {
-			handoff.CloseFDs(fds)
-			s.count.Handoffs.Refused += n
-			log.Info("handoff refused: no target", slog.String("kind", m.Kind), slog.Int("connections", n))
-			s.reply(w, c, handoff.Message{Type: handoff.TypeNak, ID: m.ID,
-				Reason: fmt.Sprintf("no ready worker of the newest generation takes kind %s", m.Kind)})
-			return
+		switch {
+		case target != nil:
+			s.forward(b, target)
+		case s.replacementComing() && s.ho.parkedFDs+len(fds) <= maxParkedFDs:
+			// A worker replacing one of the serving generation is
+			// starting (a crash, STOPPING=1): its connections wait
+			// for it rather than close.
+			b.at = s.env.now()
+			s.ho.parked = append(s.ho.parked, b)
+			s.ho.parkedFDs += len(fds)
+			s.after(parkTimeout, evFunc{s.flushParked})
+		default:
+			s.refuseNoTarget(b)
 		}
-		s.ho.nextID++
-		fwd := m
-		fwd.ID = s.ho.nextID
-		o, err := s.send(target.takeOn, fwd, fds)
-		if err != nil {
-			s.count.Handoffs.Refused += n
-			s.stall(target, err)
-			s.reply(w, c, handoff.Message{Type: handoff.TypeNak, ID: m.ID, Reason: fmt.Sprintf("forward to worker pid %d: %v", target.Pid, err)})
-			return
-		}
-		target.unanswered++
-		s.ho.pending[fwd.ID] = &pendingHandoff{from: w, fromCh: c, fromID: m.ID, to: target, toCh: target.takeOn, n: n, out: o}
-		id := fwd.ID
-		s.after(answerTimeout, evHandoffTimeout{id})
 	case handoff.TypeAck, handoff.TypeNak:
 		p := s.ho.pending[m.ID]
 		if p == nil || p.to != w || p.toCh != c {
@@ -253,6 +264,83 @@ func (s *Supervisor) onHandoff(w *worker, c *wchan, m handoff.Message, fds []int
 	default:
 		s.warn(w.Pid, "unexpected handoff message from worker, dropped", slog.Int("pid", w.Pid), slog.String("type", m.Type))
 	}
+}
+
+// forward sends batch b to target, renumbered; the answer goes back to
+// b's sender.
+func (s *Supervisor) forward(b parkedBatch, target *worker) {
+	n := len(b.m.Conns)
+	s.ho.nextID++
+	fwd := b.m
+	fwd.ID = s.ho.nextID
+	o, err := s.send(target.takeOn, fwd, b.fds)
+	if err != nil {
+		s.count.Handoffs.Refused += n
+		s.stall(target, err)
+		s.reply(b.from, b.fromCh, handoff.Message{Type: handoff.TypeNak, ID: b.m.ID, Reason: fmt.Sprintf("forward to worker pid %d: %v", target.Pid, err)})
+		return
+	}
+	target.unanswered++
+	s.ho.pending[fwd.ID] = &pendingHandoff{from: b.from, fromCh: b.fromCh, fromID: b.m.ID, to: target, toCh: target.takeOn, n: n, out: o}
+	s.after(answerTimeout, evHandoffTimeout{fwd.ID})
+}
+
+func (s *Supervisor) refuseNoTarget(b parkedBatch) {
+	handoff.CloseFDs(b.fds)
+	n := len(b.m.Conns)
+	s.count.Handoffs.Refused += n
+	s.log.Info("handoff refused: no target", slog.Int("generation", b.from.gen.N), slog.Int("pid", b.from.Pid),
+		slog.String("kind", b.m.Kind), slog.Int("connections", n))
+	s.reply(b.from, b.fromCh, handoff.Message{Type: handoff.TypeNak, ID: b.m.ID,
+		Reason: fmt.Sprintf("no ready worker of the newest generation takes kind %s", b.m.Kind)})
+}
+
+// replacementComing reports whether a worker of the serving generation, or
+// of the one an upgrade starts, is on its way: a batch with no target now
+// may have one soon.
+func (s *Supervisor) replacementComing() bool {
+	if s.life.stopping {
+		return false
+	}
+	for _, g := range []*generation{s.gens.current, s.gens.pending} {
+		if g == nil {
+			continue
+		}
+		for _, w := range g.slots {
+			if w == nil || w.State == WorkerStarting {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// flushParked forwards the parked batches that have a target now, refuses
+// those parked parkTimeout ago or whose sender went away, and keeps the
+// rest. It runs when a worker becomes ready or says what it takes, and at
+// each batch's timeout.
+func (s *Supervisor) flushParked() {
+	now := s.env.now()
+	kept := s.ho.parked[:0]
+	for _, b := range s.ho.parked {
+		gone := s.gens.byPid[b.from.Pid] != b.from || !b.from.hasChannel(b.fromCh)
+		target := s.handoffTarget(b.from, b.m.Kind)
+		switch {
+		case gone:
+			handoff.CloseFDs(b.fds) // its copies went with it
+			s.ho.parkedFDs -= len(b.fds)
+		case target != nil:
+			s.ho.parkedFDs -= len(b.fds)
+			s.forward(b, target)
+		case now.Sub(b.at) >= parkTimeout || !s.replacementComing():
+			s.ho.parkedFDs -= len(b.fds)
+			s.refuseNoTarget(b)
+		default:
+			kept = append(kept, b)
+		}
+	}
+	clear(s.ho.parked[len(kept):])
+	s.ho.parked = kept
 }
 
 // stall marks a target that did not take a batch: it is skipped until it

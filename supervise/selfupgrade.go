@@ -341,7 +341,7 @@ func (s *Supervisor) execSelf(su *selfUpgrade) {
 	if su.holdFrom.IsZero() {
 		su.holdFrom = now
 	}
-	if now.Sub(su.holdFrom) < execHoldMax && (len(s.ho.pending) > 0 || s.fdReadyStarting() || s.upgrades.counting > 0) {
+	if now.Sub(su.holdFrom) < execHoldMax && (len(s.ho.pending) > 0 || len(s.ho.parked) > 0 || s.fdReadyStarting() || s.upgrades.counting > 0) {
 		s.after(10*time.Millisecond, evSelfExec{su})
 		return
 	}
