@@ -316,8 +316,8 @@ func (s *Supervisor) replacementComing() bool {
 }
 
 // flushParked forwards the parked batches that have a target now, refuses
-// those parked parkTimeout ago or whose sender went away, and keeps the
-// rest. It runs when a worker becomes ready or says what it takes, and at
+// those parked parkTimeout ago (or all, once a stop began), drops those
+// whose sender went away, and keeps the rest. It runs when a worker becomes ready or says what it takes, and at
 // each batch's timeout.
 func (s *Supervisor) flushParked() {
 	now := s.env.now()
@@ -332,7 +332,10 @@ func (s *Supervisor) flushParked() {
 		case target != nil:
 			s.ho.parkedFDs -= len(b.fds)
 			s.forward(b, target)
-		case now.Sub(b.at) >= parkTimeout || !s.replacementComing():
+		case now.Sub(b.at) >= parkTimeout || s.life.stopping:
+			// A worker that became ready may say what it takes a moment
+			// later (ACCEPT comes on another channel than READY=1): a
+			// batch waits its full time.
 			s.ho.parkedFDs -= len(b.fds)
 			s.refuseNoTarget(b)
 		default:

@@ -720,3 +720,63 @@ func TestUpgradeDuringFirstStartRunsOnceReady(t *testing.T) {
 		t.Fatalf("the queued upgrade ended with %+v", last)
 	}
 }
+
+// TestHandoffWaitsForAStartingReplacement: a lone worker that asks to be
+// replaced (STOPPING=1, Node's auto-restart pattern) and hands its idle
+// connections off before its replacement is ready: they wait for the
+// replacement and go to it, instead of being refused.
+func TestHandoffWaitsForAStartingReplacement(t *testing.T) {
+	h := run(t, Config{})
+	old := h.started()
+	h.ready(old)
+	oldSock := h.env.handoff(old)
+	h.notify(old, "STOPPING", "1")
+	nw := h.started()
+
+	conn, f := tcpPair(t)
+	defer conn.Close()
+	defer f.Close()
+	m := handoff.Message{Type: handoff.TypeHandoff, ID: 3, Kind: "http", Conns: []handoff.Conn{{State: []byte("s")}}}
+	if err := oldSock.Send(m, []int{int(f.Fd())}); err != nil {
+		t.Fatal(err)
+	}
+	h.waitHandled("the HANDOFF", func(ev event) bool {
+		e, ok := ev.(evHandoff)
+		return ok && e.w.Pid == old && e.m.Type == handoff.TypeHandoff
+	})
+	newSock := h.env.handoff(nw)
+	newSock.Send(handoff.Message{Type: handoff.TypeAccept, Kinds: []string{"http"}}, nil)
+	h.ready(nw)
+	fwd, fds := recv(t, newSock)
+	handoff.CloseFDs(fds)
+	if fwd.Type != handoff.TypeHandoff || len(fds) != 1 {
+		t.Fatalf("the replacement got %+v with %d fds, want the parked batch", fwd, len(fds))
+	}
+	newSock.Send(handoff.Message{Type: handoff.TypeAck, ID: fwd.ID}, nil)
+	if a, _ := recv(t, oldSock); a.Type != handoff.TypeAck || a.ID != 3 {
+		t.Fatalf("answer %+v, want ACK id=3 (nothing before it)", a)
+	}
+	h.sync()
+	if st := h.s.count.Handoffs; st.HandedOff != 1 || st.Refused != 0 {
+		t.Fatalf("stats %+v", st)
+	}
+}
+
+// tcpPair returns a connected TCP connection and a dup of its fd.
+func tcpPair(t *testing.T) (net.Conn, *os.File) {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	conn, err := net.Dial("tcp", l.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	f, err := conn.(*net.TCPConn).File()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return conn, f
+}
