@@ -191,7 +191,9 @@ func TestPythonAndNodeWorkersUpgradeUnderLoad(t *testing.T) {
 		args []string
 	}{
 		{"python", []string{"--", "python3", filepath.Join(repoRoot, "examples/python/worker.py")}},
-		{"node", []string{"--ready", "fd:4", "--", "node", filepath.Join(repoRoot, "examples/node/server.js")}},
+		{"node", []string{"--ipc", "node", "--", "node", filepath.Join(repoRoot, "examples/node/server.js")}},
+		// Without a channel, the module says ready on the --ready fd.
+		{"node-ready-fd", []string{"--ready", "fd:4", "--", "node", filepath.Join(repoRoot, "examples/node/server.js")}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			if _, err := exec.LookPath(tc.args[len(tc.args)-2]); err != nil {
