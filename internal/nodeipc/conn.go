@@ -102,8 +102,8 @@ type Conn struct {
 	buf   []byte // bytes read, not yet a whole line
 	rbuf  []byte // what one read fills
 	oob   []byte
-	skip  bool   // dropping an over-long line up to its newline
-	loose []int  // fds received, not yet claimed by a NODE_HANDLE line
+	skip  bool  // dropping an over-long line up to its newline
+	loose []int // fds received, not yet claimed by a NODE_HANDLE line
 
 	wmu sync.Mutex // one write at a time
 	hmu sync.Mutex // one handle in flight at a time
