@@ -197,39 +197,8 @@ Where failures come from, by mechanism (the counts are the table's):
   its idle connections), and sends each idle connection over Node's IPC channel to upgrader, which passes it to a worker
   of the new generation.
 
-How each system is set up and reloaded (each as the tool's own child on 127.0.0.1, in a temp dir, stopped by pid):
-
-- **upgrader**: ` + "`upgrader run -l 127.0.0.1:0 -- hello`" + ` (examples/hello, one worker, live-connection handoff on as by
-  default), ` + "`kill -USR2`" + ` to upgrader.
-- **nginx, reload**: ` + "`daemon off; master_process on; worker_processes auto;`" + ` (one worker per CPU), a server
-  answering ` + "`return 200 \"hello from nginx\\n\";`" + `, nginx's defaults otherwise (keepalive_timeout 75s,
-  keepalive_requests 1000); HUP to the master. nginx's graceful shutdown of the old workers closes their idle keep-alive
-  connections: nginx has no setting that keeps them until their next request.
-- **nginx, binary upgrade**: the same configuration with ` + "`daemon on`" + `, as "Upgrading Executable on the Fly"
-  describes: USR2 to the master, wait until the new master (nginx.pid rewritten, the old one renamed .oldbin) runs its
-  workers, then QUIT to the old master, and wait for it to exit before the next reload (a new master ignores USR2 while
-  the old one lives). WINCH is left out (optional in the docs: QUIT stops the old workers gracefully too). ` + "`daemon on`" + `
-  because nginx ignores the binary-upgrade signal in a master whose parent is the process that started it ("the changing
-  binary signal is ignored"), which is the tool under ` + "`daemon off`" + `; daemonized, the master is adopted by the tool
-  (a child subreaper).
-- **HAProxy**: ` + "`haproxy -W -db`" + ` (master-worker, foreground), ` + "`http-request return status 200`" + ` in a
-  frontend, USR2 to the master. Seamless reload as the 2.6 management guide gives it: in master-worker mode the master
-  hands the listening sockets to the new worker itself (` + "`-x sockpair@`" + `; a stats socket with ` + "`expose-fd listeners`" + `
-  is declared as well), and ` + "`option idle-close-on-response`" + `, which keeps an old worker's idle keep-alive connections
-  open until their next request is answered with ` + "`Connection: close`" + `, instead of closing them at the reload;
-  ` + "`timeout http-keep-alive 30s`" + `, ` + "`hard-stop-after 30s`" + `.
-- **tableflip (bare)**: integration/cmd/bareflip, tableflip as its documentation shows it (Upgrade on the signal,
-  ` + "`http.Server.Shutdown`" + ` on Exit); USR2 to the process serving now (tableflip's pid file).
-- **Node.js cluster**: tools/sidebyside/cluster.js, Node's ` + "`cluster`" + ` module, one worker per CPU listening on
-  the primary's shared socket; on USR2 the primary replaces its workers one at a time: fork a new worker, and on its
-  ` + "`'listening'`" + ` event ` + "`disconnect()`" + ` the old one (which closes its server and exits when its
-  connections are done).
-- **upgrader + Node.js (module)**: ` + "`upgrader run --ipc node -w N -l 127.0.0.1:0 -- node examples/node/server.js`" + `,
-  N the Node.js cluster's worker count (one per CPU), the same HTTP handler as cluster.js's workers, served through the
-  upgrader-drain module (nodejs/: ` + "`serve(server)`" + ` listens on the inherited socket, says ready over Node's IPC
-  channel, and on the drain signal hands its idle keep-alive connections to the next generation with
-  ` + "`process.send(msg, socket)`" + `; [node-ipc.md](reference/node-ipc.md)); ` + "`kill -USR2`" + ` to upgrader.
 `)
+	b.WriteString(systemsSetup)
 	b.WriteString(endMarker + "\n")
 	return b.String()
 }
@@ -278,3 +247,38 @@ func writeOutputs(o Options, runs []*Run, md, png, pngRel, cmd string, elapsed t
 	}
 	return nil
 }
+
+// systemsSetup says how each system is set up and reloaded.
+const systemsSetup = `How each system is set up and reloaded (each as the tool's own child on 127.0.0.1, in a temp dir, stopped by pid):
+
+- **upgrader**: ` + "`upgrader run -l 127.0.0.1:0 -- hello`" + ` (examples/hello, one worker, live-connection handoff on as by
+  default), ` + "`kill -USR2`" + ` to upgrader.
+- **nginx, reload**: ` + "`daemon off; master_process on; worker_processes auto;`" + ` (one worker per CPU), a server
+  answering ` + "`return 200 \"hello from nginx\\n\";`" + `, nginx's defaults otherwise (keepalive_timeout 75s,
+  keepalive_requests 1000); HUP to the master. nginx's graceful shutdown of the old workers closes their idle keep-alive
+  connections: nginx has no setting that keeps them until their next request.
+- **nginx, binary upgrade**: the same configuration with ` + "`daemon on`" + `, as "Upgrading Executable on the Fly"
+  describes: USR2 to the master, wait until the new master (nginx.pid rewritten, the old one renamed .oldbin) runs its
+  workers, then QUIT to the old master, and wait for it to exit before the next reload (a new master ignores USR2 while
+  the old one lives). WINCH is left out (optional in the docs: QUIT stops the old workers gracefully too). ` + "`daemon on`" + `
+  because nginx ignores the binary-upgrade signal in a master whose parent is the process that started it ("the changing
+  binary signal is ignored"), which is the tool under ` + "`daemon off`" + `; daemonized, the master is adopted by the tool
+  (a child subreaper).
+- **HAProxy**: ` + "`haproxy -W -db`" + ` (master-worker, foreground), ` + "`http-request return status 200`" + ` in a
+  frontend, USR2 to the master. Seamless reload as the 2.6 management guide gives it: in master-worker mode the master
+  hands the listening sockets to the new worker itself (` + "`-x sockpair@`" + `; a stats socket with ` + "`expose-fd listeners`" + `
+  is declared as well), and ` + "`option idle-close-on-response`" + `, which keeps an old worker's idle keep-alive connections
+  open until their next request is answered with ` + "`Connection: close`" + `, instead of closing them at the reload;
+  ` + "`timeout http-keep-alive 30s`" + `, ` + "`hard-stop-after 30s`" + `.
+- **tableflip (bare)**: integration/cmd/bareflip, tableflip as its documentation shows it (Upgrade on the signal,
+  ` + "`http.Server.Shutdown`" + ` on Exit); USR2 to the process serving now (tableflip's pid file).
+- **Node.js cluster**: tools/sidebyside/cluster.js, Node's ` + "`cluster`" + ` module, one worker per CPU listening on
+  the primary's shared socket; on USR2 the primary replaces its workers one at a time: fork a new worker, and on its
+  ` + "`'listening'`" + ` event ` + "`disconnect()`" + ` the old one (which closes its server and exits when its
+  connections are done).
+- **upgrader + Node.js (module)**: ` + "`upgrader run --ipc node -w N -l 127.0.0.1:0 -- node examples/node/server.js`" + `,
+  N the Node.js cluster's worker count (one per CPU), the same HTTP handler as cluster.js's workers, served through the
+  upgrader-drain module (nodejs/: ` + "`serve(server)`" + ` listens on the inherited socket, says ready over Node's IPC
+  channel, and on the drain signal hands its idle keep-alive connections to the next generation with
+  ` + "`process.send(msg, socket)`" + `; [node-ipc.md](reference/node-ipc.md)); ` + "`kill -USR2`" + ` to upgrader.
+`
