@@ -8,6 +8,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"os"
@@ -76,10 +77,7 @@ func realMain(m *spawn.MainThread) int {
 	case "version":
 		fmt.Println("upgrader", version)
 	case "self-check":
-		// Run by a running upgrader on the binary it is about to
-		// re-execute (upgrader upgrade --self): say which state format
-		// this build reads.
-		fmt.Println(supervise.SelfCheckLine(version))
+		err = selfCheck(args)
 	case "help":
 		fmt.Print(usage)
 	}
@@ -217,6 +215,55 @@ func configError(err error) error {
 type proc struct {
 	main *spawn.MainThread // where workers are forked, and a self-upgrade execs
 	held chan os.Signal    // signals caught since the start, after a self-upgrade
+}
+
+// selfCheck is run by a running upgrader on the binary it is about to
+// re-execute (upgrader upgrade --self), as "self-check -- ARGS", ARGS the
+// command line the exec will give it: it says which state formats this
+// build reads once it has taken ARGS through what run does before it
+// starts anything (flags, configuration, listener specs, logger). A
+// refusal is printed on stdout too, which the running upgrader reads and
+// quotes in its reason.
+func selfCheck(args []string) error {
+	if len(args) > 0 && args[0] == "--" {
+		args = args[1:]
+	}
+	if len(args) > 0 {
+		if err := checkRunArgs(args); err != nil {
+			fmt.Println("upgrader-self-check refused:", strings.TrimPrefix(err.Error(), "usage: "))
+			return err
+		}
+	}
+	fmt.Println(supervise.SelfCheckLine(version, len(args) > 0))
+	return nil
+}
+
+// checkRunArgs takes args, a command line of upgrader (less argv[0]),
+// through what run does with it before it starts anything.
+func checkRunArgs(args []string) error {
+	switch args[0] {
+	case "run":
+		args = args[1:]
+	case "upgrade", "status", "prestop", "version", "help", "self-check":
+		return fmt.Errorf("%w: command line %q: not one of upgrader run", errUsage, args)
+	}
+	f, err := parseRunFlags(args)
+	if errors.Is(err, flag.ErrHelp) {
+		return fmt.Errorf("%w: command line %q asks for the help, which would not run", errUsage, args)
+	}
+	if err != nil {
+		return err
+	}
+	if _, err := f.config(); err != nil {
+		return err
+	}
+	if _, err := parseListeners(f.listen, nil); err != nil {
+		return err
+	}
+	if _, err := newLoggerTo(f.logFormat, f.logLevel, zapcore.AddSync(io.Discard), false); err != nil {
+		return fmt.Errorf("%w: %v", errUsage, err)
+	}
+	return nil
 }
 
 func (p proc) run(args []string) error {
