@@ -154,8 +154,9 @@ type Progress struct {
 	Old         int    `json:"old_generation,omitempty"`
 	Connections int    `json:"connections"`
 	Reason      string `json:"reason,omitempty"` // for EventFailed
-	// Self-upgrade: Binary for EventChecking, Version (the new binary's)
-	// for EventChecked, Version and Execs for EventResumed.
+	// Self-upgrade: Binary (the resolved path) for EventChecking, Binary
+	// and Version (the new binary's) for EventChecked, Binary, Version and
+	// Execs (the image now running) for EventResumed.
 	Binary  string `json:"binary,omitempty"`
 	Version string `json:"version,omitempty"`
 	Execs   int    `json:"execs,omitempty"`

@@ -208,12 +208,12 @@ func upgradeCmd(args []string) error {
 		case supervise.EventChecking:
 			fmt.Printf("checking the new upgrader binary %s\n", p.Binary)
 		case supervise.EventChecked:
-			fmt.Printf("new upgrader binary %s passed its check\n", p.Version)
+			fmt.Printf("new upgrader binary %s (%s) passed its check\n", p.Version, p.Binary)
 		case supervise.EventExec:
 			fmt.Println("re-executing upgrader in place")
 		case supervise.EventResumed:
 			resumed = true
-			fmt.Printf("upgrader %s resumed (exec %d), generation %d serving\n", p.Version, p.Execs, p.Generation)
+			fmt.Printf("upgrader %s resumed from %s (exec %d), generation %d serving\n", p.Version, p.Binary, p.Execs, p.Generation)
 		case supervise.EventStarted:
 			fmt.Printf("generation %d started\n", p.Generation)
 		case supervise.EventReady:

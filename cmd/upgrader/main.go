@@ -12,6 +12,7 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"runtime"
 	"strconv"
@@ -298,11 +299,7 @@ func (p proc) run(args []string) error {
 	}
 	defer log.Sync()
 	cfg.Logger = slogOf(log)
-	// What a self-upgrade re-executes: the path the binary had at start
-	// (/proc/self/exe would name this image's inode, replaced since).
-	if exe, err := os.Executable(); err == nil {
-		cfg.Executable = exe
-	}
+	cfg.Executable = invokedPath()
 	socks, err := listeners(log, f.listen, activated)
 	for _, sock := range socks {
 		defer sock.Close()
@@ -342,6 +339,31 @@ func (p proc) run(args []string) error {
 		return configError(err)
 	}
 	return serve(log, f, sup, cl, hl)
+}
+
+// invokedPath is what a self-upgrade re-executes: the path this binary was
+// invoked by, made absolute now (a relative one, against the working
+// directory of the start; a bare name, through PATH), with its symlinks
+// left in, for the supervisor resolves them at each self-upgrade: deploys
+// flip a link (current → releases/N), which os.Executable, resolved once
+// at start, would never see. /proc/self/exe would name this image's
+// inode, replaced since. "": unknown, self-upgrades are refused.
+func invokedPath() string {
+	arg0 := os.Args[0]
+	if !strings.Contains(arg0, "/") {
+		if p, err := exec.LookPath(arg0); err == nil {
+			arg0 = p
+		} else if exe, err := os.Executable(); err == nil {
+			return exe
+		} else {
+			return ""
+		}
+	}
+	if p, err := filepath.Abs(arg0); err == nil {
+		return p
+	}
+	exe, _ := os.Executable()
+	return exe
 }
 
 // listeners returns the sockets workers get: the socket-activated ones
