@@ -190,6 +190,14 @@ func (s *Supervisor) StartUpgrade(ctx context.Context) (<-chan Progress, error) 
 		}
 		if s.gens.pending != nil || s.reexec.cur != nil {
 			s.upgrades.waiting = append(s.upgrades.waiting, ch)
+			if s.reexec.cur != nil || s.reexec.queued != nil {
+				// This channel ends at the exec, before the upgrade
+				// runs in the new image: say so, with the lowest
+				// generation it can start and the exec count, so that
+				// its client can follow it there (upgrader upgrade
+				// reconnects and asks the status).
+				send(ch, Progress{Event: EventQueued, Generation: s.gens.next + 1, Execs: s.reexec.execs})
+			}
 		} else {
 			s.upgrades.starting = append(s.upgrades.starting, ch)
 		}
