@@ -167,8 +167,10 @@ type Config struct {
 	// Version is this upgrader's version, shown in the status.
 	Version string
 	// Executable and Args are what a self-upgrade re-executes: the path
-	// of the upgrader binary as resolved at the first start (not
-	// /proc/self/exe, which names the image running now) and its argv.
+	// of the upgrader binary as invoked (absolute, its symlinks resolved
+	// at each self-upgrade, so that a flipped current → releases/N link
+	// takes effect; not /proc/self/exe, which names the image running
+	// now) and its argv.
 	// No Executable: self-upgrades are refused.
 	Executable string
 	Args       []string

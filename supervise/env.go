@@ -58,9 +58,10 @@ type env interface {
 	// notifyManager sends state to our own service manager (sd_notify(3));
 	// a no-op when not run by one.
 	notifyManager(state string)
-	// check starts path as "path self-check" in its own process group,
-	// with its stdout on out (its exit is reaped as any child's).
-	check(path string) (pid int, out io.ReadCloser, err error)
+	// check starts path as "path self-check -- ARGS..." (args: the
+	// command line the exec will give it, less argv[0]) in its own process
+	// group, with its stdout on out (its exit is reaped as any child's).
+	check(path string, args []string) (pid int, out io.ReadCloser, err error)
 	// notifyState returns a close-on-exec duplicate of the notify socket,
 	// its path and private directory, to carry across an exec.
 	notifyState() (fd int, path, dir string, err error)
@@ -341,12 +342,12 @@ func (e *osEnv) start(spec spawn.Spec, readyFD int, ready func(int)) (int, error
 	return pid, nil
 }
 
-func (e *osEnv) check(path string) (int, io.ReadCloser, error) {
+func (e *osEnv) check(path string, args []string) (int, io.ReadCloser, error) {
 	r, w, err := os.Pipe()
 	if err != nil {
 		return 0, nil, err
 	}
-	pid, err := e.startChild(spawn.Spec{Path: path, Args: []string{path, "self-check"}, Env: workerBaseEnv(os.Environ()),
+	pid, err := e.startChild(spawn.Spec{Path: path, Args: append([]string{path, "self-check", "--"}, args...), Env: workerBaseEnv(os.Environ()),
 		Files: []int{int(e.devnull.Fd()), int(w.Fd()), 2}, Pdeathsig: unix.SIGKILL, Direct: true})
 	w.Close()
 	if err != nil {

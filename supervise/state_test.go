@@ -162,7 +162,7 @@ func requireEveryField(t *testing.T, st Status) {
 // record upgrades the workers, as the new image does without SelfOnly.
 func TestSelfUpgradeInFakeEnv(t *testing.T) {
 	env := newFakeEnv()
-	env.checkOut = SelfCheckLine("v2") + "\n"
+	env.checkOut = SelfCheckLine("v2", true) + "\n"
 	cfg := testConfig(t, Config{Executable: "/bin/upgrader", Version: "v1", Signals: true})
 	h := start(t, cfg, env, nil)
 	old := h.started()

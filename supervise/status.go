@@ -154,8 +154,9 @@ type Progress struct {
 	Old         int    `json:"old_generation,omitempty"`
 	Connections int    `json:"connections"`
 	Reason      string `json:"reason,omitempty"` // for EventFailed
-	// Self-upgrade: Binary for EventChecking, Version (the new binary's)
-	// for EventChecked, Version and Execs for EventResumed.
+	// Self-upgrade: Binary (the resolved path) for EventChecking, Binary
+	// and Version (the new binary's) for EventChecked, Binary, Version and
+	// Execs (the image now running) for EventResumed.
 	Binary  string `json:"binary,omitempty"`
 	Version string `json:"version,omitempty"`
 	Execs   int    `json:"execs,omitempty"`
@@ -189,6 +190,14 @@ func (s *Supervisor) StartUpgrade(ctx context.Context) (<-chan Progress, error) 
 		}
 		if s.gens.pending != nil || s.reexec.cur != nil {
 			s.upgrades.waiting = append(s.upgrades.waiting, ch)
+			if s.reexec.cur != nil || s.reexec.queued != nil {
+				// This channel ends at the exec, before the upgrade
+				// runs in the new image: say so, with the lowest
+				// generation it can start and the exec count, so that
+				// its client can follow it there (upgrader upgrade
+				// reconnects and asks the status).
+				send(ch, Progress{Event: EventQueued, Generation: s.gens.next + 1, Execs: s.reexec.execs})
+			}
 		} else {
 			s.upgrades.starting = append(s.upgrades.starting, ch)
 		}

@@ -144,7 +144,7 @@ func (f *fakeEnv) afterFunc(d time.Duration, fn func()) stopper {
 }
 func (f *fakeEnv) ownEnviron() []string { return os.Environ() }
 func (f *fakeEnv) close()               {}
-func (f *fakeEnv) check(string) (int, io.ReadCloser, error) {
+func (f *fakeEnv) check(string, []string) (int, io.ReadCloser, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if f.checkOut == "" {

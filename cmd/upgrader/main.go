@@ -8,9 +8,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"runtime"
 	"strconv"
@@ -76,10 +78,7 @@ func realMain(m *spawn.MainThread) int {
 	case "version":
 		fmt.Println("upgrader", version)
 	case "self-check":
-		// Run by a running upgrader on the binary it is about to
-		// re-execute (upgrader upgrade --self): say which state format
-		// this build reads.
-		fmt.Println(supervise.SelfCheckLine(version))
+		err = selfCheck(args)
 	case "help":
 		fmt.Print(usage)
 	}
@@ -219,6 +218,55 @@ type proc struct {
 	held chan os.Signal    // signals caught since the start, after a self-upgrade
 }
 
+// selfCheck is run by a running upgrader on the binary it is about to
+// re-execute (upgrader upgrade --self), as "self-check -- ARGS", ARGS the
+// command line the exec will give it: it says which state formats this
+// build reads once it has taken ARGS through what run does before it
+// starts anything (flags, configuration, listener specs, logger). A
+// refusal is printed on stdout too, which the running upgrader reads and
+// quotes in its reason.
+func selfCheck(args []string) error {
+	if len(args) > 0 && args[0] == "--" {
+		args = args[1:]
+	}
+	if len(args) > 0 {
+		if err := checkRunArgs(args); err != nil {
+			fmt.Println("upgrader-self-check refused:", strings.TrimPrefix(err.Error(), "usage: "))
+			return err
+		}
+	}
+	fmt.Println(supervise.SelfCheckLine(version, len(args) > 0))
+	return nil
+}
+
+// checkRunArgs takes args, a command line of upgrader (less argv[0]),
+// through what run does with it before it starts anything.
+func checkRunArgs(args []string) error {
+	switch args[0] {
+	case "run":
+		args = args[1:]
+	case "upgrade", "status", "prestop", "version", "help", "self-check":
+		return fmt.Errorf("%w: command line %q: not one of upgrader run", errUsage, args)
+	}
+	f, err := parseRunFlags(args)
+	if errors.Is(err, flag.ErrHelp) {
+		return fmt.Errorf("%w: command line %q asks for the help, which would not run", errUsage, args)
+	}
+	if err != nil {
+		return err
+	}
+	if _, err := f.config(); err != nil {
+		return err
+	}
+	if _, err := parseListeners(f.listen, nil); err != nil {
+		return err
+	}
+	if _, err := newLoggerTo(f.logFormat, f.logLevel, zapcore.AddSync(io.Discard), false); err != nil {
+		return fmt.Errorf("%w: %v", errUsage, err)
+	}
+	return nil
+}
+
 func (p proc) run(args []string) error {
 	f, err := parseRunFlags(args)
 	if errors.Is(err, flag.ErrHelp) {
@@ -251,11 +299,7 @@ func (p proc) run(args []string) error {
 	}
 	defer log.Sync()
 	cfg.Logger = slogOf(log)
-	// What a self-upgrade re-executes: the path the binary had at start
-	// (/proc/self/exe would name this image's inode, replaced since).
-	if exe, err := os.Executable(); err == nil {
-		cfg.Executable = exe
-	}
+	cfg.Executable = invokedPath()
 	socks, err := listeners(log, f.listen, activated)
 	for _, sock := range socks {
 		defer sock.Close()
@@ -295,6 +339,31 @@ func (p proc) run(args []string) error {
 		return configError(err)
 	}
 	return serve(log, f, sup, cl, hl)
+}
+
+// invokedPath is what a self-upgrade re-executes: the path this binary was
+// invoked by, made absolute now (a relative one, against the working
+// directory of the start; a bare name, through PATH), with its symlinks
+// left in, for the supervisor resolves them at each self-upgrade: deploys
+// flip a link (current → releases/N), which os.Executable, resolved once
+// at start, would never see. /proc/self/exe would name this image's
+// inode, replaced since. "": unknown, self-upgrades are refused.
+func invokedPath() string {
+	arg0 := os.Args[0]
+	if !strings.Contains(arg0, "/") {
+		if p, err := exec.LookPath(arg0); err == nil {
+			arg0 = p
+		} else if exe, err := os.Executable(); err == nil {
+			return exe
+		} else {
+			return ""
+		}
+	}
+	if p, err := filepath.Abs(arg0); err == nil {
+		return p
+	}
+	exe, _ := os.Executable()
+	return exe
 }
 
 // listeners returns the sockets workers get: the socket-activated ones
