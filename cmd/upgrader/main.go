@@ -442,7 +442,16 @@ func serve(log *zap.Logger, f runFlags, sup *supervise.Supervisor, cl, hl net.Li
 		BeforeExec: func() func() { return hs.Quiesce(time.Second) },
 	})
 	if hl != nil {
-		log.Info("health endpoints", zap.String("address", hl.Addr().String()))
+		// The health endpoints face whoever can reach them: their
+		// connections must never take the fds a restart or an upgrade
+		// needs.
+		n, limit, err := health.MaxConns(sup.FDReserve())
+		if err != nil {
+			log.Warn("health endpoints: cannot read the fd limit", zap.Error(err))
+		}
+		hs.SetMaxConns(n)
+		log.Info("health endpoints", zap.String("address", hl.Addr().String()), zap.Int("max_conns", n),
+			zap.Int("fd_reserve", sup.FDReserve()), zap.Uint64("nofile", limit))
 		go func() {
 			if err := hs.Serve(ctx, hl); err != nil {
 				log.Error("health endpoints stopped", zap.Error(err))
