@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"maps"
 	"slices"
+	"sync"
 	"time"
 )
 
@@ -53,11 +54,34 @@ type GenStatus struct {
 }
 
 // call runs f on the loop goroutine and waits for it, for ctx, or for the
-// loop's end.
+// loop's end. Once call has returned, f has run or never will: a caller
+// that gives up (ctx) may read what f writes without racing it, since f
+// runs under a lock the caller takes to give up.
 func (s *Supervisor) call(ctx context.Context, f func()) error {
 	done := make(chan struct{})
+	var mu sync.Mutex
+	abandoned := false
+	run := func() {
+		mu.Lock()
+		defer mu.Unlock()
+		if !abandoned {
+			f()
+		}
+		close(done)
+	}
+	abandon := func(err error) error {
+		mu.Lock()
+		defer mu.Unlock()
+		select {
+		case <-done:
+			return nil // f ran after all
+		default:
+		}
+		abandoned = true
+		return err
+	}
 	select {
-	case s.calls <- evFunc{func() { f(); close(done) }}:
+	case s.calls <- evFunc{run}:
 	case <-s.done:
 		return ErrNotRunning
 	case <-ctx.Done():
@@ -67,9 +91,9 @@ func (s *Supervisor) call(ctx context.Context, f func()) error {
 	case <-done:
 		return nil
 	case <-s.done:
-		return ErrNotRunning
+		return abandon(ErrNotRunning)
 	case <-ctx.Done():
-		return ctx.Err()
+		return abandon(ctx.Err())
 	}
 }
 

@@ -780,3 +780,25 @@ func tcpPair(t *testing.T) (net.Conn, *os.File) {
 	}
 	return conn, f
 }
+
+// TestStatusGivenUpDoesNotRace: a Status whose ctx ends while the loop is
+// busy returns without racing the loop's late answer (the race detector
+// is the judge), and the loop goes on.
+func TestStatusGivenUpDoesNotRace(t *testing.T) {
+	h := run(t, Config{})
+	h.ready(h.started())
+	release := make(chan struct{})
+	busy := make(chan struct{})
+	go h.s.call(context.Background(), func() { close(busy); <-release })
+	<-busy
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Millisecond)
+	defer cancel()
+	st, err := h.s.Status(ctx)
+	if err == nil {
+		t.Fatalf("Status answered %+v while the loop was busy", st)
+	}
+	close(release)
+	if st, err := h.s.Status(context.Background()); err != nil || !st.Ready {
+		t.Fatalf("after: %+v, %v", st, err)
+	}
+}
