@@ -787,6 +787,7 @@ func tcpPair(t *testing.T) (net.Conn, *os.File) {
 func TestStatusGivenUpDoesNotRace(t *testing.T) {
 	h := run(t, Config{})
 	h.ready(h.started())
+	h.sync()
 	release := make(chan struct{})
 	busy := make(chan struct{})
 	go h.s.call(context.Background(), func() { close(busy); <-release })
