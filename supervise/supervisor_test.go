@@ -781,25 +781,38 @@ func tcpPair(t *testing.T) (net.Conn, *os.File) {
 	return conn, f
 }
 
-// TestStatusGivenUpDoesNotRace: a Status whose ctx ends while the loop is
-// busy returns without racing the loop's late answer (the race detector
-// is the judge), and the loop goes on.
-func TestStatusGivenUpDoesNotRace(t *testing.T) {
+// TestCallGivenUpDoesNotRace: a call whose ctx ends while f runs on the
+// loop returns only once f is done, so that what f writes is never read
+// while it is written (the race detector is the judge); a call given up
+// before f starts never runs it.
+func TestCallGivenUpDoesNotRace(t *testing.T) {
 	h := run(t, Config{})
 	h.ready(h.started())
 	h.sync()
 	release := make(chan struct{})
-	busy := make(chan struct{})
-	go h.s.call(context.Background(), func() { close(busy); <-release })
-	<-busy
+	// f goes on by itself later, in no order with this goroutine, as a
+	// slow loop would.
+	time.AfterFunc(60*time.Millisecond, func() { close(release) })
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Millisecond)
 	defer cancel()
-	st, err := h.s.Status(ctx)
-	if err == nil {
-		t.Fatalf("Status answered %+v while the loop was busy", st)
+	x := 0
+	err := h.s.call(ctx, func() { <-release; x = 1 })
+	if err != nil || x != 1 {
+		t.Fatalf("call: %v, x = %d; want f run and waited for", err, x)
 	}
-	close(release)
-	if st, err := h.s.Status(context.Background()); err != nil || !st.Ready {
-		t.Fatalf("after: %+v, %v", st, err)
+	// Given up before it starts: f never runs.
+	busy, release2 := make(chan struct{}), make(chan struct{})
+	go h.s.call(context.Background(), func() { close(busy); <-release2 })
+	<-busy
+	ctx2, cancel2 := context.WithTimeout(context.Background(), 20*time.Millisecond)
+	defer cancel2()
+	ran := false
+	if err := h.s.call(ctx2, func() { ran = true }); err == nil {
+		t.Fatal("call answered while the loop was busy")
+	}
+	close(release2)
+	h.sync()
+	if ran {
+		t.Fatal("a call given up ran later")
 	}
 }
