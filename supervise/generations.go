@@ -289,8 +289,11 @@ func (s *Supervisor) holdThenPromote(g *generation) {
 		s.promote(g)
 		return
 	}
+	// Its readiness is its workers', as without a hold; the hold is
+	// upgrader's own time.
+	g.ReadyAt = s.env.now()
 	s.log.Info("generation ready, holding before the old one drains", slog.Int("generation", g.N),
-		slog.Duration("ready_hold", s.cfg.ReadyHold))
+		slog.Duration("after", g.ReadyAt.Sub(g.Started)), slog.Duration("ready_hold", s.cfg.ReadyHold))
 	g.holding = true
 	g.hold = s.after(s.cfg.ReadyHold, evFunc{func() {
 		g.holding, g.hold = false, nil
@@ -341,7 +344,9 @@ func (s *Supervisor) holdsListener(w *worker) bool {
 // promote makes g the active generation and drains the one it replaces.
 func (s *Supervisor) promote(g *generation) {
 	g.State = GenActive
-	g.ReadyAt = s.env.now()
+	if g.ReadyAt.IsZero() {
+		g.ReadyAt = s.env.now() // not held
+	}
 	old := s.gens.current
 	s.gens.current, s.gens.pending = g, nil
 	s.log.Info("generation ready", slog.Int("generation", g.N), slog.Duration("after", g.ReadyAt.Sub(g.Started)))

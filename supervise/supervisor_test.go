@@ -213,7 +213,9 @@ func testLogger(t *testing.T) *slog.Logger {
 }
 
 // withDefaults fills the fields of cfg a test left zero from
-// DefaultConfig, so that a test names only what it is about.
+// DefaultConfig, so that a test names only what it is about. ReadyHold is
+// left as the test set it, 0 (off) unless it is about the hold: the tests
+// of what follows a promotion expect it at READY=1.
 func withDefaults(cfg Config) Config {
 	d := DefaultConfig()
 	if cfg.Workers == 0 {
