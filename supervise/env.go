@@ -51,6 +51,9 @@ type env interface {
 	start(spec spawn.Spec, readyFD int, ready func(pid int)) (pid int, err error)
 	// kill sends sig to pid (a negative pid: its process group), kill(2).
 	kill(pid int, sig syscall.Signal) error
+	// fdSockets maps the inodes of the sockets pid holds to their fds
+	// (proctree.Sockets); the error says its fd table cannot be read.
+	fdSockets(pid int) (map[string]int, error)
 	// connections counts the established TCP and Unix stream connections
 	// the processes hold (for upgrade progress; best effort). It may
 	// block: call it off the loop.
@@ -420,6 +423,8 @@ func (e *osEnv) kill(pid int, sig syscall.Signal) error {
 }
 
 func (e *osEnv) processes() (proctree.Table, error) { return proctree.Read("/proc") }
+
+func (e *osEnv) fdSockets(pid int) (map[string]int, error) { return proctree.Sockets("/proc", pid) }
 
 func (e *osEnv) environ(pid int) map[string]string { return proctree.Environ("/proc", pid) }
 

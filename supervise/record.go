@@ -136,6 +136,18 @@ type generation struct {
 	// "done" when this generation has exited.
 	watchers     []chan Progress
 	exitWatchers []chan Progress
+	// holding: every worker is ready and the ready hold runs (hold, its
+	// timer) before the generation is promoted.
+	holding bool
+	hold    stopper
+}
+
+// stopHold stops g's ready hold, if one runs.
+func (g *generation) stopHold() {
+	if g.hold != nil {
+		g.hold.Stop()
+	}
+	g.holding, g.hold = false, nil
 }
 
 func (g *generation) allReady() bool {

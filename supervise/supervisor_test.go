@@ -48,6 +48,9 @@ type fakeEnv struct {
 	execErr  error
 	// connBlock, when set, holds connections until it is closed.
 	connBlock chan struct{}
+	// fds are the fd tables fdSockets returns, socket inode → fd, by pid;
+	// a pid not in it has a table that cannot be read.
+	fds map[int]map[string]int
 }
 
 type kill struct {
@@ -125,6 +128,22 @@ func (f *fakeEnv) notifyManager(state string) {
 	f.managed = append(f.managed, state)
 	f.mu.Unlock()
 }
+func (f *fakeEnv) fdSockets(pid int) (map[string]int, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if t, ok := f.fds[pid]; ok {
+		return t, nil
+	}
+	return nil, errors.New("no fd table in the fake env")
+}
+func (f *fakeEnv) setFDs(pid int, t map[string]int) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.fds == nil {
+		f.fds = map[int]map[string]int{}
+	}
+	f.fds[pid] = t
+}
 func (f *fakeEnv) connections([]int) int {
 	if f.connBlock != nil {
 		<-f.connBlock
@@ -194,7 +213,9 @@ func testLogger(t *testing.T) *slog.Logger {
 }
 
 // withDefaults fills the fields of cfg a test left zero from
-// DefaultConfig, so that a test names only what it is about.
+// DefaultConfig, so that a test names only what it is about. ReadyHold is
+// left as the test set it, 0 (off) unless it is about the hold: the tests
+// of what follows a promotion expect it at READY=1.
 func withDefaults(cfg Config) Config {
 	d := DefaultConfig()
 	if cfg.Workers == 0 {

@@ -165,7 +165,11 @@ func (s *Supervisor) replace(w *worker, cause RestartCause, reason string, sig s
 		return // nothing is refilled once a stop has begun
 	}
 	if g.State == GenStarting && s.gens.current != nil {
-		s.failGeneration(g, fmt.Sprintf("worker %d (pid %d): %s before it was ready", w.Slot, w.Pid, reason))
+		when := "before it was ready"
+		if g.holding {
+			when = fmt.Sprintf("within the ready hold (%s)", s.cfg.ReadyHold)
+		}
+		s.failGeneration(g, fmt.Sprintf("worker %d (pid %d): %s %s", w.Slot, w.Pid, reason, when))
 		return
 	}
 	if g.slots[w.Slot] == w && (g == s.gens.current || g == s.gens.pending) {
@@ -205,8 +209,12 @@ func (s *Supervisor) onWorkerExit(w *worker, ws unix.WaitStatus) {
 	case s.life.stopping:
 		s.log.Info("worker exited", fields...)
 	case g.State == GenStarting && s.gens.current != nil:
-		s.log.Error("worker exited before it was ready", fields...)
-		s.failGeneration(g, fmt.Sprintf("worker %d (pid %d) %s before it was ready", w.Slot, w.Pid, how))
+		when := "before it was ready"
+		if prev == WorkerReady {
+			when = fmt.Sprintf("within the ready hold (%s)", s.cfg.ReadyHold)
+		}
+		s.log.Error("worker exited "+when, fields...)
+		s.failGeneration(g, fmt.Sprintf("worker %d (pid %d) %s %s", w.Slot, w.Pid, how, when))
 	case inSlot && (g == s.gens.current || g == s.gens.pending):
 		// The active generation, or the first one, which has nothing to
 		// fall back on: crash restarts until giving up.

@@ -111,6 +111,7 @@ type runFlags struct {
 	workers       int
 	ready         string
 	readyTimeout  time.Duration
+	readyHold     time.Duration
 	drainTimeout  time.Duration
 	drainSignal   string
 	shutdownDelay time.Duration
@@ -139,6 +140,7 @@ func parseRunFlags(args []string) (runFlags, error) {
 	fs.IntVarP(&f.workers, "workers", "w", d.Workers, "workers per generation")
 	fs.StringVar(&f.ready, "ready", d.Ready.String(), "readiness `MODE`: notify (READY=1 on NOTIFY_SOCKET), fd:N (newline on fd N), delay:DURATION")
 	fs.DurationVar(&f.readyTimeout, "ready-timeout", d.ReadyTimeout, "fail an upgrade whose workers are not ready within this")
+	fs.DurationVar(&f.readyHold, "ready-hold", d.ReadyHold, "drain the old generation only once the new one has stayed ready this long; a crash within it fails the upgrade (0: off)")
 	fs.DurationVar(&f.drainTimeout, "drain-timeout", d.DrainTimeout, "SIGKILL a draining worker after this")
 	fs.StringVar(&f.drainSignal, "drain-signal", strings.TrimPrefix(unix.SignalName(d.DrainSignal), "SIG"), "signal that asks a worker to drain")
 	fs.DurationVar(&f.shutdownDelay, "shutdown-delay", d.ShutdownDelay, "on TERM/INT, report not-ready this long before draining (0: off)")
@@ -174,7 +176,7 @@ func parseRunFlags(args []string) (runFlags, error) {
 func (f *runFlags) config() (supervise.Config, error) {
 	cfg := supervise.DefaultConfig()
 	cfg.Version, cfg.Args, cfg.Command = version, os.Args, f.command
-	cfg.Workers, cfg.ReadyTimeout, cfg.DrainTimeout = f.workers, f.readyTimeout, f.drainTimeout
+	cfg.Workers, cfg.ReadyTimeout, cfg.ReadyHold, cfg.DrainTimeout = f.workers, f.readyTimeout, f.readyHold, f.drainTimeout
 	cfg.ShutdownDelay, cfg.MaxRestarts, cfg.RestartWindow = f.shutdownDelay, f.maxRestarts, f.restartWindow
 	cfg.MaxDraining, cfg.Watchdog, cfg.NoHandoff, cfg.FDStoreMax = f.maxDraining, f.watchdog, f.noHandoff, f.fdStoreMax
 	cfg.IPC = supervise.IPCKind(f.ipc)
@@ -195,7 +197,7 @@ func (f *runFlags) config() (supervise.Config, error) {
 // flagOf names the flag of each Config field the command line sets.
 var flagOf = map[string]string{
 	"Command": "COMMAND", "Workers": "--workers", "Ready": "--ready", "ReadyTimeout": "--ready-timeout",
-	"DrainTimeout": "--drain-timeout", "DrainSignal": "--drain-signal", "ShutdownDelay": "--shutdown-delay",
+	"ReadyHold": "--ready-hold", "DrainTimeout": "--drain-timeout", "DrainSignal": "--drain-signal", "ShutdownDelay": "--shutdown-delay",
 	"MaxRestarts": "--max-restarts", "RestartWindow": "--restart-window", "MaxDraining": "--max-draining",
 	"Watchdog": "--watchdog", "FDStoreMax": "--fd-store-max", "IPC": "--ipc",
 }
