@@ -5,6 +5,8 @@ import (
 	"strconv"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/seed6cb0314a/upgrader/internal/proctree"
 )
 
@@ -112,6 +114,23 @@ func (s *Supervisor) trees() map[*worker][]int {
 func (s *Supervisor) isHelper(pid int) bool {
 	su := s.reexec.cur
 	return su != nil && su.checkPid != 0 && su.checkPid == pid
+}
+
+// killCheckTree kills the self-check pid with its whole tree: its own
+// process group, and what left the group (setsid) but is still below it by
+// the process table, which a group kill misses. What the check orphans is
+// reparented to the supervisor (the subreaper) and is then a stray.
+func (s *Supervisor) killCheckTree(pid int) {
+	// Read first: once the check is dead its children are reparented.
+	tab, err := s.env.processes()
+	s.env.kill(-pid, unix.SIGKILL)
+	if err == nil && tab != nil {
+		for _, q := range tab.Descendants(pid) {
+			if tab[q].Pgid != pid {
+				s.env.kill(q, unix.SIGKILL)
+			}
+		}
+	}
 }
 
 // adoptStray takes in an orphan no worker can be named for: a process
