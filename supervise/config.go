@@ -162,8 +162,9 @@ type Config struct {
 	// Subreaper makes the process the child subreaper (PR_SET_CHILD_SUBREAPER,
 	// prctl(2)) so that a worker's daemonised descendants are reparented
 	// to it, attributed to their worker and stopped with it; it then reaps
-	// every child (wait4(-1)), and at a stop kills whatever is left below
-	// it. Off, the supervisor reaps only the processes it started and
+	// every child (wait4(-1)), treats a child it did not start that no
+	// worker can be named for as a stray of a generation (drained and
+	// killed with it), and at a stop kills whatever is left below it. Off, the supervisor reaps only the processes it started and
 	// leaves a host program's own children alone; a worker's descendants
 	// that outlive it go to init, untracked.
 	Subreaper bool

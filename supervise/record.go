@@ -73,6 +73,10 @@ type WorkerRecord struct {
 	// process has exited; LingerSignalled: they were sent the drain signal.
 	Lingering       []int `json:"lingering,omitempty"`
 	LingerSignalled bool  `json:"linger_signalled,omitempty"`
+	// Stray: not a worker the supervisor started but an orphan reparented
+	// to it that nothing names a worker of (trees.go, adoptStray); its Pid
+	// is the orphan's, its Slot -1, and it lingers from the start.
+	Stray bool `json:"stray,omitempty"`
 	// Hurried: its generation was beyond MaxDraining, so it was sent the
 	// drain signal again with its deadline pulled in to HurryGrace.
 	Hurried  bool      `json:"hurried,omitempty"`

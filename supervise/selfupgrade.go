@@ -215,7 +215,7 @@ func (s *Supervisor) onCheckTimeout(su *selfUpgrade) {
 	if s.reexec.cur != su || su.checkPid == 0 {
 		return
 	}
-	s.env.kill(-su.checkPid, unix.SIGKILL) // its own process group
+	s.killCheckTree(su.checkPid)
 	su.checkPid = 0
 	s.selfFailed(su, fmt.Sprintf("new binary %s: self-check did not finish within %s (killed)", su.path, SelfCheckTimeout))
 }
@@ -312,7 +312,7 @@ func (s *Supervisor) checkDone(su *selfUpgrade) {
 func (s *Supervisor) selfFailed(su *selfUpgrade, reason string) {
 	s.log.Error("self-upgrade refused", slog.String("reason", reason))
 	if su.checkPid != 0 {
-		s.env.kill(-su.checkPid, unix.SIGKILL)
+		s.killCheckTree(su.checkPid)
 		su.checkPid = 0
 	}
 	switch {

@@ -246,14 +246,7 @@ func (s *Supervisor) settle(w *worker, trees map[*worker][]int) {
 		s.setState(w, WorkerGone)
 		return
 	}
-	if !w.LingerSignalled {
-		w.LingerSignalled = true
-		s.log.Warn("worker's main process exited, stopping what is left of its process tree",
-			slog.Int("generation", w.gen.N), slog.Int("pid", w.Pid), slog.Any("processes", left))
-		for _, pid := range left {
-			s.env.kill(pid, s.cfg.DrainSignal)
-		}
-	}
+	s.lingerSignal(w, left)
 	if !w.KilledAt.IsZero() {
 		if s.env.now().Sub(w.KilledAt) > killGrace {
 			s.log.Error("processes survive SIGKILL, leaving them", slog.Int("generation", w.gen.N),
@@ -266,6 +259,22 @@ func (s *Supervisor) settle(w *worker, trees map[*worker][]int) {
 		}
 	}
 	s.pollSoon()
+}
+
+// lingerSignal sends what is left of w's tree the drain signal, once.
+func (s *Supervisor) lingerSignal(w *worker, left []int) {
+	if w.LingerSignalled {
+		return
+	}
+	w.LingerSignalled = true
+	msg := "worker's main process exited, stopping what is left of its process tree"
+	if w.Stray {
+		msg = "stopping a stray process tree"
+	}
+	s.log.Warn(msg, slog.Int("generation", w.gen.N), slog.Int("pid", w.Pid), slog.Any("processes", left))
+	for _, pid := range left {
+		s.env.kill(pid, s.cfg.DrainSignal)
+	}
 }
 
 // kill9 kills w's whole tree now, and from now on at every poll.
