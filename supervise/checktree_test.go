@@ -15,7 +15,7 @@ import (
 // which the group kill misses.
 func TestSelfCheckTimeoutKillsItsWholeTree(t *testing.T) {
 	env := newFakeEnv()
-	env.checkOut = SelfCheckLine("v2") + "\n"
+	env.checkOut = SelfCheckLine("v2", true) + "\n"
 	cfg := testConfig(t, Config{Executable: "/bin/upgrader", Version: "v1", Signals: true})
 	h := start(t, cfg, env, nil)
 	w := h.started()
