@@ -63,7 +63,9 @@ type env interface {
 	notifyManager(state string)
 	// check starts path as "path self-check -- ARGS..." (args: the
 	// command line the exec will give it, less argv[0]) in its own process
-	// group, with its stdout on out (its exit is reaped as any child's).
+	// group, with its stdout on out (its exit is reaped as any child's),
+	// below a reaper (spawn.Spec.Reaped) whose pid is returned: a check
+	// that forks cannot leave anything behind if the supervisor dies.
 	check(path string, args []string) (pid int, out io.ReadCloser, err error)
 	// notifyState returns a close-on-exec duplicate of the notify socket,
 	// its path and private directory, to carry across an exec.
@@ -351,7 +353,7 @@ func (e *osEnv) check(path string, args []string) (int, io.ReadCloser, error) {
 		return 0, nil, err
 	}
 	pid, err := e.startChild(spawn.Spec{Path: path, Args: append([]string{path, "self-check", "--"}, args...), Env: workerBaseEnv(os.Environ()),
-		Files: []int{int(e.devnull.Fd()), int(w.Fd()), 2}, Pdeathsig: unix.SIGKILL, Direct: true})
+		Files: []int{int(e.devnull.Fd()), int(w.Fd()), 2}, Reaped: true})
 	w.Close()
 	if err != nil {
 		r.Close()

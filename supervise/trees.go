@@ -110,7 +110,8 @@ func (s *Supervisor) trees() map[*worker][]int {
 }
 
 // isHelper reports whether pid, a child of the supervisor, is one it
-// started for itself rather than for a generation: the self-check.
+// started for itself rather than for a generation: the self-check (its
+// tree reaper, which the check runs below).
 func (s *Supervisor) isHelper(pid int) bool {
 	su := s.reexec.cur
 	return su != nil && su.checkPid != 0 && su.checkPid == pid
