@@ -26,6 +26,7 @@ import (
 
 	"github.com/seed6cb0314a/upgrader/health"
 	"github.com/seed6cb0314a/upgrader/internal/control"
+	"github.com/seed6cb0314a/upgrader/internal/earlysig"
 	"github.com/seed6cb0314a/upgrader/internal/sockets"
 	"github.com/seed6cb0314a/upgrader/internal/spawn"
 	"github.com/seed6cb0314a/upgrader/supervise"
@@ -49,12 +50,6 @@ func main() {
 
 func realMain(m *spawn.MainThread) int {
 	p := proc{main: m}
-	// A new image after a self-upgrade: catch the signals ignored across
-	// the exec before anything else.
-	if os.Getenv(supervise.StateEnv) != "" {
-		p.held = supervise.HoldSignals()
-	}
-
 	args := os.Args[1:]
 	cmd := "run"
 	if len(args) > 0 {
@@ -62,6 +57,14 @@ func realMain(m *spawn.MainThread) int {
 		case "run", "upgrade", "status", "prestop", "version", "help", "self-check":
 			cmd, args = args[0], args[1:]
 		}
+	}
+	// The supervisor's signals have been caught since the packages' init
+	// (earlysig): for the supervisor to handle, in order, once it runs;
+	// any other command dies of a SIGTERM as any program does.
+	if cmd == "run" {
+		p.held = earlysig.Held()
+	} else {
+		earlysig.Release()
 	}
 	var err error
 	switch cmd {
@@ -216,7 +219,7 @@ func configError(err error) error {
 // proc is what the process set up before parsing its command line.
 type proc struct {
 	main *spawn.MainThread // where workers are forked, and a self-upgrade execs
-	held chan os.Signal    // signals caught since the start, after a self-upgrade
+	held chan os.Signal    // signals caught since the start (earlysig)
 }
 
 func (p proc) run(args []string) error {
@@ -231,9 +234,8 @@ func (p proc) run(args []string) error {
 	if err != nil {
 		return err
 	}
-	cfg.MainThread = p.main
+	cfg.MainThread, cfg.HeldSignals = p.main, p.held
 	if v := os.Getenv(supervise.StateEnv); v != "" {
-		cfg.HeldSignals = p.held
 		return resumeRun(f, cfg, v)
 	}
 	// Socket activation in: read LISTEN_* once, before anything else.
