@@ -29,6 +29,7 @@ import (
 	"github.com/seed6cb0314a/upgrader/internal/earlysig"
 	"github.com/seed6cb0314a/upgrader/internal/sockets"
 	"github.com/seed6cb0314a/upgrader/internal/spawn"
+	"github.com/seed6cb0314a/upgrader/internal/workerenv"
 	"github.com/seed6cb0314a/upgrader/supervise"
 )
 
@@ -291,6 +292,15 @@ func (p proc) run(args []string) error {
 	for _, sock := range socks {
 		cfg.Listeners = append(cfg.Listeners, supervise.SocketListener(sock))
 	}
+	if len(socks) == 0 {
+		// Allowed: a worker may serve no socket (a queue consumer) or keep
+		// its own in the fd store. But one that binds a port itself when
+		// it inherits none (examples/hello binds 8080) holds it against
+		// the next generation, whose upgrade then fails or, with
+		// SO_REUSEPORT, two generations share it: say so at the start.
+		log.Warn("no listeners: workers get no LISTEN_FDS; give --listen or socket activation for upgrader to hold the sockets",
+			zap.Int("listeners", 0))
+	}
 	cfg.Carry = carry(cl, hl)
 	sup, err := supervise.New(cfg)
 	if err != nil {
@@ -403,6 +413,9 @@ func serve(log *zap.Logger, f runFlags, sup *supervise.Supervisor, cl, hl net.Li
 // LISTEN_FDS order), would hand a worker two sockets where it asks for one:
 // that is a usage error naming both. Names repeated within LISTEN_FDNAMES are
 // systemd's business (a socket unit names all its fds alike) and are kept.
+// Names are compared as they are, case included, as systemd and every
+// sd_listen_fds_with_names(3) reader compare them: "a" and "A" are two
+// listeners, and folding case would refuse what systemd accepts.
 func parseListeners(values, inherited []string) ([]sockets.Spec, error) {
 	specs := make([]sockets.Spec, 0, len(values))
 	from := map[string]string{} // name → who gave it, for the error
@@ -496,6 +509,13 @@ func adoptListeners() ([]*sockets.Socket, error) {
 	n, err := strconv.Atoi(want)
 	if err != nil || n < 0 {
 		return nil, fmt.Errorf("LISTEN_FDS=%q: not a number of fds", want)
+	}
+	names, set := os.LookupEnv(workerenv.ListenFDNames)
+	if err := workerenv.CheckFDNames(want, n, names, set); err != nil {
+		for _, f := range activation.Files(true) {
+			f.Close()
+		}
+		return nil, err
 	}
 	var out []*sockets.Socket
 	for i, f := range activation.Files(true) {
