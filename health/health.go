@@ -11,10 +11,12 @@
 package health
 
 import (
+	"container/list"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"os"
@@ -24,6 +26,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"golang.org/x/sys/unix"
 )
 
 // Snapshot is the state at one moment.
@@ -54,10 +57,13 @@ type Server struct {
 	restarts   *prometheus.CounterVec
 	genDesc    *prometheus.Desc
 	readyDesc  *prometheus.Desc
+	connsDesc  *prometheus.Desc
+	closedDesc *prometheus.Desc
 
-	mu   sync.Mutex
-	srv  *http.Server // while Serve runs
-	gate *gate
+	mu       sync.Mutex
+	maxConns int
+	srv      *http.Server // while Serve runs
+	gate     *gate
 }
 
 // New returns a Server that asks src for the state at every request.
@@ -78,6 +84,9 @@ func New(src Source) *Server {
 		}, []string{"cause"}),
 		genDesc:   prometheus.NewDesc("upgrader_generations", "Generations with live processes, by state.", []string{"state"}, nil),
 		readyDesc: prometheus.NewDesc("upgrader_ready", "1 while a generation serves and no stop has begun.", nil, nil),
+		connsDesc: prometheus.NewDesc("upgrader_health_connections", "Connections to the health endpoints open now.", nil, nil),
+		closedDesc: prometheus.NewDesc("upgrader_health_connections_closed_total",
+			"Health connections closed at the bound on them, by reason (idle: the one idle the longest, for a new one; refused: a new one, answered 503).", []string{"reason"}, nil),
 	}
 	s.upgrades.WithLabelValues("ok")
 	s.upgrades.WithLabelValues("failed")
@@ -106,10 +115,23 @@ func (s *Server) ObserveRestart(cause string) { s.restarts.WithLabelValues(cause
 func (s *Server) Describe(ch chan<- *prometheus.Desc) {
 	ch <- s.genDesc
 	ch <- s.readyDesc
+	ch <- s.connsDesc
+	ch <- s.closedDesc
 }
 
 // Collect implements prometheus.Collector.
 func (s *Server) Collect(ch chan<- prometheus.Metric) {
+	s.mu.Lock()
+	g := s.gate
+	s.mu.Unlock()
+	if g != nil {
+		g.mu.Lock()
+		conns, evicted, refused := g.conns, g.evicted, g.refused
+		g.mu.Unlock()
+		ch <- prometheus.MustNewConstMetric(s.connsDesc, prometheus.GaugeValue, float64(conns))
+		ch <- prometheus.MustNewConstMetric(s.closedDesc, prometheus.CounterValue, float64(evicted), "idle")
+		ch <- prometheus.MustNewConstMetric(s.closedDesc, prometheus.CounterValue, float64(refused), "refused")
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), probeTimeout)
 	defer cancel()
 	snap, err := s.src(ctx)
@@ -181,19 +203,75 @@ func Listen(addr string) (net.Listener, error) {
 	return l, nil
 }
 
+// The limits of one connection: a client that sends nothing, sends
+// slowly, reads slowly or idles between probes lets go of its fd within
+// these; a balancer that probes every few seconds keeps its connection.
+const (
+	readHeaderTimeout = 5 * time.Second
+	readTimeout       = 10 * time.Second
+	writeTimeout      = 10 * time.Second
+	idleTimeout       = 30 * time.Second
+	maxHeaderBytes    = 16 << 10
+)
+
+// The bounds of MaxConns: the most connections worth holding for
+// balancers' probes, and the fewest it gives when the fd limit leaves
+// almost nothing.
+const (
+	maxConnsCeiling = 512
+	maxConnsFloor   = 4
+)
+
+// MaxConns is how many health connections to hold at once when the
+// supervisor needs reserve fds of its own: half of what RLIMIT_NOFILE
+// leaves beyond the reserve (the other half is slack for what the reserve
+// does not foresee), within maxConnsFloor and maxConnsCeiling. limit is
+// the soft RLIMIT_NOFILE it read.
+func MaxConns(reserve int) (n int, limit uint64, err error) {
+	var rl unix.Rlimit
+	if err := unix.Getrlimit(unix.RLIMIT_NOFILE, &rl); err != nil {
+		return maxConnsFloor, 0, fmt.Errorf("health endpoints: RLIMIT_NOFILE: %w", err)
+	}
+	return maxConnsFor(rl.Cur, reserve), rl.Cur, nil
+}
+
+func maxConnsFor(limit uint64, reserve int) int {
+	free := int64(min(limit, 1<<31)) - int64(reserve)
+	return int(min(max(free/2, maxConnsFloor), maxConnsCeiling))
+}
+
+// SetMaxConns bounds the connections Serve holds at once (0: no bound). At
+// the bound, a new connection closes the one idle the longest, so that a
+// balancer's next probe is answered although clients hold idle
+// connections; with none idle it is refused with a 503 and closed: the
+// health request fails, never the supervisor, whose fds these would be.
+// Call it before Serve.
+func (s *Server) SetMaxConns(n int) {
+	s.mu.Lock()
+	s.maxConns = n
+	s.mu.Unlock()
+}
+
 // Serve serves the endpoints on l until ctx is done.
 func (s *Server) Serve(ctx context.Context, l net.Listener) error {
-	srv := &http.Server{Handler: s.Handler(), ReadHeaderTimeout: 5 * time.Second}
-	g := newGate(l)
-	l = g
 	s.mu.Lock()
+	g := newGate(l, s.maxConns)
+	srv := &http.Server{
+		Handler:           s.Handler(),
+		ReadHeaderTimeout: readHeaderTimeout,
+		ReadTimeout:       readTimeout,
+		WriteTimeout:      writeTimeout,
+		IdleTimeout:       idleTimeout,
+		MaxHeaderBytes:    maxHeaderBytes,
+		ConnState:         g.connState,
+	}
 	s.srv, s.gate = srv, g
 	s.mu.Unlock()
 	go func() {
 		<-ctx.Done()
 		srv.Close()
 	}()
-	if err := srv.Serve(l); err != nil && !errors.Is(err, http.ErrServerClosed) {
+	if err := srv.Serve(g); err != nil && !errors.Is(err, http.ErrServerClosed) {
 		return err
 	}
 	return nil
@@ -223,25 +301,34 @@ func (s *Server) Quiesce(timeout time.Duration) (resume func()) {
 	}
 }
 
-// gate is a listener whose Accept can be paused without closing it, and
-// that counts the connections it has handed out and not yet closed.
+// gate is a listener whose Accept can be paused without closing it, that
+// counts the connections it has handed out and not yet closed, and holds
+// at most max of them (0: no bound).
 type gate struct {
 	net.Listener
+	max    int
 	mu     sync.Mutex
 	cond   *sync.Cond
 	paused bool
 	parked bool // Accept is held by pause (so no connection is on its way)
 	conns  int
+	idle   list.List // of *gateConn, the longest idle first
+	// evicted and refused count connections closed for the bound.
+	evicted, refused int
 }
 
-func newGate(l net.Listener) *gate {
-	g := &gate{Listener: l}
+func newGate(l net.Listener, max int) *gate {
+	g := &gate{Listener: l, max: max}
 	g.cond = sync.NewCond(&g.mu)
 	return g
 }
 
 // deadliner is a listener with SetDeadline (TCP and Unix listeners).
 type deadliner interface{ SetDeadline(time.Time) error }
+
+// refusal is written to a connection beyond the bound with none idle to
+// close: a balancer counts it a failed probe, as it is.
+const refusal = "HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 36\r\nConnection: close\r\n\r\ntoo many health connections at once\n"
 
 func (g *gate) Accept() (net.Conn, error) {
 	for {
@@ -260,9 +347,51 @@ func (g *gate) Accept() (net.Conn, error) {
 			return nil, err
 		}
 		g.mu.Lock()
-		g.conns++
+		var victim *gateConn
+		if g.max > 0 && g.conns >= g.max {
+			if e := g.idle.Front(); e != nil {
+				victim = g.idle.Remove(e).(*gateConn)
+				victim.idle = nil
+				g.evicted++
+			}
+		}
+		full := g.max > 0 && g.conns >= g.max && victim == nil
+		if full {
+			g.refused++
+		} else {
+			g.conns++
+		}
 		g.mu.Unlock()
+		if victim != nil {
+			victim.Close() // counts itself out
+		}
+		if full {
+			// The accepted socket's send buffer is empty: the write
+			// does not wait, and the deadline bounds it if it would.
+			c.SetWriteDeadline(time.Now().Add(100 * time.Millisecond))
+			io.WriteString(c, refusal)
+			c.Close()
+			continue
+		}
 		return &gateConn{Conn: c, g: g}, nil
+	}
+}
+
+// connState keeps the list of idle connections, the ones the bound may
+// close: a connection waiting for its next request. One being answered,
+// or whose first request has not come, is left to the timeouts.
+func (g *gate) connState(c net.Conn, state http.ConnState) {
+	gc, ok := c.(*gateConn)
+	if !ok {
+		return
+	}
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if state == http.StateIdle && gc.idle == nil && !gc.closed {
+		gc.idle = g.idle.PushBack(gc)
+	} else if state != http.StateIdle && gc.idle != nil {
+		g.idle.Remove(gc.idle)
+		gc.idle = nil
 	}
 }
 
@@ -298,15 +427,36 @@ func (g *gate) quiet() bool {
 // gateConn counts itself out of its gate when closed.
 type gateConn struct {
 	net.Conn
-	g    *gate
-	once sync.Once
+	g *gate
+	// Guarded by g.mu.
+	idle   *list.Element // in g.idle while idle
+	closed bool
 }
 
 func (c *gateConn) Close() error {
-	c.once.Do(func() {
-		c.g.mu.Lock()
+	c.g.mu.Lock()
+	first := !c.closed
+	if first {
+		c.closed = true
 		c.g.conns--
-		c.g.mu.Unlock()
-	})
+		if c.idle != nil {
+			c.g.idle.Remove(c.idle)
+			c.idle = nil
+		}
+	}
+	c.g.mu.Unlock()
 	return c.Conn.Close()
+}
+
+// openConns is how many connections Serve holds now.
+func (s *Server) openConns() int {
+	s.mu.Lock()
+	g := s.gate
+	s.mu.Unlock()
+	if g == nil {
+		return 0
+	}
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.conns
 }

@@ -44,7 +44,8 @@ const (
 // WithUpgrades turns on embedded mode: the process upgrades itself on
 // SIGUSR2 or SIGHUP with tableflip (opts: UpgradeTimeout, how long the new
 // process may take to become ready, default one minute; PIDFile, written
-// by every process once ready), live connections included. It is ignored
+// by every process once ready), live connections included. A new process
+// not ready in time is killed with its whole tree (childtree.go). It is ignored
 // when the process runs under upgrader (UPGRADER_GENERATION is set), which
 // does the upgrades itself, so the same binary runs both ways. See the
 // package documentation, "Embedded upgrades".
@@ -70,13 +71,20 @@ type embedded struct {
 	peer *os.File
 	// out is the channel to the process this one upgraded to (under set.mu).
 	out *Handoffs
+	// watch follows the new process of the upgrade under way, if any.
+	watch atomic.Pointer[childWatch]
 }
 
 // newEmbedded starts embedded mode for s, taking the fds a tableflip
 // parent passed (or, in the first process, importing systemd's from
 // s.files so that they pass on).
 func newEmbedded(s *Set) error {
-	upg, err := tableflip.New(*s.upgradeOpts)
+	// The upgrade's own watch (childWatch) kills a new process that is
+	// late, with its whole tree; tableflip's timeout, which would kill the
+	// process alone, comes after it.
+	opts := *s.upgradeOpts
+	opts.UpgradeTimeout = s.upgradeTimeout() + tableflipGrace
+	upg, err := tableflip.New(opts)
 	if err != nil {
 		return fmt.Errorf("embedded upgrades: %w", err)
 	}
@@ -222,17 +230,42 @@ func (e *embedded) handoffChannel() (int, error) {
 }
 
 // signals upgrades on SIGUSR2 and SIGHUP, one upgrade at a time; a signal
-// that arrives during an upgrade waits for it (one at most).
+// that arrives during an upgrade waits for it (one at most). When the
+// binary on disk is no longer the one the starting process runs, the
+// signal also cancels that start (its tree killed at once): the operator
+// has shipped a fix, and the broken process must not hold it back until
+// its timeout.
 func (e *embedded) signals() {
 	ch := make(chan os.Signal, 1)
 	signal.Notify(ch, syscall.SIGUSR2, syscall.SIGHUP)
-	for sig := range ch {
-		if e.done.Load() {
-			e.set.log.Info("upgrade signal ignored: this process has already upgraded and is draining", "signal", sig.String())
-			continue
+	next := make(chan os.Signal, 1)
+	go func() {
+		for sig := range next {
+			if e.done.Load() {
+				e.set.log.Info("upgrade signal ignored: this process has already upgraded and is draining", "signal", sig.String())
+				continue
+			}
+			e.upgrade(sig)
 		}
-		e.upgrade(sig)
+	}()
+	for sig := range ch {
+		if w := e.watch.Load(); w != nil && w.bin != currentBinary() {
+			e.set.log.Warn("a new binary is in place: cancelling the upgrade to the one still starting", "signal", sig.String())
+			w.kill("cancelled: a new binary was signalled while it started")
+		}
+		select {
+		case next <- sig:
+		default: // one waits already
+		}
 	}
+}
+
+// upgradeTimeout is how long a new process may take to become ready.
+func (s *Set) upgradeTimeout() time.Duration {
+	if t := s.upgradeOpts.UpgradeTimeout; t > 0 {
+		return t
+	}
+	return tableflip.DefaultUpgradeTimeout
 }
 
 // upgrade runs one tableflip upgrade, passing the new process a fresh
@@ -279,12 +312,26 @@ func (e *embedded) upgrade(sig os.Signal) {
 	}
 	log.Info("upgrading: starting the new process")
 	os.Setenv(EmbeddedGenerationEnv, strconv.Itoa(e.gen+1))
+	watch := watchChild(e.gen+1, e.set.upgradeTimeout())
+	e.watch.Store(watch)
 	err = e.upg.Upgrade()
 	for i := 0; err != nil && err.Error() == "parent hasn't exited" && i < 100; i++ {
 		// WaitForParent has seen the parent go; tableflip's own loop
 		// learns it a moment later.
 		time.Sleep(10 * time.Millisecond)
 		err = e.upg.Upgrade()
+	}
+	e.watch.Store(nil)
+	if why := watch.end(err != nil); why != "" && err != nil {
+		err = fmt.Errorf("%s (its process tree killed): %w", why, err)
+	} else if why != "" {
+		// It said ready as it was killed: tableflip counts the upgrade
+		// done and takes no other, but nothing serves in the new process,
+		// so this one must go on.
+		os.Unsetenv(EmbeddedGenerationEnv)
+		out.Close()
+		log.Error("the new process was killed as it became ready; this process keeps serving, and can upgrade no more (restart it to)", "reason", why)
+		return
 	}
 	os.Unsetenv(EmbeddedGenerationEnv)
 	if err != nil {
@@ -309,10 +356,7 @@ func (e *embedded) waitParent(log *slog.Logger) error {
 	if !e.upg.HasParent() {
 		return nil
 	}
-	timeout := e.set.upgradeOpts.UpgradeTimeout
-	if timeout <= 0 {
-		timeout = tableflip.DefaultUpgradeTimeout
-	}
+	timeout := e.set.upgradeTimeout()
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
 	waited := time.AfterFunc(100*time.Millisecond, func() {

@@ -22,11 +22,24 @@ import (
 // BenchmarkUpgrade measures one upgrade: from the request on the control
 // socket until the old generation has exited ("done"), less the new
 // generation's own start-up (its "ready" event's ready_after_ms).
-// That remainder is what upgrader itself costs.
+// That remainder is what upgrader itself costs: with the default ready
+// hold, the hold (500ms) with it, and with --ready-hold 0 without.
 //
-//	go test -run '^$' -bench Upgrade -benchtime 50x ./integration
+//	go test -run '^$' -bench 'Upgrade$' -benchtime 50x ./integration
 func BenchmarkUpgrade(b *testing.B) {
-	p := startUpgrader(b, "-l", "127.0.0.1:0", "--", helloBin)
+	for _, hold := range []string{"0", "default"} {
+		b.Run("ready-hold="+hold, func(b *testing.B) {
+			args := []string{"-l", "127.0.0.1:0"}
+			if hold != "default" {
+				args = append(args, "--ready-hold", hold)
+			}
+			benchmarkUpgrade(b, append(args, "--", helloBin)...)
+		})
+	}
+}
+
+func benchmarkUpgrade(b *testing.B, args ...string) {
+	p := startUpgrader(b, args...)
 	p.waitReady(1)
 	var total, startup time.Duration
 	b.ResetTimer()

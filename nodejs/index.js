@@ -110,18 +110,20 @@ function ready() {
   if (channel()) {
     sendAccept();
     send({ upgrader: 'ready' });
-    return;
   }
+  // upgrader waits for the one its --ready mode names, so with
+  // --ready fd:N the newline goes too, channel or not: to upgrader's ready
+  // pipe (a FIFO), or to fd N when there is no channel. With a channel, fd
+  // N that is not a pipe is a listener or a channel (no --ready fd:N),
+  // where a newline would be a malformed message.
   const fd = config.readyFd;
-  if (fd == null) return;
-  // fd N may be the handoff channel when upgrader was not started with
-  // --ready fd:N; a newline there would be a malformed message.
-  if (String(fd) === process.env.UPGRADER_HANDOFF_FD) return;
+  if (fd == null || String(fd) === process.env.UPGRADER_HANDOFF_FD) return;
   try {
+    if (channel() && !fs.fstatSync(fd).isFIFO()) return;
     fs.writeSync(fd, '\n');
     fs.closeSync(fd);
   } catch (err) {
-    config.log(`cannot signal readiness on fd ${fd}: ${err.message}`);
+    if (err.code !== 'EBADF') config.log(`cannot signal readiness on fd ${fd}: ${err.message}`);
   }
 }
 

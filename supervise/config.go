@@ -100,6 +100,13 @@ type Config struct {
 	Ready   ReadyMode
 	// ReadyTimeout bounds the wait for a new worker to be ready (> 0).
 	ReadyTimeout time.Duration
+	// ReadyHold is how long a new generation must stay ready, every
+	// worker, before the one it replaces is asked to drain, as
+	// Kubernetes' minReadySeconds: a worker that exits or is replaced
+	// within it fails the upgrade, and the old generation, never drained,
+	// serves on. It adds to every upgrade's time. 0: off, the old
+	// generation drains at the new one's READY=1.
+	ReadyHold time.Duration
 	// DrainTimeout is how long a draining worker has before its process
 	// tree is sent SIGKILL (> 0).
 	DrainTimeout time.Duration
@@ -155,8 +162,9 @@ type Config struct {
 	// Subreaper makes the process the child subreaper (PR_SET_CHILD_SUBREAPER,
 	// prctl(2)) so that a worker's daemonised descendants are reparented
 	// to it, attributed to their worker and stopped with it; it then reaps
-	// every child (wait4(-1)), and at a stop kills whatever is left below
-	// it. Off, the supervisor reaps only the processes it started and
+	// every child (wait4(-1)), treats a child it did not start that no
+	// worker can be named for as a stray of a generation (drained and
+	// killed with it), and at a stop kills whatever is left below it. Off, the supervisor reaps only the processes it started and
 	// leaves a host program's own children alone; a worker's descendants
 	// that outlive it go to init, untracked.
 	Subreaper bool
@@ -167,8 +175,10 @@ type Config struct {
 	// Version is this upgrader's version, shown in the status.
 	Version string
 	// Executable and Args are what a self-upgrade re-executes: the path
-	// of the upgrader binary as resolved at the first start (not
-	// /proc/self/exe, which names the image running now) and its argv.
+	// of the upgrader binary as invoked (absolute, its symlinks resolved
+	// at each self-upgrade, so that a flipped current → releases/N link
+	// takes effect; not /proc/self/exe, which names the image running
+	// now) and its argv.
 	// No Executable: self-upgrades are refused.
 	Executable string
 	Args       []string
@@ -190,14 +200,18 @@ type Config struct {
 }
 
 // DefaultConfig returns the defaults of every field: one worker ready by
-// sd_notify, 60 s to be ready, 30 s to drain on SIGTERM, give up after 5
+// sd_notify, 60 s to be ready, 500 ms of ready hold, 30 s to drain on SIGTERM, give up after 5
 // crash restarts in 60 s, at most 4 generations draining (2 s of grace
 // beyond), 64 stored fds, handoff on. Set Command and Listeners.
 func DefaultConfig() Config {
 	return Config{
-		Workers:       1,
-		Ready:         ReadyMode{Kind: ReadyNotify},
-		ReadyTimeout:  60 * time.Second,
+		Workers:      1,
+		Ready:        ReadyMode{Kind: ReadyNotify},
+		ReadyTimeout: 60 * time.Second,
+		// Long enough to catch a worker that crashes on its first
+		// requests or right after its READY=1, short enough to add
+		// little to an upgrade.
+		ReadyHold:     500 * time.Millisecond,
 		DrainTimeout:  30 * time.Second,
 		DrainSignal:   syscall.SIGTERM,
 		MaxRestarts:   5,
@@ -246,6 +260,7 @@ func (c *Config) Validate() error {
 		{"ReadyTimeout", c.ReadyTimeout, false}, {"DrainTimeout", c.DrainTimeout, false},
 		{"RestartWindow", c.RestartWindow, false}, {"HurryGrace", c.HurryGrace, false},
 		{"ShutdownDelay", c.ShutdownDelay, true}, {"Watchdog", c.Watchdog, true}, {"GiveUpLinger", c.GiveUpLinger, true},
+		{"ReadyHold", c.ReadyHold, true},
 	} {
 		switch {
 		case d.v < 0:

@@ -41,7 +41,7 @@ func TestSelfExecDuringCountDrainsTheReplacedGeneration(t *testing.T) {
 	env := newFakeEnv()
 	env.connBlock = make(chan struct{})
 	defer close(env.connBlock)
-	env.checkOut = SelfCheckLine("v2") + "\n"
+	env.checkOut = SelfCheckLine("v2", true) + "\n"
 	cfg := testConfig(t, Config{Executable: "/bin/upgrader", Version: "v1", Signals: true})
 	h := start(t, cfg, env, nil)
 	g1 := h.started()

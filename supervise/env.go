@@ -51,6 +51,9 @@ type env interface {
 	start(spec spawn.Spec, readyFD int, ready func(pid int)) (pid int, err error)
 	// kill sends sig to pid (a negative pid: its process group), kill(2).
 	kill(pid int, sig syscall.Signal) error
+	// fdSockets maps the inodes of the sockets pid holds to their fds
+	// (proctree.Sockets); the error says its fd table cannot be read.
+	fdSockets(pid int) (map[string]int, error)
 	// connections counts the established TCP and Unix stream connections
 	// the processes hold (for upgrade progress; best effort). It may
 	// block: call it off the loop.
@@ -58,9 +61,12 @@ type env interface {
 	// notifyManager sends state to our own service manager (sd_notify(3));
 	// a no-op when not run by one.
 	notifyManager(state string)
-	// check starts path as "path self-check" in its own process group,
-	// with its stdout on out (its exit is reaped as any child's).
-	check(path string) (pid int, out io.ReadCloser, err error)
+	// check starts path as "path self-check -- ARGS..." (args: the
+	// command line the exec will give it, less argv[0]) in its own process
+	// group, with its stdout on out (its exit is reaped as any child's),
+	// below a reaper (spawn.Spec.Reaped) whose pid is returned: a check
+	// that forks cannot leave anything behind if the supervisor dies.
+	check(path string, args []string) (pid int, out io.ReadCloser, err error)
 	// notifyState returns a close-on-exec duplicate of the notify socket,
 	// its path and private directory, to carry across an exec.
 	notifyState() (fd int, path, dir string, err error)
@@ -348,13 +354,13 @@ func (e *osEnv) start(spec spawn.Spec, readyFD int, ready func(int)) (int, error
 	return pid, nil
 }
 
-func (e *osEnv) check(path string) (int, io.ReadCloser, error) {
+func (e *osEnv) check(path string, args []string) (int, io.ReadCloser, error) {
 	r, w, err := os.Pipe()
 	if err != nil {
 		return 0, nil, err
 	}
-	pid, err := e.startChild(spawn.Spec{Path: path, Args: []string{path, "self-check"}, Env: workerBaseEnv(os.Environ()),
-		Files: []int{int(e.devnull.Fd()), int(w.Fd()), 2}, Pdeathsig: unix.SIGKILL, Direct: true})
+	pid, err := e.startChild(spawn.Spec{Path: path, Args: append([]string{path, "self-check", "--"}, args...), Env: workerBaseEnv(os.Environ()),
+		Files: []int{int(e.devnull.Fd()), int(w.Fd()), 2}, Reaped: true})
 	w.Close()
 	if err != nil {
 		r.Close()
@@ -426,6 +432,8 @@ func (e *osEnv) kill(pid int, sig syscall.Signal) error {
 }
 
 func (e *osEnv) processes() (proctree.Table, error) { return proctree.Read("/proc") }
+
+func (e *osEnv) fdSockets(pid int) (map[string]int, error) { return proctree.Sockets("/proc", pid) }
 
 func (e *osEnv) environ(pid int) map[string]string { return proctree.Environ("/proc", pid) }
 

@@ -251,20 +251,102 @@ func (s *Supervisor) onReady(w *worker) {
 	if w.State != WorkerStarting {
 		return
 	}
-	s.setState(w, WorkerReady)
 	g := w.gen
+	if !s.holdsListener(w) {
+		reason := fmt.Sprintf("worker %d (pid %d) said it was ready but holds none of the listeners", w.Slot, w.Pid)
+		if g.State == GenStarting && s.gens.current != nil {
+			s.failGeneration(g, reason)
+			return
+		}
+		// A replacement worker, or one of the first generation: as one
+		// that is not ready in time, it is killed and its exit counts as
+		// a crash.
+		s.log.Error("worker not ready: it holds none of the listeners, killing its process tree",
+			slog.Int("generation", g.N), slog.Int("worker", w.Slot), slog.Int("pid", w.Pid))
+		s.kill9(w)
+		return
+	}
+	s.setState(w, WorkerReady)
 	s.log.Info("worker ready", slog.Int("generation", g.N), slog.Int("worker", w.Slot), slog.Int("pid", w.Pid),
 		slog.Duration("after", w.ReadyAt.Sub(w.Started)))
 	if g.State == GenStarting && g.allReady() {
-		s.promote(g)
+		s.holdThenPromote(g)
 	}
 	s.flushParked()
+}
+
+// holdThenPromote promotes g once it has stayed ready for ReadyHold, as
+// Kubernetes' minReadySeconds: a new version that says READY=1 and
+// crashes moments later (a bad config read lazily, a dependency dialled
+// after start) then fails its upgrade while the old generation, never
+// asked to drain, still serves, instead of leaving a crash loop with
+// nothing behind it. The first generation has nothing to fall back on and
+// is promoted at once. A worker of g that exits, or is replaced, within
+// the hold fails g as one that was never ready does, since g is still
+// starting.
+func (s *Supervisor) holdThenPromote(g *generation) {
+	if s.cfg.ReadyHold <= 0 || s.gens.current == nil {
+		s.promote(g)
+		return
+	}
+	// Its readiness is its workers', as without a hold; the hold is
+	// upgrader's own time.
+	g.ReadyAt = s.env.now()
+	s.log.Info("generation ready, holding before the old one drains", slog.Int("generation", g.N),
+		slog.Duration("after", g.ReadyAt.Sub(g.Started)), slog.Duration("ready_hold", s.cfg.ReadyHold))
+	g.holding = true
+	g.hold = s.after(s.cfg.ReadyHold, evFunc{func() {
+		g.holding, g.hold = false, nil
+		if g.State == GenStarting && g == s.gens.pending && g.allReady() {
+			s.promote(g)
+		}
+	}})
+}
+
+// holdsListener tells whether w's process tree holds at least one of the
+// listeners, as a worker that says it is ready must: one that closed
+// them (or never kept them: a program that closes every inherited fd)
+// would take no connection, and draining the old generation for it would
+// leave every new connection to time out. It reads the fd table of w's
+// main process, and only if that has none the tables of its tree, since
+// a master may leave its listeners to its children. A table that cannot
+// be read (a process of another user) counts as holding them: the check
+// refuses only what it has seen. Reading the fd table of a process that
+// has just started is cheap, and done on the loop.
+func (s *Supervisor) holdsListener(w *worker) bool {
+	if len(s.listenInodes) == 0 {
+		return true
+	}
+	holds := func(pid int) bool {
+		socks, err := s.env.fdSockets(pid)
+		if err != nil {
+			s.log.Debug("cannot tell whether a worker holds its listeners", slog.Int("pid", pid), slog.Any("error", err))
+			return true
+		}
+		for in := range socks {
+			if _, ok := s.listenInodes[in]; ok {
+				return true
+			}
+		}
+		return false
+	}
+	if holds(w.Pid) {
+		return true
+	}
+	for _, pid := range s.trees()[w] {
+		if holds(pid) {
+			return true
+		}
+	}
+	return false
 }
 
 // promote makes g the active generation and drains the one it replaces.
 func (s *Supervisor) promote(g *generation) {
 	g.State = GenActive
-	g.ReadyAt = s.env.now()
+	if g.ReadyAt.IsZero() {
+		g.ReadyAt = s.env.now() // not held
+	}
 	old := s.gens.current
 	s.gens.current, s.gens.pending = g, nil
 	s.log.Info("generation ready", slog.Int("generation", g.N), slog.Duration("after", g.ReadyAt.Sub(g.Started)))
@@ -350,6 +432,7 @@ func (s *Supervisor) failGeneration(g *generation, reason string) {
 	}
 	g.State, g.Reason = GenFailed, reason
 	s.gens.pending = nil
+	g.stopHold()
 	s.log.Error("generation failed", slog.Int("generation", g.N), slog.String("reason", reason))
 	s.emit(g, Progress{Event: EventFailed, Reason: reason})
 	for w := range g.live {
@@ -370,6 +453,7 @@ func (s *Supervisor) cancelGeneration(g *generation) {
 	}
 	g.State, g.Reason = GenDraining, "the supervisor is stopping"
 	s.gens.pending = nil
+	g.stopHold()
 	s.log.Info("generation stopped before it was ready", slog.Int("generation", g.N))
 	s.emit(g, Progress{Event: EventFailed, Reason: g.Reason})
 	for w := range g.live {

@@ -174,8 +174,7 @@ func TestRepeatedWatchdogReplacementsGiveUp(t *testing.T) {
 }
 
 // The deadline SIGKILL reaches the worker's whole tree: a child in its
-// group, and an orphan that left it (setsid) but kept its environment;
-// an orphan nobody can be named for goes at the final sweep.
+// group, and an orphan that left it (setsid) but kept its environment.
 func TestDeadlineKillsTheWholeTree(t *testing.T) {
 	h := run(t, Config{DrainTimeout: 30 * time.Millisecond})
 	self := os.Getpid()
@@ -184,7 +183,6 @@ func TestDeadlineKillsTheWholeTree(t *testing.T) {
 		g1:  {Pid: g1, PPid: self, Pgid: g1, State: 'S'},
 		500: {Pid: 500, PPid: g1, Pgid: g1, State: 'S'},
 		600: {Pid: 600, PPid: self, Pgid: 600, Sid: 600, State: 'S'},
-		700: {Pid: 700, PPid: self, Pgid: 700, Sid: 700, State: 'S'},
 	})
 	h.env.mu.Lock()
 	h.env.envs = map[int]map[string]string{600: {"UPGRADER_GENERATION": "1", "UPGRADER_WORKER": "0"}}
@@ -195,21 +193,59 @@ func TestDeadlineKillsTheWholeTree(t *testing.T) {
 	h.ready(g2)
 	h.killed(g1, unix.SIGTERM) // the drain signal: the main process only
 	h.killedAll(unix.SIGKILL, g1, 500, 600)
-	h.env.setTable(proctree.Table{
-		g2:  {Pid: g2, PPid: self, Pgid: g2, State: 'S'},
-		700: {Pid: 700, PPid: self, Pgid: 700, Sid: 700, State: 'S'},
-	})
+	h.env.setTable(proctree.Table{g2: {Pid: g2, PPid: self, Pgid: g2, State: 'S'}})
 	h.exit(g1, 9)
 	h.s.post(evSignal{unix.SIGTERM})
 	h.killed(g2, unix.SIGTERM)
-	h.env.setTable(proctree.Table{700: {Pid: 700, PPid: self, Pgid: 700, State: 'S'}})
-	h.exit(g2, 0)
-	h.killed(700, unix.SIGKILL) // the final sweep
 	h.env.setTable(proctree.Table{})
-	h.s.post(evExit{pid: 700, status: 9})
+	h.exit(g2, 0)
 	if err := h.result(); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// An orphan nothing names (its own session, an empty environment) found
+// when a worker of generation 1 exits is a stray of generation 1, by its
+// start time: the drain signal at once, status lists it under generation
+// 1, which is not gone before it, and the drain deadline kills it.
+func TestStrayIsDrainedAndKilledWithItsGeneration(t *testing.T) {
+	h := run(t, Config{DrainTimeout: 300 * time.Millisecond})
+	self := os.Getpid()
+	t0 := time.Now()
+	h.env.mu.Lock()
+	h.env.frozen = t0
+	h.env.mu.Unlock()
+	g1 := h.started()
+	h.ready(g1)
+	h.sync()
+	h.env.mu.Lock()
+	h.env.frozen = t0.Add(time.Hour) // generation 2 starts an hour later
+	h.env.mu.Unlock()
+	h.s.post(evSignal{unix.SIGUSR2})
+	g2 := h.started()
+	h.ready(g2)
+	h.killed(g1, unix.SIGTERM)
+	h.env.setTable(proctree.Table{
+		g2:  {Pid: g2, PPid: self, Pgid: g2, State: 'S'},
+		700: {Pid: 700, PPid: self, Pgid: 700, Sid: 700, State: 'S', Started: t0.Add(time.Minute)},
+		701: {Pid: 701, PPid: 700, Pgid: 700, Sid: 700, State: 'S', Started: t0.Add(time.Minute)},
+	})
+	h.exit(g1, 0)
+	h.killedAll(unix.SIGTERM, 700, 701)
+	st := h.status()
+	if len(st.Generations) != 2 || st.Generations[0].N != 1 || len(st.Generations[0].Workers) != 1 {
+		t.Fatalf("generation 1 does not list the stray alone: %+v", st.Generations)
+	}
+	if w := st.Generations[0].Workers[0]; !w.Stray || w.Pid != 700 || w.State != WorkerLingering || !slices.Equal(w.Lingering, []int{700, 701}) {
+		t.Fatalf("the stray's record: %+v", w)
+	}
+	h.killedAll(unix.SIGKILL, 700, 701) // its deadline
+	h.env.setTable(proctree.Table{g2: {Pid: g2, PPid: self, Pgid: g2, State: 'S'}})
+	h.s.post(evExit{pid: 700, status: 9})
+	h.waitHandled("the poll that finds the stray gone", func(ev event) bool {
+		_, ok := ev.(evPoll)
+		return ok && len(h.status().Generations) == 1
+	})
 }
 
 // A start script that does not exec: when it exits, its server lingers;

@@ -3,6 +3,9 @@ package supervise
 import (
 	"fmt"
 	"os"
+	"strconv"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/seed6cb0314a/upgrader/internal/sockets"
 )
@@ -78,3 +81,17 @@ func (l *Listener) Close() error { return l.sock.Close() }
 
 // Socket is the socket behind l, for upgrader's own command line.
 func (l *Listener) Socket() *sockets.Socket { return l.sock }
+
+// listenerInodes returns the inodes of ls's sockets, as the fd tables of
+// the workers that hold them name them; one that cannot be read is left
+// out (no worker is then refused for it).
+func listenerInodes(ls []*Listener) map[string]struct{} {
+	out := map[string]struct{}{}
+	for _, l := range ls {
+		var st unix.Stat_t
+		if l.sock.FD >= 0 && unix.Fstat(l.sock.FD, &st) == nil {
+			out[strconv.FormatUint(st.Ino, 10)] = struct{}{}
+		}
+	}
+	return out
+}

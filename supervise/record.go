@@ -73,6 +73,10 @@ type WorkerRecord struct {
 	// process has exited; LingerSignalled: they were sent the drain signal.
 	Lingering       []int `json:"lingering,omitempty"`
 	LingerSignalled bool  `json:"linger_signalled,omitempty"`
+	// Stray: not a worker the supervisor started but an orphan reparented
+	// to it that nothing names a worker of (trees.go, adoptStray); its Pid
+	// is the orphan's, its Slot -1, and it lingers from the start.
+	Stray bool `json:"stray,omitempty"`
 	// Hurried: its generation was beyond MaxDraining, so it was sent the
 	// drain signal again with its deadline pulled in to HurryGrace.
 	Hurried  bool      `json:"hurried,omitempty"`
@@ -136,6 +140,18 @@ type generation struct {
 	// "done" when this generation has exited.
 	watchers     []chan Progress
 	exitWatchers []chan Progress
+	// holding: every worker is ready and the ready hold runs (hold, its
+	// timer) before the generation is promoted.
+	holding bool
+	hold    stopper
+}
+
+// stopHold stops g's ready hold, if one runs.
+func (g *generation) stopHold() {
+	if g.hold != nil {
+		g.hold.Stop()
+	}
+	g.holding, g.hold = false, nil
 }
 
 func (g *generation) allReady() bool {

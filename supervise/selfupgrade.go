@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
@@ -73,7 +74,10 @@ type reexec struct {
 }
 
 type selfUpgrade struct {
-	req      SelfRequest
+	req SelfRequest
+	// path is the binary checked and re-executed: Config.Executable with
+	// its symlinks resolved when the self-upgrade starts.
+	path     string
 	format   int // of the state record the new binary reads
 	ch       chan Progress
 	checkPid int
@@ -158,10 +162,25 @@ func (s *Supervisor) emitSelf(su *selfUpgrade, p Progress) {
 // startSelf runs the new binary's self-check.
 func (s *Supervisor) startSelf(su *selfUpgrade) {
 	s.reexec.cur = su
+	// Deploys flip a symlink (current → releases/N): the path as invoked
+	// is resolved now, once, so that the binary checked is the one
+	// re-executed even if the link flips again in between.
 	path := s.cfg.Executable
+	if p, err := filepath.EvalSymlinks(path); err == nil {
+		path = p
+	}
+	su.path = path
 	s.log.Info("self-upgrade: checking the new binary", slog.String("path", path))
 	s.emitSelf(su, Progress{Event: EventChecking, Binary: path})
-	pid, out, err := s.env.check(path)
+	// The check is given the command line the exec will give the new
+	// image: a build that no longer accepts it is refused here, while the
+	// running image can carry on, not after the exec, where it would exit
+	// and take the workers with it.
+	var args []string
+	if len(s.cfg.Args) > 1 {
+		args = s.cfg.Args[1:]
+	}
+	pid, out, err := s.env.check(path, args)
 	if err != nil {
 		s.selfFailed(su, fmt.Sprintf("new binary %s: %v", path, err))
 		return
@@ -196,17 +215,35 @@ func (s *Supervisor) onCheckTimeout(su *selfUpgrade) {
 	if s.reexec.cur != su || su.checkPid == 0 {
 		return
 	}
-	s.env.kill(-su.checkPid, unix.SIGKILL) // its own process group
+	s.killCheckTree(su.checkPid)
 	su.checkPid = 0
-	s.selfFailed(su, fmt.Sprintf("new binary %s: self-check did not finish within %s (killed)", s.cfg.Executable, SelfCheckTimeout))
+	s.selfFailed(su, fmt.Sprintf("new binary %s: self-check did not finish within %s (killed)", su.path, SelfCheckTimeout))
 }
 
 // SelfCheckLine is what `upgrader self-check` prints: the state formats
-// this build reads and its version. An upgrader before format 2 reads only
-// "state-version N" and wants its own format there, so that field names
-// the oldest format read, and "reads" lists them all.
-func SelfCheckLine(version string) string {
-	return fmt.Sprintf("upgrader-self-check state-version %d version %s reads 1,%d", 1, version, StateVersion)
+// this build reads and its version, and "args checked" when it parsed and
+// validated the command line it was given (the one the exec will give
+// it). An upgrader before format 2 reads only "state-version N" and wants
+// its own format there, so that field names the oldest format read, and
+// "reads" lists them all; earlier parsers ignore the fields after those.
+func SelfCheckLine(version string, argsChecked bool) string {
+	line := fmt.Sprintf("upgrader-self-check state-version %d version %s reads 1,%d", 1, version, StateVersion)
+	if argsChecked {
+		line += " args checked"
+	}
+	return line
+}
+
+// selfCheckedArgs: the self-check's output says it checked the command
+// line (a release before that check prints no such field).
+func selfCheckedArgs(out string) bool {
+	for line := range strings.Lines(out) {
+		f := strings.Fields(line)
+		if len(f) >= 9 && f[0] == "upgrader-self-check" && f[7] == "args" && f[8] == "checked" {
+			return true
+		}
+	}
+	return false
 }
 
 // ParseSelfCheck reads the self-check's output, "upgrader-self-check
@@ -242,7 +279,7 @@ func (s *Supervisor) checkDone(su *selfUpgrade) {
 		return
 	}
 	su.checkPid = 0
-	path := s.cfg.Executable
+	path := su.path
 	if !su.status.Exited() || su.status.ExitStatus() != 0 {
 		s.selfFailed(su, fmt.Sprintf("new binary %s: self-check %s (output %.200q)", path, describeExit(su.status), strings.TrimSpace(su.out)))
 		return
@@ -261,8 +298,13 @@ func (s *Supervisor) checkDone(su *selfUpgrade) {
 		s.selfFailed(su, fmt.Sprintf("new binary %s reads state version %s, this upgrader writes %d or 1", path, joinInts(reads), StateVersion))
 		return
 	}
+	if !selfCheckedArgs(su.out) {
+		// A rollback to a release that predates the check of the
+		// command line stays possible; whether it accepts it is not known.
+		s.log.Warn("self-upgrade: the new binary did not check the command line (a release before that check)", slog.String("path", path), slog.String("version", version))
+	}
 	s.log.Info("self-upgrade: new binary passed its check", slog.String("path", path), slog.String("version", version))
-	s.emitSelf(su, Progress{Event: EventChecked, Version: version})
+	s.emitSelf(su, Progress{Event: EventChecked, Binary: path, Version: version})
 	s.execSelf(su)
 }
 
@@ -270,7 +312,7 @@ func (s *Supervisor) checkDone(su *selfUpgrade) {
 func (s *Supervisor) selfFailed(su *selfUpgrade, reason string) {
 	s.log.Error("self-upgrade refused", slog.String("reason", reason))
 	if su.checkPid != 0 {
-		s.env.kill(-su.checkPid, unix.SIGKILL)
+		s.killCheckTree(su.checkPid)
 		su.checkPid = 0
 	}
 	switch {
@@ -380,13 +422,13 @@ func (s *Supervisor) execSelf(su *selfUpgrade) {
 	}
 	st, keep, dups, err := s.saveState(su)
 	if err == nil {
-		err = s.execWith(st, su.format, append(keep, dups...))
+		err = s.execWith(su.path, st, su.format, append(keep, dups...))
 	}
 	// Only a failure comes back.
 	for _, fd := range dups {
 		unix.Close(fd)
 	}
-	s.selfFailed(su, fmt.Sprintf("exec %s: %v", s.cfg.Executable, err))
+	s.selfFailed(su, fmt.Sprintf("exec %s: %v", su.path, err))
 }
 
 // fdReadyStarting: a worker starting under --ready fd:N has a readiness
@@ -403,9 +445,11 @@ func (s *Supervisor) fdReadyStarting() bool {
 	return false
 }
 
-// execWith execs the new image with st, in format, in a memfd and keep
-// left open.
-func (s *Supervisor) execWith(st *State, format int, keep []int) error {
+// execWith execs path, the new image, with st, in format, in a memfd and
+// keep left open. argv stays the original (argv[0] as invoked), and the
+// record names Config.Executable, the path as invoked, which the next
+// self-upgrade resolves again.
+func (s *Supervisor) execWith(path string, st *State, format int, keep []int) error {
 	b, err := encodeState(st, format)
 	if err != nil {
 		return err
@@ -416,6 +460,6 @@ func (s *Supervisor) execWith(st *State, format int, keep []int) error {
 			env = append(env, kv)
 		}
 	}
-	s.log.Info("self-upgrade: re-executing", slog.String("path", s.cfg.Executable), slog.Int("exec", st.Execs))
-	return s.env.exec(s.cfg.Executable, s.cfg.Args, env, b, keep)
+	s.log.Info("self-upgrade: re-executing", slog.String("path", path), slog.Int("exec", st.Execs))
+	return s.env.exec(path, s.cfg.Args, env, b, keep)
 }

@@ -351,7 +351,10 @@ func (s *Supervisor) resumeUpgrades(st *State) {
 		unix.CloseOnExec(c.FD)
 		ch = make(chan Progress, 16)
 		go followClient(c.FD, ch)
-		ch <- Progress{Event: EventResumed, Version: s.cfg.Version, Execs: s.reexec.execs, Generation: st.Current}
+		// The image running now, by its resolved path: what the link
+		// named at the exec.
+		bin, _ := os.Executable()
+		ch <- Progress{Event: EventResumed, Binary: bin, Version: s.cfg.Version, Execs: s.reexec.execs, Generation: st.Current}
 	}
 	if st.UpgradeWorkers {
 		if ch != nil {

@@ -16,7 +16,7 @@ import (
 // everyState brings h to generations and workers in every state a
 // self-upgrade can find them in: generation 1 draining, with one worker
 // lingering (its main process exited, an orphan of its group left) and one
-// hurried and killed; generation 2 active, one worker a crash replacement,
+// hurried and killed, and a stray; generation 2 active, one worker a crash replacement,
 // one taking handoffs; generation 3 starting, one worker ready and one
 // starting. It returns the pids: gen 1's, then gen 2's, then gen 3's.
 func everyState(t *testing.T, h *harness) []int {
@@ -28,7 +28,9 @@ func everyState(t *testing.T, h *harness) []int {
 	c, d := h.started(), h.started()
 	h.ready(c)
 	h.ready(d)
-	h.env.setTable(proctree.Table{301: {Pid: 301, PPid: h.s.spawnEnv.supervisorPid, Pgid: a}})
+	// 301 is an orphan of a's group; 302 one nothing names, a stray.
+	h.env.setTable(proctree.Table{301: {Pid: 301, PPid: h.s.spawnEnv.supervisorPid, Pgid: a},
+		302: {Pid: 302, PPid: h.s.spawnEnv.supervisorPid, Pgid: 302, Sid: 302}})
 	h.exit(a, 0)
 	if err := h.env.handoff(c).Send(handoff.Message{Type: handoff.TypeAccept, Kinds: []string{"http"}}, nil); err != nil {
 		t.Fatal(err)
@@ -94,7 +96,8 @@ func TestSaveAndResumeRoundTrip(t *testing.T) {
 	env := newFakeEnv()
 	env.nextPid = 1000
 	env.frozen = time.Now() // deadlines re-armed from the record come out the same
-	env.setTable(proctree.Table{301: {Pid: 301, PPid: h.s.spawnEnv.supervisorPid, Pgid: before.Generations[0].Workers[0].Pid}})
+	env.setTable(proctree.Table{301: {Pid: 301, PPid: h.s.spawnEnv.supervisorPid, Pgid: before.Generations[0].Workers[0].Pid},
+		302: {Pid: 302, PPid: h.s.spawnEnv.supervisorPid, Pgid: 302, Sid: 302}})
 	h2 := start(t, cfg, env, st)
 	after := h2.status()
 	if after.Execs != before.Execs+1 || after.SelfUpgrade == nil || !after.SelfUpgrade.OK {
@@ -162,7 +165,7 @@ func requireEveryField(t *testing.T, st Status) {
 // record upgrades the workers, as the new image does without SelfOnly.
 func TestSelfUpgradeInFakeEnv(t *testing.T) {
 	env := newFakeEnv()
-	env.checkOut = SelfCheckLine("v2") + "\n"
+	env.checkOut = SelfCheckLine("v2", true) + "\n"
 	cfg := testConfig(t, Config{Executable: "/bin/upgrader", Version: "v1", Signals: true})
 	h := start(t, cfg, env, nil)
 	old := h.started()

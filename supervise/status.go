@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"maps"
 	"slices"
+	"sync"
 	"time"
 )
 
@@ -53,11 +54,34 @@ type GenStatus struct {
 }
 
 // call runs f on the loop goroutine and waits for it, for ctx, or for the
-// loop's end.
+// loop's end. Once call has returned, f has run or never will: a caller
+// that gives up (ctx) may read what f writes without racing it, since f
+// runs under a lock the caller takes to give up.
 func (s *Supervisor) call(ctx context.Context, f func()) error {
 	done := make(chan struct{})
+	var mu sync.Mutex
+	abandoned := false
+	run := func() {
+		mu.Lock()
+		defer mu.Unlock()
+		if !abandoned {
+			f()
+		}
+		close(done)
+	}
+	abandon := func(err error) error {
+		mu.Lock()
+		defer mu.Unlock()
+		select {
+		case <-done:
+			return nil // f ran after all
+		default:
+		}
+		abandoned = true
+		return err
+	}
 	select {
-	case s.calls <- evFunc{func() { f(); close(done) }}:
+	case s.calls <- evFunc{run}:
 	case <-s.done:
 		return ErrNotRunning
 	case <-ctx.Done():
@@ -67,9 +91,9 @@ func (s *Supervisor) call(ctx context.Context, f func()) error {
 	case <-done:
 		return nil
 	case <-s.done:
-		return ErrNotRunning
+		return abandon(ErrNotRunning)
 	case <-ctx.Done():
-		return ctx.Err()
+		return abandon(ctx.Err())
 	}
 }
 
@@ -154,8 +178,9 @@ type Progress struct {
 	Old         int    `json:"old_generation,omitempty"`
 	Connections int    `json:"connections"`
 	Reason      string `json:"reason,omitempty"` // for EventFailed
-	// Self-upgrade: Binary for EventChecking, Version (the new binary's)
-	// for EventChecked, Version and Execs for EventResumed.
+	// Self-upgrade: Binary (the resolved path) for EventChecking, Binary
+	// and Version (the new binary's) for EventChecked, Binary, Version and
+	// Execs (the image now running) for EventResumed.
 	Binary  string `json:"binary,omitempty"`
 	Version string `json:"version,omitempty"`
 	Execs   int    `json:"execs,omitempty"`
@@ -189,6 +214,14 @@ func (s *Supervisor) StartUpgrade(ctx context.Context) (<-chan Progress, error) 
 		}
 		if s.gens.pending != nil || s.reexec.cur != nil {
 			s.upgrades.waiting = append(s.upgrades.waiting, ch)
+			if s.reexec.cur != nil || s.reexec.queued != nil {
+				// This channel ends at the exec, before the upgrade
+				// runs in the new image: say so, with the lowest
+				// generation it can start and the exec count, so that
+				// its client can follow it there (upgrader upgrade
+				// reconnects and asks the status).
+				send(ch, Progress{Event: EventQueued, Generation: s.gens.next + 1, Execs: s.reexec.execs})
+			}
 		} else {
 			s.upgrades.starting = append(s.upgrades.starting, ch)
 		}

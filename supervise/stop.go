@@ -139,6 +139,7 @@ func (s *Supervisor) closeListeners() {
 func (s *Supervisor) killAll() {
 	s.life.stopping = true
 	s.life.lingerUntil = time.Time{}
+	s.trees() // strays found now are among the workers killed
 	var all []*worker
 	for _, g := range s.gens.all {
 		for w := range g.live {

@@ -121,6 +121,9 @@ type Supervisor struct {
 	reexec   reexec
 	count    Counters
 	warns    *limiter
+	// listenInodes are the inodes of the listeners' sockets, as fd tables
+	// name them ("socket:[INODE]"), for holdsListener.
+	listenInodes map[string]struct{}
 }
 
 // spawnEnv is what every worker's environment starts from.
@@ -190,17 +193,18 @@ func newSupervisor(cfg Config, e env) (*Supervisor, error) {
 		log = slog.New(slog.DiscardHandler)
 	}
 	return &Supervisor{
-		cfg:      cfg,
-		env:      e,
-		log:      log,
-		events:   make(chan event, 256),
-		calls:    make(chan evFunc),
-		done:     make(chan struct{}),
-		spawnEnv: spawnEnv{supervisorPid: os.Getpid(), base: workerBaseEnv(e.ownEnviron())},
-		gens:     generations{byPid: make(map[int]*worker)},
-		procs:    newProcTrees(),
-		ho:       router{pending: make(map[uint64]*pendingHandoff)},
-		warns:    newLimiter(warnBurst, warnWindow),
+		cfg:          cfg,
+		env:          e,
+		log:          log,
+		events:       make(chan event, 256),
+		calls:        make(chan evFunc),
+		done:         make(chan struct{}),
+		spawnEnv:     spawnEnv{supervisorPid: os.Getpid(), base: workerBaseEnv(e.ownEnviron())},
+		gens:         generations{byPid: make(map[int]*worker)},
+		procs:        newProcTrees(),
+		ho:           router{pending: make(map[uint64]*pendingHandoff)},
+		warns:        newLimiter(warnBurst, warnWindow),
+		listenInodes: listenerInodes(cfg.Listeners),
 	}, nil
 }
 

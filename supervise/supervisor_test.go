@@ -48,6 +48,9 @@ type fakeEnv struct {
 	execErr  error
 	// connBlock, when set, holds connections until it is closed.
 	connBlock chan struct{}
+	// fds are the fd tables fdSockets returns, socket inode → fd, by pid;
+	// a pid not in it has a table that cannot be read.
+	fds map[int]map[string]int
 }
 
 type kill struct {
@@ -125,6 +128,22 @@ func (f *fakeEnv) notifyManager(state string) {
 	f.managed = append(f.managed, state)
 	f.mu.Unlock()
 }
+func (f *fakeEnv) fdSockets(pid int) (map[string]int, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if t, ok := f.fds[pid]; ok {
+		return t, nil
+	}
+	return nil, errors.New("no fd table in the fake env")
+}
+func (f *fakeEnv) setFDs(pid int, t map[string]int) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.fds == nil {
+		f.fds = map[int]map[string]int{}
+	}
+	f.fds[pid] = t
+}
 func (f *fakeEnv) connections([]int) int {
 	if f.connBlock != nil {
 		<-f.connBlock
@@ -144,7 +163,7 @@ func (f *fakeEnv) afterFunc(d time.Duration, fn func()) stopper {
 }
 func (f *fakeEnv) ownEnviron() []string { return os.Environ() }
 func (f *fakeEnv) close()               {}
-func (f *fakeEnv) check(string) (int, io.ReadCloser, error) {
+func (f *fakeEnv) check(string, []string) (int, io.ReadCloser, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if f.checkOut == "" {
@@ -194,7 +213,9 @@ func testLogger(t *testing.T) *slog.Logger {
 }
 
 // withDefaults fills the fields of cfg a test left zero from
-// DefaultConfig, so that a test names only what it is about.
+// DefaultConfig, so that a test names only what it is about. ReadyHold is
+// left as the test set it, 0 (off) unless it is about the hold: the tests
+// of what follows a promotion expect it at READY=1.
 func withDefaults(cfg Config) Config {
 	d := DefaultConfig()
 	if cfg.Workers == 0 {
@@ -779,4 +800,40 @@ func tcpPair(t *testing.T) (net.Conn, *os.File) {
 		t.Fatal(err)
 	}
 	return conn, f
+}
+
+// TestCallGivenUpDoesNotRace: a call whose ctx ends while f runs on the
+// loop returns only once f is done, so that what f writes is never read
+// while it is written (the race detector is the judge); a call given up
+// before f starts never runs it.
+func TestCallGivenUpDoesNotRace(t *testing.T) {
+	h := run(t, Config{})
+	h.ready(h.started())
+	h.sync()
+	release := make(chan struct{})
+	// f goes on by itself later, in no order with this goroutine, as a
+	// slow loop would.
+	time.AfterFunc(60*time.Millisecond, func() { close(release) })
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Millisecond)
+	defer cancel()
+	x := 0
+	err := h.s.call(ctx, func() { <-release; x = 1 })
+	if err != nil || x != 1 {
+		t.Fatalf("call: %v, x = %d; want f run and waited for", err, x)
+	}
+	// Given up before it starts: f never runs.
+	busy, release2 := make(chan struct{}), make(chan struct{})
+	go h.s.call(context.Background(), func() { close(busy); <-release2 })
+	<-busy
+	ctx2, cancel2 := context.WithTimeout(context.Background(), 20*time.Millisecond)
+	defer cancel2()
+	ran := false
+	if err := h.s.call(ctx2, func() { ran = true }); err == nil {
+		t.Fatal("call answered while the loop was busy")
+	}
+	close(release2)
+	h.sync()
+	if ran {
+		t.Fatal("a call given up ran later")
+	}
 }

@@ -1,8 +1,13 @@
 package supervise
 
 import (
+	"log/slog"
 	"strconv"
 	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/seed6cb0314a/upgrader/internal/proctree"
 )
 
 // procTrees is what the supervisor knows of the processes below its
@@ -40,7 +45,9 @@ func (p *procTrees) rememberExit(pid int, now time.Time) {
 // attributed by what it kept from the worker: its process group (the
 // worker leads its own), a pid seen in the worker's tree before, or the
 // UPGRADER_GENERATION and UPGRADER_WORKER of its environment. An orphan none
-// of these name belongs to no worker; it is killed at the final sweep.
+// of these name, and that is no helper of the supervisor's own, is a stray
+// (adoptStray): it becomes a worker record of its own, and its tree is
+// that record's.
 func (s *Supervisor) trees() map[*worker][]int {
 	tab, err := s.env.processes()
 	if err != nil || tab == nil {
@@ -72,6 +79,7 @@ func (s *Supervisor) trees() map[*worker][]int {
 	if !s.cfg.Subreaper {
 		return out // orphans go to init, not to us
 	}
+	var adopted []*worker
 	for _, pid := range kids[s.spawnEnv.supervisorPid] {
 		w := byPid[pid]
 		if w != nil && w.Pid == pid && w.State.running() {
@@ -83,11 +91,103 @@ func (s *Supervisor) trees() map[*worker][]int {
 		if w == nil {
 			w = workerByEnviron(all, s.env.environ(pid))
 		}
+		if w == nil && !s.isHelper(pid) {
+			if w = s.adoptStray(tab[pid]); w != nil {
+				byPid[pid] = w // its own orphans name it by their group
+				adopted = append(adopted, w)
+			}
+		}
 		if w != nil {
 			out[w] = append(append(out[w], pid), tab.Below(kids, pid)...)
 		}
 	}
+	for _, w := range adopted {
+		// At once, not at the next poll: its deadline may come sooner.
+		w.Lingering = out[w]
+		s.lingerSignal(w, out[w])
+	}
 	return out
+}
+
+// isHelper reports whether pid, a child of the supervisor, is one it
+// started for itself rather than for a generation: the self-check (its
+// tree reaper, which the check runs below).
+func (s *Supervisor) isHelper(pid int) bool {
+	su := s.reexec.cur
+	return su != nil && su.checkPid != 0 && su.checkPid == pid
+}
+
+// killCheckTree kills the self-check pid with its whole tree: its own
+// process group, and what left the group (setsid) but is still below it by
+// the process table, which a group kill misses. What the check orphans is
+// reparented to the supervisor (the subreaper) and is then a stray.
+func (s *Supervisor) killCheckTree(pid int) {
+	// Read first: once the check is dead its children are reparented.
+	tab, err := s.env.processes()
+	s.env.kill(-pid, unix.SIGKILL)
+	if err == nil && tab != nil {
+		for _, q := range tab.Descendants(pid) {
+			if tab[q].Pgid != pid {
+				s.env.kill(q, unix.SIGKILL)
+			}
+		}
+	}
+}
+
+// adoptStray takes in an orphan no worker can be named for: a process
+// that left its worker's group and session and dropped its environment
+// before its parent exited (setsid env -i …). It was started, directly or
+// not, by some worker whose main process has exited, so it is stale by
+// construction, whatever it still holds (a listener, serving an old
+// version). It becomes a worker record of the generation it most likely
+// came from, the newest started before it (the latest it can be from),
+// lingering from the start: trees sends it the drain signal, and it is
+// killed at that generation's drain deadline, or at the drain timeout
+// from now, whichever is sooner. Status lists it meanwhile, and a
+// self-upgrade carries it as any lingering worker.
+func (s *Supervisor) adoptStray(p proctree.Proc) *worker {
+	g := s.strayGeneration(p.Started)
+	if g == nil {
+		return nil // no generation at all: the final sweep takes it
+	}
+	now := s.env.now()
+	w := &worker{WorkerRecord: WorkerRecord{Slot: -1, Pid: p.Pid, State: WorkerLingering, Stray: true,
+		Started: p.Started, Cause: "stray"}, gen: g}
+	if w.Started.IsZero() {
+		w.Started = now
+	}
+	g.live[w] = struct{}{}
+	d := s.cfg.DrainTimeout
+	for o := range g.live {
+		if !o.Stray && (o.State == WorkerDraining || o.State == WorkerLingering) && !o.Deadline.IsZero() {
+			d = min(d, max(0, o.Deadline.Sub(now)))
+		}
+	}
+	s.arm(w, d)
+	s.log.Warn("a process below the supervisor belongs to no worker: draining it with its generation",
+		slog.Int("generation", g.N), slog.Int("pid", p.Pid), slog.Duration("deadline", d))
+	s.pollSoon() // onPoll forgets it once its tree has ended
+	return w
+}
+
+// strayGeneration is the generation a stray that started at started is
+// attributed to: the newest started before it (by one clock tick, stat's
+// resolution, so that the later one wins a tie), the oldest if it is older
+// than every generation left, the newest if its start is unknown.
+func (s *Supervisor) strayGeneration(started time.Time) *generation {
+	all := s.gens.all
+	if len(all) == 0 {
+		return nil
+	}
+	if started.IsZero() {
+		return all[len(all)-1]
+	}
+	for i := len(all) - 1; i >= 0; i-- {
+		if !all[i].Started.After(started.Add(10 * time.Millisecond)) {
+			return all[i]
+		}
+	}
+	return all[0]
 }
 
 // workerByEnviron finds the worker whose UPGRADER_GENERATION and

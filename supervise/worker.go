@@ -165,7 +165,11 @@ func (s *Supervisor) replace(w *worker, cause RestartCause, reason string, sig s
 		return // nothing is refilled once a stop has begun
 	}
 	if g.State == GenStarting && s.gens.current != nil {
-		s.failGeneration(g, fmt.Sprintf("worker %d (pid %d): %s before it was ready", w.Slot, w.Pid, reason))
+		when := "before it was ready"
+		if g.holding {
+			when = fmt.Sprintf("within the ready hold (%s)", s.cfg.ReadyHold)
+		}
+		s.failGeneration(g, fmt.Sprintf("worker %d (pid %d): %s %s", w.Slot, w.Pid, reason, when))
 		return
 	}
 	if g.slots[w.Slot] == w && (g == s.gens.current || g == s.gens.pending) {
@@ -205,8 +209,12 @@ func (s *Supervisor) onWorkerExit(w *worker, ws unix.WaitStatus) {
 	case s.life.stopping:
 		s.log.Info("worker exited", fields...)
 	case g.State == GenStarting && s.gens.current != nil:
-		s.log.Error("worker exited before it was ready", fields...)
-		s.failGeneration(g, fmt.Sprintf("worker %d (pid %d) %s before it was ready", w.Slot, w.Pid, how))
+		when := "before it was ready"
+		if prev == WorkerReady {
+			when = fmt.Sprintf("within the ready hold (%s)", s.cfg.ReadyHold)
+		}
+		s.log.Error("worker exited "+when, fields...)
+		s.failGeneration(g, fmt.Sprintf("worker %d (pid %d) %s %s", w.Slot, w.Pid, how, when))
 	case inSlot && (g == s.gens.current || g == s.gens.pending):
 		// The active generation, or the first one, which has nothing to
 		// fall back on: crash restarts until giving up.
@@ -238,14 +246,7 @@ func (s *Supervisor) settle(w *worker, trees map[*worker][]int) {
 		s.setState(w, WorkerGone)
 		return
 	}
-	if !w.LingerSignalled {
-		w.LingerSignalled = true
-		s.log.Warn("worker's main process exited, stopping what is left of its process tree",
-			slog.Int("generation", w.gen.N), slog.Int("pid", w.Pid), slog.Any("processes", left))
-		for _, pid := range left {
-			s.env.kill(pid, s.cfg.DrainSignal)
-		}
-	}
+	s.lingerSignal(w, left)
 	if !w.KilledAt.IsZero() {
 		if s.env.now().Sub(w.KilledAt) > killGrace {
 			s.log.Error("processes survive SIGKILL, leaving them", slog.Int("generation", w.gen.N),
@@ -258,6 +259,22 @@ func (s *Supervisor) settle(w *worker, trees map[*worker][]int) {
 		}
 	}
 	s.pollSoon()
+}
+
+// lingerSignal sends what is left of w's tree the drain signal, once.
+func (s *Supervisor) lingerSignal(w *worker, left []int) {
+	if w.LingerSignalled {
+		return
+	}
+	w.LingerSignalled = true
+	msg := "worker's main process exited, stopping what is left of its process tree"
+	if w.Stray {
+		msg = "stopping a stray process tree"
+	}
+	s.log.Warn(msg, slog.Int("generation", w.gen.N), slog.Int("pid", w.Pid), slog.Any("processes", left))
+	for _, pid := range left {
+		s.env.kill(pid, s.cfg.DrainSignal)
+	}
 }
 
 // kill9 kills w's whole tree now, and from now on at every poll.

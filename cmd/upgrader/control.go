@@ -44,7 +44,7 @@ func controlHandler(sup *supervise.Supervisor) control.Handler {
 				if err := send(p); err != nil {
 					return nil // the client went away; the upgrade goes on
 				}
-				if !r.Wait && p.Event == supervise.EventStarted {
+				if !r.Wait && (p.Event == supervise.EventStarted || p.Event == supervise.EventQueued) {
 					return nil
 				}
 			}
@@ -193,6 +193,9 @@ func upgradeCmd(args []string) error {
 	defer cancel()
 	var failed string
 	done, resumed := false, false
+	// follow: the generation this upgrade started, or the lowest it can
+	// start when it was queued behind a self-upgrade (0: neither seen).
+	follow := 0
 	req := control.Request{Command: "upgrade", Wait: !*noWait, Self: *self || *selfOnly, SelfOnly: *selfOnly}
 	if req.Self {
 		req.Wait = true // the client's connection is what carries the progress across the exec
@@ -204,17 +207,23 @@ func upgradeCmd(args []string) error {
 		}
 		switch p.Event {
 		case supervise.EventQueued:
+			if !req.Self {
+				follow = p.Generation
+				fmt.Println("upgrade queued behind the self-upgrade under way")
+				break
+			}
 			fmt.Printf("self-upgrade queued behind the upgrade to generation %d\n", p.Generation)
 		case supervise.EventChecking:
 			fmt.Printf("checking the new upgrader binary %s\n", p.Binary)
 		case supervise.EventChecked:
-			fmt.Printf("new upgrader binary %s passed its check\n", p.Version)
+			fmt.Printf("new upgrader binary %s (%s) passed its check\n", p.Version, p.Binary)
 		case supervise.EventExec:
 			fmt.Println("re-executing upgrader in place")
 		case supervise.EventResumed:
 			resumed = true
-			fmt.Printf("upgrader %s resumed (exec %d), generation %d serving\n", p.Version, p.Execs, p.Generation)
+			fmt.Printf("upgrader %s resumed from %s (exec %d), generation %d serving\n", p.Version, p.Binary, p.Execs, p.Generation)
 		case supervise.EventStarted:
+			follow = p.Generation
 			fmt.Printf("generation %d started\n", p.Generation)
 		case supervise.EventReady:
 			fmt.Printf("generation %d ready after %d ms\n", p.Generation, p.ReadyAfterMS)
@@ -238,10 +247,57 @@ func upgradeCmd(args []string) error {
 		return err
 	case failed != "":
 		return errors.New(failed)
+	case !done && req.Wait && !req.Self && follow > 0:
+		// A self-upgrade's exec closed the connection; the upgrade is
+		// carried to the new image, whose status tells how it ended.
+		fmt.Println("the control connection was closed by a self-upgrade; following the upgrade in the new image")
+		return followUpgrade(ctx, *path, follow, *timeout)
 	case !done && req.Wait:
 		return errors.New("the supervisor closed the control connection before the upgrade ended")
 	}
 	return nil
+}
+
+// followPoll is how often followUpgrade asks the status.
+const followPoll = 50 * time.Millisecond
+
+// followUpgrade follows, by the status, the upgrade to generation n (or,
+// queued behind a self-upgrade, the first to start from n on) until it
+// ended: failed, or ready with the generation it replaced gone, as "done"
+// says. Connection errors are retried: during the exec the control socket
+// queues connections for the new image, and the upgrade outlives them.
+func followUpgrade(ctx context.Context, path string, n int, timeout time.Duration) error {
+	for {
+		var st supervise.Status
+		err := control.Do(ctx, path, control.Request{Command: "status"}, func(line []byte) error {
+			return json.Unmarshal(line, &st)
+		})
+		if err == nil {
+			if u := st.LastUpgrade; u != nil && u.Generation >= n {
+				if !u.OK {
+					return fmt.Errorf("upgrade to generation %d failed: %s", u.Generation, u.Reason)
+				}
+				replacedGone := true
+				for _, g := range st.Generations {
+					replacedGone = replacedGone && g.ReplacedBy != u.Generation
+				}
+				if replacedGone {
+					fmt.Printf("done: generation %d serving (upgrader %s, exec %d)\n", u.Generation, st.Version, st.Execs)
+					return nil
+				}
+			}
+		}
+		t := time.NewTimer(followPoll)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			if err != nil {
+				return fmt.Errorf("upgrade not followed to its end within --timeout %s: %w", timeout, err)
+			}
+			return fmt.Errorf("upgrade not finished within --timeout %s", timeout)
+		case <-t.C:
+		}
+	}
 }
 
 func signalPidFile(pidFile string) error {

@@ -120,3 +120,33 @@ func TestParseListenersRejectsDuplicateNames(t *testing.T) {
 		}
 	}
 }
+
+// The self-check takes the command line the exec will give it through
+// what run does before starting anything.
+func TestCheckRunArgs(t *testing.T) {
+	for _, ok := range [][]string{
+		{"-l", "127.0.0.1:0", "--max-draining", "3", "--", "true"},
+		{"run", "--workers", "2", "--", "true"},
+	} {
+		if err := checkRunArgs(ok); err != nil {
+			t.Errorf("checkRunArgs(%q): %v, want nil", ok, err)
+		}
+	}
+	for _, c := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"--max-draining-gens", "3", "--", "true"}, "unknown flag: --max-draining-gens"},
+		{[]string{"--workers", "0", "--", "true"}, "--workers"},
+		{[]string{"-l", "nonsense://x", "--", "true"}, "nonsense"},
+		{[]string{"--log-level", "loud", "--", "true"}, "--log-level"},
+		{[]string{"--ready", "later", "--", "true"}, "later"},
+		{[]string{"--workers", "2"}, "no COMMAND"},
+		{[]string{"status"}, "not one of upgrader run"},
+	} {
+		err := checkRunArgs(c.args)
+		if err == nil || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("checkRunArgs(%q): %v, want an error naming %q", c.args, err, c.want)
+		}
+	}
+}

@@ -8,9 +8,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"runtime"
 	"strconv"
@@ -80,10 +82,7 @@ func realMain(m *spawn.MainThread) int {
 	case "version":
 		fmt.Println("upgrader", version)
 	case "self-check":
-		// Run by a running upgrader on the binary it is about to
-		// re-execute (upgrader upgrade --self): say which state format
-		// this build reads.
-		fmt.Println(supervise.SelfCheckLine(version))
+		err = selfCheck(args)
 	case "help":
 		fmt.Print(usage)
 	}
@@ -116,6 +115,7 @@ type runFlags struct {
 	workers       int
 	ready         string
 	readyTimeout  time.Duration
+	readyHold     time.Duration
 	drainTimeout  time.Duration
 	drainSignal   string
 	shutdownDelay time.Duration
@@ -144,6 +144,7 @@ func parseRunFlags(args []string) (runFlags, error) {
 	fs.IntVarP(&f.workers, "workers", "w", d.Workers, "workers per generation")
 	fs.StringVar(&f.ready, "ready", d.Ready.String(), "readiness `MODE`: notify (READY=1 on NOTIFY_SOCKET), fd:N (newline on fd N), delay:DURATION")
 	fs.DurationVar(&f.readyTimeout, "ready-timeout", d.ReadyTimeout, "fail an upgrade whose workers are not ready within this")
+	fs.DurationVar(&f.readyHold, "ready-hold", d.ReadyHold, "drain the old generation only once the new one has stayed ready this long; a crash within it fails the upgrade (0: off)")
 	fs.DurationVar(&f.drainTimeout, "drain-timeout", d.DrainTimeout, "SIGKILL a draining worker after this")
 	fs.StringVar(&f.drainSignal, "drain-signal", strings.TrimPrefix(unix.SignalName(d.DrainSignal), "SIG"), "signal that asks a worker to drain")
 	fs.DurationVar(&f.shutdownDelay, "shutdown-delay", d.ShutdownDelay, "on TERM/INT, report not-ready this long before draining (0: off)")
@@ -179,7 +180,7 @@ func parseRunFlags(args []string) (runFlags, error) {
 func (f *runFlags) config() (supervise.Config, error) {
 	cfg := supervise.DefaultConfig()
 	cfg.Version, cfg.Args, cfg.Command = version, os.Args, f.command
-	cfg.Workers, cfg.ReadyTimeout, cfg.DrainTimeout = f.workers, f.readyTimeout, f.drainTimeout
+	cfg.Workers, cfg.ReadyTimeout, cfg.ReadyHold, cfg.DrainTimeout = f.workers, f.readyTimeout, f.readyHold, f.drainTimeout
 	cfg.ShutdownDelay, cfg.MaxRestarts, cfg.RestartWindow = f.shutdownDelay, f.maxRestarts, f.restartWindow
 	cfg.MaxDraining, cfg.Watchdog, cfg.NoHandoff, cfg.FDStoreMax = f.maxDraining, f.watchdog, f.noHandoff, f.fdStoreMax
 	cfg.IPC = supervise.IPCKind(f.ipc)
@@ -200,7 +201,7 @@ func (f *runFlags) config() (supervise.Config, error) {
 // flagOf names the flag of each Config field the command line sets.
 var flagOf = map[string]string{
 	"Command": "COMMAND", "Workers": "--workers", "Ready": "--ready", "ReadyTimeout": "--ready-timeout",
-	"DrainTimeout": "--drain-timeout", "DrainSignal": "--drain-signal", "ShutdownDelay": "--shutdown-delay",
+	"ReadyHold": "--ready-hold", "DrainTimeout": "--drain-timeout", "DrainSignal": "--drain-signal", "ShutdownDelay": "--shutdown-delay",
 	"MaxRestarts": "--max-restarts", "RestartWindow": "--restart-window", "MaxDraining": "--max-draining",
 	"Watchdog": "--watchdog", "FDStoreMax": "--fd-store-max", "IPC": "--ipc",
 }
@@ -221,6 +222,55 @@ func configError(err error) error {
 type proc struct {
 	main *spawn.MainThread // where workers are forked, and a self-upgrade execs
 	held chan os.Signal    // signals caught since the start (earlysig)
+}
+
+// selfCheck is run by a running upgrader on the binary it is about to
+// re-execute (upgrader upgrade --self), as "self-check -- ARGS", ARGS the
+// command line the exec will give it: it says which state formats this
+// build reads once it has taken ARGS through what run does before it
+// starts anything (flags, configuration, listener specs, logger). A
+// refusal is printed on stdout too, which the running upgrader reads and
+// quotes in its reason.
+func selfCheck(args []string) error {
+	if len(args) > 0 && args[0] == "--" {
+		args = args[1:]
+	}
+	if len(args) > 0 {
+		if err := checkRunArgs(args); err != nil {
+			fmt.Println("upgrader-self-check refused:", strings.TrimPrefix(err.Error(), "usage: "))
+			return err
+		}
+	}
+	fmt.Println(supervise.SelfCheckLine(version, len(args) > 0))
+	return nil
+}
+
+// checkRunArgs takes args, a command line of upgrader (less argv[0]),
+// through what run does with it before it starts anything.
+func checkRunArgs(args []string) error {
+	switch args[0] {
+	case "run":
+		args = args[1:]
+	case "upgrade", "status", "prestop", "version", "help", "self-check":
+		return fmt.Errorf("%w: command line %q: not one of upgrader run", errUsage, args)
+	}
+	f, err := parseRunFlags(args)
+	if errors.Is(err, flag.ErrHelp) {
+		return fmt.Errorf("%w: command line %q asks for the help, which would not run", errUsage, args)
+	}
+	if err != nil {
+		return err
+	}
+	if _, err := f.config(); err != nil {
+		return err
+	}
+	if _, err := parseListeners(f.listen, nil); err != nil {
+		return err
+	}
+	if _, err := newLoggerTo(f.logFormat, f.logLevel, zapcore.AddSync(io.Discard), false); err != nil {
+		return fmt.Errorf("%w: %v", errUsage, err)
+	}
+	return nil
 }
 
 func (p proc) run(args []string) error {
@@ -254,11 +304,7 @@ func (p proc) run(args []string) error {
 	}
 	defer log.Sync()
 	cfg.Logger = slogOf(log)
-	// What a self-upgrade re-executes: the path the binary had at start
-	// (/proc/self/exe would name this image's inode, replaced since).
-	if exe, err := os.Executable(); err == nil {
-		cfg.Executable = exe
-	}
+	cfg.Executable = invokedPath()
 	socks, err := listeners(log, f.listen, activated)
 	for _, sock := range socks {
 		defer sock.Close()
@@ -307,6 +353,31 @@ func (p proc) run(args []string) error {
 		return configError(err)
 	}
 	return serve(log, f, sup, cl, hl)
+}
+
+// invokedPath is what a self-upgrade re-executes: the path this binary was
+// invoked by, made absolute now (a relative one, against the working
+// directory of the start; a bare name, through PATH), with its symlinks
+// left in, for the supervisor resolves them at each self-upgrade: deploys
+// flip a link (current → releases/N), which os.Executable, resolved once
+// at start, would never see. /proc/self/exe would name this image's
+// inode, replaced since. "": unknown, self-upgrades are refused.
+func invokedPath() string {
+	arg0 := os.Args[0]
+	if !strings.Contains(arg0, "/") {
+		if p, err := exec.LookPath(arg0); err == nil {
+			arg0 = p
+		} else if exe, err := os.Executable(); err == nil {
+			return exe
+		} else {
+			return ""
+		}
+	}
+	if p, err := filepath.Abs(arg0); err == nil {
+		return p
+	}
+	exe, _ := os.Executable()
+	return exe
 }
 
 // listeners returns the sockets workers get: the socket-activated ones
@@ -385,7 +456,16 @@ func serve(log *zap.Logger, f runFlags, sup *supervise.Supervisor, cl, hl net.Li
 		BeforeExec: func() func() { return hs.Quiesce(time.Second) },
 	})
 	if hl != nil {
-		log.Info("health endpoints", zap.String("address", hl.Addr().String()))
+		// The health endpoints face whoever can reach them: their
+		// connections must never take the fds a restart or an upgrade
+		// needs.
+		n, limit, err := health.MaxConns(sup.FDReserve())
+		if err != nil {
+			log.Warn("health endpoints: cannot read the fd limit", zap.Error(err))
+		}
+		hs.SetMaxConns(n)
+		log.Info("health endpoints", zap.String("address", hl.Addr().String()), zap.Int("max_conns", n),
+			zap.Int("fd_reserve", sup.FDReserve()), zap.Uint64("nofile", limit))
 		go func() {
 			if err := hs.Serve(ctx, hl); err != nil {
 				log.Error("health endpoints stopped", zap.Error(err))

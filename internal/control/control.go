@@ -151,8 +151,16 @@ const (
 	writeTimeout   = 10 * time.Second
 )
 
+// MaxConns bounds the control connections served at once: each holds an
+// fd and a goroutine until its request is answered (an upgrade --wait for
+// the whole upgrade), and the supervisor's fds must stay free for its
+// workers (supervise.Config.FDReserve counts these). One beyond it is
+// answered with an error line and closed at once.
+const MaxConns = 32
+
 // Serve answers requests on l until ctx is done or l is closed; it closes l
-// when ctx is done. Each connection carries one request.
+// when ctx is done. Each connection carries one request; at most MaxConns
+// are served at once.
 //
 // Any other Accept error (EMFILE and ENFILE when the fd table is full,
 // ECONNABORTED, ENOBUFS, …) is logged to log and retried after a backoff:
@@ -162,6 +170,7 @@ const (
 func Serve(ctx context.Context, l net.Listener, h Handler, log *zap.Logger) {
 	stop := context.AfterFunc(ctx, func() { l.Close() })
 	defer stop()
+	slots := make(chan struct{}, MaxConns)
 	var delay time.Duration
 	for {
 		c, err := l.Accept()
@@ -181,7 +190,19 @@ func Serve(ctx context.Context, l net.Listener, h Handler, log *zap.Logger) {
 			continue
 		}
 		delay = 0
-		go serveConn(ctx, c, h)
+		select {
+		case slots <- struct{}{}:
+			go func() {
+				defer func() { <-slots }()
+				serveConn(ctx, c, h)
+			}()
+		default:
+			// A fresh socket's send buffer takes the line without waiting;
+			// the deadline bounds the write if it would not.
+			c.SetWriteDeadline(time.Now().Add(100 * time.Millisecond))
+			json.NewEncoder(c).Encode(Reply{Error: fmt.Sprintf("control socket: %d connections already being served; try again", MaxConns)})
+			c.Close()
+		}
 	}
 }
 

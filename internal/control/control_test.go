@@ -1,12 +1,15 @@
 package control
 
 import (
+	"bufio"
 	"context"
 	"encoding/json"
 	"errors"
+	"net"
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"go.uber.org/zap/zaptest"
 )
@@ -87,5 +90,52 @@ func TestServeAndDo(t *testing.T) {
 	<-served // Serve returns once the listener is closed
 	if err := Do(context.Background(), path, Request{Command: "status"}, func([]byte) error { return nil }); err == nil || !strings.Contains(err.Error(), "no upgrader answers") {
 		t.Fatalf("after close: %v", err)
+	}
+}
+
+// Connections beyond MaxConns are answered with an error at once, not
+// held: each would be an fd the supervisor's workers need. Once one of
+// the served ones is done, a request is answered again.
+func TestServeBoundsConnections(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "c.sock")
+	l, err := Listen(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go Serve(ctx, l, func(ctx context.Context, r Request, send func(any) error) error {
+		return send(map[string]string{"state": "fine"})
+	}, zaptest.NewLogger(t))
+	// Connections that send nothing are held until requestTimeout.
+	var held []net.Conn
+	for range MaxConns {
+		c, err := net.Dial("unix", path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		held = append(held, c)
+	}
+	dctx, dcancel := context.WithTimeout(ctx, 5*time.Second)
+	defer dcancel()
+	err = Do(dctx, path, Request{Command: "status"}, func([]byte) error { return nil })
+	if err == nil || !strings.Contains(err.Error(), "connections already being served") {
+		t.Fatalf("a request beyond %d connections: %v, want refused at once", MaxConns, err)
+	}
+	held[0].Write([]byte(`{"command":"status"}` + "\n"))
+	if _, err := bufio.NewReader(held[0]).ReadString('\n'); err != nil {
+		t.Fatal(err)
+	}
+	// The served connection is closed by the server, and its slot freed
+	// after: retry until it is.
+	for {
+		err := Do(dctx, path, Request{Command: "status"}, func([]byte) error { return nil })
+		if err == nil {
+			break
+		}
+		if dctx.Err() != nil {
+			t.Fatalf("no request answered after one of %d connections was done: %v", MaxConns, err)
+		}
 	}
 }

@@ -10,6 +10,9 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // Proc is one process as /proc/PID/stat shows it.
@@ -17,7 +20,15 @@ type Proc struct {
 	Pid, PPid, Pgid, Sid int
 	// State is stat's one-letter state: R, S, D, Z (zombie), T, …
 	State byte
+	// StartTicks is when it started, in clock ticks since boot (stat's
+	// field 22; 0 when the line is cut short); Started is that time on the
+	// wall clock, as Read computes it (zero from ParseStat alone).
+	StartTicks uint64
+	Started    time.Time
 }
+
+// clockTick is the unit of stat's times: USER_HZ, 100 on every Linux ABI.
+const clockTick = 10 * time.Millisecond
 
 // Table is a snapshot of every process visible in /proc, by pid.
 type Table map[int]Proc
@@ -31,6 +42,12 @@ func Read(root string) (Table, error) {
 		return nil, fmt.Errorf("process table %s: %w", root, err)
 	}
 	t := make(Table, len(ents))
+	// stat counts from boot, suspend included: CLOCK_BOOTTIME's epoch.
+	var boot time.Time
+	var ts unix.Timespec
+	if unix.ClockGettime(unix.CLOCK_BOOTTIME, &ts) == nil {
+		boot = time.Now().Add(-time.Duration(ts.Nano()))
+	}
 	for _, e := range ents {
 		pid, err := strconv.Atoi(e.Name())
 		if err != nil {
@@ -41,6 +58,9 @@ func Read(root string) (Table, error) {
 			continue // gone
 		}
 		if p, err := ParseStat(b); err == nil && p.Pid == pid {
+			if !boot.IsZero() && p.StartTicks > 0 {
+				p.Started = boot.Add(time.Duration(p.StartTicks) * clockTick)
+			}
 			t[pid] = p
 		}
 	}
@@ -68,6 +88,11 @@ func ParseStat(b []byte) (Proc, error) {
 	for i, dst := range []*int{&p.PPid, &p.Pgid, &p.Sid} {
 		if *dst, err = strconv.Atoi(f[1+i]); err != nil {
 			return Proc{}, fmt.Errorf("proc stat %.60q: field %d: %w", b, 4+i, err)
+		}
+	}
+	if len(f) > 19 {
+		if p.StartTicks, err = strconv.ParseUint(f[19], 10, 64); err != nil {
+			return Proc{}, fmt.Errorf("proc stat %.60q: field 22: %w", b, err)
 		}
 	}
 	return p, nil

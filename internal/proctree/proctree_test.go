@@ -6,6 +6,7 @@ import (
 	"os/exec"
 	"slices"
 	"testing"
+	"time"
 )
 
 func TestParseStat(t *testing.T) {
@@ -83,4 +84,30 @@ func TestTCPSocketsFindsOwnListener(t *testing.T) {
 		}
 	}
 	t.Fatalf("listener %s not among %v", l.Addr(), got)
+}
+
+// Read dates a process by its start: a child started between two clock
+// readings is dated between them, within stat's tick.
+func TestReadDatesAProcessByItsStart(t *testing.T) {
+	before := time.Now()
+	cmd := exec.Command("sleep", "30")
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	after := time.Now()
+	defer cmd.Wait()
+	defer cmd.Process.Kill()
+	tab, err := Read("/proc")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, ok := tab[cmd.Process.Pid]
+	if !ok || p.StartTicks == 0 {
+		t.Fatalf("child %d: %+v, found %v", cmd.Process.Pid, p, ok)
+	}
+	slack := 2 * clockTick
+	if p.Started.Before(before.Add(-slack)) || p.Started.After(after.Add(slack)) {
+		t.Fatalf("child started at %s, dated %s, outside [%s, %s]", before.Format(time.RFC3339Nano),
+			p.Started.Format(time.RFC3339Nano), before.Format(time.RFC3339Nano), after.Format(time.RFC3339Nano))
+	}
 }

@@ -14,9 +14,23 @@ import (
 // numbers, from the "socket:[INODE]" links of root/PID/fd (proc(5)); empty
 // when the process is gone or not ours to read.
 func SocketInodes(root string, pid int) map[string]int {
-	out := map[string]int{}
+	out, _ := Sockets(root, pid)
+	if out == nil {
+		out = map[string]int{}
+	}
+	return out
+}
+
+// Sockets is SocketInodes with the error of reading root/PID/fd, so that
+// a caller can tell a process that holds no socket from one whose fd
+// table it cannot read (gone, or not ours).
+func Sockets(root string, pid int) (map[string]int, error) {
 	dir := fmt.Sprintf("%s/%d/fd", root, pid)
-	ents, _ := os.ReadDir(dir)
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return nil, fmt.Errorf("fd table %s: %w", dir, err)
+	}
+	out := map[string]int{}
 	for _, e := range ents {
 		target, _ := os.Readlink(filepath.Join(dir, e.Name()))
 		if in, ok := strings.CutPrefix(target, "socket:["); ok {
@@ -24,7 +38,7 @@ func SocketInodes(root string, pid int) map[string]int {
 			out[strings.TrimSuffix(in, "]")] = fd
 		}
 	}
-	return out
+	return out, nil
 }
 
 // TCPAddr decodes an address of /proc/net/tcp or tcp6 ("0100007F:1F90"):

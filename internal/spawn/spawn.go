@@ -30,9 +30,13 @@ const ShimArg = "__upgrader-exec-shim"
 var pidVars = [...]string{"LISTEN_PID", "WATCHDOG_PID"}
 
 // RunShimIfRequested turns the process into the requested command when it was
-// started as a shim, and returns otherwise. On exec failure it prints the
+// started as a shim, runs a reaper (Spec.Reaped) when started as one, and
+// returns otherwise. On exec failure it prints the
 // reason to stderr and exits 127, as a shell does for a missing command.
 func RunShimIfRequested() {
+	if len(os.Args) >= 4 && os.Args[1] == reaperArg {
+		runReaper(os.Args[2], os.Args[3:])
+	}
 	if len(os.Args) < 4 || os.Args[1] != ShimArg {
 		return
 	}
@@ -67,6 +71,12 @@ type Spec struct {
 	// Direct runs Path with Args as they are, without the shim (for a
 	// process that is not a worker: the self-check of a new upgrader).
 	Direct bool
+	// Reaped runs Path with Args, as Direct does, as the child of a reaper:
+	// the supervisor's own binary, its child subreaper, which kills the
+	// whole tree below it, setsid children and orphans included, when the
+	// supervisor dies or Path exits, and then exits as Path did (runReaper).
+	// Pdeathsig is then the reaper's, and SIGTERM: it must live on to kill.
+	Reaped bool
 }
 
 // Spawner forks processes from one locked OS thread.
@@ -167,7 +177,11 @@ func (s *Spawner) start(spec Spec) (int, error) {
 		files[i] = uintptr(fd) // -1 becomes ^uintptr(0): syscall closes that slot
 	}
 	self, argv := s.self, append([]string{s.self, ShimArg, spec.Path}, spec.Args...)
-	if spec.Direct {
+	pdeathsig := spec.Pdeathsig
+	switch {
+	case spec.Reaped:
+		argv[1], pdeathsig = reaperArg, syscall.SIGTERM
+	case spec.Direct:
 		self, argv = spec.Path, spec.Args
 	}
 	pid, _, err := syscall.StartProcess(self, argv, &syscall.ProcAttr{
@@ -177,7 +191,7 @@ func (s *Spawner) start(spec Spec) (int, error) {
 			// Own process group: a terminal's Ctrl-C reaches the supervisor
 			// only, which then drains the workers in order.
 			Setpgid:   true,
-			Pdeathsig: spec.Pdeathsig,
+			Pdeathsig: pdeathsig,
 		},
 	})
 	if err != nil {
