@@ -85,6 +85,12 @@ func New(opts ...Option) (*Set, error) {
 		o(s)
 	}
 	want := os.Getenv(workerenv.ListenFDs)
+	if err := checkFDNames(want); err != nil {
+		for _, f := range activation.Files(true) {
+			f.Close()
+		}
+		return nil, err
+	}
 	// Read once: activation.Files unsets the variables, so a second reader
 	// (go-systemd's own Listeners, a library) finds nothing to take twice.
 	files := activation.Files(true)
@@ -108,6 +114,17 @@ func New(opts ...Option) (*Set, error) {
 		}
 	}
 	return s, nil
+}
+
+// checkFDNames refuses a LISTEN_FDNAMES meant for this process (LISTEN_PID)
+// with not one name per fd of LISTEN_FDS (workerenv.CheckFDNames).
+func checkFDNames(fds string) error {
+	n, err := strconv.Atoi(fds)
+	if err != nil || os.Getenv(workerenv.ListenPID) != strconv.Itoa(os.Getpid()) {
+		return nil // not ours, or not a number: activation.Files takes nothing
+	}
+	names, set := os.LookupEnv(workerenv.ListenFDNames)
+	return workerenv.CheckFDNames(fds, n, names, set)
 }
 
 // takeHandoffFD reads and unsets UPGRADER_HANDOFF_FD and takes the fd it

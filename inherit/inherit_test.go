@@ -120,6 +120,30 @@ func TestNewRejectsLISTEN_FDSBeyondOpenFds(t *testing.T) {
 	}
 }
 
+// TestNewRejectsLISTEN_FDNAMESNotOnePerFd: a LISTEN_FDNAMES with more or
+// fewer names than LISTEN_FDS is refused, as sd_listen_fds_with_names(3)
+// refuses it (EINVAL), with an error naming both variables: which name
+// goes with which fd is a guess, and a worker asking for "web" could get
+// another listener.
+func TestNewRejectsLISTEN_FDNAMESNotOnePerFd(t *testing.T) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	f, err := l.(*net.TCPListener).File()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	for _, names := range []string{"web:admin", "web:admin:dns", "a:"} {
+		got := child(t, "1", names, f)
+		if !strings.HasPrefix(got, "error:") || !strings.Contains(got, "LISTEN_FDNAMES=") || !strings.Contains(got, "LISTEN_FDS=1") {
+			t.Errorf("LISTEN_FDS=1 LISTEN_FDNAMES=%s: child said %q, want an error naming LISTEN_FDNAMES and LISTEN_FDS", names, got)
+		}
+	}
+}
+
 // Listeners takes every inherited stream listener by
 // name and no datagram socket; Inherited tells inherited from fresh; a
 // fresh bind goes through the ListenConfig given.

@@ -136,3 +136,19 @@ time.sleep(60)`, out, data)
 		t.Fatalf("fd store %v after FDSTOREREMOVE", st.FDStore)
 	}
 }
+
+// TestNoListenersIsSaid: upgrader with no --listen and no socket
+// activation runs its workers all the same (a worker may serve no socket,
+// or keep its own in the fd store), but warns at the start: a worker that
+// binds a port itself when it inherits none holds it against the next
+// generation.
+func TestNoListenersIsSaid(t *testing.T) {
+	p := startUpgrader(t, "--ready", "delay:10ms", "--", "sleep", "100")
+	p.waitReady(1)
+	p.expectLogged(5*time.Second, "the warning that there are no listeners", func(e map[string]any) bool {
+		return e["level"] == "warn" && e["listeners"] == float64(0)
+	})
+	if code := p.stop(syscall.SIGTERM, 30*time.Second); code != 0 {
+		t.Fatalf("upgrader exited %d on SIGTERM, want 0", code)
+	}
+}

@@ -2,6 +2,7 @@ package integration
 
 import (
 	"bufio"
+	"context"
 	"encoding/json"
 	"io"
 	"net"
@@ -420,6 +421,30 @@ func TestRecoveryBadInput(t *testing.T) {
 	b, _ := cmd.CombinedOutput()
 	if cmd.ProcessState.ExitCode() == 0 || !strings.Contains(string(b), "LISTEN_FDS=2") || !strings.Contains(string(b), "fd 3") {
 		t.Errorf("LISTEN_FDS=2 with no fds open: exit %d:\n%s", cmd.ProcessState.ExitCode(), b)
+	}
+
+	// More names in LISTEN_FDNAMES than LISTEN_FDS has fds: refused, as
+	// sd_listen_fds_with_names(3) refuses it, naming both variables.
+	// (Accepted, it would serve: the bound is the context's.)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	cmd = exec.CommandContext(ctx, "sh", "-c", `LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=web:admin exec "$0" --control none -- "$1" 3<&0`, upgraderBin, helloBin)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	lf, err := ln.(*net.TCPListener).File()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lf.Close()
+	cmd.Stdin, cmd.WaitDelay = lf, 2*time.Second
+	b, _ = cmd.CombinedOutput()
+	if ctx.Err() != nil {
+		t.Errorf("LISTEN_FDS=1 LISTEN_FDNAMES=web:admin: accepted, upgrader still ran after 10s:\n%s", b)
+	} else if cmd.ProcessState.ExitCode() == 0 || !strings.Contains(string(b), "LISTEN_FDNAMES=") || !strings.Contains(string(b), "LISTEN_FDS=1") {
+		t.Errorf("LISTEN_FDS=1 LISTEN_FDNAMES=web:admin: exit %d:\n%s", cmd.ProcessState.ExitCode(), b)
 	}
 
 	// A control request that is not valid gets an error naming it, and the

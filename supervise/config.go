@@ -192,7 +192,10 @@ type Config struct {
 	// thread of the supervisor's own, and no self-upgrade keeps workers.
 	MainThread *spawn.MainThread
 	// HeldSignals are the signals caught since the process started
-	// (HoldSignals), for a new image after a self-upgrade; nil otherwise.
+	// (HoldSignals), which the supervisor handles, in order, once it runs
+	// (a SIGUSR2 is an upgrade queued behind generation 1, a SIGTERM a
+	// graceful stop); nil: they are caught from Run on, and what came
+	// before took the Go runtime's default action.
 	HeldSignals chan os.Signal
 }
 

@@ -107,13 +107,20 @@ type osEnv struct {
 // selfSignals are the signals the supervisor handles, other than SIGCHLD.
 var selfSignals = []os.Signal{unix.SIGUSR1, unix.SIGUSR2, unix.SIGHUP, unix.SIGTERM, unix.SIGINT, unix.SIGQUIT}
 
-// HoldSignals catches the supervisor's signals at once, for a new image
-// after a self-upgrade: until then they were ignored (set across the exec)
-// and the Go runtime's default for SIGTERM would end the process. The
-// channel goes in Config.HeldSignals, whence the supervisor takes them.
+// CaughtSignals are the signals a supervisor with Config.Signals catches
+// (SIGCHLD included), which HoldSignals holds.
+func CaughtSignals() []os.Signal { return append([]os.Signal{unix.SIGCHLD}, selfSignals...) }
+
+// HoldSignals catches the supervisor's signals at once; call it first
+// thing in main (after Init) and put the channel in Config.HeldSignals,
+// whence the supervisor takes them, in order, once it runs. Until a signal
+// is caught, the Go runtime's default for SIGHUP and SIGTERM ends the
+// process and drops SIGUSR2: a reload or a stop sent during the start-up
+// would kill or be lost. A new image after a self-upgrade needs it most:
+// the old one ignored these signals across the exec.
 func HoldSignals() chan os.Signal {
 	held := make(chan os.Signal, 16)
-	signal.Notify(held, append([]os.Signal{unix.SIGCHLD}, selfSignals...)...)
+	signal.Notify(held, CaughtSignals()...)
 	return held
 }
 
@@ -176,7 +183,7 @@ func (e *osEnv) sources(dir string, fdBudget int, post func(event)) (string, err
 		e.sigs, e.held = e.held, nil
 	case e.handle:
 		e.sigs = make(chan os.Signal, 16)
-		signal.Notify(e.sigs, append([]os.Signal{unix.SIGCHLD}, selfSignals...)...)
+		signal.Notify(e.sigs, CaughtSignals()...)
 	default:
 		e.sigs = make(chan os.Signal, 16)
 		signal.Notify(e.sigs, unix.SIGCHLD)

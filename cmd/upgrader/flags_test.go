@@ -87,6 +87,9 @@ func TestParseListenersRejectsDuplicateNames(t *testing.T) {
 	}{
 		{listen: []string{"web=127.0.0.1:0", "admin=127.0.0.1:0"}},
 		{listen: []string{"127.0.0.1:8080", "127.0.0.1:8081"}},
+		// Names are case-sensitive, as systemd's FileDescriptorName= and
+		// sd_listen_fds_with_names(3) are: a and A are two listeners.
+		{listen: []string{"a=127.0.0.1:0", "A=127.0.0.1:0"}},
 		// systemd names every fd of a socket unit alike: not ours to refuse.
 		{listen: []string{"web=127.0.0.1:0"}, inherited: []string{"app.socket", "app.socket"}},
 		{listen: []string{"web=127.0.0.1:0", "web=unix:///run/w.sock"},

@@ -28,8 +28,10 @@ import (
 
 	"github.com/seed6cb0314a/upgrader/health"
 	"github.com/seed6cb0314a/upgrader/internal/control"
+	"github.com/seed6cb0314a/upgrader/internal/earlysig"
 	"github.com/seed6cb0314a/upgrader/internal/sockets"
 	"github.com/seed6cb0314a/upgrader/internal/spawn"
+	"github.com/seed6cb0314a/upgrader/internal/workerenv"
 	"github.com/seed6cb0314a/upgrader/supervise"
 )
 
@@ -51,12 +53,6 @@ func main() {
 
 func realMain(m *spawn.MainThread) int {
 	p := proc{main: m}
-	// A new image after a self-upgrade: catch the signals ignored across
-	// the exec before anything else.
-	if os.Getenv(supervise.StateEnv) != "" {
-		p.held = supervise.HoldSignals()
-	}
-
 	args := os.Args[1:]
 	cmd := "run"
 	if len(args) > 0 {
@@ -64,6 +60,14 @@ func realMain(m *spawn.MainThread) int {
 		case "run", "upgrade", "status", "prestop", "version", "help", "self-check":
 			cmd, args = args[0], args[1:]
 		}
+	}
+	// The supervisor's signals have been caught since the packages' init
+	// (earlysig): for the supervisor to handle, in order, once it runs;
+	// any other command dies of a SIGTERM as any program does.
+	if cmd == "run" {
+		p.held = earlysig.Held()
+	} else {
+		earlysig.Release()
 	}
 	var err error
 	switch cmd {
@@ -217,7 +221,7 @@ func configError(err error) error {
 // proc is what the process set up before parsing its command line.
 type proc struct {
 	main *spawn.MainThread // where workers are forked, and a self-upgrade execs
-	held chan os.Signal    // signals caught since the start, after a self-upgrade
+	held chan os.Signal    // signals caught since the start (earlysig)
 }
 
 // selfCheck is run by a running upgrader on the binary it is about to
@@ -281,9 +285,8 @@ func (p proc) run(args []string) error {
 	if err != nil {
 		return err
 	}
-	cfg.MainThread = p.main
+	cfg.MainThread, cfg.HeldSignals = p.main, p.held
 	if v := os.Getenv(supervise.StateEnv); v != "" {
-		cfg.HeldSignals = p.held
 		return resumeRun(f, cfg, v)
 	}
 	// Socket activation in: read LISTEN_* once, before anything else.
@@ -334,6 +337,15 @@ func (p proc) run(args []string) error {
 	}
 	for _, sock := range socks {
 		cfg.Listeners = append(cfg.Listeners, supervise.SocketListener(sock))
+	}
+	if len(socks) == 0 {
+		// Allowed: a worker may serve no socket (a queue consumer) or keep
+		// its own in the fd store. But one that binds a port itself when
+		// it inherits none (examples/hello binds 8080) holds it against
+		// the next generation, whose upgrade then fails or, with
+		// SO_REUSEPORT, two generations share it: say so at the start.
+		log.Warn("no listeners: workers get no LISTEN_FDS; give --listen or socket activation for upgrader to hold the sockets",
+			zap.Int("listeners", 0))
 	}
 	cfg.Carry = carry(cl, hl)
 	sup, err := supervise.New(cfg)
@@ -481,6 +493,9 @@ func serve(log *zap.Logger, f runFlags, sup *supervise.Supervisor, cl, hl net.Li
 // LISTEN_FDS order), would hand a worker two sockets where it asks for one:
 // that is a usage error naming both. Names repeated within LISTEN_FDNAMES are
 // systemd's business (a socket unit names all its fds alike) and are kept.
+// Names are compared as they are, case included, as systemd and every
+// sd_listen_fds_with_names(3) reader compare them: "a" and "A" are two
+// listeners, and folding case would refuse what systemd accepts.
 func parseListeners(values, inherited []string) ([]sockets.Spec, error) {
 	specs := make([]sockets.Spec, 0, len(values))
 	from := map[string]string{} // name → who gave it, for the error
@@ -574,6 +589,13 @@ func adoptListeners() ([]*sockets.Socket, error) {
 	n, err := strconv.Atoi(want)
 	if err != nil || n < 0 {
 		return nil, fmt.Errorf("LISTEN_FDS=%q: not a number of fds", want)
+	}
+	names, set := os.LookupEnv(workerenv.ListenFDNames)
+	if err := workerenv.CheckFDNames(want, n, names, set); err != nil {
+		for _, f := range activation.Files(true) {
+			f.Close()
+		}
+		return nil, err
 	}
 	var out []*sockets.Socket
 	for i, f := range activation.Files(true) {

@@ -21,9 +21,10 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// shimArg is argv[1] of a shim; argv[2] is the resolved path to exec and
-// argv[3:] the command's argv.
-const shimArg = "__upgrader-exec-shim"
+// ShimArg is argv[1] of a shim; argv[2] is the resolved path to exec and
+// argv[3:] the command's argv. internal/earlysig has its own copy, to
+// depend on nothing but os/signal.
+const ShimArg = "__upgrader-exec-shim"
 
 // pidVars are set to the shim's pid, when present, before exec.
 var pidVars = [...]string{"LISTEN_PID", "WATCHDOG_PID"}
@@ -36,7 +37,7 @@ func RunShimIfRequested() {
 	if len(os.Args) >= 4 && os.Args[1] == reaperArg {
 		runReaper(os.Args[2], os.Args[3:])
 	}
-	if len(os.Args) < 4 || os.Args[1] != shimArg {
+	if len(os.Args) < 4 || os.Args[1] != ShimArg {
 		return
 	}
 	path, argv := os.Args[2], os.Args[3:]
@@ -175,7 +176,7 @@ func (s *Spawner) start(spec Spec) (int, error) {
 	for i, fd := range spec.Files {
 		files[i] = uintptr(fd) // -1 becomes ^uintptr(0): syscall closes that slot
 	}
-	self, argv := s.self, append([]string{s.self, shimArg, spec.Path}, spec.Args...)
+	self, argv := s.self, append([]string{s.self, ShimArg, spec.Path}, spec.Args...)
 	pdeathsig := spec.Pdeathsig
 	switch {
 	case spec.Reaped:

@@ -4,6 +4,11 @@
 // sd_watchdog_enabled(3)) and upgrader's own.
 package workerenv
 
+import (
+	"fmt"
+	"strings"
+)
+
 // systemd's socket activation, notify and watchdog variables.
 const (
 	ListenPID     = "LISTEN_PID"
@@ -33,3 +38,20 @@ const (
 	NodeChannelFD     = "NODE_CHANNEL_FD"
 	NodeSerialization = "NODE_CHANNEL_SERIALIZATION_MODE"
 )
+
+// CheckFDNames refuses a LISTEN_FDNAMES (names, set if present) whose
+// count of names is not LISTEN_FDS (fds), as sd_listen_fds_with_names(3)
+// does with EINVAL: which name goes with which fd is then a guess, and a
+// worker asking for a listener by name could be handed another one.
+// go-systemd's activation.Files would name the missing ones LISTEN_FD_n
+// and drop the extra ones.
+func CheckFDNames(fds string, n int, names string, set bool) error {
+	if !set || n <= 0 {
+		return nil
+	}
+	if got := strings.Count(names, ":") + 1; got != n {
+		return fmt.Errorf("%s=%q: %d names for %s=%s fds, want one per fd (sd_listen_fds_with_names(3) refuses it: EINVAL)",
+			ListenFDNames, names, got, ListenFDs, fds)
+	}
+	return nil
+}
