@@ -191,55 +191,20 @@ func upgradeCmd(args []string) error {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), *timeout)
 	defer cancel()
-	var failed string
-	done, resumed := false, false
-	// follow: the generation this upgrade started, or the lowest it can
-	// start when it was queued behind a self-upgrade (0: neither seen).
-	follow := 0
 	req := control.Request{Command: "upgrade", Wait: !*noWait, Self: *self || *selfOnly, SelfOnly: *selfOnly}
 	if req.Self {
 		req.Wait = true // the client's connection is what carries the progress across the exec
 	}
+	w := &upgradeWatch{self: req.Self}
 	err := control.Do(ctx, *path, req, func(line []byte) error {
 		var p supervise.Progress
 		if err := json.Unmarshal(line, &p); err != nil {
 			return fmt.Errorf("control reply %q: %w", line, err)
 		}
-		switch p.Event {
-		case supervise.EventQueued:
-			if !req.Self {
-				follow = p.Generation
-				fmt.Println("upgrade queued behind the self-upgrade under way")
-				break
-			}
-			fmt.Printf("self-upgrade queued behind the upgrade to generation %d\n", p.Generation)
-		case supervise.EventChecking:
-			fmt.Printf("checking the new upgrader binary %s\n", p.Binary)
-		case supervise.EventChecked:
-			fmt.Printf("new upgrader binary %s (%s) passed its check\n", p.Version, p.Binary)
-		case supervise.EventExec:
-			fmt.Println("re-executing upgrader in place")
-		case supervise.EventResumed:
-			resumed = true
-			fmt.Printf("upgrader %s resumed from %s (exec %d), generation %d serving\n", p.Version, p.Binary, p.Execs, p.Generation)
-		case supervise.EventStarted:
-			follow = p.Generation
-			fmt.Printf("generation %d started\n", p.Generation)
-		case supervise.EventReady:
-			fmt.Printf("generation %d ready after %d ms\n", p.Generation, p.ReadyAfterMS)
-		case supervise.EventDraining:
-			fmt.Printf("generation %d draining with %d connections\n", p.Old, p.Connections)
-		case supervise.EventDone:
-			done = true
-			fmt.Printf("done: generation %d serving\n", p.Generation)
-		case supervise.EventFailed:
-			failed = fmt.Sprintf("upgrade to generation %d failed: %s", p.Generation, p.Reason)
-			if req.Self && !resumed {
-				failed = "self-upgrade refused: " + p.Reason
-			}
-		}
+		w.on(p)
 		return nil
 	})
+	failed, done, follow := w.failed, w.done, w.follow
 	switch {
 	case errors.Is(err, context.DeadlineExceeded) || errors.Is(err, os.ErrDeadlineExceeded):
 		return fmt.Errorf("upgrade not finished within --timeout %s", *timeout)
@@ -256,6 +221,53 @@ func upgradeCmd(args []string) error {
 		return errors.New("the supervisor closed the control connection before the upgrade ended")
 	}
 	return nil
+}
+
+// upgradeWatch prints an upgrade's progress events as they come and keeps
+// how it ended.
+type upgradeWatch struct {
+	self          bool
+	failed        string
+	done, resumed bool
+	// follow: the generation this upgrade started, or the lowest it can
+	// start when it was queued behind a self-upgrade (0: neither seen).
+	follow int
+}
+
+func (w *upgradeWatch) on(p supervise.Progress) {
+	switch p.Event {
+	case supervise.EventQueued:
+		if !w.self {
+			w.follow = p.Generation
+			fmt.Println("upgrade queued behind the self-upgrade under way")
+			break
+		}
+		fmt.Printf("self-upgrade queued behind the upgrade to generation %d\n", p.Generation)
+	case supervise.EventChecking:
+		fmt.Printf("checking the new upgrader binary %s\n", p.Binary)
+	case supervise.EventChecked:
+		fmt.Printf("new upgrader binary %s (%s) passed its check\n", p.Version, p.Binary)
+	case supervise.EventExec:
+		fmt.Println("re-executing upgrader in place")
+	case supervise.EventResumed:
+		w.resumed = true
+		fmt.Printf("upgrader %s resumed from %s (exec %d), generation %d serving\n", p.Version, p.Binary, p.Execs, p.Generation)
+	case supervise.EventStarted:
+		w.follow = p.Generation
+		fmt.Printf("generation %d started\n", p.Generation)
+	case supervise.EventReady:
+		fmt.Printf("generation %d ready after %d ms\n", p.Generation, p.ReadyAfterMS)
+	case supervise.EventDraining:
+		fmt.Printf("generation %d draining with %d connections\n", p.Old, p.Connections)
+	case supervise.EventDone:
+		w.done = true
+		fmt.Printf("done: generation %d serving\n", p.Generation)
+	case supervise.EventFailed:
+		w.failed = fmt.Sprintf("upgrade to generation %d failed: %s", p.Generation, p.Reason)
+		if w.self && !w.resumed {
+			w.failed = "self-upgrade refused: " + p.Reason
+		}
+	}
 }
 
 // followPoll is how often followUpgrade asks the status.

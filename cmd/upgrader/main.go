@@ -339,13 +339,7 @@ func (p proc) run(args []string) error {
 		cfg.Listeners = append(cfg.Listeners, supervise.SocketListener(sock))
 	}
 	if len(socks) == 0 {
-		// Allowed: a worker may serve no socket (a queue consumer) or keep
-		// its own in the fd store. But one that binds a port itself when
-		// it inherits none (examples/hello binds 8080) holds it against
-		// the next generation, whose upgrade then fails or, with
-		// SO_REUSEPORT, two generations share it: say so at the start.
-		log.Warn("no listeners: workers get no LISTEN_FDS; give --listen or socket activation for upgrader to hold the sockets",
-			zap.Int("listeners", 0))
+		warnNoListeners(log)
 	}
 	cfg.Carry = carry(cl, hl)
 	sup, err := supervise.New(cfg)
@@ -353,6 +347,16 @@ func (p proc) run(args []string) error {
 		return configError(err)
 	}
 	return serve(log, f, sup, cl, hl)
+}
+
+// warnNoListeners says that workers get no socket. It is allowed: a worker
+// may serve no socket (a queue consumer) or keep its own in the fd store.
+// But one that binds a port itself when it inherits none (examples/hello
+// binds 8080) holds it against the next generation, whose upgrade then
+// fails or, with SO_REUSEPORT, two generations share it.
+func warnNoListeners(log *zap.Logger) {
+	log.Warn("no listeners: workers get no LISTEN_FDS; give --listen or socket activation for upgrader to hold the sockets",
+		zap.Int("listeners", 0))
 }
 
 // invokedPath is what a self-upgrade re-executes: the path this binary was
