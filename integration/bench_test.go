@@ -11,7 +11,6 @@ import (
 	"os/exec"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -165,33 +164,7 @@ func BenchmarkHandoff10k(b *testing.B) {
 		// Baseline: an upgrade with no connection open.
 		base := drainTime()
 
-		conns := make([]net.Conn, n)
-		readers := make([]*bufio.Reader, n)
-		var wg sync.WaitGroup
-		errs := make(chan error, n)
-		for w := 0; w < 50; w++ {
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				for j := w; j < n; j += 50 {
-					c, err := net.Dial("tcp", addr)
-					if err != nil {
-						errs <- err
-						return
-					}
-					conns[j], readers[j] = c, bufio.NewReader(c)
-					if gen, err := post(c, readers[j]); err != nil || gen != "2" {
-						errs <- fmt.Errorf("request %d: generation %q, %v", j, gen, err)
-						return
-					}
-				}
-			}()
-		}
-		wg.Wait()
-		close(errs)
-		for err := range errs {
-			b.Fatal(err)
-		}
+		conns, readers := openAnswered(b, addr, n, "2")
 		loaded := drainTime()
 
 		// Every connection is alive and now served by generation 3.
