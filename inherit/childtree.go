@@ -108,12 +108,16 @@ func (w *childWatch) run(timeout time.Duration) {
 
 // look records the new process and its descendants as they are now.
 func (w *childWatch) look() {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.lookLocked()
+}
+
+func (w *childWatch) lookLocked() {
 	tab, err := proctree.Read("/proc")
 	if err != nil {
 		return
 	}
-	w.mu.Lock()
-	defer w.mu.Unlock()
 	if w.child.Pid == 0 {
 		for pid, p := range tab {
 			if p.PPid == w.self && !w.before[pid] && p.State != 'Z' && w.marked(pid, p) {
@@ -147,6 +151,9 @@ func (w *childWatch) kill(why string) {
 		return
 	}
 	w.killed = why
+	// A kill that comes between two looks (a cancel a few ms after the
+	// start) must find what the last look could not see yet.
+	w.lookLocked()
 	w.killTree()
 }
 
