@@ -251,8 +251,8 @@ func writeOutputs(o Options, runs []*Run, md, png, pngRel, cmd string, elapsed t
 // systemsSetup says how each system is set up and reloaded.
 const systemsSetup = `How each system is set up and reloaded (each as the tool's own child on 127.0.0.1, in a temp dir, stopped by pid):
 
-- **upgrader**: ` + "`upgrader run -l 127.0.0.1:0 -- hello`" + ` (examples/hello, one worker, live-connection handoff on as by
-  default), ` + "`kill -USR2`" + ` to upgrader.
+- **upgrader**: ` + "`upgrader run -l 127.0.0.1:0 --ready-hold 0 -- hello`" + ` (examples/hello, one worker, live-connection handoff on as by
+  default; ` + "`--ready-hold 0`" + `, since reloads 0.5 s apart would fold into the default 500 ms hold, which no other system has), ` + "`kill -USR2`" + ` to upgrader.
 - **nginx, reload**: ` + "`daemon off; master_process on; worker_processes auto;`" + ` (one worker per CPU), a server
   answering ` + "`return 200 \"hello from nginx\\n\";`" + `, nginx's defaults otherwise (keepalive_timeout 75s,
   keepalive_requests 1000); HUP to the master. nginx's graceful shutdown of the old workers closes their idle keep-alive
@@ -276,7 +276,7 @@ const systemsSetup = `How each system is set up and reloaded (each as the tool's
   the primary's shared socket; on USR2 the primary replaces its workers one at a time: fork a new worker, and on its
   ` + "`'listening'`" + ` event ` + "`disconnect()`" + ` the old one (which closes its server and exits when its
   connections are done).
-- **upgrader + Node.js (module)**: ` + "`upgrader run --ipc node -w N -l 127.0.0.1:0 -- node examples/node/server.js`" + `,
+- **upgrader + Node.js (module)**: ` + "`upgrader run --ipc node -w N -l 127.0.0.1:0 --ready-hold 0 -- node examples/node/server.js`" + `,
   N the Node.js cluster's worker count (one per CPU), the same HTTP handler as cluster.js's workers, served through the
   upgrader-drain module (nodejs/: ` + "`serve(server)`" + ` listens on the inherited socket, says ready over Node's IPC
   channel, and on the drain signal hands its idle keep-alive connections to the next generation with
