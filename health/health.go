@@ -460,3 +460,17 @@ func (s *Server) openConns() int {
 	defer g.mu.Unlock()
 	return g.conns
 }
+
+// idleConns is how many of them are idle between requests, the ones the
+// bound may close.
+func (s *Server) idleConns() int {
+	s.mu.Lock()
+	g := s.gate
+	s.mu.Unlock()
+	if g == nil {
+		return 0
+	}
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.idle.Len()
+}

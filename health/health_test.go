@@ -115,12 +115,16 @@ func TestConnectionsAreBounded(t *testing.T) {
 		return c
 	}
 	var idle []net.Conn
-	for range bound {
+	for i := range bound {
 		c := dial()
 		if st, err := liveOn(c); err != nil || st != "200 OK" {
 			t.Fatalf("probe within the bound: %q %v", st, err)
 		}
 		idle = append(idle, c)
+		// The server marks a connection idle once its answer is out,
+		// which the client may read first: wait, so that the idle order
+		// is the dial order.
+		waitFor(t, func() bool { return s.idleConns() == i+1 })
 	}
 	// One more: the oldest idle one is closed for it.
 	extra := dial()
