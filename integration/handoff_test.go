@@ -23,20 +23,28 @@ func TestHandoffKeepsKeepAliveConnectionsOpen(t *testing.T) {
 	addr := p.addr("")
 	r := upgradeUnderLoad(t, p, loadgen.Config{Addr: addr, Clients: 16, Mode: loadgen.KeepAlive, MaxIdle: 50 * time.Millisecond}, 20, 500*time.Millisecond)
 	requireNoFailures(t, r)
-	if r.ServerCloses != 0 || r.ClosedUnderClient != 0 || r.IdleClosed != 0 {
-		t.Fatalf("the server closed %d connections politely, %d under the client and %d while idle; want none", r.ServerCloses, r.ClosedUnderClient, r.IdleClosed)
-	}
-	// The same connections were answered by newer and newer generations.
-	if r.ConnsAcrossGenerations < 16 || r.GenerationRegress != 0 {
-		t.Fatalf("%d connections crossed generations (%d regressions); want all 16 clients' connections, moving forward only",
-			r.ConnsAcrossGenerations, r.GenerationRegress)
-	}
+	requireConnectionsCarried(t, r, 16)
 	requireGenerations(t, r, 1, 21)
 	st := p.status()
 	if st.Handoffs.HandedOff < 16 || st.Handoffs.Malformed != 0 {
 		t.Fatalf("handoff counts %+v", st.Handoffs)
 	}
 	t.Logf("handoffs: %+v", st.Handoffs)
+}
+
+// requireConnectionsCarried fails t unless no connection of r was closed
+// (politely, under a client or while idle) and all clients' connections
+// were answered by newer and newer generations: handed off at every
+// upgrade.
+func requireConnectionsCarried(t *testing.T, r loadgen.Result, clients int) {
+	t.Helper()
+	if r.ServerCloses != 0 || r.ClosedUnderClient != 0 || r.IdleClosed != 0 {
+		t.Fatalf("the server closed %d connections politely, %d under the client and %d while idle; want none", r.ServerCloses, r.ClosedUnderClient, r.IdleClosed)
+	}
+	if r.ConnsAcrossGenerations < clients || r.GenerationRegress != 0 {
+		t.Fatalf("%d connections crossed generations (%d regressions); want all %d clients' connections, moving forward only",
+			r.ConnsAcrossGenerations, r.GenerationRegress, clients)
+	}
 }
 
 // rawPost sends one POST on c and returns the status and X-Generation.
