@@ -7,6 +7,8 @@ import (
 
 	"github.com/coreos/go-systemd/v22/daemon"
 	"golang.org/x/sys/unix"
+
+	"github.com/seed6cb0314a/upgrader/internal/sockets"
 )
 
 // lifecycle is where the supervisor is between its start and its exit:
@@ -25,6 +27,9 @@ type lifecycle struct {
 	// sweepStarted is when the final sweep first found processes to kill.
 	swept        bool
 	sweepStarted time.Time
+	// quiescing: the stop's listeners refuse new connections, and the
+	// drain waits for their queues; drained: the stop has drained.
+	quiescing, drained bool
 }
 
 // Stop begins a graceful stop, as SIGTERM does (not-ready, ShutdownDelay,
@@ -105,8 +110,23 @@ func (s *Supervisor) PreStop(ctx context.Context) (time.Duration, error) {
 }
 
 // drainAll drains every generation for a stop, and closes the
-// supervisor's copies of the listeners.
+// supervisor's copies of the listeners; first, the listeners upgrader owns
+// stop taking new connections, and the drain waits (bounded) until the
+// workers have accepted what their queues hold.
 func (s *Supervisor) drainAll() {
+	if s.life.quiescing {
+		return
+	}
+	s.life.quiescing = true
+	s.awaitEmptyQueues(s.quiesceListeners(s.cfg.Listeners), s.drainNow)
+}
+
+// drainNow drains every generation and closes the listeners.
+func (s *Supervisor) drainNow() {
+	if s.life.drained {
+		return
+	}
+	s.life.drained = true
 	for _, g := range append([]*generation(nil), s.gens.all...) {
 		if g.State == GenStarting {
 			s.cancelGeneration(g)
@@ -115,6 +135,105 @@ func (s *Supervisor) drainAll() {
 		s.drainGeneration(g)
 	}
 	s.closeListeners()
+}
+
+const (
+	// quiesceMax bounds the wait for the accept queues to empty before a
+	// stop drains. Workers that accept at all take a queue of thousands
+	// in milliseconds; one still not empty after a second is one no
+	// worker accepts from (all stalled, or busy in a server that accepts
+	// only between requests), and the stop must not hang on it: what is
+	// left is reset at the close, as without the wait.
+	quiesceMax = time.Second
+	// quiescePoll is how often the queues are looked at. The first look
+	// is one interval after the filter went on, so that a handshake under
+	// way then (SYN_RECV, its final ACK let through by the filter) has had
+	// that long to complete and be counted: microseconds on loopback or a
+	// LAN.
+	quiescePoll = 5 * time.Millisecond
+)
+
+// quiesceListeners makes the listeners upgrader owns stop taking new
+// connections while their queues stay accept()-able: a TCP socket gets the
+// SYN filter (sockets.RefuseNewConnections: new SYNs are dropped, the
+// client retransmits and is refused once the socket is closed), a Unix
+// socket whose path upgrader bound loses the path (new connect()s fail
+// with ENOENT). It returns the fds whose queues the drain waits on. A
+// socket systemd keeps for the next start (a socket unit's, Own unset) is
+// left alone: its queue waits for that start, and a filter would keep the
+// connections that trigger it from arriving. An abstract Unix socket, or
+// one whose path the fd store keeps, cannot refuse without losing what
+// the next start needs, and is left alone too.
+func (s *Supervisor) quiesceListeners(ls []*Listener) []int {
+	var fds []int
+	for _, l := range ls {
+		sock := l.Socket()
+		if sock.FD < 0 || !sock.Own || !sock.Spec.Stream() {
+			continue
+		}
+		if sock.Spec.Network == "unix" {
+			if removed, err := sock.Unlink(); err != nil {
+				s.log.Warn("stop: cannot remove the listener's path; new connections queue until the close resets them",
+					slog.String("listener", l.Name()), slog.Any("error", err))
+			} else if removed {
+				fds = append(fds, sock.FD)
+			}
+			continue
+		}
+		fds = append(fds, s.refuseNew([]int{sock.FD})...)
+	}
+	return fds
+}
+
+// refuseNew attaches the SYN filter to each TCP listener of fds and
+// returns those it is on.
+func (s *Supervisor) refuseNew(fds []int) []int {
+	var on []int
+	for _, fd := range fds {
+		if err := sockets.RefuseNewConnections(fd); err != nil {
+			s.log.Warn("stop: cannot make the listener refuse new connections; those queued at the close are reset", slog.Any("error", err))
+			continue
+		}
+		on = append(on, fd)
+	}
+	return on
+}
+
+// awaitEmptyQueues calls then, on the loop, once no connection waits in
+// the accept queue of any of fds, or quiesceMax from now, or at once when
+// no worker is left to accept.
+func (s *Supervisor) awaitEmptyQueues(fds []int, then func()) {
+	if len(fds) == 0 || s.gens.liveWorkers() == 0 {
+		then()
+		return
+	}
+	start := s.env.now()
+	var look func()
+	look = func() {
+		left := 0
+		for _, fd := range fds {
+			n, err := sockets.QueueLen(fd)
+			if err != nil {
+				s.log.Warn("stop: cannot read the listener's accept queue", slog.Any("error", err))
+				continue
+			}
+			left += n
+		}
+		waited := s.env.now().Sub(start)
+		switch {
+		case left == 0:
+			s.log.Info("stop: no new connections taken, the queues accepted; draining",
+				slog.Int("listeners", len(fds)), slog.Duration("waited", waited))
+		case waited >= quiesceMax || s.gens.liveWorkers() == 0:
+			s.log.Warn("stop: connections still queued, draining anyway; they are reset at the close",
+				slog.Int("queued", left), slog.Duration("waited", waited))
+		default:
+			s.after(quiescePoll, evFunc{look})
+			return
+		}
+		then()
+	}
+	s.after(quiescePoll, evFunc{look})
 }
 
 // closeListeners closes the supervisor's copy of every listener once a

@@ -78,7 +78,8 @@ func adoptForSpecs(log *zap.Logger, specs []sockets.Spec, inherited []*sockets.S
 		}
 		err := specs[i].Matches(sock.FD)
 		if err == nil && adopted[i] == nil {
-			adopted[i] = &sockets.Socket{Spec: specs[i], FD: sock.FD}
+			adopted[i] = &sockets.Socket{Spec: specs[i], FD: sock.FD, Own: true}
+			takeNewConnections(log, adopted[i])
 			continue
 		}
 		if err == nil {
@@ -95,4 +96,23 @@ func adoptForSpecs(log *zap.Logger, specs []sockets.Spec, inherited []*sockets.S
 		}
 	}
 	return adopted, rest
+}
+
+// takeNewConnections removes the filter a stop put on sock
+// (sockets.RefuseNewConnections) before it was adopted again: an upgrader
+// that crashed or was stopped mid-drain left it in systemd's fd store, or
+// a self-upgrade carried it. A socket still filtered would drop every new
+// SYN for good.
+func takeNewConnections(log *zap.Logger, sock *sockets.Socket) {
+	if sock.Spec.Network == "unix" || !sock.Spec.Stream() {
+		return
+	}
+	had, err := sockets.AcceptNewConnections(sock.FD)
+	if err != nil {
+		log.Warn("cannot remove a stop's filter from an adopted listener; it may refuse new connections",
+			zap.String("name", sock.Spec.Name), zap.Error(err))
+	} else if had {
+		log.Info("adopted listener had a stop's filter on it (an earlier upgrader stopped or crashed while draining); removed",
+			zap.String("name", sock.Spec.Name), zap.String("address", sock.Addr()))
+	}
 }

@@ -94,6 +94,7 @@ func resumeRun(f runFlags, cfg supervise.Config, stateFD string) error {
 	for _, l := range cfg.Listeners {
 		defer l.Close()
 	}
+	ownListeners(log, f.listen, cfg.Listeners)
 	cl, err := fileListener(st.CarriedFD(roleControl), roleControl)
 	if err != nil {
 		return err
@@ -131,5 +132,26 @@ func dupConnFD(c net.Conn) int {
 func closeFD(fd int) {
 	if fd >= 0 {
 		unix.Close(fd)
+	}
+}
+
+// ownListeners marks the carried listeners named by a --listen value as
+// upgrader's own (the state record does not say; a socket-activated one is
+// not), so that a stop may make them refuse new connections, and removes a
+// stop's filter from them.
+func ownListeners(log *zap.Logger, listen []string, ls []*supervise.Listener) {
+	specs, err := parseListeners(listen, nil)
+	if err != nil {
+		return
+	}
+	names := map[string]bool{}
+	for _, spec := range specs {
+		names[spec.Name] = true
+	}
+	for _, l := range ls {
+		if sock := l.Socket(); names[sock.Spec.Name] {
+			sock.Own = true
+			takeNewConnections(log, sock)
+		}
 	}
 }

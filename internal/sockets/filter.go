@@ -20,7 +20,7 @@ import (
 // drop-all filter would strand the handshakes under way and blind the
 // connections they create.
 var synFilter = []unix.SockFilter{
-	{Code: unix.BPF_LD | unix.BPF_B | unix.BPF_ABS, K: 13},  // A = tcp flags
+	{Code: unix.BPF_LD | unix.BPF_B | unix.BPF_ABS, K: 13},    // A = tcp flags
 	{Code: unix.BPF_ALU | unix.BPF_AND | unix.BPF_K, K: 0x12}, // A &= SYN|ACK
 	{Code: unix.BPF_JMP | unix.BPF_JEQ | unix.BPF_K, K: 0x02, Jt: 0, Jf: 1},
 	{Code: unix.BPF_RET | unix.BPF_K, K: 0},          // a bare SYN: drop

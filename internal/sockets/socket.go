@@ -23,6 +23,12 @@ type Socket struct {
 	unlink string
 	// closedAddr is Addr as it was when Close ran (FD is -1 since).
 	closedAddr string
+	// Own: no one but this upgrader (and its fd store) keeps the socket
+	// for a next start, so that a stop may make it refuse new connections
+	// before the drain (RefuseNewConnections, Unlink). Bind sets it; an
+	// inherited socket (Adopt) has it unset, for a socket unit's socket
+	// must keep taking connections for the next start, which they trigger.
+	Own bool
 }
 
 // Bind creates the listener for spec. A Unix socket path that exists but has
@@ -30,6 +36,12 @@ type Socket struct {
 // error, as is a TCP or UDP address in use. Errors name the address.
 func Bind(spec Spec) (*Socket, error) {
 	var lc net.ListenConfig
+	// Plain TCP, not Go's default MPTCP (since Go 1.24, where the kernel
+	// has it): an MPTCP listener takes no socket filter (SO_ATTACH_FILTER
+	// fails with EOPNOTSUPP, so a stop could not refuse new connections
+	// before its drain) nor a reuseport program, and workers in any
+	// language expect the TCP socket LISTEN_FDS promises.
+	lc.SetMultipathTCP(false)
 	ctx := context.Background()
 	if (spec.Network == "unix" || spec.Network == "unixgram") && spec.Address[0] == '/' {
 		if err := RemoveStale(spec.Address, spec.Network == "unix"); err != nil {
@@ -59,7 +71,7 @@ func Bind(spec Spec) (*Socket, error) {
 	if err != nil {
 		return nil, fmt.Errorf("listen on %s: %w", spec, err)
 	}
-	s := &Socket{Spec: spec, FD: fd}
+	s := &Socket{Spec: spec, FD: fd, Own: true}
 	if (spec.Network == "unix" || spec.Network == "unixgram") && spec.Address[0] == '/' {
 		s.unlink = spec.Address
 	}
