@@ -118,6 +118,13 @@ func (s *Supervisor) drainAll() {
 		return
 	}
 	s.life.quiescing = true
+	// Draining from now on, as status says: no new connection comes, and
+	// the signal follows once the queues are accepted.
+	for _, g := range s.gens.all {
+		if g.State != GenStarting {
+			s.markDraining(g)
+		}
+	}
 	s.awaitEmptyQueues(s.quiesceListeners(s.cfg.Listeners), s.drainNow)
 }
 
