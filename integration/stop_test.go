@@ -96,6 +96,33 @@ func TestStopWithoutBalancerLosesNothing(t *testing.T) {
 	}
 }
 
+// TestStopAfterSelfUpgradeLosesNothing: the --listen socket carried
+// across a self-upgrade is still upgrader's own, so the stop that follows
+// filters it and waits for its queue as before.
+func TestStopAfterSelfUpgradeLosesNothing(t *testing.T) {
+	v2 := upgraderV2(t)
+	p, bin := startSelfUpgradable(t, "-l", "127.0.0.1:0", "--", helloBin)
+	p.waitReady(1)
+	installBin(t, v2, bin)
+	if out, err := p.selfUpgrade(true); err != nil {
+		t.Fatalf("self-upgrade: %v\n%s", err, out)
+	}
+	l := startLoad(loadgen.Config{Addr: p.addr(""), Clients: 16, Mode: loadgen.NewConn, Timeout: 5 * time.Second})
+	l.waitServed(t, 1, 500)
+	if code := p.stop(syscall.SIGTERM, 30*time.Second); code != 0 {
+		t.Fatalf("upgrader exited %d after TERM, want 0", code)
+	}
+	r := l.stop()
+	t.Logf("load: %s", r)
+	if failed := r.Failed() - r.Counts[loadgen.Refused]; failed != 0 {
+		t.Fatalf("%d requests failed other than by a refused connection, want 0: %s", failed, r)
+	}
+	p.expectLogged(5*time.Second, "the stop's wait for the carried listener's queue", func(m map[string]any) bool {
+		_, waited := m["waited"]
+		return waited && m["listeners"] == float64(1)
+	})
+}
+
 // TestAdoptedListenerLosesAStopsFilter: a listener that a stop filtered
 // (upgrader stopped, or crashed, while it drained, and systemd's fd store
 // kept the socket) takes new connections again once the next upgrader
