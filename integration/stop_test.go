@@ -123,25 +123,72 @@ func TestStopAfterSelfUpgradeLosesNothing(t *testing.T) {
 	})
 }
 
-// TestAdoptedListenerLosesAStopsFilter: a listener that a stop filtered
-// (upgrader stopped, or crashed, while it drained, and systemd's fd store
-// kept the socket) takes new connections again once the next upgrader
-// adopts it for its --listen value.
-func TestAdoptedListenerLosesAStopsFilter(t *testing.T) {
-	// Plain TCP, as upgrader binds it: an MPTCP socket (Go's default)
-	// takes no filter.
+// TestStopWaitsForHandshakesUnderWay: a handshake the listener has
+// answered but whose final ACK has not come yet when the stop begins (a
+// distant client; here held in SYN_RECV by TCP_DEFER_ACCEPT until its
+// client sends its request) is waited for: it completes through the
+// filter, the worker accepts and answers it, and only then the drain
+// begins. Without the wait it would be dropped with the listener.
+func TestStopWaitsForHandshakesUnderWay(t *testing.T) {
+	l, f := plainListener(t)
+	if err := syscall.SetsockoptInt(int(f.Fd()), syscall.IPPROTO_TCP, syscall.TCP_DEFER_ACCEPT, 30); err != nil {
+		t.Fatal(err)
+	}
+	addr := l.Addr().String()
+	p := startActivated(t, []*os.File{f}, []string{"web"}, "--listen", "web="+addr, "--", helloBin)
+	p.waitReady(1)
+	c, err := net.Dial("tcp", addr) // established for the client, SYN_RECV for the listener
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	p.signal(syscall.SIGTERM)
+	p.expectLogged(5*time.Second, "the stop's wait for a handshake under way", func(m map[string]any) bool {
+		return m["handshakes"] == float64(1) && m["queued"] == nil
+	})
+	if _, err := c.Write([]byte("GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")); err != nil {
+		t.Fatal(err)
+	}
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	if err != nil {
+		t.Fatalf("the request on the handshake under way at the stop: %v", err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != 200 {
+		t.Fatalf("the request on the handshake under way at the stop: status %d, want 200", resp.StatusCode)
+	}
+	if code := p.wait(10 * time.Second); code != 0 {
+		t.Fatalf("upgrader exited %d after a graceful stop, want 0", code)
+	}
+}
+
+// plainListener binds a loopback plain-TCP listener, as upgrader binds
+// its own (an MPTCP one, Go's default, takes no filter), and returns it
+// and a file of its fd, both closed at the test's end.
+func plainListener(t *testing.T) (net.Listener, *os.File) {
+	t.Helper()
 	lc := net.ListenConfig{}
 	lc.SetMultipathTCP(false)
 	l, err := lc.Listen(context.Background(), "tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer l.Close()
+	t.Cleanup(func() { l.Close() })
 	f, err := l.(*net.TCPListener).File()
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer f.Close()
+	t.Cleanup(func() { f.Close() })
+	return l, f
+}
+
+// TestAdoptedListenerLosesAStopsFilter: a listener that a stop filtered
+// (upgrader stopped, or crashed, while it drained, and systemd's fd store
+// kept the socket) takes new connections again once the next upgrader
+// adopts it for its --listen value.
+func TestAdoptedListenerLosesAStopsFilter(t *testing.T) {
+	l, f := plainListener(t)
 	addr := l.Addr().String()
 	if err := sockets.RefuseNewConnections(int(f.Fd())); err != nil {
 		t.Fatal(err)

@@ -152,11 +152,9 @@ const (
 	// only between requests), and the stop must not hang on it: what is
 	// left is reset at the close, as without the wait.
 	quiesceMax = time.Second
-	// quiescePoll is how often the queues are looked at. The first look
-	// is one interval after the filter went on, so that a handshake under
-	// way then (SYN_RECV, its final ACK let through by the filter) has had
-	// that long to complete and be counted: microseconds on loopback or a
-	// LAN.
+	// quiescePoll is how often the queues are looked at (a TCP_INFO
+	// getsockopt per listener; a sock_diag dump of the listener's port's
+	// SYN_RECV sockets once the queues are empty).
 	quiescePoll = 5 * time.Millisecond
 )
 
@@ -207,33 +205,32 @@ func (s *Supervisor) refuseNew(fds []int) []int {
 }
 
 // awaitEmptyQueues calls then, on the loop, once no connection waits in
-// the accept queue of any of fds, or quiesceMax from now, or at once when
-// no worker is left to accept.
+// the accept queue of any of fds and no handshake is under way on them
+// (SYN_RECV: it would join the queue once its ACK comes), or quiesceMax
+// from now, or at once when no worker is left to accept.
 func (s *Supervisor) awaitEmptyQueues(fds []int, then func()) {
 	if len(fds) == 0 || s.gens.liveWorkers() == 0 {
 		then()
 		return
 	}
 	start := s.env.now()
+	told := false
 	var look func()
 	look = func() {
-		left := 0
-		for _, fd := range fds {
-			n, err := sockets.QueueLen(fd)
-			if err != nil {
-				s.log.Warn("stop: cannot read the listener's accept queue", slog.Any("error", err))
-				continue
-			}
-			left += n
-		}
+		queued, handshakes := s.queued(fds)
 		waited := s.env.now().Sub(start)
+		if handshakes > 0 && !told {
+			told = true
+			s.log.Info("stop: handshakes under way, waiting for them to complete and be accepted",
+				slog.Int("handshakes", handshakes), slog.Duration("waited", waited))
+		}
 		switch {
-		case left == 0:
+		case queued+handshakes == 0:
 			s.log.Info("stop: no new connections taken, the queues accepted; draining",
 				slog.Int("listeners", len(fds)), slog.Duration("waited", waited))
 		case waited >= quiesceMax || s.gens.liveWorkers() == 0:
 			s.log.Warn("stop: connections still queued, draining anyway; they are reset at the close",
-				slog.Int("queued", left), slog.Duration("waited", waited))
+				slog.Int("queued", queued), slog.Int("handshakes", handshakes), slog.Duration("waited", waited))
 		default:
 			s.after(quiescePoll, evFunc{look})
 			return
@@ -241,6 +238,34 @@ func (s *Supervisor) awaitEmptyQueues(fds []int, then func()) {
 		then()
 	}
 	s.after(quiescePoll, evFunc{look})
+}
+
+// queued sums the accept queues of fds and, once those are empty, the
+// handshakes under way on the TCP ones (a sock_diag dump each, so only
+// then). A socket that cannot be read counts as empty: the wait is a
+// bounded help, never a reason to hang the stop.
+func (s *Supervisor) queued(fds []int) (queued, handshakes int) {
+	for _, fd := range fds {
+		n, err := sockets.QueueLen(fd)
+		if err != nil {
+			s.log.Warn("stop: cannot read the listener's accept queue", slog.Any("error", err))
+		}
+		queued += n
+	}
+	if queued > 0 {
+		return queued, 0
+	}
+	for _, fd := range fds {
+		if dom, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_DOMAIN); err != nil || dom == unix.AF_UNIX {
+			continue
+		}
+		n, err := sockets.HandshakesPending(fd)
+		if err != nil {
+			s.log.Warn("stop: cannot count the listener's handshakes under way", slog.Any("error", err))
+		}
+		handshakes += n
+	}
+	return 0, handshakes
 }
 
 // closeListeners closes the supervisor's copy of every listener once a

@@ -1,6 +1,7 @@
 package sockets
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"os"
@@ -175,4 +176,104 @@ func (s *Socket) Unlink() (bool, error) {
 		return false, fmt.Errorf("unlink %s: %w", path, err)
 	}
 	return true, nil
+}
+
+// HandshakesPending returns how many handshakes the TCP listener fd has
+// answered and not yet seen completed (SYN_RECV): connections that join
+// its accept queue when their final ACK comes, an RTT or a SYN-ACK
+// retransmission later. It asks sock_diag (a dump of the SYN_RECV sockets
+// of the listener's port, filtered by the kernel, Linux 4.4 for request
+// sockets) in the caller's network namespace, IPv4 and IPv6 (a dual-stack
+// listener's IPv4 handshakes are IPv4 sockets). The error names fd.
+func HandshakesPending(fd int) (int, error) {
+	sa, err := unix.Getsockname(fd)
+	if err != nil {
+		return 0, fmt.Errorf("listener fd %d: %w", fd, err)
+	}
+	var port int
+	var addr []byte // nil: a wildcard listener, any local address
+	switch a := sa.(type) {
+	case *unix.SockaddrInet4:
+		port = a.Port
+		if a.Addr != [4]byte{} {
+			addr = a.Addr[:]
+		}
+	case *unix.SockaddrInet6:
+		port = a.Port
+		if a.Addr != [16]byte{} {
+			addr = a.Addr[:]
+		}
+	default:
+		return 0, fmt.Errorf("listener fd %d: not a TCP socket (%T)", fd, sa)
+	}
+	nl, err := unix.Socket(unix.AF_NETLINK, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, unix.NETLINK_SOCK_DIAG)
+	if err != nil {
+		return 0, fmt.Errorf("listener fd %d: sock_diag: %w", fd, err)
+	}
+	defer unix.Close(nl)
+	n := 0
+	for _, family := range []uint8{unix.AF_INET, unix.AF_INET6} {
+		k, err := dumpSynRecv(nl, family, port, addr)
+		if err != nil {
+			return 0, fmt.Errorf("listener fd %d: sock_diag: %w", fd, err)
+		}
+		n += k
+	}
+	return n, nil
+}
+
+// dumpSynRecv counts the SYN_RECV sockets of family on local port port
+// (and local address addr, unless nil).
+func dumpSynRecv(nl int, family uint8, port int, addr []byte) (int, error) {
+	const (
+		hdrLen     = unix.SizeofNlMsghdr
+		reqLen     = 56 // struct inet_diag_req_v2
+		tcpSynRecv = 3  // TCP_SYN_RECV; request sockets are TCP_NEW_SYN_RECV
+		tcpNewSyn  = 12
+		msgSrc     = 8 // inet_diag_msg: family, state, timer, retrans, then sport, dport, src
+	)
+	ne := binary.NativeEndian
+	req := make([]byte, hdrLen+reqLen)
+	ne.PutUint32(req[0:], uint32(len(req)))
+	ne.PutUint16(req[4:], unix.SOCK_DIAG_BY_FAMILY)
+	ne.PutUint16(req[6:], unix.NLM_F_REQUEST|unix.NLM_F_DUMP)
+	ne.PutUint32(req[8:], 1)
+	req[hdrLen], req[hdrLen+1] = family, unix.IPPROTO_TCP
+	ne.PutUint32(req[hdrLen+4:], 1<<tcpSynRecv|1<<tcpNewSyn)
+	binary.BigEndian.PutUint16(req[hdrLen+8:], uint16(port)) // the kernel filters on it
+	if err := unix.Sendto(nl, req, 0, &unix.SockaddrNetlink{Family: unix.AF_NETLINK}); err != nil {
+		return 0, err
+	}
+	buf := make([]byte, 8*os.Getpagesize())
+	count := 0
+	for {
+		n, _, err := unix.Recvfrom(nl, buf, 0)
+		if err != nil {
+			return 0, err
+		}
+		msgs, err := syscall.ParseNetlinkMessage(buf[:n])
+		if err != nil {
+			return 0, err
+		}
+		for _, m := range msgs {
+			switch m.Header.Type {
+			case unix.NLMSG_DONE:
+				return count, nil
+			case unix.NLMSG_ERROR:
+				if len(m.Data) >= 4 {
+					if errno := int32(ne.Uint32(m.Data)); errno != 0 {
+						return 0, unix.Errno(-errno)
+					}
+				}
+				return count, nil
+			case unix.SOCK_DIAG_BY_FAMILY:
+				if len(m.Data) < msgSrc+16 || int(binary.BigEndian.Uint16(m.Data[4:])) != port {
+					continue
+				}
+				if addr == nil || string(m.Data[msgSrc:msgSrc+len(addr)]) == string(addr) {
+					count++
+				}
+			}
+		}
+	}
 }

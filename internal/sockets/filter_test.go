@@ -99,6 +99,9 @@ func testRefuse(t *testing.T, family int, sa unix.Sockaddr) {
 	if n, err := QueueLen(fd); err != nil || n != queued {
 		t.Fatalf("QueueLen with a handshake held in SYN_RECV = %d, %v; want %d", n, err, queued)
 	}
+	if n, err := HandshakesPending(fd); err != nil || n != 1 {
+		t.Fatalf("HandshakesPending with one held in SYN_RECV = %d, %v; want 1", n, err)
+	}
 
 	if err := RefuseNewConnections(fd); err != nil {
 		t.Fatal(err)
@@ -126,6 +129,9 @@ func testRefuse(t *testing.T, family int, sa unix.Sockaddr) {
 	}
 	if n, err := QueueLen(fd); err != nil || n != 0 {
 		t.Fatalf("QueueLen once all are accepted = %d, %v; want 0", n, err)
+	}
+	if n, err := HandshakesPending(fd); err != nil || n != 0 {
+		t.Fatalf("HandshakesPending once all are accepted = %d, %v; want 0", n, err)
 	}
 
 	if had, err := AcceptNewConnections(fd); err != nil || !had {
