@@ -100,7 +100,7 @@ func TestPackageDeb(t *testing.T) {
 	// The man page describes every flag the commands take.
 	man := readGzip(t, filepath.Join(root, "usr/share/man/man1/upgrader.1.gz"))
 	flagRE := regexp.MustCompile(`--[a-z][a-z-]*`)
-	for _, sub := range []string{"run", "upgrade", "status", "prestop"} {
+	for _, sub := range []string{"run", "upgrade", "status", "prestop", "stop"} {
 		help, _ := exec.Command(upgrader, sub, "--help").CombinedOutput() // pflag may exit 1 on --help
 		flags := flagRE.FindAllString(string(help), -1)
 		if len(flags) == 0 {

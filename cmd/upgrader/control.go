@@ -14,6 +14,7 @@ import (
 	"time"
 
 	flag "github.com/spf13/pflag"
+	"go.uber.org/zap"
 
 	"github.com/seed6cb0314a/upgrader/health"
 	"github.com/seed6cb0314a/upgrader/internal/control"
@@ -21,7 +22,7 @@ import (
 )
 
 // controlHandler answers control-socket requests from the supervisor.
-func controlHandler(sup *supervise.Supervisor) control.Handler {
+func controlHandler(sup *supervise.Supervisor, log *zap.Logger) control.Handler {
 	return func(ctx context.Context, r control.Request, send func(any) error) error {
 		switch r.Command {
 		case "status":
@@ -32,6 +33,8 @@ func controlHandler(sup *supervise.Supervisor) control.Handler {
 			return send(st)
 		case "prestop":
 			return preStop(ctx, sup, send)
+		case "stop":
+			return stopRequest(ctx, sup, log, send)
 		case "upgrade":
 			if r.Self || r.SelfOnly {
 				return selfUpgrade(ctx, sup, r, send)

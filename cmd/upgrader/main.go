@@ -57,7 +57,7 @@ func realMain(m *spawn.MainThread) int {
 	cmd := "run"
 	if len(args) > 0 {
 		switch args[0] {
-		case "run", "upgrade", "status", "prestop", "version", "help", "self-check":
+		case "run", "upgrade", "status", "prestop", "stop", "version", "help", "self-check":
 			cmd, args = args[0], args[1:]
 		}
 	}
@@ -79,6 +79,8 @@ func realMain(m *spawn.MainThread) int {
 		err = statusCmd(args)
 	case "prestop":
 		err = preStopCmd(args)
+	case "stop":
+		err = stopCmd(args)
 	case "version":
 		fmt.Println("upgrader", version)
 	case "self-check":
@@ -104,6 +106,7 @@ const usage = `usage:
   upgrader upgrade [--control PATH | --pid-file PATH] [--timeout DUR] [--no-wait] [--self | --self-only]
   upgrader status  [--control PATH] [--json]
   upgrader prestop [--control PATH] [--timeout DUR]
+  upgrader stop    [--control PATH] [--timeout DUR]
   upgrader version
 
 Run 'upgrader run --help' for the flags.
@@ -251,7 +254,7 @@ func checkRunArgs(args []string) error {
 	switch args[0] {
 	case "run":
 		args = args[1:]
-	case "upgrade", "status", "prestop", "version", "help", "self-check":
+	case "upgrade", "status", "prestop", "stop", "version", "help", "self-check":
 		return fmt.Errorf("%w: command line %q: not one of upgrader run", errUsage, args)
 	}
 	f, err := parseRunFlags(args)
@@ -477,7 +480,7 @@ func serve(log *zap.Logger, f runFlags, sup *supervise.Supervisor, cl, hl net.Li
 		}()
 	}
 	if cl != nil {
-		go control.Serve(ctx, cl, controlHandler(sup), log.Named("control"))
+		go control.Serve(ctx, cl, controlHandler(sup, log), log.Named("control"))
 	}
 	if f.pidFile != "" {
 		remove, err := writePidFile(f.pidFile)

@@ -15,6 +15,9 @@
 //	← {"event":"not_ready","wait_ms":5000}
 //	← {"event":"done"}               (once --shutdown-delay has passed)
 //
+//	→ {"command":"stop"}
+//	← {"event":"stopping","pid":3274} (a graceful stop has begun, as SIGTERM)
+//
 // A request that cannot be parsed gets one {"error":"…"} line naming it.
 package control
 
@@ -42,8 +45,9 @@ const MaxRequestSize = 4096
 
 // Request is what a client asks.
 type Request struct {
-	// Command is "upgrade", "status" or "prestop" (not-ready now, ahead
-	// of a stop; the reply comes when --shutdown-delay has passed).
+	// Command is "upgrade", "status", "prestop" (not-ready now, ahead
+	// of a stop; the reply comes when --shutdown-delay has passed) or
+	// "stop" (a graceful stop, as SIGTERM; the reply comes once it began).
 	Command string `json:"command"`
 	// Wait, for upgrade, streams progress until the upgrade ends; without
 	// it the server replies once the upgrade has been started.
@@ -81,12 +85,12 @@ func ParseRequest(line []byte) (Request, error) {
 		return Request{}, fmt.Errorf("control request %.80q: trailing data after the JSON object", line)
 	}
 	switch r.Command {
-	case "upgrade", "status", "prestop":
+	case "upgrade", "status", "prestop", "stop":
 		return r, nil
 	case "":
-		return Request{}, fmt.Errorf("control request %.80q: no command (want upgrade, status or prestop)", line)
+		return Request{}, fmt.Errorf("control request %.80q: no command (want upgrade, status, prestop or stop)", line)
 	}
-	return Request{}, fmt.Errorf("control request %.80q: unknown command %q (want upgrade, status or prestop)", line, r.Command)
+	return Request{}, fmt.Errorf("control request %.80q: unknown command %q (want upgrade, status, prestop or stop)", line, r.Command)
 }
 
 // Handler answers one request by writing reply values to send.
@@ -237,19 +241,38 @@ func serveConn(ctx context.Context, c net.Conn, h Handler) {
 	}
 }
 
-// Do sends r to the control socket at path and calls recv with each raw
-// reply line until the server closes the connection or ctx is done. A
-// reply with "error" set is returned as an error.
-func Do(ctx context.Context, path string, r Request, recv func(line []byte) error) error {
+// ErrNoServer is wrapped by Dial's (and Do's) error when nothing answers
+// at the path: no socket file, or one left by an upgrader that was killed.
+var ErrNoServer = errors.New("no upgrader answers there")
+
+// Dial connects to the control socket at path.
+func Dial(ctx context.Context, path string) (net.Conn, error) {
 	var d net.Dialer
 	c, err := d.DialContext(ctx, "unix", path)
 	if err != nil {
 		if errors.Is(err, os.ErrNotExist) || errors.Is(err, syscall.ECONNREFUSED) {
-			return fmt.Errorf("control socket %s: no upgrader answers there (%w)", path, err)
+			return nil, fmt.Errorf("control socket %s: %w (%w)", path, ErrNoServer, err)
 		}
-		return fmt.Errorf("control socket %s: %w", path, err)
+		return nil, fmt.Errorf("control socket %s: %w", path, err)
+	}
+	return c, nil
+}
+
+// Do sends r to the control socket at path and calls recv with each raw
+// reply line until the server closes the connection or ctx is done. A
+// reply with "error" set is returned as an error.
+func Do(ctx context.Context, path string, r Request, recv func(line []byte) error) error {
+	c, err := Dial(ctx, path)
+	if err != nil {
+		return err
 	}
 	defer c.Close()
+	return Exchange(ctx, c, path, r, recv)
+}
+
+// Exchange is Do on a connection already made (Dial); path names it in
+// errors. It does not close c.
+func Exchange(ctx context.Context, c net.Conn, path string, r Request, recv func(line []byte) error) error {
 	if dl, ok := ctx.Deadline(); ok {
 		c.SetDeadline(dl)
 	}
