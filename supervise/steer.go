@@ -62,11 +62,11 @@ type steering struct {
 	quiet  map[*generation]struct{} // waiting for their queues to empty
 }
 
-// initSteering makes a group of each listener that can have one.
-func (s *Supervisor) initSteering() {
-	s.steer.socks = map[*generation][]int{}
-	s.steer.quiet = map[*generation]struct{}{}
-	s.steer.groups = make([]*group, len(s.cfg.Listeners))
+// initGroups makes a group of each listener that can have one. A group
+// that has other members already (the sockets of workers an upgrader that
+// crashed left, the listener coming back from systemd's fd store) is not
+// known, and is broken until they have gone (groupSockets).
+func (s *Supervisor) initGroups() {
 	if !s.cfg.ListenerPerGeneration {
 		return
 	}
@@ -94,6 +94,9 @@ func (s *Supervisor) groupSockets(g *generation) []int {
 	for i, l := range s.cfg.Listeners {
 		fds[i] = l.sock.FD
 		gr := s.steer.groups[i]
+		if gr != nil && gr.broken {
+			s.mend(gr)
+		}
 		if gr == nil || gr.broken || !s.baseHeld(i, g) {
 			continue
 		}
@@ -239,6 +242,26 @@ func (gr *group) remove(ino uint64) {
 	}
 }
 
+// mend makes a broken group known again once the kernel lists on its
+// address only the sockets the supervisor holds and no generation but one
+// shares the listener's own socket: then they are in the array in the
+// order it knows only if there is one, so it waits for that.
+func (s *Supervisor) mend(gr *group) {
+	if len(gr.members) != 1 {
+		return
+	}
+	sa, err := unix.Getsockname(gr.l.sock.FD)
+	if err != nil {
+		return
+	}
+	listed, err := proctree.ListeningTCP(sa)
+	if _, ok := listed[gr.members[0].ino]; err != nil || len(listed) != 1 || !ok {
+		return
+	}
+	gr.broken = false
+	s.log.Info("listener per generation on again: the reuseport group holds only the listener's socket", slog.String("listener", gr.l.Name()))
+}
+
 // breakGroup detaches the group's program: the kernel's hash spreads new
 // connections over its sockets again, and later generations share the
 // listener's own socket.
@@ -270,7 +293,31 @@ func (s *Supervisor) closeGenSockets(g *generation) {
 			}
 		}
 		unix.Close(fd)
-		s.checkGroup(gr)
+		s.recheck(gr)
+	}
+}
+
+// recheckEvery is how often a group with a closed socket that another
+// process still holds (a stray of an exited generation) is checked: when
+// that socket leaves, the kernel moves the last one to its index, and the
+// program is pointed at the new index.
+const recheckEvery = 100 * time.Millisecond
+
+// recheck brings gr's mirror up to date and, if it changed the index of
+// the newest generation's socket, steers to it again; while a closed
+// member is still listed it looks again later.
+func (s *Supervisor) recheck(gr *group) {
+	if !s.checkGroup(gr) {
+		return
+	}
+	if s.gens.current != nil {
+		s.steerTo(s.gens.current)
+	}
+	for _, m := range gr.members {
+		if m.closed {
+			s.after(recheckEvery, evFunc{func() { s.recheck(gr) }})
+			return
+		}
 	}
 }
 
@@ -330,4 +377,35 @@ func queuesEmpty(fds []int) bool {
 		}
 	}
 	return true
+}
+
+// restoreGroups takes the groups of a self-upgrade's record; a record
+// without them (an upgrader without listeners per generation wrote it)
+// makes them as New does.
+func (s *Supervisor) restoreGroups(st *State) {
+	any := false
+	for i, sl := range st.Listeners {
+		if sl.Group == nil || i >= len(s.cfg.Listeners) {
+			continue
+		}
+		any = true
+		gr := &group{l: s.cfg.Listeners[i], broken: sl.Group.Broken}
+		for _, m := range sl.Group.Members {
+			gr.members = append(gr.members, member{fd: m.FD, ino: m.Ino, closed: m.FD < 0})
+			if m.FD >= 0 {
+				unix.CloseOnExec(m.FD)
+				s.listenInodes[strconv.FormatUint(m.Ino, 10)] = struct{}{}
+			}
+		}
+		s.steer.groups[i] = gr
+		for _, m := range gr.members {
+			if m.closed {
+				s.after(recheckEvery, evFunc{func() { s.recheck(gr) }})
+				break
+			}
+		}
+	}
+	if !any {
+		s.initGroups()
+	}
 }
