@@ -96,6 +96,8 @@ func (s *Supervisor) groupSockets(g *generation) []int {
 		gr := s.steer.groups[i]
 		if gr != nil && gr.broken {
 			s.mend(gr)
+		} else if gr != nil {
+			s.checkGroup(gr) // a socket joins only a group it knows
 		}
 		if gr == nil || gr.broken || !s.baseHeld(i, g) {
 			continue
