@@ -176,8 +176,8 @@ func (gr *group) index(fd int) int {
 // the kernel removed them, swapped with the last. It breaks the group,
 // and returns false, when the two cannot be matched.
 func (s *Supervisor) checkGroup(gr *group) bool {
-	if gr.broken {
-		return false
+	if gr.broken || gr.l.sock.FD < 0 {
+		return false // or closed: the supervisor stops
 	}
 	sa, err := unix.Getsockname(gr.l.sock.FD)
 	if err != nil {
@@ -260,6 +260,12 @@ func (s *Supervisor) mend(gr *group) {
 	if _, ok := listed[gr.members[0].ino]; err != nil || len(listed) != 1 || !ok {
 		return
 	}
+	// Nothing is steered while broken: the program goes back on before a
+	// generation's socket joins, or the hash would give it connections
+	// before it is ready.
+	if err := sockets.Steer(gr.l.sock.FD, 0); err != nil {
+		return
+	}
 	gr.broken = false
 	s.log.Info("listener per generation on again: the reuseport group holds only the listener's socket", slog.String("listener", gr.l.Name()))
 }
@@ -269,7 +275,13 @@ func (s *Supervisor) mend(gr *group) {
 // listener's own socket.
 func (s *Supervisor) breakGroup(gr *group, reason string) {
 	gr.broken = true
-	err := sockets.Unsteer(gr.l.sock.FD)
+	var err error
+	for _, m := range gr.members {
+		if m.fd >= 0 {
+			err = sockets.Unsteer(m.fd) // any member's fd reaches the group
+			break
+		}
+	}
 	s.log.Warn("listener per generation off for this listener: its reuseport group is not known; new connections are spread by the kernel's hash",
 		slog.String("listener", gr.l.Name()), slog.String("reason", reason), slog.Any("detach_error", err))
 }
@@ -410,4 +422,19 @@ func (s *Supervisor) restoreGroups(st *State) {
 	if !any {
 		s.initGroups()
 	}
+}
+
+// listenSockets returns the fds of every listening socket the supervisor
+// holds for listener i: its own and those of the generations that have their own
+// (steer.go), so that what quiesces a listener at a stop reaches them all.
+func (s *Supervisor) listenSockets(i int) []int {
+	fds := []int{s.cfg.Listeners[i].sock.FD}
+	if gr := s.steer.groups[i]; gr != nil {
+		for _, m := range gr.members {
+			if m.fd >= 0 && m.fd != fds[0] {
+				fds = append(fds, m.fd)
+			}
+		}
+	}
+	return fds
 }
