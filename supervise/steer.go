@@ -297,7 +297,7 @@ func (s *Supervisor) closeGenSockets(g *generation) {
 	}
 	for i, fd := range fds {
 		gr := s.steer.groups[i]
-		if gr == nil || fd == s.cfg.Listeners[i].sock.FD {
+		if gr == nil || fd < 0 || fd == s.cfg.Listeners[i].sock.FD {
 			continue
 		}
 		for j := range gr.members {
@@ -437,4 +437,26 @@ func (s *Supervisor) listenSockets(i int) []int {
 		}
 	}
 	return fds
+}
+
+// closeOwnSockets closes the supervisor's copies of every generation's own
+// sockets when a stop drains, for the reason closeListeners closes the
+// listeners': each then goes with its generation's last copy, and a later
+// connection is refused instead of queued and reset at the exit.
+func (s *Supervisor) closeOwnSockets() {
+	for g, fds := range s.steer.socks {
+		for i, fd := range fds {
+			gr := s.steer.groups[i]
+			if gr == nil || fd < 0 || fd == s.cfg.Listeners[i].sock.FD {
+				continue
+			}
+			for j := range gr.members {
+				if gr.members[j].fd == fd {
+					gr.members[j].fd, gr.members[j].closed = -1, true
+				}
+			}
+			unix.Close(fd)
+			s.steer.socks[g][i] = -1
+		}
+	}
 }
