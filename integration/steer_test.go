@@ -71,13 +71,18 @@ func TestUnchangedGoServerUpgrades(t *testing.T) {
 
 // BenchmarkUnchangedGoServer prints the failed requests of the unchanged Go
 // server across 20 upgrades 0.5 s apart (16 clients, a new connection per
-// request), with a listener per generation and without (one shared
-// socket).
+// request), with a listener per generation (and its grace, and without
+// the grace: the old generation drained as soon as its queue is empty) and
+// without (one shared socket).
 func BenchmarkUnchangedGoServer(b *testing.B) {
 	for _, c := range []struct {
 		name string
 		args []string
-	}{{"per-generation", nil}, {"shared", []string{"--listener-per-generation=false"}}} {
+	}{
+		{"per-generation", nil},
+		{"per-generation-grace-0", []string{"--steer-grace", "0"}},
+		{"shared", []string{"--listener-per-generation=false"}},
+	} {
 		b.Run(c.name, func(b *testing.B) {
 			var failed, reqs int
 			for range b.N {

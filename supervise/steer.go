@@ -86,9 +86,12 @@ func (s *Supervisor) initGroups() {
 
 // groupSockets returns the fds g's workers get, a socket of its own for
 // each listener in a group that is not broken (joined now), the shared
-// one otherwise. The listener's own socket is the first generation's,
-// and any later one's while no other live generation holds it, so that it
-// is never left in the group with nobody accepting.
+// one otherwise. The listener's own socket is that of a generation that
+// starts with no other alive (the first): each upgrade then opens one
+// socket and closes one, and the supervisor's fds stay flat. It stays in
+// the group with nobody accepting once its generation has gone, which
+// costs nothing while new connections are steered; a broken group gives
+// it to every later generation.
 func (s *Supervisor) groupSockets(g *generation) []int {
 	fds := make([]int, len(s.cfg.Listeners))
 	for i, l := range s.cfg.Listeners {
@@ -99,7 +102,7 @@ func (s *Supervisor) groupSockets(g *generation) []int {
 		} else if gr != nil {
 			s.checkGroup(gr) // a socket joins only a group it knows
 		}
-		if gr == nil || gr.broken || !s.baseHeld(i, g) {
+		if gr == nil || gr.broken || !s.othersAlive(g) {
 			continue
 		}
 		fd, err := sockets.JoinGroup(l.sock.FD)
@@ -121,11 +124,10 @@ func (s *Supervisor) groupSockets(g *generation) []int {
 	return fds
 }
 
-// baseHeld tells whether a live generation other than g holds listener
-// i's own socket.
-func (s *Supervisor) baseHeld(i int, g *generation) bool {
-	for x, fds := range s.steer.socks {
-		if x != g && fds[i] == s.cfg.Listeners[i].sock.FD {
+// othersAlive tells whether a generation other than g has workers alive.
+func (s *Supervisor) othersAlive(g *generation) bool {
+	for _, x := range s.gens.all {
+		if x != g && len(x.live) > 0 {
 			return true
 		}
 	}

@@ -65,12 +65,22 @@ func TestGroupMirrorFollowsTheKernel(t *testing.T) {
 		s.steerTo(g)
 		lands(t, l, s.genSocket(g, 0), 3)
 	}
+	alive := func(gs ...*generation) {
+		s.gens.all = gs
+		for _, g := range gs {
+			g.live = map[*worker]struct{}{{}: {}}
+		}
+	}
+	alive(gens[0])
 	if fd := s.groupSockets(gens[0])[0]; fd != l.sock.FD {
 		t.Fatalf("generation 1 got fd %d, want the listener's own %d", fd, l.sock.FD)
 	}
 	promote(gens[0])
-	for _, g := range gens[1:4] {
-		s.groupSockets(g) // each its own: generation 1 holds the listener's
+	for i, g := range gens[1:4] {
+		alive(gens[:i+2]...)
+		if fd := s.groupSockets(g)[0]; fd == l.sock.FD {
+			t.Fatalf("generation %d got the listener's own socket, want its own", g.N)
+		}
 		promote(g)
 	}
 	// [own, 2, 3, 4]: closing 2 moves 4 to index 1 (a plain delete of
@@ -81,16 +91,15 @@ func TestGroupMirrorFollowsTheKernel(t *testing.T) {
 	}
 	lands(t, l, s.genSocket(gens[3], 0), 3)
 	s.closeGenSockets(gens[0]) // the listener's own socket stays open
-	if fd := s.groupSockets(gens[4])[0]; fd != l.sock.FD {
-		t.Fatalf("generation 5 got fd %d, want the listener's own %d, free again", fd, l.sock.FD)
-	}
+	alive(gens[2], gens[3], gens[4])
+	s.groupSockets(gens[4])
 	promote(gens[4])
 	s.closeGenSockets(gens[2])
 	s.closeGenSockets(gens[3])
-	if n := len(s.steer.groups[0].members); n != 1 {
-		t.Fatalf("mirror has %d members, want 1", n)
+	if n := len(s.steer.groups[0].members); n != 2 {
+		t.Fatalf("mirror has %d members, want 2 (the listener's and generation 5's)", n)
 	}
-	lands(t, l, l.sock.FD, 3)
+	lands(t, l, s.genSocket(gens[4], 0), 3)
 }
 
 // A socket of another process in the group makes the mirror unknown: the
