@@ -85,13 +85,15 @@ func (s *Supervisor) initGroups() {
 }
 
 // groupSockets returns the fds g's workers get, a socket of its own for
-// each listener in a group that is not broken (joined now), the shared
-// one otherwise. The listener's own socket is that of a generation that
-// starts with no other alive (the first): each upgrade then opens one
-// socket and closes one, and the supervisor's fds stay flat. It stays in
-// the group with nobody accepting once its generation has gone, which
-// costs nothing while new connections are steered; a broken group gives
-// it to every later generation.
+// each listener in a group that is not broken, the shared one otherwise.
+// A socket no live generation holds (the listener's own, once generation 1
+// has gone; that of any generation that has exited) is taken again before
+// a new one joins: a socket never leaves the group while the supervisor
+// runs, so the array never changes under the program (a socket that
+// leaves moves the last one, the newest generation's, to its index, and
+// until the program is attached again the kernel's hash sends new
+// connections to sockets nobody accepts from), and the supervisor's fds
+// stay flat.
 func (s *Supervisor) groupSockets(g *generation) []int {
 	fds := make([]int, len(s.cfg.Listeners))
 	for i, l := range s.cfg.Listeners {
@@ -102,7 +104,11 @@ func (s *Supervisor) groupSockets(g *generation) []int {
 		} else if gr != nil {
 			s.checkGroup(gr) // a socket joins only a group it knows
 		}
-		if gr == nil || gr.broken || !s.othersAlive(g) {
+		if gr == nil || gr.broken {
+			continue
+		}
+		if fd := s.freeMember(i, g); fd >= 0 {
+			fds[i] = fd
 			continue
 		}
 		fd, err := sockets.JoinGroup(l.sock.FD)
@@ -124,14 +130,21 @@ func (s *Supervisor) groupSockets(g *generation) []int {
 	return fds
 }
 
-// othersAlive tells whether a generation other than g has workers alive.
-func (s *Supervisor) othersAlive(g *generation) bool {
-	for _, x := range s.gens.all {
-		if x != g && len(x.live) > 0 {
-			return true
+// freeMember returns an open socket of listener i's group that no
+// generation but g holds, or -1.
+func (s *Supervisor) freeMember(i int, g *generation) int {
+	held := map[int]bool{}
+	for x, fds := range s.steer.socks {
+		if x != g {
+			held[fds[i]] = true
 		}
 	}
-	return false
+	for _, m := range s.steer.groups[i].members {
+		if !m.closed && !held[m.fd] {
+			return m.fd
+		}
+	}
+	return -1
 }
 
 // genSocket is the fd g's workers get for listener i.
@@ -288,35 +301,19 @@ func (s *Supervisor) breakGroup(gr *group, reason string) {
 		slog.String("listener", gr.l.Name()), slog.String("reason", reason), slog.Any("detach_error", err))
 }
 
-// closeGenSockets closes the supervisor's copies of the sockets of g, a
-// generation that has exited, and checks that they left their groups.
+// closeGenSockets forgets the sockets of g, a generation that has
+// exited: they stay open in the group, free for a later generation
+// (groupSockets), and receive nothing meanwhile, since new connections
+// are steered elsewhere.
 func (s *Supervisor) closeGenSockets(g *generation) {
-	fds, ok := s.steer.socks[g]
 	delete(s.steer.socks, g)
 	delete(s.steer.quiet, g)
-	if !ok {
-		return
-	}
-	for i, fd := range fds {
-		gr := s.steer.groups[i]
-		if gr == nil || fd < 0 || fd == s.cfg.Listeners[i].sock.FD {
-			continue
-		}
-		for j := range gr.members {
-			if gr.members[j].fd == fd {
-				delete(s.listenInodes, strconv.FormatUint(gr.members[j].ino, 10))
-				gr.members[j].fd, gr.members[j].closed = -1, true
-			}
-		}
-		unix.Close(fd)
-		s.recheck(gr)
-	}
 }
 
 // recheckEvery is how often a group with a closed socket that another
-// process still holds (a stray of an exited generation) is checked: when
-// that socket leaves, the kernel moves the last one to its index, and the
-// program is pointed at the new index.
+// process still holds is checked (one closed before a self-upgrade by an
+// earlier image): when that socket leaves, the kernel moves the last one
+// to its index, and the program is pointed at the new index.
 const recheckEvery = 100 * time.Millisecond
 
 // recheck brings gr's mirror up to date and, if it changed the index of
@@ -446,19 +443,21 @@ func (s *Supervisor) listenSockets(i int) []int {
 // listeners': each then goes with its generation's last copy, and a later
 // connection is refused instead of queued and reset at the exit.
 func (s *Supervisor) closeOwnSockets() {
-	for g, fds := range s.steer.socks {
-		for i, fd := range fds {
-			gr := s.steer.groups[i]
-			if gr == nil || fd < 0 || fd == s.cfg.Listeners[i].sock.FD {
+	for i, gr := range s.steer.groups {
+		if gr == nil {
+			continue
+		}
+		for j, m := range gr.members {
+			if m.closed || m.fd == s.cfg.Listeners[i].sock.FD || m.fd < 0 {
 				continue
 			}
-			for j := range gr.members {
-				if gr.members[j].fd == fd {
-					gr.members[j].fd, gr.members[j].closed = -1, true
+			for _, fds := range s.steer.socks {
+				if fds[i] == m.fd {
+					fds[i] = -1
 				}
 			}
-			unix.Close(fd)
-			s.steer.socks[g][i] = -1
+			unix.Close(m.fd)
+			gr.members[j].fd, gr.members[j].closed = -1, true
 		}
 	}
 }

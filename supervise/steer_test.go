@@ -49,12 +49,11 @@ func lands(t *testing.T, l *Listener, fd, n int) {
 	}
 }
 
-// The mirror follows the kernel's array as generations come and go: the
-// newest generation's socket gets every new connection, also after an
-// older one in the middle of the array has closed (and the last taken
-// its index), and the listener's own socket goes to the next generation
-// once its generation has exited.
-func TestGroupMirrorFollowsTheKernel(t *testing.T) {
+// Each generation gets a socket no live generation holds, the newest one
+// every new connection, and the socket of a generation that has exited is
+// taken again by a later one, so that no socket leaves the group (the
+// array, and the program's index, never change under the steering).
+func TestGroupSocketsPerGeneration(t *testing.T) {
 	s, l := steerHarness(t)
 	gens := make([]*generation, 5)
 	for i := range gens {
@@ -65,41 +64,38 @@ func TestGroupMirrorFollowsTheKernel(t *testing.T) {
 		s.steerTo(g)
 		lands(t, l, s.genSocket(g, 0), 3)
 	}
-	alive := func(gs ...*generation) {
-		s.gens.all = gs
-		for _, g := range gs {
-			g.live = map[*worker]struct{}{{}: {}}
-		}
-	}
-	alive(gens[0])
 	if fd := s.groupSockets(gens[0])[0]; fd != l.sock.FD {
 		t.Fatalf("generation 1 got fd %d, want the listener's own %d", fd, l.sock.FD)
 	}
 	promote(gens[0])
-	for i, g := range gens[1:4] {
-		alive(gens[:i+2]...)
-		if fd := s.groupSockets(g)[0]; fd == l.sock.FD {
-			t.Fatalf("generation %d got the listener's own socket, want its own", g.N)
+	seen := map[int]bool{l.sock.FD: true}
+	for _, g := range gens[1:3] {
+		fd := s.groupSockets(g)[0]
+		if seen[fd] {
+			t.Fatalf("generation %d got fd %d, which a live generation holds", g.N, fd)
 		}
+		seen[fd] = true
 		promote(g)
 	}
-	// [own, 2, 3, 4]: closing 2 moves 4 to index 1 (a plain delete of
-	// index 1 would leave it at 2), and the program is pointed there.
-	s.closeGenSockets(gens[1])
-	if n := len(s.steer.groups[0].members); n != 3 {
-		t.Fatalf("mirror has %d members, want 3", n)
+	s.closeGenSockets(gens[0]) // exited: its socket (the listener's) is free
+	if fd := s.groupSockets(gens[3])[0]; fd != l.sock.FD {
+		t.Fatalf("generation 4 got fd %d, want the free %d", fd, l.sock.FD)
 	}
-	lands(t, l, s.genSocket(gens[3], 0), 3)
-	s.closeGenSockets(gens[0]) // the listener's own socket stays open
-	alive(gens[2], gens[3], gens[4])
+	promote(gens[3])
+	s.closeGenSockets(gens[1])
+	s.closeGenSockets(gens[2])
 	s.groupSockets(gens[4])
 	promote(gens[4])
-	s.closeGenSockets(gens[2])
-	s.closeGenSockets(gens[3])
-	if n := len(s.steer.groups[0].members); n != 2 {
-		t.Fatalf("mirror has %d members, want 2 (the listener's and generation 5's)", n)
+	if n := len(s.steer.groups[0].members); n != 3 {
+		t.Fatalf("the group has %d sockets after 5 generations, at most 3 alive at once, want 3", n)
 	}
-	lands(t, l, s.genSocket(gens[4], 0), 3)
+	// The sockets of a stop are closed; the listener's with the listener.
+	s.closeOwnSockets()
+	for _, m := range s.steer.groups[0].members {
+		if m.fd != l.sock.FD && !m.closed {
+			t.Fatalf("socket %d still open after the stop closed them", m.fd)
+		}
+	}
 }
 
 // A socket of another process in the group makes the mirror unknown: the
