@@ -129,3 +129,25 @@ func TestUnchangedGoServerAcrossSelfUpgrade(t *testing.T) {
 		t.Fatalf("graceful stop exited %d, want 0", code)
 	}
 }
+
+// TestRollbackWithoutListenersPerGenerationRefused: a release that reads
+// only state formats 1 and 2 would not know the generations' own sockets
+// (the program would keep sending new connections to one it does not
+// know); once they exist, a self-upgrade to it is refused with the way
+// out, and the service goes on.
+func TestRollbackWithoutListenersPerGenerationRefused(t *testing.T) {
+	p, bin := startSelfUpgradable(t, "-l", "127.0.0.1:0", "--ready-hold", "0", "--", helloBin)
+	p.waitReady(1)
+	p.upgradeTo(2)
+	writeScript(t, bin, "echo upgrader-self-check state-version 1 version old reads 1,2 args checked")
+	out, err := p.selfUpgrade(true)
+	if err == nil || !strings.Contains(out, "--listener-per-generation=false") {
+		t.Fatalf("upgrade --self to a release without listeners per generation: %v, output %q; want a refusal naming --listener-per-generation=false", err, out)
+	}
+	if st := p.status(); st.Execs != 0 || !st.Ready {
+		t.Fatalf("status after the refusal: %+v", st)
+	}
+	if code, _, err := get("http://" + p.addr("") + "/"); err != nil || code != 200 {
+		t.Fatalf("after the refusal: %d %v, want 200", code, err)
+	}
+}

@@ -210,7 +210,7 @@ func saveGen(g *generation) (savedGen, []int, error) {
 }
 
 // LoadState reads the record at fd (from StateEnv) and closes fd. It reads
-// format StateVersion and format 1 (that of earlier releases).
+// format StateVersion and formats 2 and 1 (those of earlier releases).
 func LoadState(fd int) (*State, error) {
 	f := os.NewFile(uintptr(fd), "upgrader-state")
 	defer f.Close()
@@ -230,7 +230,7 @@ func decodeState(b []byte) (*State, error) {
 		return nil, fmt.Errorf("state record: %w", err)
 	}
 	switch v.Version {
-	case StateVersion:
+	case StateVersion, 2:
 		if err := json.Unmarshal(b, &st); err != nil {
 			return nil, fmt.Errorf("state record: %w", err)
 		}
@@ -245,7 +245,7 @@ func decodeState(b []byte) (*State, error) {
 			return nil, err
 		}
 	default:
-		return nil, fmt.Errorf("state record version %d, want %d or 1", v.Version, StateVersion)
+		return nil, fmt.Errorf("state record version %d, want %d, 2 or 1", v.Version, StateVersion)
 	}
 	return &st, nil
 }

@@ -461,3 +461,15 @@ func (s *Supervisor) closeOwnSockets() {
 		}
 	}
 }
+
+// groupsInUse tells whether a listener has a reuseport group with a
+// socket besides its own: what a release without listeners per
+// generation cannot carry on.
+func (s *Supervisor) groupsInUse() bool {
+	for _, gr := range s.steer.groups {
+		if gr != nil && len(gr.members) > 1 {
+			return true
+		}
+	}
+	return false
+}
