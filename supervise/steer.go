@@ -3,7 +3,6 @@ package supervise
 import (
 	"fmt"
 	"log/slog"
-	"slices"
 	"strconv"
 	"time"
 
@@ -140,16 +139,12 @@ func (s *Supervisor) freeMember(i int, g *generation) int {
 			held[fds[i]] = true
 		}
 	}
-	own := -1
 	for _, m := range s.steer.groups[i].members {
 		if !m.closed && !held[m.fd] {
-			if m.fd != s.cfg.Listeners[i].sock.FD {
-				return m.fd
-			}
-			own = m.fd
+			return m.fd
 		}
 	}
-	return own
+	return -1
 }
 
 // genSocket is the fd g's workers get for listener i.
@@ -313,42 +308,6 @@ func (s *Supervisor) breakGroup(gr *group, reason string) {
 func (s *Supervisor) closeGenSockets(g *generation) {
 	delete(s.steer.socks, g)
 	delete(s.steer.quiet, g)
-	s.shrink()
-}
-
-// shrink closes the free sockets (not the listener's own) whose leaving
-// moves no socket the program points at: the kernel fills the hole with
-// the last one, so one is closed only when it is the last or the last is
-// not the newest generation's. The pool then stays at what the
-// generations alive at once need, and the supervisor's fds flat.
-func (s *Supervisor) shrink() {
-	for i, gr := range s.steer.groups {
-		if gr == nil || gr.broken || s.gens.current == nil {
-			continue
-		}
-		target := s.genSocket(s.gens.current, i)
-		for {
-			fd := s.freeMember(i, nil)
-			if fd < 0 || fd == s.cfg.Listeners[i].sock.FD {
-				break
-			}
-			last := gr.members[len(gr.members)-1]
-			if last.fd == target && last.fd != fd {
-				break
-			}
-			j := gr.index(fd)
-			delete(s.listenInodes, strconv.FormatUint(gr.members[j].ino, 10))
-			gr.members[j].fd, gr.members[j].closed = -1, true
-			unix.Close(fd)
-			if !s.checkGroup(gr) {
-				break
-			}
-			if slices.ContainsFunc(gr.members, func(m member) bool { return m.closed }) {
-				s.recheck(gr) // still held elsewhere: looked at again
-				break
-			}
-		}
-	}
 }
 
 // recheckEvery is how often a group with a closed socket that another
