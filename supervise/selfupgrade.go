@@ -24,8 +24,10 @@ import (
 const (
 	// StateVersion is the format of the state record written before the
 	// exec; a new binary must read it (its self-check says what it reads).
-	// Format 1 is the record of the releases before the worker records.
-	StateVersion = 2
+	// Format 1 is the record of the releases before the worker records;
+	// format 2 that of those before listeners per generation (it has no
+	// reuseport groups; its readers ignore them).
+	StateVersion = 3
 	// StateEnv names the fd of the state record (a memfd) in the
 	// environment of the new image.
 	StateEnv = "UPGRADER_STATE_FD"
@@ -227,7 +229,7 @@ func (s *Supervisor) onCheckTimeout(su *selfUpgrade) {
 // its own format there, so that field names the oldest format read, and
 // "reads" lists them all; earlier parsers ignore the fields after those.
 func SelfCheckLine(version string, argsChecked bool) string {
-	line := fmt.Sprintf("upgrader-self-check state-version %d version %s reads 1,%d", 1, version, StateVersion)
+	line := fmt.Sprintf("upgrader-self-check state-version %d version %s reads 1,2,%d", 1, version, StateVersion)
 	if argsChecked {
 		line += " args checked"
 	}
@@ -292,6 +294,14 @@ func (s *Supervisor) checkDone(su *selfUpgrade) {
 	switch {
 	case slices.Contains(reads, StateVersion):
 		su.format = StateVersion
+	case s.groupsInUse():
+		// An earlier release knows only the listeners' own sockets: the
+		// program would go on sending every new connection to a socket
+		// it does not know, and nobody would accept them.
+		s.selfFailed(su, fmt.Sprintf("new binary %s reads state version %s, without listeners per generation, and generations have sockets of their own: restart upgrader with --listener-per-generation=false before rolling back to it", path, joinInts(reads)))
+		return
+	case slices.Contains(reads, 2):
+		su.format = 2
 	case slices.Contains(reads, 1):
 		su.format = 1 // an earlier release: rolled back to, it gets its own format
 	default:

@@ -116,15 +116,22 @@ func stripV1(b []byte) []byte {
 	return out
 }
 
-// encodeState writes st in format (StateVersion, or 1 for an earlier
+// encodeState writes st in format (StateVersion, or 2 or 1 for an earlier
 // release that a self-upgrade rolls back to).
 func encodeState(st *State, format int) ([]byte, error) {
+	if format == 2 {
+		// Format 2's fields are format 3's but for the groups, which its
+		// readers ignore (and only a supervisor with none writes it).
+		v2 := *st
+		v2.Version = 2
+		return json.Marshal(&v2)
+	}
 	b, err := json.Marshal(st)
 	if err != nil || format == StateVersion {
 		return b, err
 	}
 	if format != 1 {
-		return nil, fmt.Errorf("state record format %d: this upgrader writes %d or 1", format, StateVersion)
+		return nil, fmt.Errorf("state record format %d: this upgrader writes %d, 2 or 1", format, StateVersion)
 	}
 	var m map[string]any
 	if err := json.Unmarshal(b, &m); err != nil {

@@ -79,7 +79,7 @@ func TestParseSelfCheck(t *testing.T) {
 		reads   []int
 		version string
 	}{
-		{SelfCheckLine("v9", true) + "\n", []int{1, StateVersion}, "v9"},
+		{SelfCheckLine("v9", true) + "\n", []int{1, 2, StateVersion}, "v9"},
 		{"upgrader-self-check state-version 1 version v0.4\n", []int{1}, "v0.4"}, // an earlier release
 		{"noise\nupgrader-self-check state-version 3\n", []int{3}, ""},
 	} {

@@ -278,6 +278,7 @@ func (s *Supervisor) queued(fds []int) (queued, handshakes int) {
 // retry. A copy systemd holds (socket unit, fd store) keeps the socket
 // listening for the next start, as it should.
 func (s *Supervisor) closeListeners() {
+	s.closeOwnSockets() // first: it tells the listener's own socket by its fd
 	for _, l := range s.cfg.Listeners {
 		if err := l.Close(); err != nil {
 			s.log.Warn("closing the listener for the stop", slog.String("listener", l.Name()), slog.Any("error", err))

@@ -1,0 +1,475 @@
+package supervise
+
+import (
+	"fmt"
+	"log/slog"
+	"strconv"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/seed6cb0314a/upgrader/internal/proctree"
+	"github.com/seed6cb0314a/upgrader/internal/sockets"
+)
+
+// A listener per generation (Config.ListenerPerGeneration): a TCP
+// listener whose socket has SO_REUSEPORT gets, for each generation, a
+// socket of its own in the kernel's reuseport group of that address, and
+// a classic BPF program on the group (SO_ATTACH_REUSEPORT_CBPF) sends
+// every new connection to the socket of the newest ready generation. The
+// old generation then takes no new connection; it is asked to drain once
+// its socket's accept queue has stayed empty for Config.SteerGrace, so
+// that no connection is accepted by a server that has begun to shut
+// down, nor left in a queue that its close resets. The program names a
+// socket by its index in the group's array, which the kernel does not
+// tell: group mirrors it (a socket is appended at listen(), and one that
+// closes is replaced by the last, net/core/sock_reuseport.c), and checks
+// the mirror against the kernel's list of listening sockets on the
+// address (sock_diag) whenever it steers or closes; a mirror that no
+// longer matches (a socket of another process in the group) detaches the
+// program, and the listener is shared by every generation again.
+
+// quietMax bounds the wait for an old generation's accept queue to
+// empty: a queue that stays full (a server that stopped accepting) must
+// not hold its drain forever.
+const quietMax = 2 * time.Second
+
+// quietPoll is how often the accept queue is looked at during the wait.
+const quietPoll = 5 * time.Millisecond
+
+// group is the reuseport group of one listener.
+type group struct {
+	l *Listener
+	// members mirrors the kernel's array, index order; closed ones were
+	// closed by the supervisor but another process still held them at the
+	// last check.
+	members []member
+	// broken: the mirror is not known; nothing is steered, and every
+	// generation gets the listener's own socket.
+	broken bool
+}
+
+type member struct {
+	fd     int // -1 once closed
+	ino    uint64
+	closed bool
+}
+
+// steering is the per-generation sockets of every listener.
+type steering struct {
+	groups []*group                 // by listener index; nil: shared
+	socks  map[*generation][]int    // the fds a generation's workers get
+	quiet  map[*generation]struct{} // waiting for their queues to empty
+}
+
+// initGroups makes a group of each listener that can have one. A group
+// that has other members already (the sockets of workers an upgrader that
+// crashed left, the listener coming back from systemd's fd store) is not
+// known, and is broken until they have gone (groupSockets).
+func (s *Supervisor) initGroups() {
+	if !s.cfg.ListenerPerGeneration {
+		return
+	}
+	for i, l := range s.cfg.Listeners {
+		if !sockets.ReusePort(l.sock.FD) {
+			continue
+		}
+		ino, err := sockets.Inode(l.sock.FD)
+		if err != nil {
+			continue
+		}
+		gr := &group{l: l, members: []member{{fd: l.sock.FD, ino: ino}}}
+		s.steer.groups[i] = gr
+		s.checkGroup(gr)
+	}
+}
+
+// groupSockets returns the fds g's workers get, a socket of its own for
+// each listener in a group that is not broken, the shared one otherwise.
+// A socket no live generation holds (the listener's own, once generation 1
+// has gone; that of any generation that has exited) is taken again before
+// a new one joins: a socket never leaves the group while the supervisor
+// runs, so the array never changes under the program (a socket that
+// leaves moves the last one, the newest generation's, to its index, and
+// until the program is attached again the kernel's hash sends new
+// connections to sockets nobody accepts from), and the supervisor's fds
+// stay flat.
+func (s *Supervisor) groupSockets(g *generation) []int {
+	fds := make([]int, len(s.cfg.Listeners))
+	for i, l := range s.cfg.Listeners {
+		fds[i] = l.sock.FD
+		gr := s.steer.groups[i]
+		if gr != nil && gr.broken {
+			s.mend(gr)
+		} else if gr != nil {
+			s.checkGroup(gr) // a socket joins only a group it knows
+		}
+		if gr == nil || gr.broken {
+			continue
+		}
+		if fd := s.freeMember(i, g); fd >= 0 {
+			fds[i] = fd
+			continue
+		}
+		fd, err := sockets.JoinGroup(l.sock.FD)
+		if err != nil {
+			s.log.Error("cannot open a socket for the generation; it shares the listener's", slog.String("listener", l.Name()),
+				slog.Int("generation", g.N), slog.Any("error", err))
+			continue
+		}
+		ino, err := sockets.Inode(fd)
+		if err != nil {
+			unix.Close(fd)
+			continue
+		}
+		gr.members = append(gr.members, member{fd: fd, ino: ino})
+		s.listenInodes[strconv.FormatUint(ino, 10)] = struct{}{}
+		fds[i] = fd
+	}
+	s.steer.socks[g] = fds
+	return fds
+}
+
+// freeMember returns an open socket of listener i's group that no
+// generation but g holds, or -1.
+func (s *Supervisor) freeMember(i int, g *generation) int {
+	held := map[int]bool{}
+	for x, fds := range s.steer.socks {
+		if x != g {
+			held[fds[i]] = true
+		}
+	}
+	for _, m := range s.steer.groups[i].members {
+		if !m.closed && !held[m.fd] {
+			return m.fd
+		}
+	}
+	return -1
+}
+
+// genSocket is the fd g's workers get for listener i.
+func (s *Supervisor) genSocket(g *generation, i int) int {
+	if fds, ok := s.steer.socks[g]; ok {
+		return fds[i]
+	}
+	return s.cfg.Listeners[i].sock.FD
+}
+
+// steerTo sends every new connection to g's sockets.
+func (s *Supervisor) steerTo(g *generation) {
+	for i, gr := range s.steer.groups {
+		if gr == nil || gr.broken {
+			continue
+		}
+		if !s.checkGroup(gr) {
+			continue
+		}
+		fd := s.genSocket(g, i)
+		idx := gr.index(fd)
+		if idx < 0 {
+			continue // shares the listener with an older generation
+		}
+		if err := sockets.Steer(fd, idx); err != nil {
+			s.breakGroup(gr, err.Error())
+			continue
+		}
+		s.log.Debug("new connections steered", slog.String("listener", gr.l.Name()), slog.Int("generation", g.N), slog.Int("index", idx))
+	}
+}
+
+func (gr *group) index(fd int) int {
+	for i, m := range gr.members {
+		if !m.closed && m.fd == fd {
+			return i
+		}
+	}
+	return -1
+}
+
+// checkGroup brings the mirror up to date with the kernel's listening
+// sockets on the address: closed members that have left are removed as
+// the kernel removed them, swapped with the last. It breaks the group,
+// and returns false, when the two cannot be matched.
+func (s *Supervisor) checkGroup(gr *group) bool {
+	if gr.broken || gr.l.sock.FD < 0 {
+		return false // or closed: the supervisor stops
+	}
+	sa, err := unix.Getsockname(gr.l.sock.FD)
+	if err != nil {
+		s.breakGroup(gr, err.Error())
+		return false
+	}
+	listed, err := proctree.ListeningTCP(sa)
+	if err != nil {
+		s.breakGroup(gr, err.Error())
+		return false
+	}
+	var gone []uint64
+	for _, m := range gr.members {
+		if _, ok := listed[m.ino]; !ok {
+			if !m.closed {
+				s.breakGroup(gr, fmt.Sprintf("socket inode %d, open in the supervisor, is not listening", m.ino))
+				return false
+			}
+			gone = append(gone, m.ino)
+		}
+	}
+	// Two that left since the last check left in an order not known,
+	// unless they were the last two.
+	if len(gone) > 1 && !gr.tail(gone) {
+		s.breakGroup(gr, fmt.Sprintf("%d closed sockets left the group at once", len(gone)))
+		return false
+	}
+	for _, ino := range gone {
+		gr.remove(ino)
+	}
+	if len(listed) != len(gr.members) {
+		s.breakGroup(gr, fmt.Sprintf("%d sockets listen on the address, the supervisor knows of %d (a socket another process opened with SO_REUSEPORT?)",
+			len(listed), len(gr.members)))
+		return false
+	}
+	return true
+}
+
+// tail tells whether inos are the last members of the array.
+func (gr *group) tail(inos []uint64) bool {
+	n := len(gr.members)
+	for _, m := range gr.members[n-len(inos):] {
+		found := false
+		for _, ino := range inos {
+			found = found || ino == m.ino
+		}
+		if !found {
+			return false
+		}
+	}
+	return true
+}
+
+// remove takes ino out of the mirror as the kernel takes a socket out of
+// the array (__reuseport_detach_sock: the last one takes its place).
+func (gr *group) remove(ino uint64) {
+	for i, m := range gr.members {
+		if m.ino == ino {
+			last := len(gr.members) - 1
+			gr.members[i] = gr.members[last]
+			gr.members = gr.members[:last]
+			return
+		}
+	}
+}
+
+// mend makes a broken group known again once the kernel lists on its
+// address only the sockets the supervisor holds and no generation but one
+// shares the listener's own socket: then they are in the array in the
+// order it knows only if there is one, so it waits for that.
+func (s *Supervisor) mend(gr *group) {
+	if len(gr.members) != 1 {
+		return
+	}
+	sa, err := unix.Getsockname(gr.l.sock.FD)
+	if err != nil {
+		return
+	}
+	listed, err := proctree.ListeningTCP(sa)
+	if _, ok := listed[gr.members[0].ino]; err != nil || len(listed) != 1 || !ok {
+		return
+	}
+	// Nothing is steered while broken: the program goes back on before a
+	// generation's socket joins, or the hash would give it connections
+	// before it is ready.
+	if err := sockets.Steer(gr.l.sock.FD, 0); err != nil {
+		return
+	}
+	gr.broken = false
+	s.log.Info("listener per generation on again: the reuseport group holds only the listener's socket", slog.String("listener", gr.l.Name()))
+}
+
+// breakGroup detaches the group's program: the kernel's hash spreads new
+// connections over its sockets again, and later generations share the
+// listener's own socket.
+func (s *Supervisor) breakGroup(gr *group, reason string) {
+	gr.broken = true
+	var err error
+	for _, m := range gr.members {
+		if m.fd >= 0 {
+			err = sockets.Unsteer(m.fd) // any member's fd reaches the group
+			break
+		}
+	}
+	s.log.Warn("listener per generation off for this listener: its reuseport group is not known; new connections are spread by the kernel's hash",
+		slog.String("listener", gr.l.Name()), slog.String("reason", reason), slog.Any("detach_error", err))
+}
+
+// closeGenSockets forgets the sockets of g, a generation that has
+// exited: they stay open in the group, free for a later generation
+// (groupSockets), and receive nothing meanwhile, since new connections
+// are steered elsewhere.
+func (s *Supervisor) closeGenSockets(g *generation) {
+	delete(s.steer.socks, g)
+	delete(s.steer.quiet, g)
+}
+
+// recheckEvery is how often a group with a closed socket that another
+// process still holds is checked (one closed before a self-upgrade by an
+// earlier image): when that socket leaves, the kernel moves the last one
+// to its index, and the program is pointed at the new index.
+const recheckEvery = 100 * time.Millisecond
+
+// recheck brings gr's mirror up to date and, if it changed the index of
+// the newest generation's socket, steers to it again; while a closed
+// member is still listed it looks again later.
+func (s *Supervisor) recheck(gr *group) {
+	if !s.checkGroup(gr) {
+		return
+	}
+	if s.gens.current != nil {
+		s.steerTo(s.gens.current)
+	}
+	for _, m := range gr.members {
+		if m.closed {
+			s.after(recheckEvery, evFunc{func() { s.recheck(gr) }})
+			return
+		}
+	}
+}
+
+// whenQuiet runs then once old, just replaced by a generation new
+// connections are steered to, has an empty accept queue on each socket of
+// its own, and has had it empty for SteerGrace (its last connection
+// answered, and a handshake begun before the steering completed), or
+// after quietMax. A generation with no socket of its own runs then at
+// once.
+func (s *Supervisor) whenQuiet(old *generation, then func()) {
+	var fds []int
+	for i, fd := range s.steer.socks[old] {
+		if gr := s.steer.groups[i]; gr != nil && !gr.broken && fd != s.genSocket(s.gens.current, i) {
+			fds = append(fds, fd)
+		}
+	}
+	if len(fds) == 0 {
+		then()
+		return
+	}
+	// It drains already (for status, and the cap), without being asked
+	// yet; a self-upgrade waits for the ask as for a count.
+	s.markDraining(old)
+	s.upgrades.counting++
+	s.steer.quiet[old] = struct{}{}
+	start, emptySince := s.env.now(), time.Time{}
+	var poll func()
+	poll = func() {
+		if _, ok := s.steer.quiet[old]; !ok {
+			s.upgrades.counting-- // exited meanwhile
+			return
+		}
+		now := s.env.now()
+		if queuesEmpty(fds) {
+			if emptySince.IsZero() {
+				emptySince = now
+			}
+		} else {
+			emptySince = time.Time{}
+		}
+		if (!emptySince.IsZero() && now.Sub(emptySince) >= s.cfg.SteerGrace) || now.Sub(start) >= quietMax {
+			delete(s.steer.quiet, old)
+			s.upgrades.counting--
+			s.log.Debug("old generation's sockets quiet", slog.Int("generation", old.N), slog.Duration("after", now.Sub(start)))
+			then()
+			return
+		}
+		s.after(quietPoll, evFunc{poll})
+	}
+	poll()
+}
+
+func queuesEmpty(fds []int) bool {
+	for _, fd := range fds {
+		if n, err := sockets.QueueLen(fd); err == nil && n > 0 {
+			return false
+		}
+	}
+	return true
+}
+
+// restoreGroups takes the groups of a self-upgrade's record; a record
+// without them (an upgrader without listeners per generation wrote it)
+// makes them as New does.
+func (s *Supervisor) restoreGroups(st *State) {
+	any := false
+	for i, sl := range st.Listeners {
+		if sl.Group == nil || i >= len(s.cfg.Listeners) {
+			continue
+		}
+		any = true
+		gr := &group{l: s.cfg.Listeners[i], broken: sl.Group.Broken}
+		for _, m := range sl.Group.Members {
+			gr.members = append(gr.members, member{fd: m.FD, ino: m.Ino, closed: m.FD < 0})
+			if m.FD >= 0 {
+				unix.CloseOnExec(m.FD)
+				s.listenInodes[strconv.FormatUint(m.Ino, 10)] = struct{}{}
+			}
+		}
+		s.steer.groups[i] = gr
+		for _, m := range gr.members {
+			if m.closed {
+				s.after(recheckEvery, evFunc{func() { s.recheck(gr) }})
+				break
+			}
+		}
+	}
+	if !any {
+		s.initGroups()
+	}
+}
+
+// listenSockets returns the fds of every listening socket the supervisor
+// holds for listener i: its own and those of the generations that have their own
+// (steer.go), so that what quiesces a listener at a stop reaches them all.
+func (s *Supervisor) listenSockets(i int) []int {
+	fds := []int{s.cfg.Listeners[i].sock.FD}
+	if gr := s.steer.groups[i]; gr != nil {
+		for _, m := range gr.members {
+			if m.fd >= 0 && m.fd != fds[0] {
+				fds = append(fds, m.fd)
+			}
+		}
+	}
+	return fds
+}
+
+// closeOwnSockets closes the supervisor's copies of every generation's own
+// sockets when a stop drains, for the reason closeListeners closes the
+// listeners': each then goes with its generation's last copy, and a later
+// connection is refused instead of queued and reset at the exit.
+func (s *Supervisor) closeOwnSockets() {
+	for i, gr := range s.steer.groups {
+		if gr == nil {
+			continue
+		}
+		for j, m := range gr.members {
+			if m.closed || m.fd == s.cfg.Listeners[i].sock.FD || m.fd < 0 {
+				continue
+			}
+			for _, fds := range s.steer.socks {
+				if fds[i] == m.fd {
+					fds[i] = -1
+				}
+			}
+			unix.Close(m.fd)
+			gr.members[j].fd, gr.members[j].closed = -1, true
+		}
+	}
+}
+
+// groupsInUse tells whether a listener has a reuseport group with a
+// socket besides its own: what a release without listeners per
+// generation cannot carry on.
+func (s *Supervisor) groupsInUse() bool {
+	for _, gr := range s.steer.groups {
+		if gr != nil && len(gr.members) > 1 {
+			return true
+		}
+	}
+	return false
+}
