@@ -299,6 +299,34 @@ func (s *Supervisor) breakGroup(gr *group, reason string) {
 	}
 	s.log.Warn("listener per generation off for this listener: its reuseport group is not known; new connections are spread by the kernel's hash",
 		slog.String("listener", gr.l.Name()), slog.String("reason", reason), slog.Any("detach_error", err))
+	s.closeUnheld(gr)
+}
+
+// closeUnheld closes, in a broken group, the supervisor's copies of the
+// sockets no live generation holds (the listener's own excepted): the
+// hash would send them connections that nobody accepts, left waiting
+// until the stop resets them. The mirror no longer matters there, so they
+// leave it.
+func (s *Supervisor) closeUnheld(gr *group) {
+	i := gr.index(gr.l.sock.FD)
+	if !gr.broken || i < 0 {
+		return
+	}
+	held := map[int]bool{gr.l.sock.FD: true}
+	for _, fds := range s.steer.socks {
+		for _, fd := range fds {
+			held[fd] = true
+		}
+	}
+	kept := gr.members[:0]
+	for _, m := range gr.members {
+		if m.fd >= 0 && !held[m.fd] {
+			unix.Close(m.fd)
+			continue
+		}
+		kept = append(kept, m)
+	}
+	gr.members = kept
 }
 
 // closeGenSockets forgets the sockets of g, a generation that has
@@ -308,6 +336,11 @@ func (s *Supervisor) breakGroup(gr *group, reason string) {
 func (s *Supervisor) closeGenSockets(g *generation) {
 	delete(s.steer.socks, g)
 	delete(s.steer.quiet, g)
+	for _, gr := range s.steer.groups {
+		if gr != nil && gr.broken {
+			s.closeUnheld(gr) // nothing to keep them for
+		}
+	}
 }
 
 // recheckEvery is how often a group with a closed socket that another

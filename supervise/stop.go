@@ -125,7 +125,7 @@ func (s *Supervisor) drainAll() {
 			s.markDraining(g)
 		}
 	}
-	s.awaitEmptyQueues(s.quiesceListeners(s.cfg.Listeners), s.drainNow)
+	s.awaitEmptyQueues(s.quiesceListeners(), s.drainNow)
 }
 
 // drainNow drains every generation and closes the listeners.
@@ -168,12 +168,14 @@ const (
 // left alone: its queue waits for that start, and a filter would keep the
 // connections that trigger it from arriving. An abstract Unix socket, or
 // one whose path the fd store keeps, cannot refuse without losing what
-// the next start needs, and is left alone too.
-func (s *Supervisor) quiesceListeners(ls []*Listener) []int {
+// the next start needs, and is left alone too. The generations' own
+// sockets (a listener per generation, steer.go) are upgrader's whoever
+// holds the listener's, and are filtered with it.
+func (s *Supervisor) quiesceListeners() []int {
 	var fds []int
-	for _, l := range ls {
+	for i, l := range s.cfg.Listeners {
 		sock := l.Socket()
-		if sock.FD < 0 || !sock.Own || !sock.Spec.Stream() {
+		if sock.FD < 0 || !sock.Spec.Stream() || (!sock.Own && sock.Spec.Network == "unix") {
 			continue
 		}
 		if sock.Spec.Network == "unix" {
@@ -185,7 +187,11 @@ func (s *Supervisor) quiesceListeners(ls []*Listener) []int {
 			}
 			continue
 		}
-		fds = append(fds, s.refuseNew([]int{sock.FD})...)
+		all := s.listenSockets(i) // the listener's own first
+		if !sock.Own {
+			all = all[1:]
+		}
+		fds = append(fds, s.refuseNew(all)...)
 	}
 	return fds
 }
