@@ -74,6 +74,7 @@ var systems = []system{
 	{name: "bareflip", title: "tableflip (bare)", reload: "USR2 (tableflip Upgrade)", start: startBareflip},
 	{name: "node-cluster", title: "Node.js cluster", reload: "USR2: rolling restart", needs: []string{"node"}, start: startNodeCluster},
 	{name: "upgrader-node", title: "upgrader + Node.js (module)", reload: "USR2 to upgrader", needs: []string{"node"}, start: startUpgraderNode},
+	{name: "upgrader-plain", title: "upgrader + unchanged Go server", reload: "USR2 to upgrader", start: startUpgraderPlain},
 }
 
 func systemNamed(name string) (system, bool) {
@@ -117,6 +118,26 @@ func startUpgrader(e env) (server, error) {
 func startUpgraderNode(e env) (server, error) {
 	return startUpgraderWith(e, []string{"--ipc", "node", "-w", strconv.Itoa(nodeWorkers())},
 		"node", filepath.Join(e.repo, "examples", "node", "server.js"))
+}
+
+// startUpgraderPlain runs upgrader supervising integration/cmd/plainhttp,
+// the Go server of bareflip's row without tableflip: net/http on the
+// inherited fd 3, http.Server.Shutdown on SIGTERM, no READY=1 (so
+// --ready delay:100ms) and no drain package: docs/unchanged-servers.md.
+// It sends no X-Generation, so the reloads done are counted from
+// upgrader's log (--log-level info for its "generation ready" lines).
+func startUpgraderPlain(e env) (server, error) {
+	srv, err := startUpgraderWith(e, []string{"--ready", "delay:100ms", "--log-level", "info"}, filepath.Join(e.bin, "plainhttp"))
+	if err != nil {
+		return nil, err
+	}
+	return plainServer{srv.(*upgraderServer)}, nil
+}
+
+type plainServer struct{ *upgraderServer }
+
+func (s plainServer) reloadsDone(loadgen.Result) int {
+	return max(0, countLines(s.c.log, "generation ready")-1)
 }
 
 // startUpgraderWith runs upgrader with flags added to the common ones,
