@@ -41,7 +41,7 @@ var unchangedServers = []unchangedServer{
 		command: func(string) []string { return []string{"node", filepath.Join(unchangedDir(), "server.js")} }},
 	{name: "gunicorn", needs: []string{"gunicorn"},
 		command: func(string) []string {
-			return []string{"gunicorn", "--worker-class", "gthread", "--workers", "2", "--threads", "8",
+			return []string{"gunicorn", "--worker-class", "gthread", "--workers", "2", "--threads", "8", "--keep-alive", "0",
 				"--chdir", unchangedDir(), "wsgi_app:app"}
 		}},
 	{name: "uvicorn", flags: []string{"--ready", "delay:500ms"}, needs: []string{"/usr/bin/python3"},
@@ -51,7 +51,7 @@ var unchangedServers = []unchangedServer{
 		}},
 	{name: "puma", needs: []string{"puma"},
 		command: func(string) []string {
-			return []string{"puma", "--bind-to-activated-sockets", "only", "--quiet",
+			return []string{"puma", "--config", filepath.Join(unchangedDir(), "puma.rb"),
 				filepath.Join(unchangedDir(), "config.ru")}
 		}},
 }
@@ -215,6 +215,7 @@ func BenchmarkUnchangedServers(b *testing.B) {
 					for range b.N {
 						r := runUnchanged(b, s, mode, 20, 500*time.Millisecond, flags[v])
 						runs[key{s.name, string(mode), v}] = r
+						b.Logf("%d upgrades; %s", r.upgrades, r.res)
 						b.ReportMetric(float64(r.res.Failed()), "failed")
 						b.ReportMetric(float64(r.res.Counts[loadgen.Refused]), "refused")
 						b.ReportMetric(float64(r.res.ClosedUnderClient), "closed-under-client")
