@@ -37,6 +37,10 @@ func unchangedDir() string { return filepath.Join(repoRoot, "integration", "test
 var unchangedServers = []unchangedServer{
 	{name: "go", flags: []string{"--ready", "delay:100ms"},
 		command: func(bin string) []string { return []string{filepath.Join(bin, "plainhttp")} }},
+	// The plain Go server with the diff of the docs page: drain.Serve,
+	// which says READY=1 itself.
+	{name: "go-drain",
+		command: func(bin string) []string { return []string{filepath.Join(bin, "drainhttp")} }},
 	{name: "node", flags: []string{"--ready", "delay:300ms"}, needs: []string{"node"},
 		command: func(string) []string { return []string{"node", filepath.Join(unchangedDir(), "server.js")} }},
 	{name: "gunicorn", needs: []string{"gunicorn"},
@@ -72,16 +76,20 @@ var (
 	plainErr  error
 )
 
-// plainBin builds integration/cmd/plainhttp next to the binaries TestMain
-// built (removed with them), once, and returns that directory.
+// plainBin builds integration/cmd/plainhttp and drainhttp next to the
+// binaries TestMain built (removed with them), once, and returns that
+// directory.
 func plainBin(tb testing.TB) string {
 	tb.Helper()
 	dir := filepath.Dir(upgraderBin)
 	plainOnce.Do(func() {
-		cmd := exec.Command("go", "build", "-o", filepath.Join(dir, "plainhttp"), "./integration/cmd/plainhttp")
-		cmd.Dir = repoRoot
-		if out, err := cmd.CombinedOutput(); err != nil {
-			plainErr = fmt.Errorf("build plainhttp: %v\n%s", err, out)
+		for _, name := range []string{"plainhttp", "drainhttp"} {
+			cmd := exec.Command("go", "build", "-o", filepath.Join(dir, name), "./integration/cmd/"+name)
+			cmd.Dir = repoRoot
+			if out, err := cmd.CombinedOutput(); err != nil {
+				plainErr = fmt.Errorf("build %s: %v\n%s", name, err, out)
+				return
+			}
 		}
 	})
 	if plainErr != nil {
