@@ -143,6 +143,19 @@ type Config struct {
 	// (NODE_CHANNEL_FD, docs/reference/node-ipc.md): ready, stopping,
 	// status, watchdog and handoffs with process.send.
 	IPC IPCKind
+	// ListenerPerGeneration gives each generation its own socket for every
+	// TCP listener with SO_REUSEPORT set (upgrader's --listen binds them
+	// so), in the listener's reuseport group, and steers new connections
+	// to the newest ready generation's socket, so that a generation is
+	// asked to drain only once none reach it (docs/architecture.md). Other
+	// listeners are shared by every generation, as with it off.
+	ListenerPerGeneration bool
+	// SteerGrace is how long a replaced generation's sockets must have
+	// had an empty accept queue before it is asked to drain: time for the
+	// server to answer the last connection it accepted, and for a
+	// handshake begun before the steering to complete (with
+	// ListenerPerGeneration).
+	SteerGrace time.Duration
 	// Listeners are passed to every worker as fds 3, 4, … in this order.
 	// The supervisor closes its copies when a stop drains.
 	Listeners []*Listener
@@ -224,6 +237,12 @@ func DefaultConfig() Config {
 		// drain timeout.
 		HurryGrace: 2 * time.Second,
 		FDStoreMax: 64,
+		// A connection accepted just before the steering is read by the
+		// server within a few milliseconds; a handshake in flight takes a
+		// round trip. 200 ms covers both on a LAN and adds little to an
+		// upgrade; see docs/architecture.md.
+		ListenerPerGeneration: true,
+		SteerGrace:            200 * time.Millisecond,
 	}
 }
 
@@ -260,7 +279,7 @@ func (c *Config) Validate() error {
 		{"ReadyTimeout", c.ReadyTimeout, false}, {"DrainTimeout", c.DrainTimeout, false},
 		{"RestartWindow", c.RestartWindow, false}, {"HurryGrace", c.HurryGrace, false},
 		{"ShutdownDelay", c.ShutdownDelay, true}, {"Watchdog", c.Watchdog, true}, {"GiveUpLinger", c.GiveUpLinger, true},
-		{"ReadyHold", c.ReadyHold, true},
+		{"ReadyHold", c.ReadyHold, true}, {"SteerGrace", c.SteerGrace, true},
 	} {
 		switch {
 		case d.v < 0:

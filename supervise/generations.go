@@ -82,6 +82,7 @@ func (s *Supervisor) startGeneration() {
 		s.env.notifyManager(fmt.Sprintf("%s\nMONOTONIC_USEC=%d\nSTATUS=upgrading to generation %d", daemon.SdNotifyReloading, monotonicUsec(), g.N))
 	}
 	s.log.Info("starting generation", slog.Int("generation", g.N), slog.Int("workers", s.cfg.Workers))
+	s.groupSockets(g)
 	for i := range g.slots {
 		if err := s.spawnWorker(g, i); err != nil {
 			if s.gens.current == nil {
@@ -121,7 +122,7 @@ func (s *Supervisor) spawnWorker(g *generation, slot int) error {
 	if s.cfg.Ready.Kind == ReadyFD {
 		readyFD = s.cfg.Ready.FD
 	}
-	files, env := s.workerFiles(readyFD), s.workerEnviron(g, slot)
+	files, env := s.workerFiles(g, readyFD), s.workerEnviron(g, slot)
 	files, env, chans, theirs := s.workerChannels(files, env, readyFD, g, slot)
 	defer func() {
 		for _, f := range theirs {
@@ -188,10 +189,10 @@ func (s *Supervisor) workerChannels(files []int, env []string, readyFD int, g *g
 }
 
 // workerFiles lays out a worker's fds: stdio (stdin becomes /dev/null in
-// env.start), the listeners from fd 3, then the fd store, as systemd
-// passes it. LISTEN_FDS must be contiguous, so the store stops short of
-// the ready fd.
-func (s *Supervisor) workerFiles(readyFD int) []int {
+// env.start), the listeners from fd 3 (g's own sockets, steer.go), then
+// the fd store, as systemd passes it. LISTEN_FDS must be contiguous, so
+// the store stops short of the ready fd.
+func (s *Supervisor) workerFiles(g *generation, readyFD int) []int {
 	files := []int{0, 1, 2}
 	if s.cfg.Stdout != nil {
 		files[1] = int(s.cfg.Stdout.Fd())
@@ -199,8 +200,8 @@ func (s *Supervisor) workerFiles(readyFD int) []int {
 	if s.cfg.Stderr != nil {
 		files[2] = int(s.cfg.Stderr.Fd())
 	}
-	for _, l := range s.cfg.Listeners {
-		files = append(files, l.sock.FD)
+	for i := range s.cfg.Listeners {
+		files = append(files, s.genSocket(g, i))
 	}
 	for _, st := range s.fdStore {
 		if len(files) == readyFD {
@@ -349,6 +350,7 @@ func (s *Supervisor) promote(g *generation) {
 	}
 	old := s.gens.current
 	s.gens.current, s.gens.pending = g, nil
+	s.steerTo(g)
 	s.log.Info("generation ready", slog.Int("generation", g.N), slog.Duration("after", g.ReadyAt.Sub(g.Started)))
 	s.env.notifyManager(fmt.Sprintf("%s\nSTATUS=generation %d serving with %d workers", daemon.SdNotifyReady, g.N, len(g.slots)))
 	s.emit(g, Progress{Event: EventReady, ReadyAfterMS: g.ReadyAt.Sub(g.Started).Milliseconds()})
@@ -362,11 +364,15 @@ func (s *Supervisor) promote(g *generation) {
 	old.ReplacedBy = g.N
 	watchers := g.watchers
 	g.watchers = nil
-	if len(watchers) > 0 {
-		s.countThenDrain(old, g.N, watchers)
-	} else {
-		s.drainGeneration(old)
-	}
+	// Its workers are asked to drain once no new connection reaches them
+	// (steer.go).
+	s.whenQuiet(old, func() {
+		if len(watchers) > 0 {
+			s.countThenDrain(old, g.N, watchers)
+		} else {
+			s.drainGeneration(old)
+		}
+	})
 	s.count.UpgradesOK++
 	s.finishUpgrade(UpgradeResult{Generation: g.N, OK: true, Started: g.Started, ReadyAfter: g.ReadyAt.Sub(g.Started)})
 }
@@ -541,6 +547,7 @@ func (s *Supervisor) reapGeneration(g *generation) {
 		s.log.Info("generation exited", slog.Int("generation", g.N))
 	}
 	g.State = GenExited
+	s.closeGenSockets(g)
 	doneWatching(g.exitWatchers, g)
 	g.exitWatchers = nil
 	s.gens.remove(g)

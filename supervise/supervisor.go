@@ -124,6 +124,8 @@ type Supervisor struct {
 	// listenInodes are the inodes of the listeners' sockets, as fd tables
 	// name them ("socket:[INODE]"), for holdsListener.
 	listenInodes map[string]struct{}
+	// steer is each generation's own listening sockets (steer.go).
+	steer steering
 }
 
 // spawnEnv is what every worker's environment starts from.
@@ -192,7 +194,7 @@ func newSupervisor(cfg Config, e env) (*Supervisor, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return &Supervisor{
+	s := &Supervisor{
 		cfg:          cfg,
 		env:          e,
 		log:          log,
@@ -205,7 +207,9 @@ func newSupervisor(cfg Config, e env) (*Supervisor, error) {
 		ho:           router{pending: make(map[uint64]*pendingHandoff)},
 		warns:        newLimiter(warnBurst, warnWindow),
 		listenInodes: listenerInodes(cfg.Listeners),
-	}, nil
+	}
+	s.initSteering()
+	return s, nil
 }
 
 // SetHooks installs hooks; call it before Run.

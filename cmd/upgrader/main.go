@@ -131,6 +131,8 @@ type runFlags struct {
 	ipc           string
 	fdStoreMax    int
 	maxDraining   int
+	perGen        bool
+	steerGrace    time.Duration
 }
 
 // parseRunFlags parses the command line of "upgrader run"; --help gives
@@ -156,6 +158,8 @@ func parseRunFlags(args []string) (runFlags, error) {
 	fs.DurationVar(&f.watchdog, "watchdog", d.Watchdog, "workers get WATCHDOG_USEC; a worker silent this long is replaced (0: off)")
 	fs.IntVar(&f.fdStoreMax, "fd-store-max", d.FDStoreMax, "fds workers may keep with FDSTORE=1 for later generations (0: fd store off)")
 	fs.IntVar(&f.maxDraining, "max-draining", d.MaxDraining, fmt.Sprintf("generations that may drain at once; beyond it the oldest is sent --drain-signal again to close what is idle, and killed %s later if still running", d.HurryGrace))
+	fs.BoolVar(&f.perGen, "listener-per-generation", d.ListenerPerGeneration, "give each generation its own socket for each TCP --listen (SO_REUSEPORT), steer new connections to the newest ready one, and drain the old one once its queue is empty (false: one socket shared by every generation)")
+	fs.DurationVar(&f.steerGrace, "steer-grace", d.SteerGrace, "with --listener-per-generation, how long a replaced generation's accept queue must stay empty before it is asked to drain")
 	fs.BoolVar(&f.noHandoff, "no-handoff", d.NoHandoff, "do not offer live-connection handoff (UPGRADER_HANDOFF_FD) to workers")
 	fs.StringVar(&f.ipc, "ipc", string(d.IPC), "also give workers this `CHANNEL`: node (Node.js's IPC channel at NODE_CHANNEL_FD: ready and handoffs with process.send)")
 	fs.StringVar(&f.logFormat, "log-format", "console", "log format: console or json")
@@ -184,6 +188,7 @@ func (f *runFlags) config() (supervise.Config, error) {
 	cfg.ShutdownDelay, cfg.MaxRestarts, cfg.RestartWindow = f.shutdownDelay, f.maxRestarts, f.restartWindow
 	cfg.MaxDraining, cfg.Watchdog, cfg.NoHandoff, cfg.FDStoreMax = f.maxDraining, f.watchdog, f.noHandoff, f.fdStoreMax
 	cfg.IPC = supervise.IPCKind(f.ipc)
+	cfg.ListenerPerGeneration, cfg.SteerGrace = f.perGen, f.steerGrace
 	// The command handles its process's signals, and is the subreaper of
 	// its workers' trees.
 	cfg.Signals, cfg.Subreaper = true, true
@@ -204,6 +209,7 @@ var flagOf = map[string]string{
 	"ReadyHold": "--ready-hold", "DrainTimeout": "--drain-timeout", "DrainSignal": "--drain-signal", "ShutdownDelay": "--shutdown-delay",
 	"MaxRestarts": "--max-restarts", "RestartWindow": "--restart-window", "MaxDraining": "--max-draining",
 	"Watchdog": "--watchdog", "FDStoreMax": "--fd-store-max", "IPC": "--ipc",
+	"SteerGrace": "--steer-grace",
 }
 
 // configError turns a *supervise.ConfigError of a field a flag sets into
@@ -305,7 +311,11 @@ func (p proc) run(args []string) error {
 	defer log.Sync()
 	cfg.Logger = slogOf(log)
 	cfg.Executable = invokedPath()
-	socks, err := listeners(log, f.listen, activated)
+	bind := sockets.Bind
+	if f.perGen {
+		bind = sockets.BindReusePort
+	}
+	socks, err := listeners(log, f.listen, activated, bind)
 	for _, sock := range socks {
 		defer sock.Close()
 	}
@@ -388,7 +398,7 @@ func invokedPath() string {
 // first, then one per --listen value, adopted from the inherited fds when
 // an earlier upgrader kept it in systemd's fd store (fdstore.go), bound
 // otherwise. On an error, what it returns is what it opened, to close.
-func listeners(log *zap.Logger, values []string, activated []*sockets.Socket) ([]*sockets.Socket, error) {
+func listeners(log *zap.Logger, values []string, activated []*sockets.Socket, bind func(sockets.Spec) (*sockets.Socket, error)) ([]*sockets.Socket, error) {
 	specs, err := parseListeners(values, nil)
 	if err != nil {
 		return activated, err
@@ -404,7 +414,7 @@ func listeners(log *zap.Logger, values []string, activated []*sockets.Socket) ([
 	for i, spec := range specs {
 		sock, from := adopted[i], "LISTEN_FDS (adopted for --listen)"
 		if sock == nil {
-			if sock, err = sockets.Bind(spec); err != nil {
+			if sock, err = bind(spec); err != nil {
 				for _, s := range adopted[i:] {
 					if s != nil {
 						socks = append(socks, s)

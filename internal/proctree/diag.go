@@ -27,22 +27,31 @@ func EstablishedTCP() (map[string]struct{}, error) {
 	defer unix.Close(fd)
 	out := map[string]struct{}{}
 	for _, family := range []uint8{unix.AF_INET, unix.AF_INET6} {
-		if err := diagDump(fd, family, out); err != nil {
+		if err := diagDump(fd, family, 1<<tcpEstablished, func(m []byte) {
+			out[fmt.Sprint(binary.NativeEndian.Uint32(m[msgInode:]))] = struct{}{}
+		}); err != nil {
 			return nil, err
 		}
 	}
 	return out, nil
 }
 
-// diagDump sends one inet_diag_req_v2 dump request for family and adds the
-// inode of every inet_diag_msg of the answer to out.
-func diagDump(fd int, family uint8, out map[string]struct{}) error {
+// struct inet_diag_msg: family, state, timer, retrans, sockid (sport,
+// dport, src[16], dst[16], if, cookie: 48 bytes), expires, rqueue, wqueue,
+// uid, then the inode.
+const (
+	msgSport = 4
+	msgSrc   = 8
+	msgInode = 68
+)
+
+// diagDump sends one inet_diag_req_v2 dump request for family and the TCP
+// states in the mask states, and calls each with every inet_diag_msg of the
+// answer.
+func diagDump(fd int, family uint8, states uint32, each func(msg []byte)) error {
 	const (
 		hdrLen = unix.SizeofNlMsghdr
 		reqLen = 56 // struct inet_diag_req_v2
-		// struct inet_diag_msg: family, state, timer, retrans, sockid (48
-		// bytes), expires, rqueue, wqueue, uid, then the inode.
-		msgInode = 68
 	)
 	ne := binary.NativeEndian
 	req := make([]byte, hdrLen+reqLen)
@@ -51,7 +60,7 @@ func diagDump(fd int, family uint8, out map[string]struct{}) error {
 	ne.PutUint16(req[6:], unix.NLM_F_REQUEST|unix.NLM_F_DUMP)
 	ne.PutUint32(req[8:], 1) // sequence number
 	req[hdrLen], req[hdrLen+1] = family, unix.IPPROTO_TCP
-	ne.PutUint32(req[hdrLen+4:], 1<<tcpEstablished)
+	ne.PutUint32(req[hdrLen+4:], states)
 	if err := unix.Sendto(fd, req, 0, &unix.SockaddrNetlink{Family: unix.AF_NETLINK}); err != nil {
 		return fmt.Errorf("sock_diag request: %w", err)
 	}
@@ -78,7 +87,7 @@ func diagDump(fd int, family uint8, out map[string]struct{}) error {
 				return nil
 			case unix.SOCK_DIAG_BY_FAMILY:
 				if len(m.Data) >= msgInode+4 {
-					out[fmt.Sprint(ne.Uint32(m.Data[msgInode:]))] = struct{}{}
+					each(m.Data)
 				}
 			}
 		}
@@ -92,4 +101,38 @@ func SameNetNamespace(root string, pid int) bool {
 	self, err1 := os.Readlink(root + "/self/ns/net")
 	other, err2 := os.Readlink(fmt.Sprintf("%s/%d/ns/net", root, pid))
 	return err1 == nil && err2 == nil && self == other
+}
+
+// tcpListen is TCP_LISTEN of include/net/tcp_states.h.
+const tcpListen = 10
+
+// ListeningTCP returns the inodes of the listening TCP sockets of the
+// caller's network namespace bound to the address sa names (an
+// *unix.SockaddrInet4 or *unix.SockaddrInet6): the members of its
+// reuseport group, and any socket of another group on the same address.
+// It asks sock_diag, filtered to TCP_LISTEN, as EstablishedTCP does.
+func ListeningTCP(sa unix.Sockaddr) (map[uint64]struct{}, error) {
+	var family uint8
+	var port int
+	var addr []byte
+	switch a := sa.(type) {
+	case *unix.SockaddrInet4:
+		family, port, addr = unix.AF_INET, a.Port, a.Addr[:]
+	case *unix.SockaddrInet6:
+		family, port, addr = unix.AF_INET6, a.Port, a.Addr[:]
+	default:
+		return nil, fmt.Errorf("listening TCP sockets on %T: not an IP address", sa)
+	}
+	fd, err := unix.Socket(unix.AF_NETLINK, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, unix.NETLINK_SOCK_DIAG)
+	if err != nil {
+		return nil, fmt.Errorf("sock_diag netlink socket: %w", err)
+	}
+	defer unix.Close(fd)
+	out := map[uint64]struct{}{}
+	err = diagDump(fd, family, 1<<tcpListen, func(m []byte) {
+		if int(binary.BigEndian.Uint16(m[msgSport:])) == port && string(m[msgSrc:msgSrc+len(addr)]) == string(addr) {
+			out[uint64(binary.NativeEndian.Uint32(m[msgInode:]))] = struct{}{}
+		}
+	})
+	return out, err
 }

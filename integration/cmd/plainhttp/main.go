@@ -1,49 +1,49 @@
-// Command plainhttp is the most common shape of a Go HTTP server, left as a
-// new user of upgrader would bring it: net/http serving the listener it
-// inherits on fd 3 (LISTEN_FDS), and http.Server.Shutdown on SIGTERM. It
-// knows nothing of upgrader (no READY=1, no drain package), so that the
-// recipes in docs/unchanged-servers.md measure what such a server loses
-// through upgrades, and what upgrader can remove for it.
+// Command plainhttp is the most common shape of a Go server under a
+// socket-activating supervisor, not built on upgrader's drain package:
+// net/http serving the listener at fd 3 (LISTEN_FDS), READY=1 through
+// go-systemd's sd_notify, and http.Server.Shutdown on SIGTERM. Every
+// response names its generation in X-Generation (UPGRADER_GENERATION).
+// The integration tests run it unchanged under upgrader to show what a
+// server that knows nothing of upgrader loses at an upgrade.
 package main
 
 import (
 	"context"
-	"errors"
-	"fmt"
 	"io"
+	"log"
 	"net"
 	"net/http"
 	"os"
 	"os/signal"
 	"syscall"
-	"time"
+
+	"github.com/coreos/go-systemd/v22/daemon"
 )
 
 func main() {
-	ln, err := net.FileListener(os.NewFile(3, "LISTEN_FDS"))
+	ln, err := net.FileListener(os.NewFile(3, "listener"))
 	if err != nil {
-		fmt.Fprintln(os.Stderr, "plainhttp: listener on fd 3:", err)
-		os.Exit(1)
+		log.Fatalln("fd 3:", err)
 	}
+	gen := os.Getenv("UPGRADER_GENERATION")
 	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		io.Copy(io.Discard, r.Body)
+		w.Header().Set("X-Generation", gen)
 		io.WriteString(w, "hello\n")
 	})}
-	term := make(chan os.Signal, 1)
-	signal.Notify(term, syscall.SIGTERM, syscall.SIGINT)
 	done := make(chan struct{})
 	go func() {
-		<-term
-		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-		defer cancel()
-		if err := srv.Shutdown(ctx); err != nil {
-			fmt.Fprintln(os.Stderr, "plainhttp: shutdown:", err)
+		sig := make(chan os.Signal, 1)
+		signal.Notify(sig, syscall.SIGTERM)
+		<-sig
+		if err := srv.Shutdown(context.Background()); err != nil {
+			log.Println("shutdown:", err)
 		}
 		close(done)
 	}()
-	if err := srv.Serve(ln); !errors.Is(err, http.ErrServerClosed) {
-		fmt.Fprintln(os.Stderr, "plainhttp: serve:", err)
-		os.Exit(1)
+	daemon.SdNotify(false, daemon.SdNotifyReady)
+	if err := srv.Serve(ln); err != http.ErrServerClosed {
+		log.Fatalln("serve:", err)
 	}
 	<-done
 }

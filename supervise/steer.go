@@ -1,0 +1,333 @@
+package supervise
+
+import (
+	"fmt"
+	"log/slog"
+	"strconv"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/seed6cb0314a/upgrader/internal/proctree"
+	"github.com/seed6cb0314a/upgrader/internal/sockets"
+)
+
+// A listener per generation (Config.ListenerPerGeneration): a TCP
+// listener whose socket has SO_REUSEPORT gets, for each generation, a
+// socket of its own in the kernel's reuseport group of that address, and
+// a classic BPF program on the group (SO_ATTACH_REUSEPORT_CBPF) sends
+// every new connection to the socket of the newest ready generation. The
+// old generation then takes no new connection; it is asked to drain once
+// its socket's accept queue has stayed empty for Config.SteerGrace, so
+// that no connection is accepted by a server that has begun to shut
+// down, nor left in a queue that its close resets. The program names a
+// socket by its index in the group's array, which the kernel does not
+// tell: group mirrors it (a socket is appended at listen(), and one that
+// closes is replaced by the last, net/core/sock_reuseport.c), and checks
+// the mirror against the kernel's list of listening sockets on the
+// address (sock_diag) whenever it steers or closes; a mirror that no
+// longer matches (a socket of another process in the group) detaches the
+// program, and the listener is shared by every generation again.
+
+// quietMax bounds the wait for an old generation's accept queue to
+// empty: a queue that stays full (a server that stopped accepting) must
+// not hold its drain forever.
+const quietMax = 2 * time.Second
+
+// quietPoll is how often the accept queue is looked at during the wait.
+const quietPoll = 5 * time.Millisecond
+
+// group is the reuseport group of one listener.
+type group struct {
+	l *Listener
+	// members mirrors the kernel's array, index order; closed ones were
+	// closed by the supervisor but another process still held them at the
+	// last check.
+	members []member
+	// broken: the mirror is not known; nothing is steered, and every
+	// generation gets the listener's own socket.
+	broken bool
+}
+
+type member struct {
+	fd     int // -1 once closed
+	ino    uint64
+	closed bool
+}
+
+// steering is the per-generation sockets of every listener.
+type steering struct {
+	groups []*group                 // by listener index; nil: shared
+	socks  map[*generation][]int    // the fds a generation's workers get
+	quiet  map[*generation]struct{} // waiting for their queues to empty
+}
+
+// initSteering makes a group of each listener that can have one.
+func (s *Supervisor) initSteering() {
+	s.steer.socks = map[*generation][]int{}
+	s.steer.quiet = map[*generation]struct{}{}
+	s.steer.groups = make([]*group, len(s.cfg.Listeners))
+	if !s.cfg.ListenerPerGeneration {
+		return
+	}
+	for i, l := range s.cfg.Listeners {
+		if !sockets.ReusePort(l.sock.FD) {
+			continue
+		}
+		ino, err := sockets.Inode(l.sock.FD)
+		if err != nil {
+			continue
+		}
+		gr := &group{l: l, members: []member{{fd: l.sock.FD, ino: ino}}}
+		s.steer.groups[i] = gr
+		s.checkGroup(gr)
+	}
+}
+
+// groupSockets returns the fds g's workers get, a socket of its own for
+// each listener in a group that is not broken (joined now), the shared
+// one otherwise. The listener's own socket is the first generation's,
+// and any later one's while no other live generation holds it, so that it
+// is never left in the group with nobody accepting.
+func (s *Supervisor) groupSockets(g *generation) []int {
+	fds := make([]int, len(s.cfg.Listeners))
+	for i, l := range s.cfg.Listeners {
+		fds[i] = l.sock.FD
+		gr := s.steer.groups[i]
+		if gr == nil || gr.broken || !s.baseHeld(i, g) {
+			continue
+		}
+		fd, err := sockets.JoinGroup(l.sock.FD)
+		if err != nil {
+			s.log.Error("cannot open a socket for the generation; it shares the listener's", slog.String("listener", l.Name()),
+				slog.Int("generation", g.N), slog.Any("error", err))
+			continue
+		}
+		ino, err := sockets.Inode(fd)
+		if err != nil {
+			unix.Close(fd)
+			continue
+		}
+		gr.members = append(gr.members, member{fd: fd, ino: ino})
+		s.listenInodes[strconv.FormatUint(ino, 10)] = struct{}{}
+		fds[i] = fd
+	}
+	s.steer.socks[g] = fds
+	return fds
+}
+
+// baseHeld tells whether a live generation other than g holds listener
+// i's own socket.
+func (s *Supervisor) baseHeld(i int, g *generation) bool {
+	for x, fds := range s.steer.socks {
+		if x != g && fds[i] == s.cfg.Listeners[i].sock.FD {
+			return true
+		}
+	}
+	return false
+}
+
+// genSocket is the fd g's workers get for listener i.
+func (s *Supervisor) genSocket(g *generation, i int) int {
+	if fds, ok := s.steer.socks[g]; ok {
+		return fds[i]
+	}
+	return s.cfg.Listeners[i].sock.FD
+}
+
+// steerTo sends every new connection to g's sockets.
+func (s *Supervisor) steerTo(g *generation) {
+	for i, gr := range s.steer.groups {
+		if gr == nil || gr.broken {
+			continue
+		}
+		if !s.checkGroup(gr) {
+			continue
+		}
+		fd := s.genSocket(g, i)
+		idx := gr.index(fd)
+		if idx < 0 {
+			continue // shares the listener with an older generation
+		}
+		if err := sockets.Steer(fd, idx); err != nil {
+			s.breakGroup(gr, err.Error())
+			continue
+		}
+		s.log.Debug("new connections steered", slog.String("listener", gr.l.Name()), slog.Int("generation", g.N), slog.Int("index", idx))
+	}
+}
+
+func (gr *group) index(fd int) int {
+	for i, m := range gr.members {
+		if !m.closed && m.fd == fd {
+			return i
+		}
+	}
+	return -1
+}
+
+// checkGroup brings the mirror up to date with the kernel's listening
+// sockets on the address: closed members that have left are removed as
+// the kernel removed them, swapped with the last. It breaks the group,
+// and returns false, when the two cannot be matched.
+func (s *Supervisor) checkGroup(gr *group) bool {
+	if gr.broken {
+		return false
+	}
+	sa, err := unix.Getsockname(gr.l.sock.FD)
+	if err != nil {
+		s.breakGroup(gr, err.Error())
+		return false
+	}
+	listed, err := proctree.ListeningTCP(sa)
+	if err != nil {
+		s.breakGroup(gr, err.Error())
+		return false
+	}
+	var gone []uint64
+	for _, m := range gr.members {
+		if _, ok := listed[m.ino]; !ok {
+			if !m.closed {
+				s.breakGroup(gr, fmt.Sprintf("socket inode %d, open in the supervisor, is not listening", m.ino))
+				return false
+			}
+			gone = append(gone, m.ino)
+		}
+	}
+	// Two that left since the last check left in an order not known,
+	// unless they were the last two.
+	if len(gone) > 1 && !gr.tail(gone) {
+		s.breakGroup(gr, fmt.Sprintf("%d closed sockets left the group at once", len(gone)))
+		return false
+	}
+	for _, ino := range gone {
+		gr.remove(ino)
+	}
+	if len(listed) != len(gr.members) {
+		s.breakGroup(gr, fmt.Sprintf("%d sockets listen on the address, the supervisor knows of %d (a socket another process opened with SO_REUSEPORT?)",
+			len(listed), len(gr.members)))
+		return false
+	}
+	return true
+}
+
+// tail tells whether inos are the last members of the array.
+func (gr *group) tail(inos []uint64) bool {
+	n := len(gr.members)
+	for _, m := range gr.members[n-len(inos):] {
+		found := false
+		for _, ino := range inos {
+			found = found || ino == m.ino
+		}
+		if !found {
+			return false
+		}
+	}
+	return true
+}
+
+// remove takes ino out of the mirror as the kernel takes a socket out of
+// the array (__reuseport_detach_sock: the last one takes its place).
+func (gr *group) remove(ino uint64) {
+	for i, m := range gr.members {
+		if m.ino == ino {
+			last := len(gr.members) - 1
+			gr.members[i] = gr.members[last]
+			gr.members = gr.members[:last]
+			return
+		}
+	}
+}
+
+// breakGroup detaches the group's program: the kernel's hash spreads new
+// connections over its sockets again, and later generations share the
+// listener's own socket.
+func (s *Supervisor) breakGroup(gr *group, reason string) {
+	gr.broken = true
+	err := sockets.Unsteer(gr.l.sock.FD)
+	s.log.Warn("listener per generation off for this listener: its reuseport group is not known; new connections are spread by the kernel's hash",
+		slog.String("listener", gr.l.Name()), slog.String("reason", reason), slog.Any("detach_error", err))
+}
+
+// closeGenSockets closes the supervisor's copies of the sockets of g, a
+// generation that has exited, and checks that they left their groups.
+func (s *Supervisor) closeGenSockets(g *generation) {
+	fds, ok := s.steer.socks[g]
+	delete(s.steer.socks, g)
+	delete(s.steer.quiet, g)
+	if !ok {
+		return
+	}
+	for i, fd := range fds {
+		gr := s.steer.groups[i]
+		if gr == nil || fd == s.cfg.Listeners[i].sock.FD {
+			continue
+		}
+		for j := range gr.members {
+			if gr.members[j].fd == fd {
+				delete(s.listenInodes, strconv.FormatUint(gr.members[j].ino, 10))
+				gr.members[j].fd, gr.members[j].closed = -1, true
+			}
+		}
+		unix.Close(fd)
+		s.checkGroup(gr)
+	}
+}
+
+// whenQuiet runs then once old, just replaced by a generation new
+// connections are steered to, has an empty accept queue on each socket of
+// its own, and has had it empty for SteerGrace (its last connection
+// answered, and a handshake begun before the steering completed), or
+// after quietMax. A generation with no socket of its own runs then at
+// once.
+func (s *Supervisor) whenQuiet(old *generation, then func()) {
+	var fds []int
+	for i, fd := range s.steer.socks[old] {
+		if gr := s.steer.groups[i]; gr != nil && !gr.broken && fd != s.genSocket(s.gens.current, i) {
+			fds = append(fds, fd)
+		}
+	}
+	if len(fds) == 0 {
+		then()
+		return
+	}
+	// It drains already (for status, and the cap), without being asked
+	// yet; a self-upgrade waits for the ask as for a count.
+	s.markDraining(old)
+	s.upgrades.counting++
+	s.steer.quiet[old] = struct{}{}
+	start, emptySince := s.env.now(), time.Time{}
+	var poll func()
+	poll = func() {
+		if _, ok := s.steer.quiet[old]; !ok {
+			s.upgrades.counting-- // exited meanwhile
+			return
+		}
+		now := s.env.now()
+		if queuesEmpty(fds) {
+			if emptySince.IsZero() {
+				emptySince = now
+			}
+		} else {
+			emptySince = time.Time{}
+		}
+		if (!emptySince.IsZero() && now.Sub(emptySince) >= s.cfg.SteerGrace) || now.Sub(start) >= quietMax {
+			delete(s.steer.quiet, old)
+			s.upgrades.counting--
+			s.log.Debug("old generation's sockets quiet", slog.Int("generation", old.N), slog.Duration("after", now.Sub(start)))
+			then()
+			return
+		}
+		s.after(quietPoll, evFunc{poll})
+	}
+	poll()
+}
+
+func queuesEmpty(fds []int) bool {
+	for _, fd := range fds {
+		if n, err := sockets.QueueLen(fd); err == nil && n > 0 {
+			return false
+		}
+	}
+	return true
+}
