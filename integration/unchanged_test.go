@@ -22,8 +22,8 @@ type unchangedServer struct {
 	// flags are the upgrader flags the recipe adds (how the server says
 	// it is ready).
 	flags []string
-	// command returns the worker command; bin is where plainhttp was built.
-	command func(bin string) []string
+	// command returns the worker command, building it if need be.
+	command func(tb testing.TB) []string
 	// needs lists the executables the recipe needs.
 	needs []string
 }
@@ -35,26 +35,28 @@ func unchangedDir() string { return filepath.Join(repoRoot, "integration", "test
 // it to be serving, since its first accept() is all that counts, the
 // listening socket queueing what comes before.
 var unchangedServers = []unchangedServer{
-	{name: "go", flags: []string{"--ready", "delay:100ms"},
-		command: func(bin string) []string { return []string{filepath.Join(bin, "plainhttp")} }},
+	{name: "go",
+		command: func(tb testing.TB) []string { return []string{buildPlainHTTP(tb)} }},
 	// The plain Go server with the diff of the docs page: drain.Serve,
 	// which says READY=1 itself.
 	{name: "go-drain",
-		command: func(bin string) []string { return []string{filepath.Join(bin, "drainhttp")} }},
+		command: func(tb testing.TB) []string { return []string{drainHTTPBin(tb)} }},
 	{name: "node", flags: []string{"--ready", "delay:300ms"}, needs: []string{"node"},
-		command: func(string) []string { return []string{"node", filepath.Join(unchangedDir(), "server.js")} }},
+		command: func(testing.TB) []string { return []string{"node", filepath.Join(unchangedDir(), "server.js")} }},
 	{name: "gunicorn", needs: []string{"gunicorn"},
-		command: func(string) []string {
+		command: func(testing.TB) []string {
 			return []string{"gunicorn", "--worker-class", "gthread", "--workers", "2", "--threads", "8", "--keep-alive", "0",
 				"--chdir", unchangedDir(), "wsgi_app:app"}
 		}},
-	{name: "uvicorn", flags: []string{"--ready", "delay:500ms"}, needs: []string{"/usr/bin/python3"},
-		command: func(string) []string {
-			return []string{"/usr/bin/python3", "-m", "uvicorn", "--fd", "3", "--no-access-log",
+	// uvicorn says nothing of its readiness: the app says READY=1 at its
+	// lifespan startup (asgi_app.py).
+	{name: "uvicorn", needs: []string{"/usr/bin/python3"},
+		command: func(testing.TB) []string {
+			return []string{"/usr/bin/python3", "-m", "uvicorn", "--fd", "3", "--no-access-log", "--lifespan", "on",
 				"--app-dir", unchangedDir(), "asgi_app:app"}
 		}},
 	{name: "puma", needs: []string{"puma"},
-		command: func(string) []string {
+		command: func(testing.TB) []string {
 			return []string{"puma", "--config", filepath.Join(unchangedDir(), "puma.rb"),
 				filepath.Join(unchangedDir(), "config.ru")}
 		}},
@@ -72,30 +74,26 @@ func unchangedNamed(tb testing.TB, name string) unchangedServer {
 }
 
 var (
-	plainOnce sync.Once
-	plainErr  error
+	drainOnce sync.Once
+	drainErr  error
 )
 
-// plainBin builds integration/cmd/plainhttp and drainhttp next to the
-// binaries TestMain built (removed with them), once, and returns that
-// directory.
-func plainBin(tb testing.TB) string {
+// drainHTTPBin builds integration/cmd/drainhttp next to the binaries
+// TestMain built (removed with them), once, and returns its path.
+func drainHTTPBin(tb testing.TB) string {
 	tb.Helper()
-	dir := filepath.Dir(upgraderBin)
-	plainOnce.Do(func() {
-		for _, name := range []string{"plainhttp", "drainhttp"} {
-			cmd := exec.Command("go", "build", "-o", filepath.Join(dir, name), "./integration/cmd/"+name)
-			cmd.Dir = repoRoot
-			if out, err := cmd.CombinedOutput(); err != nil {
-				plainErr = fmt.Errorf("build %s: %v\n%s", name, err, out)
-				return
-			}
+	bin := filepath.Join(filepath.Dir(upgraderBin), "drainhttp")
+	drainOnce.Do(func() {
+		cmd := exec.Command("go", "build", "-o", bin, "./integration/cmd/drainhttp")
+		cmd.Dir = repoRoot
+		if out, err := cmd.CombinedOutput(); err != nil {
+			drainErr = fmt.Errorf("build drainhttp: %v\n%s", err, out)
 		}
 	})
-	if plainErr != nil {
-		tb.Fatal(plainErr)
+	if drainErr != nil {
+		tb.Fatal(drainErr)
 	}
-	return dir
+	return bin
 }
 
 // requireInstalled fails (never skips) when an executable a recipe needs
@@ -124,7 +122,7 @@ func runUnchanged(tb testing.TB, s unchangedServer, mode loadgen.Mode, upgrades 
 	// --ready-hold 0: with the default hold (500 ms) USR2s 0.5 s apart
 	// fold into each other, and the runs would compare fewer upgrades.
 	args := append([]string{"-l", "127.0.0.1:0", "--ready-hold", "0", "--ready-timeout", "20s"}, s.flags...)
-	args = append(append(append(args, extra...), "--"), s.command(plainBin(tb))...)
+	args = append(append(append(args, extra...), "--"), s.command(tb)...)
 	p := startUpgrader(tb, args...)
 	addr := p.addr("")
 	p.waitReady(1)
@@ -197,7 +195,7 @@ func unchangedVariants(tb testing.TB) (labels []string, flags map[string][]strin
 	flags = map[string][]string{}
 	spec := os.Getenv("UPGRADER_UNCHANGED_VARIANTS")
 	if spec == "" {
-		out, _ := exec.Command(upgraderBin, "help").CombinedOutput()
+		out, _ := exec.Command(upgraderBin, "run", "--help").CombinedOutput()
 		spec = "today="
 		if strings.Contains(string(out), "--listener-per-generation") {
 			spec = "without=--listener-per-generation=false;with="

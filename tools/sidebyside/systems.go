@@ -122,22 +122,10 @@ func startUpgraderNode(e env) (server, error) {
 
 // startUpgraderPlain runs upgrader supervising integration/cmd/plainhttp,
 // the Go server of bareflip's row without tableflip: net/http on the
-// inherited fd 3, http.Server.Shutdown on SIGTERM, no READY=1 (so
-// --ready delay:100ms) and no drain package: docs/unchanged-servers.md.
-// It sends no X-Generation, so the reloads done are counted from
-// upgrader's log (--log-level info for its "generation ready" lines).
+// inherited fd 3, READY=1 through go-systemd, http.Server.Shutdown on
+// SIGTERM, no drain package (docs/unchanged-servers.md).
 func startUpgraderPlain(e env) (server, error) {
-	srv, err := startUpgraderWith(e, []string{"--ready", "delay:100ms", "--log-level", "info"}, filepath.Join(e.bin, "plainhttp"))
-	if err != nil {
-		return nil, err
-	}
-	return plainServer{srv.(*upgraderServer)}, nil
-}
-
-type plainServer struct{ *upgraderServer }
-
-func (s plainServer) reloadsDone(loadgen.Result) int {
-	return max(0, countLines(s.c.log, "generation ready")-1)
+	return startUpgraderWith(e, nil, filepath.Join(e.bin, "plainhttp"))
 }
 
 // startUpgraderWith runs upgrader with flags added to the common ones,
