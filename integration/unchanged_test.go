@@ -174,7 +174,7 @@ func waitAnswered(tb testing.TB, l *load, n int) {
 // before it is asked to stop) through 8 upgrades 0.5 s apart under 16
 // clients, and requires 0 failed requests.
 func TestUnchangedServers(t *testing.T) {
-	for _, name := range []string{"go", "uvicorn"} {
+	for _, name := range []string{"uvicorn"} {
 		t.Run(name, func(t *testing.T) {
 			r := runUnchanged(t, unchangedNamed(t, name), loadgen.NewConn, 8, 500*time.Millisecond, nil)
 			t.Logf("%d upgrades done", r.upgrades)
