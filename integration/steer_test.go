@@ -3,6 +3,7 @@ package integration
 import (
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -70,13 +71,18 @@ func TestUnchangedGoServerUpgrades(t *testing.T) {
 
 // BenchmarkUnchangedGoServer prints the failed requests of the unchanged Go
 // server across 20 upgrades 0.5 s apart (16 clients, a new connection per
-// request), with a listener per generation and without (one shared
-// socket).
+// request), with a listener per generation (and its grace, and without
+// the grace: the old generation drained as soon as its queue is empty) and
+// without (one shared socket).
 func BenchmarkUnchangedGoServer(b *testing.B) {
 	for _, c := range []struct {
 		name string
 		args []string
-	}{{"per-generation", nil}, {"shared", []string{"--listener-per-generation=false"}}} {
+	}{
+		{"per-generation", nil},
+		{"per-generation-grace-0", []string{"--steer-grace", "0"}},
+		{"shared", []string{"--listener-per-generation=false"}},
+	} {
 		b.Run(c.name, func(b *testing.B) {
 			var failed, reqs int
 			for range b.N {
@@ -87,5 +93,39 @@ func BenchmarkUnchangedGoServer(b *testing.B) {
 			b.ReportMetric(float64(failed)/float64(b.N), "failed/run")
 			b.ReportMetric(float64(reqs)/float64(b.N), "requests/run")
 		})
+	}
+}
+
+// TestUnchangedGoServerAcrossSelfUpgrade: the per-generation sockets and
+// the mirror of the reuseport group are carried across a self-upgrade, so
+// that the upgrades after it lose nothing either.
+func TestUnchangedGoServerAcrossSelfUpgrade(t *testing.T) {
+	bin := buildPlainHTTP(t)
+	p, _ := startSelfUpgradable(t, "-l", "127.0.0.1:0", "--ready-hold", "0", "--", bin)
+	p.waitReady(1)
+	l := startLoad(loadgen.Config{Addr: p.addr(""), Clients: 16, Mode: loadgen.NewConn})
+	upgrade := func(gen int) {
+		time.Sleep(300 * time.Millisecond) // each generation serves the load this long
+		p.signal(syscall.SIGUSR2)
+		p.waitReady(gen)
+		l.waitServed(t, gen, 50)
+	}
+	upgrade(2)
+	upgrade(3)
+	if out, err := p.selfUpgrade(true); err != nil {
+		t.Fatalf("self-upgrade: %v\n%s", err, out)
+	}
+	l.waitServed(t, 3, 50)
+	for gen := 4; gen <= 6; gen++ {
+		upgrade(gen)
+	}
+	r := l.stop()
+	requireNoFailures(t, r)
+	requireGenerations(t, r, 1, 6)
+	if log := p.tail(100000); strings.Contains(log, "listener per generation off") {
+		t.Fatalf("the reuseport group was lost across the self-upgrade:\n%s", log)
+	}
+	if code := p.stop(syscall.SIGTERM, 30*time.Second); code != 0 {
+		t.Fatalf("graceful stop exited %d, want 0", code)
 	}
 }

@@ -5,7 +5,8 @@ import "github.com/seed6cb0314a/upgrader/internal/handoff"
 // FDReserve is how many fds the supervisor may need open at once for its
 // own work: what a process holds anyway (the runtime, the log, the notify
 // and control sockets, a few control clients, a self-upgrade's state),
-// the listeners, the fd store when full, every worker of every generation
+// the listeners (and, with Config.ListenerPerGeneration, a socket of each
+// for every generation), the fd store when full, every worker of every generation
 // that may be alive at once (the draining ones, the current one and the
 // one an upgrade or a restart starts), each with its channels, pipes and,
 // while it is spawned, a copy of every listener, and one handoff batch in
@@ -21,5 +22,9 @@ func (c Config) FDReserve() int {
 		perWorker = 8  // channel pair, stdio pipes, ready pipe, pidfd, ipc
 	)
 	gens := c.MaxDraining + 2
-	return base + len(c.Listeners) + c.FDStoreMax + gens*c.Workers*(perWorker+len(c.Listeners)) + handoff.MaxFDs
+	own := 0 // each generation's own sockets (steer.go)
+	if c.ListenerPerGeneration {
+		own = gens * len(c.Listeners)
+	}
+	return base + len(c.Listeners) + own + c.FDStoreMax + gens*c.Workers*(perWorker+len(c.Listeners)) + handoff.MaxFDs
 }

@@ -53,6 +53,21 @@ type stListener struct {
 	Spec   sockets.Spec `json:"spec"`
 	FD     int          `json:"fd"`
 	Unlink string       `json:"unlink,omitempty"`
+	// Group is the mirror of the listener's reuseport group (steer.go),
+	// nil for a listener every generation shares.
+	Group *stGroup `json:"group,omitempty"`
+}
+
+type stGroup struct {
+	Broken  bool       `json:"broken,omitempty"`
+	Members []stMember `json:"members"`
+}
+
+// stMember is a socket of a group in array order: its fd (-1: closed by
+// the supervisor, still held elsewhere) and inode.
+type stMember struct {
+	FD  int    `json:"fd"`
+	Ino uint64 `json:"inode"`
 }
 
 type stClient struct {
@@ -69,6 +84,9 @@ type stStored struct {
 // pid; 0: empty) and its workers.
 type savedGen struct {
 	GenerationRecord
+	// Sockets are the listener fds its workers got, in listener order
+	// (steer.go); nil: the listeners' own.
+	Sockets []int         `json:"sockets,omitempty"`
 	Slots   []int         `json:"slots"`
 	Workers []savedWorker `json:"workers"`
 }
@@ -100,8 +118,18 @@ func (s *Supervisor) saveState(su *selfUpgrade) (st *State, keep, dups []int, er
 	if s.gens.current != nil {
 		st.Current = s.gens.current.N
 	}
-	for _, l := range s.cfg.Listeners {
-		st.Listeners = append(st.Listeners, stListener{Spec: l.sock.Spec, FD: l.sock.FD, Unlink: l.sock.UnlinkPath()})
+	for i, l := range s.cfg.Listeners {
+		sl := stListener{Spec: l.sock.Spec, FD: l.sock.FD, Unlink: l.sock.UnlinkPath()}
+		if gr := s.steer.groups[i]; gr != nil {
+			sl.Group = &stGroup{Broken: gr.broken}
+			for _, m := range gr.members {
+				sl.Group.Members = append(sl.Group.Members, stMember{FD: m.fd, Ino: m.ino})
+				if m.fd >= 0 && m.fd != l.sock.FD {
+					keep = append(keep, m.fd)
+				}
+			}
+		}
+		st.Listeners = append(st.Listeners, sl)
 		keep = append(keep, l.sock.FD)
 	}
 	for _, f := range s.fdStore {
@@ -133,6 +161,7 @@ func (s *Supervisor) saveState(su *selfUpgrade) (st *State, keep, dups []int, er
 	}
 	for _, g := range s.gens.all {
 		sg, more, err := saveGen(g)
+		sg.Sockets = s.steer.socks[g]
 		dups = append(dups, more...)
 		if err != nil {
 			return nil, keep, dups, err
@@ -263,6 +292,7 @@ func Restore(cfg Config, st *State) (*Supervisor, error) {
 			}
 		}
 	}
+	s.restoreGroups(st)
 	s.reexec.resumed = st
 	return s, nil
 }
@@ -316,6 +346,12 @@ func (s *Supervisor) resume(st *State) {
 // channels and their timers (a deadline already passed fires at once).
 func (s *Supervisor) resumeGen(sg savedGen, now time.Time) *generation {
 	g := &generation{GenerationRecord: sg.GenerationRecord, slots: make([]*worker, len(sg.Slots)), live: map[*worker]struct{}{}}
+	if len(sg.Sockets) == len(s.cfg.Listeners) {
+		for _, fd := range sg.Sockets {
+			unix.CloseOnExec(fd)
+		}
+		s.steer.socks[g] = sg.Sockets
+	}
 	if len(g.Failures) < len(g.slots) {
 		g.Failures = make([]int, len(g.slots))
 	}

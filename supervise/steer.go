@@ -62,11 +62,11 @@ type steering struct {
 	quiet  map[*generation]struct{} // waiting for their queues to empty
 }
 
-// initSteering makes a group of each listener that can have one.
-func (s *Supervisor) initSteering() {
-	s.steer.socks = map[*generation][]int{}
-	s.steer.quiet = map[*generation]struct{}{}
-	s.steer.groups = make([]*group, len(s.cfg.Listeners))
+// initGroups makes a group of each listener that can have one. A group
+// that has other members already (the sockets of workers an upgrader that
+// crashed left, the listener coming back from systemd's fd store) is not
+// known, and is broken until they have gone (groupSockets).
+func (s *Supervisor) initGroups() {
 	if !s.cfg.ListenerPerGeneration {
 		return
 	}
@@ -86,15 +86,23 @@ func (s *Supervisor) initSteering() {
 
 // groupSockets returns the fds g's workers get, a socket of its own for
 // each listener in a group that is not broken (joined now), the shared
-// one otherwise. The listener's own socket is the first generation's,
-// and any later one's while no other live generation holds it, so that it
-// is never left in the group with nobody accepting.
+// one otherwise. The listener's own socket is that of a generation that
+// starts with no other alive (the first): each upgrade then opens one
+// socket and closes one, and the supervisor's fds stay flat. It stays in
+// the group with nobody accepting once its generation has gone, which
+// costs nothing while new connections are steered; a broken group gives
+// it to every later generation.
 func (s *Supervisor) groupSockets(g *generation) []int {
 	fds := make([]int, len(s.cfg.Listeners))
 	for i, l := range s.cfg.Listeners {
 		fds[i] = l.sock.FD
 		gr := s.steer.groups[i]
-		if gr == nil || gr.broken || !s.baseHeld(i, g) {
+		if gr != nil && gr.broken {
+			s.mend(gr)
+		} else if gr != nil {
+			s.checkGroup(gr) // a socket joins only a group it knows
+		}
+		if gr == nil || gr.broken || !s.othersAlive(g) {
 			continue
 		}
 		fd, err := sockets.JoinGroup(l.sock.FD)
@@ -116,11 +124,10 @@ func (s *Supervisor) groupSockets(g *generation) []int {
 	return fds
 }
 
-// baseHeld tells whether a live generation other than g holds listener
-// i's own socket.
-func (s *Supervisor) baseHeld(i int, g *generation) bool {
-	for x, fds := range s.steer.socks {
-		if x != g && fds[i] == s.cfg.Listeners[i].sock.FD {
+// othersAlive tells whether a generation other than g has workers alive.
+func (s *Supervisor) othersAlive(g *generation) bool {
+	for _, x := range s.gens.all {
+		if x != g && len(x.live) > 0 {
 			return true
 		}
 	}
@@ -171,8 +178,8 @@ func (gr *group) index(fd int) int {
 // the kernel removed them, swapped with the last. It breaks the group,
 // and returns false, when the two cannot be matched.
 func (s *Supervisor) checkGroup(gr *group) bool {
-	if gr.broken {
-		return false
+	if gr.broken || gr.l.sock.FD < 0 {
+		return false // or closed: the supervisor stops
 	}
 	sa, err := unix.Getsockname(gr.l.sock.FD)
 	if err != nil {
@@ -239,12 +246,44 @@ func (gr *group) remove(ino uint64) {
 	}
 }
 
+// mend makes a broken group known again once the kernel lists on its
+// address only the sockets the supervisor holds and no generation but one
+// shares the listener's own socket: then they are in the array in the
+// order it knows only if there is one, so it waits for that.
+func (s *Supervisor) mend(gr *group) {
+	if len(gr.members) != 1 {
+		return
+	}
+	sa, err := unix.Getsockname(gr.l.sock.FD)
+	if err != nil {
+		return
+	}
+	listed, err := proctree.ListeningTCP(sa)
+	if _, ok := listed[gr.members[0].ino]; err != nil || len(listed) != 1 || !ok {
+		return
+	}
+	// Nothing is steered while broken: the program goes back on before a
+	// generation's socket joins, or the hash would give it connections
+	// before it is ready.
+	if err := sockets.Steer(gr.l.sock.FD, 0); err != nil {
+		return
+	}
+	gr.broken = false
+	s.log.Info("listener per generation on again: the reuseport group holds only the listener's socket", slog.String("listener", gr.l.Name()))
+}
+
 // breakGroup detaches the group's program: the kernel's hash spreads new
 // connections over its sockets again, and later generations share the
 // listener's own socket.
 func (s *Supervisor) breakGroup(gr *group, reason string) {
 	gr.broken = true
-	err := sockets.Unsteer(gr.l.sock.FD)
+	var err error
+	for _, m := range gr.members {
+		if m.fd >= 0 {
+			err = sockets.Unsteer(m.fd) // any member's fd reaches the group
+			break
+		}
+	}
 	s.log.Warn("listener per generation off for this listener: its reuseport group is not known; new connections are spread by the kernel's hash",
 		slog.String("listener", gr.l.Name()), slog.String("reason", reason), slog.Any("detach_error", err))
 }
@@ -260,7 +299,7 @@ func (s *Supervisor) closeGenSockets(g *generation) {
 	}
 	for i, fd := range fds {
 		gr := s.steer.groups[i]
-		if gr == nil || fd == s.cfg.Listeners[i].sock.FD {
+		if gr == nil || fd < 0 || fd == s.cfg.Listeners[i].sock.FD {
 			continue
 		}
 		for j := range gr.members {
@@ -270,7 +309,31 @@ func (s *Supervisor) closeGenSockets(g *generation) {
 			}
 		}
 		unix.Close(fd)
-		s.checkGroup(gr)
+		s.recheck(gr)
+	}
+}
+
+// recheckEvery is how often a group with a closed socket that another
+// process still holds (a stray of an exited generation) is checked: when
+// that socket leaves, the kernel moves the last one to its index, and the
+// program is pointed at the new index.
+const recheckEvery = 100 * time.Millisecond
+
+// recheck brings gr's mirror up to date and, if it changed the index of
+// the newest generation's socket, steers to it again; while a closed
+// member is still listed it looks again later.
+func (s *Supervisor) recheck(gr *group) {
+	if !s.checkGroup(gr) {
+		return
+	}
+	if s.gens.current != nil {
+		s.steerTo(s.gens.current)
+	}
+	for _, m := range gr.members {
+		if m.closed {
+			s.after(recheckEvery, evFunc{func() { s.recheck(gr) }})
+			return
+		}
 	}
 }
 
@@ -330,4 +393,72 @@ func queuesEmpty(fds []int) bool {
 		}
 	}
 	return true
+}
+
+// restoreGroups takes the groups of a self-upgrade's record; a record
+// without them (an upgrader without listeners per generation wrote it)
+// makes them as New does.
+func (s *Supervisor) restoreGroups(st *State) {
+	any := false
+	for i, sl := range st.Listeners {
+		if sl.Group == nil || i >= len(s.cfg.Listeners) {
+			continue
+		}
+		any = true
+		gr := &group{l: s.cfg.Listeners[i], broken: sl.Group.Broken}
+		for _, m := range sl.Group.Members {
+			gr.members = append(gr.members, member{fd: m.FD, ino: m.Ino, closed: m.FD < 0})
+			if m.FD >= 0 {
+				unix.CloseOnExec(m.FD)
+				s.listenInodes[strconv.FormatUint(m.Ino, 10)] = struct{}{}
+			}
+		}
+		s.steer.groups[i] = gr
+		for _, m := range gr.members {
+			if m.closed {
+				s.after(recheckEvery, evFunc{func() { s.recheck(gr) }})
+				break
+			}
+		}
+	}
+	if !any {
+		s.initGroups()
+	}
+}
+
+// listenSockets returns the fds of every listening socket the supervisor
+// holds for listener i: its own and those of the generations that have their own
+// (steer.go), so that what quiesces a listener at a stop reaches them all.
+func (s *Supervisor) listenSockets(i int) []int {
+	fds := []int{s.cfg.Listeners[i].sock.FD}
+	if gr := s.steer.groups[i]; gr != nil {
+		for _, m := range gr.members {
+			if m.fd >= 0 && m.fd != fds[0] {
+				fds = append(fds, m.fd)
+			}
+		}
+	}
+	return fds
+}
+
+// closeOwnSockets closes the supervisor's copies of every generation's own
+// sockets when a stop drains, for the reason closeListeners closes the
+// listeners': each then goes with its generation's last copy, and a later
+// connection is refused instead of queued and reset at the exit.
+func (s *Supervisor) closeOwnSockets() {
+	for g, fds := range s.steer.socks {
+		for i, fd := range fds {
+			gr := s.steer.groups[i]
+			if gr == nil || fd < 0 || fd == s.cfg.Listeners[i].sock.FD {
+				continue
+			}
+			for j := range gr.members {
+				if gr.members[j].fd == fd {
+					gr.members[j].fd, gr.members[j].closed = -1, true
+				}
+			}
+			unix.Close(fd)
+			s.steer.socks[g][i] = -1
+		}
+	}
 }

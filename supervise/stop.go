@@ -132,6 +132,7 @@ func (s *Supervisor) closeListeners() {
 			s.log.Warn("closing the listener for the stop", slog.String("listener", l.Name()), slog.Any("error", err))
 		}
 	}
+	s.closeOwnSockets()
 }
 
 // killAll kills every worker's process tree at once (a fast stop), and

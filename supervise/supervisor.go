@@ -180,7 +180,12 @@ func New(cfg Config) (*Supervisor, error) {
 	if err != nil {
 		return nil, err
 	}
-	return newSupervisor(cfg, e)
+	s, err := newSupervisor(cfg, e)
+	if err != nil {
+		return nil, err
+	}
+	s.initGroups()
+	return s, nil
 }
 
 func newSupervisor(cfg Config, e env) (*Supervisor, error) {
@@ -208,7 +213,7 @@ func newSupervisor(cfg Config, e env) (*Supervisor, error) {
 		warns:        newLimiter(warnBurst, warnWindow),
 		listenInodes: listenerInodes(cfg.Listeners),
 	}
-	s.initSteering()
+	s.steer = steering{socks: map[*generation][]int{}, quiet: map[*generation]struct{}{}, groups: make([]*group, len(cfg.Listeners))}
 	return s, nil
 }
 
