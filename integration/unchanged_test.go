@@ -242,7 +242,8 @@ func BenchmarkUnchangedServers(b *testing.B) {
 			}
 		}
 	}
-	fmt.Printf("\n| server | mode | variant | upgrades | requests | failed | refused | closed under the client | closed while idle | Connection: close | p99 |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
+	var table strings.Builder
+	table.WriteString("| server | mode | variant | upgrades | requests | failed | refused | closed under the client | closed while idle | Connection: close | p99 |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
 	for _, s := range unchangedServers {
 		for _, mode := range []loadgen.Mode{loadgen.NewConn, loadgen.KeepAlive} {
 			for _, v := range labels {
@@ -250,10 +251,32 @@ func BenchmarkUnchangedServers(b *testing.B) {
 				if !ok {
 					continue
 				}
-				fmt.Printf("| %s | %s | %s | %d | %d | %d | %d | %d | %d | %d | %s |\n", s.name, mode, v, r.upgrades,
+				fmt.Fprintf(&table, "| %s | %s | %s | %d | %d | %d | %d | %d | %d | %d | %s |\n", s.name, mode, v, r.upgrades,
 					r.res.Requests, r.res.Failed(), r.res.Counts[loadgen.Refused], r.res.ClosedUnderClient,
 					r.res.IdleClosed, r.res.ServerCloses, r.res.P99.Round(time.Millisecond))
 			}
 		}
 	}
+	fmt.Print("\n" + table.String())
+	if md := os.Getenv("UPGRADER_UNCHANGED_MD"); md != "" {
+		if err := replaceSection(md, "<!-- unchanged-servers table -->\n", "<!-- end unchanged-servers table -->", table.String()); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+// replaceSection rewrites the text between the markers begin and end in
+// the file at path, so that one run of the benchmark regenerates its table
+// in the docs.
+func replaceSection(path, begin, end, text string) error {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return err
+	}
+	s := string(b)
+	i, j := strings.Index(s, begin), strings.Index(s, end)
+	if i < 0 || j < i {
+		return fmt.Errorf("%s: no section between %q and %q", path, begin, end)
+	}
+	return os.WriteFile(path, []byte(s[:i+len(begin)]+text+s[j:]), 0o644)
 }
