@@ -65,11 +65,12 @@ type Run struct {
 // Failed counts the run's failed requests.
 func (r *Run) Failed() int { return r.Result.Failed() }
 
-// build compiles upgrader, examples/hello and bareflip from the
+// build compiles upgrader, examples/hello, bareflip and plainhttp from the
 // repository, without the race detector, into dir.
 func build(repo, dir string) error {
 	for _, b := range []struct{ out, pkg string }{
 		{"upgrader", "./cmd/upgrader"}, {"hello", "./examples/hello"}, {"bareflip", "./integration/cmd/bareflip"},
+		{"plainhttp", "./integration/cmd/plainhttp"},
 	} {
 		cmd := exec.Command("go", "build", "-o", filepath.Join(dir, b.out), b.pkg)
 		cmd.Dir = repo
@@ -102,7 +103,7 @@ func Bench(ctx context.Context, o Options) ([]*Run, error) {
 	if err := os.Mkdir(bin, 0o755); err != nil {
 		return nil, err
 	}
-	logf(o.Log, "building upgrader, hello and bareflip from %s", o.Repo)
+	logf(o.Log, "building upgrader, hello, bareflip and plainhttp from %s", o.Repo)
 	if err := build(o.Repo, bin); err != nil {
 		return nil, err
 	}

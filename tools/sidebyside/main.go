@@ -9,12 +9,14 @@
 // (HUP) and upgraded on the fly (USR2, then QUIT to the old master),
 // HAProxy in master-worker mode (USR2), a bare tableflip server
 // (integration/cmd/bareflip, USR2), a Node.js cluster restarting its
-// workers one by one (cluster.js, USR2), and upgrader --ipc node
-// supervising examples/node/server.js (the nodejs/ module) with as many
-// workers as the cluster (USR2). nginx, HAProxy and Node.js must
-// be installed (scripts/sidebyside installs them); upgrader, hello and
-// bareflip are built from -repo. Every process runs on 127.0.0.1 as this
-// tool's child, in a temp dir, and is stopped by pid at the end of its run.
+// workers one by one (cluster.js, USR2), upgrader --ipc node supervising
+// examples/node/server.js (the nodejs/ module) with as many workers as the
+// cluster (USR2), and upgrader supervising an unchanged Go server
+// (integration/cmd/plainhttp: Serve on fd 3, Shutdown on SIGTERM; USR2).
+// nginx, HAProxy and Node.js must be installed (scripts/sidebyside
+// installs them); upgrader, hello, bareflip and plainhttp are built from
+// -repo. Every process runs on 127.0.0.1 as this tool's child, in a temp
+// dir, and is stopped by pid at the end of its run.
 //
 //	go run . -repo ../.. -rounds 3
 //

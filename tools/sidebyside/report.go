@@ -272,6 +272,10 @@ const systemsSetup = `How each system is set up and reloaded (each as the tool's
   ` + "`timeout http-keep-alive 30s`" + `, ` + "`hard-stop-after 30s`" + `.
 - **tableflip (bare)**: integration/cmd/bareflip, tableflip as its documentation shows it (Upgrade on the signal,
   ` + "`http.Server.Shutdown`" + ` on Exit); USR2 to the process serving now (tableflip's pid file).
+- **upgrader + unchanged Go server**: ` + "`upgrader run -l 127.0.0.1:0 --ready-hold 0 -- plainhttp`" + `,
+  integration/cmd/plainhttp: the same Go server as bareflip's without tableflip, as a new user brings it (net/http
+  serving the inherited fd 3, ` + "`READY=1`" + ` through go-systemd, ` + "`http.Server.Shutdown`" + ` on SIGTERM, no drain package;
+  [unchanged-servers.md](unchanged-servers.md)); ` + "`kill -USR2`" + ` to upgrader.
 - **Node.js cluster**: tools/sidebyside/cluster.js, Node's ` + "`cluster`" + ` module, one worker per CPU listening on
   the primary's shared socket; on USR2 the primary replaces its workers one at a time: fork a new worker, and on its
   ` + "`'listening'`" + ` event ` + "`disconnect()`" + ` the old one (which closes its server and exits when its

@@ -74,6 +74,7 @@ var systems = []system{
 	{name: "bareflip", title: "tableflip (bare)", reload: "USR2 (tableflip Upgrade)", start: startBareflip},
 	{name: "node-cluster", title: "Node.js cluster", reload: "USR2: rolling restart", needs: []string{"node"}, start: startNodeCluster},
 	{name: "upgrader-node", title: "upgrader + Node.js (module)", reload: "USR2 to upgrader", needs: []string{"node"}, start: startUpgraderNode},
+	{name: "upgrader-plain", title: "upgrader + unchanged Go server", reload: "USR2 to upgrader", start: startUpgraderPlain},
 }
 
 func systemNamed(name string) (system, bool) {
@@ -117,6 +118,14 @@ func startUpgrader(e env) (server, error) {
 func startUpgraderNode(e env) (server, error) {
 	return startUpgraderWith(e, []string{"--ipc", "node", "-w", strconv.Itoa(nodeWorkers())},
 		"node", filepath.Join(e.repo, "examples", "node", "server.js"))
+}
+
+// startUpgraderPlain runs upgrader supervising integration/cmd/plainhttp,
+// the Go server of bareflip's row without tableflip: net/http on the
+// inherited fd 3, READY=1 through go-systemd, http.Server.Shutdown on
+// SIGTERM, no drain package (docs/unchanged-servers.md).
+func startUpgraderPlain(e env) (server, error) {
+	return startUpgraderWith(e, nil, filepath.Join(e.bin, "plainhttp"))
 }
 
 // startUpgraderWith runs upgrader with flags added to the common ones,
