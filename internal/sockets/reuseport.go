@@ -158,5 +158,5 @@ func BindReusePort(spec Spec) (*Socket, error) {
 	if err != nil {
 		return nil, fmt.Errorf("listen on %s: %w", spec, err)
 	}
-	return &Socket{Spec: spec, FD: fd}, nil
+	return &Socket{Spec: spec, FD: fd, Own: true}, nil // as Bind's: a stop filters it
 }

@@ -93,3 +93,19 @@ func TestBindReusePortRefusesAnAddressInUse(t *testing.T) {
 		t.Fatalf("a second BindReusePort of %s joined the first's group", first.Addr())
 	}
 }
+
+// TestBindersOwnTheirSockets: a socket upgrader binds, with or without
+// SO_REUSEPORT, is its own (a stop filters it); one only Bind marked was
+// left unfiltered by the other, and the stop reset its queue.
+func TestBindersOwnTheirSockets(t *testing.T) {
+	for name, bind := range map[string]func(Spec) (*Socket, error){"Bind": Bind, "BindReusePort": BindReusePort} {
+		s, err := bind(Spec{Network: "tcp", Address: "127.0.0.1:0"})
+		if err != nil {
+			t.Fatal(name, err)
+		}
+		if !s.Own {
+			t.Errorf("%s: Own unset", name)
+		}
+		s.Close()
+	}
+}
