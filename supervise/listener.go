@@ -11,11 +11,14 @@ import (
 )
 
 // Listener is a listening socket the supervisor holds for the life of the
-// service and passes to every worker (fds 3, 4, … in Config.Listeners
+// service and passes to the workers (fds 3, 4, … in Config.Listeners
 // order, named in LISTEN_FDNAMES, sd_listen_fds(3)). The supervisor keeps
-// a plain non-blocking fd and never accepts from it; workers share the one
-// socket, never a re-bound copy, so no queued connection is lost when a
-// worker goes.
+// a plain non-blocking fd and never accepts from it. The workers of a
+// generation share one socket, so no queued connection is lost when a
+// worker goes; with Config.ListenerPerGeneration a TCP listener's later
+// generations each get a socket of their own in its SO_REUSEPORT group,
+// held open by the supervisor until the stop (steer.go), and otherwise
+// every generation shares the listener's.
 type Listener struct {
 	sock *sockets.Socket
 }
