@@ -120,6 +120,11 @@ type Config struct {
 	// that a benchmark can draw outcomes over time. It sees exactly what
 	// Result.Counts counts.
 	OnOutcome func(c Class, at time.Time)
+	// OnLatency, if set, is called for every OK response with the time the
+	// request began (before its connect, on a new connection) and how long
+	// it took until the whole response was read: what Result's percentiles
+	// are computed from. From the clients' goroutines.
+	OnLatency func(sent time.Time, took time.Duration)
 	// OnIdleClosed, if set, is called each time a keep-alive connection is
 	// found closed by the server while idle (what Result.IdleClosed
 	// counts), with the time it was found, from the clients' goroutines.
@@ -358,12 +363,16 @@ func (c *client) one() {
 		exchange = c.exchangeH2
 	}
 	class, detail, gen, headerAt, closeAfter := exchange(deadline)
+	end := time.Now()
 	c.counts[class]++
 	if c.cfg.OnOutcome != nil {
-		c.cfg.OnOutcome(class, time.Now())
+		c.cfg.OnOutcome(class, end)
 	}
 	if class == OK {
-		c.lat = append(c.lat, time.Since(start))
+		c.lat = append(c.lat, end.Sub(start))
+		if c.cfg.OnLatency != nil {
+			c.cfg.OnLatency(start, end.Sub(start))
+		}
 		c.gens[gen]++
 		if c.cfg.Mode != HTTP2 {
 			c.seen(gen)

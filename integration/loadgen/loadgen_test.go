@@ -190,6 +190,7 @@ func TestOnOutcomeAndOnIdleClosed(t *testing.T) {
 	outcomes := map[Class]int{}
 	var idle int
 	var times []time.Time
+	var lats []time.Duration
 	before := time.Now()
 	r := Run(context.Background(), Config{
 		Addr: ln.Addr().String(), Clients: 2, Requests: 6, Mode: KeepAlive,
@@ -206,8 +207,24 @@ func TestOnOutcomeAndOnIdleClosed(t *testing.T) {
 			idle++
 			times = append(times, at)
 		},
+		OnLatency: func(sent time.Time, took time.Duration) {
+			mu.Lock()
+			defer mu.Unlock()
+			lats = append(lats, took)
+			times = append(times, sent, sent.Add(took))
+		},
 	})
 	after := time.Now()
+	if len(lats) != r.Counts[OK] {
+		t.Errorf("OnLatency called %d times, %d OK", len(lats), r.Counts[OK])
+	}
+	var max time.Duration
+	for _, d := range lats {
+		max = maxDur(max, d)
+	}
+	if max != r.Max {
+		t.Errorf("OnLatency's largest %s, Result.Max %s", max, r.Max)
+	}
 	if r.Requests != 12 {
 		t.Fatalf("%s; want 12 requests", r)
 	}
@@ -337,4 +354,11 @@ func selfSigned(t *testing.T) *tls.Config {
 		t.Fatal(err)
 	}
 	return &tls.Config{Certificates: []tls.Certificate{{Certificate: [][]byte{der}, PrivateKey: key}}}
+}
+
+func maxDur(a, b time.Duration) time.Duration {
+	if a > b {
+		return a
+	}
+	return b
 }
