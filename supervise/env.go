@@ -39,6 +39,9 @@ type env interface {
 	afterFunc(d time.Duration, f func()) stopper
 	// processes reads the process table (nil when there is none to read).
 	processes() (proctree.Table, error)
+	// ownChildren lists the supervisor's own children, zombies included
+	// (proctree.ChildrenOf); an error when that cannot be told cheaply.
+	ownChildren() ([]int, error)
 	// environ reads a process's initial environment (nil if unreadable);
 	// ownEnviron is the supervisor's own, as os.Environ.
 	environ(pid int) map[string]string
@@ -432,6 +435,8 @@ func (e *osEnv) kill(pid int, sig syscall.Signal) error {
 }
 
 func (e *osEnv) processes() (proctree.Table, error) { return proctree.Read("/proc") }
+
+func (e *osEnv) ownChildren() ([]int, error) { return proctree.ChildrenOf("/proc", os.Getpid()) }
 
 func (e *osEnv) fdSockets(pid int) (map[string]int, error) { return proctree.Sockets("/proc", pid) }
 

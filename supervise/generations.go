@@ -353,7 +353,8 @@ func (s *Supervisor) promote(g *generation) {
 	s.steerTo(g)
 	s.log.Info("generation ready", slog.Int("generation", g.N), slog.Duration("after", g.ReadyAt.Sub(g.Started)))
 	s.env.notifyManager(fmt.Sprintf("%s\nSTATUS=generation %d serving with %d workers", daemon.SdNotifyReady, g.N, len(g.slots)))
-	s.emit(g, Progress{Event: EventReady, ReadyAfterMS: g.ReadyAt.Sub(g.Started).Milliseconds()})
+	after := g.ReadyAt.Sub(g.Started)
+	s.emit(g, Progress{Event: EventReady, ReadyAfterMS: after.Milliseconds(), ReadyAfterUS: after.Microseconds()})
 	if old == nil {
 		s.emit(g, Progress{Event: EventDone})
 		// An upgrade asked for while the first generation started waits
@@ -365,27 +366,32 @@ func (s *Supervisor) promote(g *generation) {
 	watchers := g.watchers
 	g.watchers = nil
 	// Its workers are asked to drain once no new connection reaches them
-	// (steer.go).
-	s.whenQuiet(old, func() {
-		if len(watchers) > 0 {
-			s.countThenDrain(old, g.N, watchers)
-		} else {
+	// (steer.go) and, for someone following the upgrade, their
+	// connections have been counted: the two run side by side.
+	waits := 1
+	drain := func() {
+		if waits--; waits == 0 {
 			s.drainGeneration(old)
 		}
-	})
+	}
+	if len(watchers) > 0 {
+		waits++
+		s.countConnections(old, g.N, watchers, drain)
+	}
+	s.whenQuiet(old, drain)
 	s.count.UpgradesOK++
 	s.finishUpgrade(UpgradeResult{Generation: g.N, OK: true, Started: g.Started, ReadyAfter: g.ReadyAt.Sub(g.Started)})
 }
 
-// countThenDrain marks old draining at once, tells the watchers of the
-// upgrade that replaced it how many connections it holds, asks its
-// workers to drain, then tells them "done" once it has exited. Counting
-// reads the kernel's socket tables, which may take a while on a busy
-// server: it runs off the loop, and only for someone following the
-// upgrade (upgrader upgrade); the drain signals wait for the count, since
-// a draining worker hands its connections on at once, and a self-upgrade
-// waits for them (upgradeQueue.counting).
-func (s *Supervisor) countThenDrain(old *generation, n int, watchers []chan Progress) {
+// countConnections marks old draining at once, tells the watchers of the
+// upgrade that replaced it how many connections it holds, then runs
+// counted, and tells them "done" once old has exited. Counting reads the
+// kernel's socket tables, which may take a while on a busy server: it
+// runs off the loop, and only for someone following the upgrade
+// (upgrader upgrade); counted asks the workers to drain, which must wait
+// for the count, since a draining worker hands its connections on at
+// once, and a self-upgrade waits for it (upgradeQueue.counting).
+func (s *Supervisor) countConnections(old *generation, n int, watchers []chan Progress, counted func()) {
 	var pids []int
 	for w := range old.live {
 		pids = append(pids, w.Pid)
@@ -400,7 +406,7 @@ func (s *Supervisor) countThenDrain(old *generation, n int, watchers []chan Prog
 			for _, ch := range watchers {
 				send(ch, Progress{Event: EventDraining, Generation: n, Old: old.N, Connections: conns})
 			}
-			s.drainGeneration(old)
+			counted()
 		}})
 	}()
 }
@@ -491,7 +497,7 @@ func (s *Supervisor) drainGeneration(g *generation) {
 }
 
 // markDraining moves g to draining without asking its workers yet
-// (countThenDrain), and hurries the oldest beyond the cap.
+// (countConnections, whenQuiet), and hurries the oldest beyond the cap.
 func (s *Supervisor) markDraining(g *generation) {
 	if g.State == GenDraining || g.State == GenExited {
 		return

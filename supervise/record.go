@@ -163,6 +163,20 @@ func (g *generation) allReady() bool {
 	return true
 }
 
+// drainsByContract tells whether every live worker of g takes handoffs
+// (it sent ACCEPT): a worker built on drain or the Node.js module, or one
+// that follows the handoff protocol, which answers what it has accepted
+// when asked to drain rather than dropping it as a plain server's own
+// shutdown may (steer.go). False for a generation with no live worker.
+func (g *generation) drainsByContract() bool {
+	for w := range g.live {
+		if w.Accepts == nil {
+			return false
+		}
+	}
+	return len(g.live) > 0
+}
+
 // anyUnhurried reports whether a worker of g with processes left has not
 // been hurried yet.
 func (g *generation) anyUnhurried() bool {
