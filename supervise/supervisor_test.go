@@ -76,9 +76,12 @@ func (f *fakeEnv) processes() (proctree.Table, error) {
 	}
 	return t, nil
 }
+
 // ownChildren is unknown, so that the supervisor reads the table as it must
 // without /proc/PID/task/*/children.
-func (f *fakeEnv) ownChildren() ([]int, error) { return nil, errors.New("no children files in the fake env") }
+func (f *fakeEnv) ownChildren() ([]int, error) {
+	return nil, errors.New("no children files in the fake env")
+}
 func (f *fakeEnv) setTable(t proctree.Table) { f.mu.Lock(); f.table = t; f.mu.Unlock() }
 func (f *fakeEnv) environ(pid int) map[string]string {
 	f.mu.Lock()
