@@ -52,6 +52,11 @@ type env interface {
 	// of a pipe at that fd, and ready(pid) is called (from another goroutine)
 	// when it writes a newline.
 	start(spec spawn.Spec, readyFD int, ready func(pid int)) (pid int, err error)
+	// canUnidle tells whether unidle can work (spawn.CanUnidle); unidle
+	// gives pid's threads, and its descendants', the usual policy back
+	// from SCHED_IDLE (spawn.Unidle).
+	canUnidle() bool
+	unidle(pid int) error
 	// kill sends sig to pid (a negative pid: its process group), kill(2).
 	kill(pid int, sig syscall.Signal) error
 	// fdSockets maps the inodes of the sockets pid holds to their fds
@@ -435,6 +440,10 @@ func (e *osEnv) kill(pid int, sig syscall.Signal) error {
 }
 
 func (e *osEnv) processes() (proctree.Table, error) { return proctree.Read("/proc") }
+
+func (e *osEnv) canUnidle() bool { return spawn.CanUnidle() }
+
+func (e *osEnv) unidle(pid int) error { return spawn.Unidle("/proc", pid) }
 
 func (e *osEnv) ownChildren() ([]int, error) { return proctree.ChildrenOf("/proc", os.Getpid()) }
 

@@ -129,7 +129,10 @@ func (s *Supervisor) spawnWorker(g *generation, slot int) error {
 			f.Close()
 		}
 	}()
-	spec := spawn.Spec{Path: path, Args: s.cfg.Command, Env: env, Files: files, Pdeathsig: s.cfg.DrainSignal}
+	// An upgrade's workers start idle (Config.StartIdle); the first
+	// generation, and a crashed worker's replacement, are what serves.
+	idle := s.cfg.StartIdle && g.State == GenStarting && s.gens.current != nil && s.gens.current != g
+	spec := spawn.Spec{Path: path, Args: s.cfg.Command, Env: env, Files: files, Pdeathsig: s.cfg.DrainSignal, Idle: idle}
 	pid, err := s.env.start(spec, readyFD, func(pid int) { s.post(evReady{pid: pid}) })
 	if err != nil {
 		for _, ch := range chans {
@@ -137,7 +140,7 @@ func (s *Supervisor) spawnWorker(g *generation, slot int) error {
 		}
 		return err
 	}
-	w := &worker{WorkerRecord: WorkerRecord{Slot: slot, Pid: pid, State: WorkerStarting, Started: s.env.now(), ReadyTimeout: s.cfg.ReadyTimeout}, gen: g}
+	w := &worker{WorkerRecord: WorkerRecord{Slot: slot, Pid: pid, State: WorkerStarting, Started: s.env.now(), ReadyTimeout: s.cfg.ReadyTimeout}, gen: g, idle: idle}
 	for _, ch := range chans {
 		s.openHandoff(w, ch)
 	}
@@ -266,6 +269,12 @@ func (s *Supervisor) onReady(w *worker) {
 			slog.Int("generation", g.N), slog.Int("worker", w.Slot), slog.Int("pid", w.Pid))
 		s.kill9(w)
 		return
+	}
+	if w.idle {
+		w.idle = false
+		if err := s.env.unidle(w.Pid); err != nil {
+			s.log.Warn("cannot give a ready worker the usual CPU priority back", slog.Int("pid", w.Pid), slog.Any("error", err))
+		}
 	}
 	s.setState(w, WorkerReady)
 	s.log.Info("worker ready", slog.Int("generation", g.N), slog.Int("worker", w.Slot), slog.Int("pid", w.Pid),

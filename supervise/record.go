@@ -113,6 +113,8 @@ type worker struct {
 	// The one deadline timer (arm); timerSeq tells a stale firing apart.
 	timer    stopper
 	timerSeq uint64
+	// idle: started under SCHED_IDLE (Config.StartIdle), until its ready.
+	idle bool
 	// Its open channels (the handoff channel, Node's IPC channel), and
 	// takeOn, the one it last sent ACCEPT on, where batches for it go. A
 	// target that does not take its batches is stalled and skipped;

@@ -15,6 +15,7 @@ package execshim
 import (
 	"os"
 	"syscall"
+	"unsafe"
 )
 
 // ShimArg is argv[1] of a shim; argv[2] is the resolved path to exec and
@@ -23,6 +24,14 @@ const ShimArg = "__upgrader-exec-shim"
 
 // pidVars are set to the shim's pid, when present, before exec.
 var pidVars = [...]string{"LISTEN_PID", "WATCHDOG_PID"}
+
+// IdleEnv in the shim's environment asks it to put itself under
+// SCHED_IDLE (sched(7)) before the exec, so that every thread the command
+// makes inherits it; the shim removes it from the command's environment.
+const IdleEnv = "UPGRADER_SHIM_SCHED=idle"
+
+// schedIdle is SCHED_IDLE of <linux/sched.h>.
+const schedIdle = 5
 
 func init() { Run() }
 
@@ -36,9 +45,18 @@ func Run() {
 	path, argv := os.Args[2], os.Args[3:]
 	env := os.Environ()
 	pid := itoa(os.Getpid())
-	for i, kv := range env {
+	for i := 0; i < len(env); i++ {
+		if env[i] == IdleEnv {
+			// sched_setscheduler(0, SCHED_IDLE, {0}): the calling thread,
+			// the one that execs. A failure leaves the usual policy.
+			var param [1]int32
+			syscall.RawSyscall(syscall.SYS_SCHED_SETSCHEDULER, 0, schedIdle, uintptr(unsafe.Pointer(&param[0])))
+			env = append(env[:i], env[i+1:]...)
+			i--
+			continue
+		}
 		for _, k := range pidVars {
-			if len(kv) > len(k) && kv[:len(k)+1] == k+"=" {
+			if len(env[i]) > len(k) && env[i][:len(k)+1] == k+"=" {
 				env[i] = k + "=" + pid
 			}
 		}

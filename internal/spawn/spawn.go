@@ -52,6 +52,10 @@ type Spec struct {
 	Files []int
 	// Pdeathsig is sent to the child if the supervisor dies (0: none).
 	Pdeathsig syscall.Signal
+	// Idle starts the command under SCHED_IDLE (sched(7)), set by the shim
+	// before its exec so that every thread inherits it (not with Direct
+	// or Reaped).
+	Idle bool
 	// Direct runs Path with Args as they are, without the shim (for a
 	// process that is not a worker: the self-check of a new upgrader).
 	Direct bool
@@ -168,8 +172,12 @@ func (s *Spawner) start(spec Spec) (int, error) {
 	case spec.Direct:
 		self, argv = spec.Path, spec.Args
 	}
+	env := spec.Env
+	if spec.Idle && !spec.Direct && !spec.Reaped {
+		env = append(env[:len(env):len(env)], execshim.IdleEnv)
+	}
 	pid, _, err := syscall.StartProcess(self, argv, &syscall.ProcAttr{
-		Env:   spec.Env,
+		Env:   env,
 		Files: files,
 		Sys: &syscall.SysProcAttr{
 			// Own process group: a terminal's Ctrl-C reaches the supervisor
