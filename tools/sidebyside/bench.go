@@ -30,7 +30,10 @@ type Options struct {
 	// Steady runs every system and mode once more per round with the same
 	// load for as long and no reload, for the latency it has without one.
 	Steady bool
-	Log    io.Writer // progress lines
+	// UpgraderFlags are added to every upgrader command line, to measure
+	// one of its options against the defaults.
+	UpgraderFlags []string
+	Log           io.Writer // progress lines
 }
 
 // Bin is the width of the time series' bins.
@@ -172,7 +175,7 @@ func runFresh(ctx context.Context, o Options, sys system, mode loadgen.Mode, tmp
 		return nil, err
 	}
 	defer killOrphans()
-	return runOne(ctx, o, sys, mode, env{bin: bin, repo: o.Repo, dir: dir}, reload)
+	return runOne(ctx, o, sys, mode, env{bin: bin, repo: o.Repo, dir: dir, upgraderFlags: o.UpgraderFlags}, reload)
 }
 
 // runOne starts sys, puts the load on it, reloads it o.Reloads times

@@ -50,9 +50,11 @@ func main() {
 	flag.IntVar(&o.Clients, "clients", o.Clients, "concurrent clients")
 	flag.DurationVar(&o.MaxIdle, "idle", o.MaxIdle, "keepalive: random idle gap up to this between requests")
 	flag.BoolVar(&o.Steady, "steady", o.Steady, "also run every system and load as long with no reload, for the latency ratios (doubles the load time)")
+	upFlags := flag.String("upgrader-flags", "", "flags added to every upgrader command line, space-separated (to measure an option against the defaults)")
 	md := flag.String("md", "", "markdown file whose side-by-side section is rewritten (default: REPO/docs/benchmarks.md; - for none)")
 	png := flag.String("png", "", "picture to write (default: REPO/docs/benchmarks/side-by-side.png)")
 	flag.Parse()
+	o.UpgraderFlags = strings.Fields(*upFlags)
 	o.Systems = strings.Split(*systemsFlag, ",")
 	o.Modes = nil
 	for _, m := range strings.Split(*modesFlag, ",") {
