@@ -78,6 +78,9 @@ func (s *Supervisor) startGeneration() {
 	s.gens.all = append(s.gens.all, g)
 	g.watchers, s.upgrades.starting = s.upgrades.starting, nil
 	s.emit(g, Progress{Event: EventStarted})
+	if s.gens.current != nil && len(g.watchers) > 0 {
+		g.count = s.startCount(s.gens.current)
+	}
 	if s.gens.current != nil {
 		s.env.notifyManager(fmt.Sprintf("%s\nMONOTONIC_USEC=%d\nSTATUS=upgrading to generation %d", daemon.SdNotifyReloading, monotonicUsec(), g.N))
 	}
@@ -385,39 +388,71 @@ func (s *Supervisor) promote(g *generation) {
 	}
 	if len(watchers) > 0 {
 		waits++
-		s.countConnections(old, g.N, watchers, drain)
+		s.countConnections(old, g, watchers, drain)
 	}
 	s.whenQuiet(old, drain)
 	s.count.UpgradesOK++
 	s.finishUpgrade(UpgradeResult{Generation: g.N, OK: true, Started: g.Started, ReadyAfter: g.ReadyAt.Sub(g.Started)})
 }
 
-// countConnections marks old draining at once, tells the watchers of the
-// upgrade that replaced it how many connections it holds, then runs
-// counted, and tells them "done" once old has exited. Counting reads the
-// kernel's socket tables, which may take a while on a busy server: it
-// runs off the loop, and only for someone following the upgrade
-// (upgrader upgrade); counted asks the workers to drain, which must wait
-// for the count, since a draining worker hands its connections on at
-// once, and a self-upgrade waits for it (upgradeQueue.counting).
-func (s *Supervisor) countConnections(old *generation, n int, watchers []chan Progress, counted func()) {
+// connCount is a count of a generation's connections under way.
+type connCount struct {
+	done bool
+	n    int
+	then func(n int) // run once done, if set meanwhile
+}
+
+// startCount counts old's connections off the loop, for the "draining"
+// event of the upgrade that replaces it. Counting reads the kernel's
+// socket tables and every worker's fd table, which takes a while on a
+// busy server (about 180 ms with 10,000 connections here): it begins as
+// the upgrade does, beside the new generation's start-up and its ready
+// hold, rather than after them. A self-upgrade waits for it
+// (upgradeQueue.counting).
+func (s *Supervisor) startCount(old *generation) *connCount {
 	var pids []int
 	for w := range old.live {
 		pids = append(pids, w.Pid)
 	}
-	s.markDraining(old)
-	old.exitWatchers = append(old.exitWatchers, watchers...)
+	c := &connCount{}
 	s.upgrades.counting++
 	go func() {
-		conns := s.env.connections(pids)
+		n := s.env.connections(pids)
 		s.post(evFunc{func() {
 			s.upgrades.counting--
-			for _, ch := range watchers {
-				send(ch, Progress{Event: EventDraining, Generation: n, Old: old.N, Connections: conns})
+			c.done, c.n = true, n
+			if c.then != nil {
+				c.then(n)
 			}
-			counted()
 		}})
 	}()
+	return c
+}
+
+// countConnections marks old draining at once, tells the watchers of the
+// upgrade that replaced it by g how many connections it holds (g.count,
+// begun when g started), then runs counted, and tells them "done" once
+// old has exited. counted asks the workers to drain, which must wait for
+// the count, since a draining worker hands its connections on at once.
+func (s *Supervisor) countConnections(old, g *generation, watchers []chan Progress, counted func()) {
+	s.markDraining(old)
+	old.exitWatchers = append(old.exitWatchers, watchers...)
+	c := g.count
+	if c == nil {
+		c = s.startCount(old) // a generation started before the watchers came
+	}
+	g.count = nil
+	report := func(n int) {
+		for _, ch := range watchers {
+			send(ch, Progress{Event: EventDraining, Generation: g.N, Old: old.N, Connections: n})
+		}
+		counted()
+	}
+	if c.done {
+		report(c.n)
+		return
+	}
+	c.then = report
 }
 
 func (s *Supervisor) finishUpgrade(r UpgradeResult) {

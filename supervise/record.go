@@ -142,6 +142,9 @@ type generation struct {
 	// "done" when this generation has exited.
 	watchers     []chan Progress
 	exitWatchers []chan Progress
+	// count is the count of the replaced generation's connections, for
+	// watchers, begun as this generation started (startCount).
+	count *connCount
 	// holding: every worker is ready and the ready hold runs (hold, its
 	// timer) before the generation is promoted.
 	holding bool
