@@ -13,6 +13,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // BenchmarkHandoff100k hands 100,000 idle keep-alive connections from
@@ -27,7 +29,7 @@ import (
 // (docs/scale.md). So each generation has six workers, about 16,700
 // connections each (handoff targets are picked round robin), and the
 // clients are six processes of this test binary (holdConnections), each
-// bound to its own source address, 127.0.0.1 to 127.0.0.6 (all of 127/8
+// bound to its own source address, 127.0.0.11 to 127.0.0.16 (all of 127/8
 // is loopback on Linux), since one client address gives at most about
 // 28,000 connections to one server address (ip_local_port_range).
 //
@@ -51,7 +53,7 @@ func BenchmarkHandoff100k(b *testing.B) {
 		opened := time.Now()
 		var holders []*holder
 		for h := 0; h < workers; h++ {
-			holders = append(holders, startHolder(b, addr, fmt.Sprintf("127.0.0.%d", h+1), n/workers+boolInt(h < n%workers)))
+			holders = append(holders, startHolder(b, addr, fmt.Sprintf("127.0.0.%d", h+11), n/workers+boolInt(h < n%workers)))
 		}
 		for _, h := range holders {
 			h.expect("open")
@@ -241,7 +243,19 @@ func openAnsweredFrom(addr, source string, n int, gen string) ([]net.Conn, []*bu
 	var mu sync.Mutex
 	var first error
 	parallel(n, 100, func(j int) {
-		d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(source)}, Timeout: 30 * time.Second}
+		// IP_BIND_ADDRESS_NO_PORT: the port is chosen at connect(2), for
+		// this destination, not at bind(2) among all (ip(7)), so ports
+		// left in TIME_WAIT by other runs do not run it out.
+		d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(source)}, Timeout: 30 * time.Second,
+			Control: func(_, _ string, c syscall.RawConn) error {
+				var serr error
+				if err := c.Control(func(fd uintptr) {
+					serr = syscall.SetsockoptInt(int(fd), syscall.IPPROTO_IP, unix.IP_BIND_ADDRESS_NO_PORT, 1)
+				}); err != nil {
+					return err
+				}
+				return serr
+			}}
 		c, err := d.Dial("tcp", addr)
 		if err == nil {
 			conns[j], readers[j] = c, bufio.NewReader(c)
