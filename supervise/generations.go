@@ -6,6 +6,7 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/coreos/go-systemd/v22/daemon"
 	"golang.org/x/sys/unix"
@@ -154,8 +155,28 @@ func (s *Supervisor) spawnWorker(g *generation, slot int) error {
 	if s.cfg.Ready.Kind == ReadyDelay {
 		s.after(s.cfg.Ready.Delay, evReady{w: w})
 	}
+	if idle {
+		// Under full load an idle worker gets next to no CPU (a Node.js
+		// worker's 70 ms start took seconds): idle for idleMax at most.
+		s.after(idleMax, evFunc{func() { s.endIdle(w) }})
+	}
 	s.log.Info("worker started", slog.Int("generation", g.N), slog.Int("worker", slot), slog.Int("pid", pid))
 	return nil
+}
+
+// idleMax bounds how long a worker starts under SCHED_IDLE
+// (Config.StartIdle) before it gets the usual policy back, ready or not.
+const idleMax = 500 * time.Millisecond
+
+// endIdle gives w, started idle, the usual CPU policy back, once.
+func (s *Supervisor) endIdle(w *worker) {
+	if !w.idle || !w.State.running() {
+		return
+	}
+	w.idle = false
+	if err := s.env.unidle(w.Pid); err != nil {
+		s.log.Warn("cannot give a worker the usual CPU priority back", slog.Int("pid", w.Pid), slog.Any("error", err))
+	}
 }
 
 // workerChannels adds a worker's channels to its files and environment:
@@ -273,12 +294,7 @@ func (s *Supervisor) onReady(w *worker) {
 		s.kill9(w)
 		return
 	}
-	if w.idle {
-		w.idle = false
-		if err := s.env.unidle(w.Pid); err != nil {
-			s.log.Warn("cannot give a ready worker the usual CPU priority back", slog.Int("pid", w.Pid), slog.Any("error", err))
-		}
-	}
+	s.endIdle(w)
 	s.setState(w, WorkerReady)
 	s.log.Info("worker ready", slog.Int("generation", g.N), slog.Int("worker", w.Slot), slog.Int("pid", w.Pid),
 		slog.Duration("after", w.ReadyAt.Sub(w.Started)))
