@@ -32,6 +32,9 @@ var (
 )
 
 func TestMain(m *testing.M) {
+	if os.Getenv(holdEnv) != "" {
+		os.Exit(holdConnections()) // a client process of BenchmarkHandoff100k
+	}
 	dir, err := os.MkdirTemp("", "upgrader-integration-")
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)

@@ -156,6 +156,16 @@ type Config struct {
 	// handshake begun before the steering to complete (with
 	// ListenerPerGeneration).
 	SteerGrace time.Duration
+	// StartIdle starts the workers of an upgrade's new generation under
+	// SCHED_IDLE (sched(7)) and gives them the usual policy back at their
+	// READY=1, or after 500 ms ready or not, so that their start-up takes
+	// only CPU that the serving generation leaves idle and does not show
+	// in its requests' latency. Under full load a start then waits for
+	// idle CPU, for those 500 ms at most. It needs CAP_SYS_NICE or an
+	// RLIMIT_NICE of 20 to undo (spawn.CanUnidle); without, New turns it
+	// off and logs why. The first generation and the replacement of a
+	// crashed worker start as usual.
+	StartIdle bool
 	// Listeners are passed to every worker as fds 3, 4, … in this order.
 	// The supervisor closes its copies when a stop drains.
 	Listeners []*Listener
@@ -243,6 +253,7 @@ func DefaultConfig() Config {
 		// upgrade; see docs/architecture.md.
 		ListenerPerGeneration: true,
 		SteerGrace:            200 * time.Millisecond,
+		StartIdle:             true,
 	}
 }
 

@@ -39,6 +39,9 @@ type env interface {
 	afterFunc(d time.Duration, f func()) stopper
 	// processes reads the process table (nil when there is none to read).
 	processes() (proctree.Table, error)
+	// ownChildren lists the supervisor's own children, zombies included
+	// (proctree.ChildrenOf); an error when that cannot be told cheaply.
+	ownChildren() ([]int, error)
 	// environ reads a process's initial environment (nil if unreadable);
 	// ownEnviron is the supervisor's own, as os.Environ.
 	environ(pid int) map[string]string
@@ -49,6 +52,11 @@ type env interface {
 	// of a pipe at that fd, and ready(pid) is called (from another goroutine)
 	// when it writes a newline.
 	start(spec spawn.Spec, readyFD int, ready func(pid int)) (pid int, err error)
+	// canUnidle tells whether unidle can work (spawn.CanUnidle); unidle
+	// gives pid's threads, and its descendants', the usual policy back
+	// from SCHED_IDLE (spawn.Unidle).
+	canUnidle() bool
+	unidle(pid int) error
 	// kill sends sig to pid (a negative pid: its process group), kill(2).
 	kill(pid int, sig syscall.Signal) error
 	// fdSockets maps the inodes of the sockets pid holds to their fds
@@ -432,6 +440,12 @@ func (e *osEnv) kill(pid int, sig syscall.Signal) error {
 }
 
 func (e *osEnv) processes() (proctree.Table, error) { return proctree.Read("/proc") }
+
+func (e *osEnv) canUnidle() bool { return spawn.CanUnidle() }
+
+func (e *osEnv) unidle(pid int) error { return spawn.Unidle("/proc", pid) }
+
+func (e *osEnv) ownChildren() ([]int, error) { return proctree.ChildrenOf("/proc", os.Getpid()) }
 
 func (e *osEnv) fdSockets(pid int) (map[string]int, error) { return proctree.Sockets("/proc", pid) }
 

@@ -6,6 +6,7 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/coreos/go-systemd/v22/daemon"
 	"golang.org/x/sys/unix"
@@ -78,6 +79,9 @@ func (s *Supervisor) startGeneration() {
 	s.gens.all = append(s.gens.all, g)
 	g.watchers, s.upgrades.starting = s.upgrades.starting, nil
 	s.emit(g, Progress{Event: EventStarted})
+	if s.gens.current != nil && len(g.watchers) > 0 {
+		g.count = s.startCount(s.gens.current)
+	}
 	if s.gens.current != nil {
 		s.env.notifyManager(fmt.Sprintf("%s\nMONOTONIC_USEC=%d\nSTATUS=upgrading to generation %d", daemon.SdNotifyReloading, monotonicUsec(), g.N))
 	}
@@ -129,7 +133,10 @@ func (s *Supervisor) spawnWorker(g *generation, slot int) error {
 			f.Close()
 		}
 	}()
-	spec := spawn.Spec{Path: path, Args: s.cfg.Command, Env: env, Files: files, Pdeathsig: s.cfg.DrainSignal}
+	// An upgrade's workers start idle (Config.StartIdle); the first
+	// generation, and a crashed worker's replacement, are what serves.
+	idle := s.cfg.StartIdle && g.State == GenStarting && s.gens.current != nil && s.gens.current != g
+	spec := spawn.Spec{Path: path, Args: s.cfg.Command, Env: env, Files: files, Pdeathsig: s.cfg.DrainSignal, Idle: idle}
 	pid, err := s.env.start(spec, readyFD, func(pid int) { s.post(evReady{pid: pid}) })
 	if err != nil {
 		for _, ch := range chans {
@@ -137,7 +144,7 @@ func (s *Supervisor) spawnWorker(g *generation, slot int) error {
 		}
 		return err
 	}
-	w := &worker{WorkerRecord: WorkerRecord{Slot: slot, Pid: pid, State: WorkerStarting, Started: s.env.now(), ReadyTimeout: s.cfg.ReadyTimeout}, gen: g}
+	w := &worker{WorkerRecord: WorkerRecord{Slot: slot, Pid: pid, State: WorkerStarting, Started: s.env.now(), ReadyTimeout: s.cfg.ReadyTimeout}, gen: g, idle: idle}
 	for _, ch := range chans {
 		s.openHandoff(w, ch)
 	}
@@ -148,8 +155,28 @@ func (s *Supervisor) spawnWorker(g *generation, slot int) error {
 	if s.cfg.Ready.Kind == ReadyDelay {
 		s.after(s.cfg.Ready.Delay, evReady{w: w})
 	}
+	if idle {
+		// Under full load an idle worker gets next to no CPU (a Node.js
+		// worker's 70 ms start took seconds): idle for idleMax at most.
+		s.after(idleMax, evFunc{func() { s.endIdle(w) }})
+	}
 	s.log.Info("worker started", slog.Int("generation", g.N), slog.Int("worker", slot), slog.Int("pid", pid))
 	return nil
+}
+
+// idleMax bounds how long a worker starts under SCHED_IDLE
+// (Config.StartIdle) before it gets the usual policy back, ready or not.
+const idleMax = 500 * time.Millisecond
+
+// endIdle gives w, started idle, the usual CPU policy back, once.
+func (s *Supervisor) endIdle(w *worker) {
+	if !w.idle || !w.State.running() {
+		return
+	}
+	w.idle = false
+	if err := s.env.unidle(w.Pid); err != nil {
+		s.log.Warn("cannot give a worker the usual CPU priority back", slog.Int("pid", w.Pid), slog.Any("error", err))
+	}
 }
 
 // workerChannels adds a worker's channels to its files and environment:
@@ -267,6 +294,7 @@ func (s *Supervisor) onReady(w *worker) {
 		s.kill9(w)
 		return
 	}
+	s.endIdle(w)
 	s.setState(w, WorkerReady)
 	s.log.Info("worker ready", slog.Int("generation", g.N), slog.Int("worker", w.Slot), slog.Int("pid", w.Pid),
 		slog.Duration("after", w.ReadyAt.Sub(w.Started)))
@@ -353,7 +381,8 @@ func (s *Supervisor) promote(g *generation) {
 	s.steerTo(g)
 	s.log.Info("generation ready", slog.Int("generation", g.N), slog.Duration("after", g.ReadyAt.Sub(g.Started)))
 	s.env.notifyManager(fmt.Sprintf("%s\nSTATUS=generation %d serving with %d workers", daemon.SdNotifyReady, g.N, len(g.slots)))
-	s.emit(g, Progress{Event: EventReady, ReadyAfterMS: g.ReadyAt.Sub(g.Started).Milliseconds()})
+	after := g.ReadyAt.Sub(g.Started)
+	s.emit(g, Progress{Event: EventReady, ReadyAfterMS: after.Milliseconds(), ReadyAfterUS: after.Microseconds()})
 	if old == nil {
 		s.emit(g, Progress{Event: EventDone})
 		// An upgrade asked for while the first generation started waits
@@ -365,44 +394,81 @@ func (s *Supervisor) promote(g *generation) {
 	watchers := g.watchers
 	g.watchers = nil
 	// Its workers are asked to drain once no new connection reaches them
-	// (steer.go).
-	s.whenQuiet(old, func() {
-		if len(watchers) > 0 {
-			s.countThenDrain(old, g.N, watchers)
-		} else {
+	// (steer.go) and, for someone following the upgrade, their
+	// connections have been counted: the two run side by side.
+	waits := 1
+	drain := func() {
+		if waits--; waits == 0 {
 			s.drainGeneration(old)
 		}
-	})
+	}
+	if len(watchers) > 0 {
+		waits++
+		s.countConnections(old, g, watchers, drain)
+	}
+	s.whenQuiet(old, drain)
 	s.count.UpgradesOK++
 	s.finishUpgrade(UpgradeResult{Generation: g.N, OK: true, Started: g.Started, ReadyAfter: g.ReadyAt.Sub(g.Started)})
 }
 
-// countThenDrain marks old draining at once, tells the watchers of the
-// upgrade that replaced it how many connections it holds, asks its
-// workers to drain, then tells them "done" once it has exited. Counting
-// reads the kernel's socket tables, which may take a while on a busy
-// server: it runs off the loop, and only for someone following the
-// upgrade (upgrader upgrade); the drain signals wait for the count, since
-// a draining worker hands its connections on at once, and a self-upgrade
-// waits for them (upgradeQueue.counting).
-func (s *Supervisor) countThenDrain(old *generation, n int, watchers []chan Progress) {
+// connCount is a count of a generation's connections under way.
+type connCount struct {
+	done bool
+	n    int
+	then func(n int) // run once done, if set meanwhile
+}
+
+// startCount counts old's connections off the loop, for the "draining"
+// event of the upgrade that replaces it. Counting reads the kernel's
+// socket tables and every worker's fd table, which takes a while on a
+// busy server (about 180 ms with 10,000 connections here): it begins as
+// the upgrade does, beside the new generation's start-up and its ready
+// hold, rather than after them. A self-upgrade waits for it
+// (upgradeQueue.counting).
+func (s *Supervisor) startCount(old *generation) *connCount {
 	var pids []int
 	for w := range old.live {
 		pids = append(pids, w.Pid)
 	}
-	s.markDraining(old)
-	old.exitWatchers = append(old.exitWatchers, watchers...)
+	c := &connCount{}
 	s.upgrades.counting++
 	go func() {
-		conns := s.env.connections(pids)
+		n := s.env.connections(pids)
 		s.post(evFunc{func() {
 			s.upgrades.counting--
-			for _, ch := range watchers {
-				send(ch, Progress{Event: EventDraining, Generation: n, Old: old.N, Connections: conns})
+			c.done, c.n = true, n
+			if c.then != nil {
+				c.then(n)
 			}
-			s.drainGeneration(old)
 		}})
 	}()
+	return c
+}
+
+// countConnections marks old draining at once, tells the watchers of the
+// upgrade that replaced it by g how many connections it holds (g.count,
+// begun when g started), then runs counted, and tells them "done" once
+// old has exited. counted asks the workers to drain, which must wait for
+// the count, since a draining worker hands its connections on at once.
+func (s *Supervisor) countConnections(old, g *generation, watchers []chan Progress, counted func()) {
+	s.markDraining(old)
+	old.exitWatchers = append(old.exitWatchers, watchers...)
+	c := g.count
+	if c == nil {
+		c = s.startCount(old) // a generation started before the watchers came
+	}
+	g.count = nil
+	report := func(n int) {
+		for _, ch := range watchers {
+			send(ch, Progress{Event: EventDraining, Generation: g.N, Old: old.N, Connections: n})
+		}
+		counted()
+	}
+	if c.done {
+		report(c.n)
+		return
+	}
+	c.then = report
 }
 
 func (s *Supervisor) finishUpgrade(r UpgradeResult) {
@@ -491,7 +557,7 @@ func (s *Supervisor) drainGeneration(g *generation) {
 }
 
 // markDraining moves g to draining without asking its workers yet
-// (countThenDrain), and hurries the oldest beyond the cap.
+// (countConnections, whenQuiet), and hurries the oldest beyond the cap.
 func (s *Supervisor) markDraining(g *generation) {
 	if g.State == GenDraining || g.State == GenExited {
 		return

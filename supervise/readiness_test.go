@@ -175,3 +175,37 @@ func TestReplacementWithoutListenersIsKilled(t *testing.T) {
 	h.exit(w, 1) // its exit counts as a crash: it is restarted
 	h.started()
 }
+
+// An upgrade's workers start idle (Config.StartIdle), the first
+// generation's do not; one not ready within idleMax gets the usual policy
+// back then, and its READY=1 does not ask again.
+func TestStartIdleEndsAtReadyOrIdleMax(t *testing.T) {
+	h := run(t, Config{StartIdle: true})
+	g1 := h.started()
+	if spec := <-h.env.starts; spec.Idle {
+		t.Fatal("generation 1 started idle")
+	}
+	h.ready(g1)
+	h.s.post(evSignal{unix.SIGUSR2})
+	g2 := h.started()
+	if spec := <-h.env.starts; !spec.Idle {
+		t.Fatal("generation 2 not started idle")
+	}
+	unidled := func() []int {
+		h.env.mu.Lock()
+		defer h.env.mu.Unlock()
+		return append([]int(nil), h.env.unidled...)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for len(unidled()) == 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("generation 2 (pid %d) still idle 5 s after its start", g2)
+		}
+		time.Sleep(10 * time.Millisecond) // polling the fake env's record
+	}
+	h.ready(g2)
+	h.killed(g1, unix.SIGTERM)
+	if got := unidled(); len(got) != 1 || got[0] != g2 {
+		t.Fatalf("unidled %v, want [%d] once", got, g2)
+	}
+}

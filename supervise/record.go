@@ -113,6 +113,8 @@ type worker struct {
 	// The one deadline timer (arm); timerSeq tells a stale firing apart.
 	timer    stopper
 	timerSeq uint64
+	// idle: started under SCHED_IDLE (Config.StartIdle), until its ready.
+	idle bool
 	// Its open channels (the handoff channel, Node's IPC channel), and
 	// takeOn, the one it last sent ACCEPT on, where batches for it go. A
 	// target that does not take its batches is stalled and skipped;
@@ -140,6 +142,9 @@ type generation struct {
 	// "done" when this generation has exited.
 	watchers     []chan Progress
 	exitWatchers []chan Progress
+	// count is the count of the replaced generation's connections, for
+	// watchers, begun as this generation started (startCount).
+	count *connCount
 	// holding: every worker is ready and the ready hold runs (hold, its
 	// timer) before the generation is promoted.
 	holding bool
@@ -161,6 +166,20 @@ func (g *generation) allReady() bool {
 		}
 	}
 	return true
+}
+
+// drainsByContract tells whether every live worker of g takes handoffs
+// (it sent ACCEPT): a worker built on drain or the Node.js module, or one
+// that follows the handoff protocol, which answers what it has accepted
+// when asked to drain rather than dropping it as a plain server's own
+// shutdown may (steer.go). False for a generation with no live worker.
+func (g *generation) drainsByContract() bool {
+	for w := range g.live {
+		if w.Accepts == nil {
+			return false
+		}
+	}
+	return len(g.live) > 0
 }
 
 // anyUnhurried reports whether a worker of g with processes left has not

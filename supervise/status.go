@@ -173,6 +173,9 @@ type Progress struct {
 	Generation int   `json:"generation"`
 	// ReadyAfterMS: for EventReady, from start until every worker was ready.
 	ReadyAfterMS int64 `json:"ready_after_ms,omitempty"`
+	// ReadyAfterUS is ReadyAfterMS in microseconds, for a figure finer
+	// than a whole millisecond (a worker may start in a few).
+	ReadyAfterUS int64 `json:"ready_after_us,omitempty"`
 	// Old and Connections: for EventDraining, the generation draining and
 	// the established connections its workers held when asked to drain.
 	Old         int    `json:"old_generation,omitempty"`
@@ -265,6 +268,9 @@ func (s *Supervisor) Upgrade(ctx context.Context) (UpgradeResult, error) {
 				r = UpgradeResult{Generation: p.Generation}
 			case EventReady:
 				r.OK, r.ReadyAfter = true, time.Duration(p.ReadyAfterMS)*time.Millisecond
+				if p.ReadyAfterUS > 0 {
+					r.ReadyAfter = time.Duration(p.ReadyAfterUS) * time.Microsecond
+				}
 			case EventFailed:
 				r.OK, r.Reason = false, p.Reason
 			}

@@ -390,6 +390,15 @@ func (s *Supervisor) whenQuiet(old *generation, then func()) {
 	s.upgrades.counting++
 	s.steer.quiet[old] = struct{}{}
 	start, emptySince := s.env.now(), time.Time{}
+	grace, handshakes := s.cfg.SteerGrace, false
+	if old.drainsByContract() {
+		// A worker that takes handoffs answers every connection it has
+		// accepted, and hands on those it has not read from, once asked
+		// to drain (worker-contract.md): no grace is needed for it, only
+		// the queue empty and no handshake under way that could still
+		// complete into it (on loopback, microseconds).
+		grace, handshakes = 0, true
+	}
 	var poll func()
 	poll = func() {
 		if _, ok := s.steer.quiet[old]; !ok {
@@ -397,14 +406,14 @@ func (s *Supervisor) whenQuiet(old *generation, then func()) {
 			return
 		}
 		now := s.env.now()
-		if queuesEmpty(fds) {
+		if queuesEmpty(fds) && (!handshakes || !handshakesPending(fds)) {
 			if emptySince.IsZero() {
 				emptySince = now
 			}
 		} else {
 			emptySince = time.Time{}
 		}
-		if (!emptySince.IsZero() && now.Sub(emptySince) >= s.cfg.SteerGrace) || now.Sub(start) >= quietMax {
+		if (!emptySince.IsZero() && now.Sub(emptySince) >= grace) || now.Sub(start) >= quietMax {
 			delete(s.steer.quiet, old)
 			s.upgrades.counting--
 			s.log.Debug("old generation's sockets quiet", slog.Int("generation", old.N), slog.Duration("after", now.Sub(start)))
@@ -414,6 +423,18 @@ func (s *Supervisor) whenQuiet(old *generation, then func()) {
 		s.after(quietPoll, evFunc{poll})
 	}
 	poll()
+}
+
+// handshakesPending tells whether a handshake is under way on the port
+// of any of fds (sock_diag: the whole port, so every generation's sockets
+// of the group, which errs on the side of waiting).
+func handshakesPending(fds []int) bool {
+	for _, fd := range fds {
+		if n, err := sockets.HandshakesPending(fd); err == nil && n > 0 {
+			return true
+		}
+	}
+	return false
 }
 
 func queuesEmpty(fds []int) bool {

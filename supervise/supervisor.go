@@ -199,6 +199,10 @@ func newSupervisor(cfg Config, e env) (*Supervisor, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
+	if cfg.StartIdle && !e.canUnidle() {
+		cfg.StartIdle = false
+		log.Info("new generations start at the usual CPU priority: returning a worker from SCHED_IDLE needs CAP_SYS_NICE or RLIMIT_NICE 20")
+	}
 	s := &Supervisor{
 		cfg:          cfg,
 		env:          e,

@@ -24,6 +24,7 @@ import (
 
 // fakeEnv stands in for the OS: it hands out pids and records signals.
 type fakeEnv struct {
+	unidled  []int // pids given the usual policy back
 	nextPid  int
 	starts   chan spawn.Spec
 	pids     chan int
@@ -75,6 +76,19 @@ func (f *fakeEnv) processes() (proctree.Table, error) {
 		t[k] = v
 	}
 	return t, nil
+}
+
+// ownChildren is unknown, so that the supervisor reads the table as it must
+// without /proc/PID/task/*/children.
+func (f *fakeEnv) ownChildren() ([]int, error) {
+	return nil, errors.New("no children files in the fake env")
+}
+func (f *fakeEnv) canUnidle() bool { return true }
+func (f *fakeEnv) unidle(pid int) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.unidled = append(f.unidled, pid)
+	return nil
 }
 func (f *fakeEnv) setTable(t proctree.Table) { f.mu.Lock(); f.table = t; f.mu.Unlock() }
 func (f *fakeEnv) environ(pid int) map[string]string {

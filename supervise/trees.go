@@ -48,6 +48,30 @@ func (p *procTrees) rememberExit(pid int, now time.Time) {
 // of these name, and that is no helper of the supervisor's own, is a stray
 // (adoptStray): it becomes a worker record of its own, and its tree is
 // that record's.
+// treesAfterExit is trees for a worker whose main process has just been
+// reaped, read only if something can be left of it: its orphans, and any
+// stray, are the supervisor's children by now (reparented before the exit
+// is reaped, kernel/exit.c), so when every child is a running worker's
+// main process nothing is, and the process table, a read of every
+// process on the machine and the largest part of an upgrade's own cost,
+// is skipped (nil). Without Config.Subreaper, orphans go to init and
+// trees would find nothing of the exited worker either.
+func (s *Supervisor) treesAfterExit() map[*worker][]int {
+	if !s.cfg.Subreaper {
+		return nil
+	}
+	kids, err := s.env.ownChildren()
+	if err != nil {
+		return s.trees()
+	}
+	for _, pid := range kids {
+		if w := s.gens.byPid[pid]; w == nil || !w.State.running() {
+			return s.trees()
+		}
+	}
+	return nil
+}
+
 func (s *Supervisor) trees() map[*worker][]int {
 	tab, err := s.env.processes()
 	if err != nil || tab == nil {

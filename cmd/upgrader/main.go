@@ -15,6 +15,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"runtime/debug"
 	"strconv"
 	"strings"
 	"time"
@@ -66,6 +67,15 @@ func realMain(m *spawn.MainThread) int {
 	// any other command dies of a SIGTERM as any program does.
 	if cmd == "run" {
 		p.held = earlysig.Held()
+		// The supervisor's live heap is small (a few MiB) and its
+		// garbage comes in bursts at each upgrade: at Go's default of
+		// 100 the heap settles at twice the live one and stays mapped,
+		// which kept upgrader at 16-17 MiB after 1,000 upgrades; at 50
+		// it stays under 15 MiB for a collection a little more often
+		// (docs/benchmarks.md). GOGC in the environment still decides.
+		if _, set := os.LookupEnv("GOGC"); !set {
+			debug.SetGCPercent(50)
+		}
 	} else {
 		earlysig.Release()
 	}
@@ -136,6 +146,7 @@ type runFlags struct {
 	maxDraining   int
 	perGen        bool
 	steerGrace    time.Duration
+	startIdle     bool
 }
 
 // parseRunFlags parses the command line of "upgrader run"; --help gives
@@ -162,7 +173,8 @@ func parseRunFlags(args []string) (runFlags, error) {
 	fs.IntVar(&f.fdStoreMax, "fd-store-max", d.FDStoreMax, "fds workers may keep with FDSTORE=1 for later generations (0: fd store off)")
 	fs.IntVar(&f.maxDraining, "max-draining", d.MaxDraining, fmt.Sprintf("generations that may drain at once; beyond it the oldest is sent --drain-signal again to close what is idle, and killed %s later if still running", d.HurryGrace))
 	fs.BoolVar(&f.perGen, "listener-per-generation", d.ListenerPerGeneration, "give each generation its own socket for each TCP --listen (SO_REUSEPORT), steer new connections to the newest ready one, and drain the old one once its queue is empty (false: one socket shared by every generation)")
-	fs.DurationVar(&f.steerGrace, "steer-grace", d.SteerGrace, "with --listener-per-generation, how long a replaced generation's accept queue must stay empty before it is asked to drain")
+	fs.DurationVar(&f.steerGrace, "steer-grace", d.SteerGrace, "with --listener-per-generation, how long a replaced generation's accept queue of a server that takes no handoffs must stay empty before it is asked to drain")
+	fs.BoolVar(&f.startIdle, "start-idle", d.StartIdle, "start an upgrade's workers under SCHED_IDLE until they are ready, so that their start-up takes only CPU the serving generation leaves idle (needs CAP_SYS_NICE to undo; off without)")
 	fs.BoolVar(&f.noHandoff, "no-handoff", d.NoHandoff, "do not offer live-connection handoff (UPGRADER_HANDOFF_FD) to workers")
 	fs.StringVar(&f.ipc, "ipc", string(d.IPC), "also give workers this `CHANNEL`: node (Node.js's IPC channel at NODE_CHANNEL_FD: ready and handoffs with process.send)")
 	fs.StringVar(&f.logFormat, "log-format", "console", "log format: console or json")
@@ -191,7 +203,7 @@ func (f *runFlags) config() (supervise.Config, error) {
 	cfg.ShutdownDelay, cfg.MaxRestarts, cfg.RestartWindow = f.shutdownDelay, f.maxRestarts, f.restartWindow
 	cfg.MaxDraining, cfg.Watchdog, cfg.NoHandoff, cfg.FDStoreMax = f.maxDraining, f.watchdog, f.noHandoff, f.fdStoreMax
 	cfg.IPC = supervise.IPCKind(f.ipc)
-	cfg.ListenerPerGeneration, cfg.SteerGrace = f.perGen, f.steerGrace
+	cfg.ListenerPerGeneration, cfg.SteerGrace, cfg.StartIdle = f.perGen, f.steerGrace, f.startIdle
 	// The command handles its process's signals, and is the subreaper of
 	// its workers' trees.
 	cfg.Signals, cfg.Subreaper = true, true
@@ -212,7 +224,7 @@ var flagOf = map[string]string{
 	"ReadyHold": "--ready-hold", "DrainTimeout": "--drain-timeout", "DrainSignal": "--drain-signal", "ShutdownDelay": "--shutdown-delay",
 	"MaxRestarts": "--max-restarts", "RestartWindow": "--restart-window", "MaxDraining": "--max-draining",
 	"Watchdog": "--watchdog", "FDStoreMax": "--fd-store-max", "IPC": "--ipc",
-	"SteerGrace": "--steer-grace",
+	"SteerGrace": "--steer-grace", "StartIdle": "--start-idle",
 }
 
 // configError turns a *supervise.ConfigError of a field a flag sets into

@@ -104,7 +104,12 @@ func Encode(m Message) ([]byte, error) {
 			if len(c.State) > MaxState || len(c.Buffered) > MaxBuffered {
 				return nil, fmt.Errorf("handoff: state of %d or buffered %d bytes over the limits (%d, %d)", len(c.State), len(c.Buffered), MaxState, MaxBuffered)
 			}
-			fmt.Fprintf(&b, "state=%d buffered=%d\n", len(c.State), len(c.Buffered))
+			// Per connection: strconv, not fmt, a batch has 253 of them.
+			b.WriteString("state=")
+			b.WriteString(strconv.Itoa(len(c.State)))
+			b.WriteString(" buffered=")
+			b.WriteString(strconv.Itoa(len(c.Buffered)))
+			b.WriteByte('\n')
 		}
 		b.WriteString("\n")
 		for _, c := range m.Conns {
@@ -287,9 +292,8 @@ func connLines(rest []byte, n int) (sizes [][2]int, payload []byte, err error) {
 		if !ok {
 			return nil, nil, malformed("connection line %d missing", i+1)
 		}
-		var st, bu int
-		if c, err := fmt.Sscanf(string(l), "state=%d buffered=%d", &st, &bu); err != nil || c != 2 ||
-			fmt.Sprintf("state=%d buffered=%d", st, bu) != string(l) {
+		st, bu, ok := parseConnLine(l)
+		if !ok {
 			return nil, nil, malformed("connection line %.60q is not state=N buffered=N", l)
 		}
 		if st < 0 || st > MaxState || bu < 0 || bu > MaxBuffered {
@@ -302,6 +306,52 @@ func connLines(rest []byte, n int) (sizes [][2]int, payload []byte, err error) {
 		return nil, nil, malformed("no blank line after the connection lines")
 	}
 	return sizes, payload, nil
+}
+
+// parseConnLine parses "state=N buffered=N", each N an integer in
+// canonical decimal (what strconv.Itoa writes: no "+", no leading zero,
+// no "-0"; a negative one is then refused by the limits), by hand: fmt's
+// Sscanf cost upgrader and the receiving worker about 0.7 µs a
+// connection.
+func parseConnLine(l []byte) (st, bu int, ok bool) {
+	rest, ok := bytes.CutPrefix(l, []byte("state="))
+	if !ok {
+		return 0, 0, false
+	}
+	sp := bytes.IndexByte(rest, ' ')
+	if sp < 0 {
+		return 0, 0, false
+	}
+	num, tail := rest[:sp], rest[sp+1:]
+	if st, ok = canonicalInt(num); !ok {
+		return 0, 0, false
+	}
+	if tail, ok = bytes.CutPrefix(tail, []byte("buffered=")); !ok {
+		return 0, 0, false
+	}
+	bu, ok = canonicalInt(tail)
+	return st, bu, ok
+}
+
+func canonicalInt(b []byte) (int, bool) {
+	neg := len(b) > 1 && b[0] == '-'
+	if neg {
+		b = b[1:]
+	}
+	if len(b) == 0 || len(b) > 18 || (b[0] == '0' && (len(b) > 1 || neg)) {
+		return 0, false
+	}
+	n := 0
+	for _, c := range b {
+		if c < '0' || c > '9' {
+			return 0, false
+		}
+		n = n*10 + int(c-'0')
+	}
+	if neg {
+		n = -n
+	}
+	return n, true
 }
 
 // splitPayload cuts payload into the connections' state and buffered

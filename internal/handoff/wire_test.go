@@ -50,6 +50,11 @@ func TestParseRejectsAndNames(t *testing.T) {
 		"UPGRADER/1 HANDOFF id=1 kind=http n=1\nstate=-1 buffered=0\n\n":                    "over the limits",
 		"UPGRADER/1 HANDOFF id=1 kind=http n=1\nstate=1 buffered=0\n\nab":                   "1 bytes after the payload",
 		"UPGRADER/1 HANDOFF id=1 kind=http n=1\nstate=01 buffered=0\n\nx":                   "not state=N buffered=N",
+		"UPGRADER/1 HANDOFF id=1 kind=http n=1\nstate=+1 buffered=0\n\nx":                   "not state=N buffered=N",
+		"UPGRADER/1 HANDOFF id=1 kind=http n=1\nstate=-0 buffered=0\n\n":                    "not state=N buffered=N",
+		"UPGRADER/1 HANDOFF id=1 kind=http n=1\nstate=1  buffered=0\n\nx":                   "not state=N buffered=N",
+		"UPGRADER/1 HANDOFF id=1 kind=http n=1\nstate=1 buffered=0x\n\nx":                   "not state=N buffered=N",
+		"UPGRADER/1 HANDOFF id=1 kind=http n=1\nstate=99999999999 buffered=0\n\n":           "over the limits",
 		"UPGRADER/1 HANDOFF id=1 kind=http n=0\n\n":                                         `n="0"`,
 	} {
 		nfds := 0

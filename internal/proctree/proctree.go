@@ -6,7 +6,9 @@ package proctree
 
 import (
 	"bytes"
+	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"strconv"
 	"strings"
@@ -96,6 +98,34 @@ func ParseStat(b []byte) (Proc, error) {
 		}
 	}
 	return p, nil
+}
+
+// ChildrenOf returns the children of pid from root/PID/task/*/children
+// (proc(5), Linux 3.5 with CONFIG_PROC_CHILDREN), zombies included: a
+// few small files, where Read lists every process. The error says the
+// files cannot be read (a kernel without them), not that there are none.
+func ChildrenOf(root string, pid int) ([]int, error) {
+	dir := fmt.Sprintf("%s/%d/task", root, pid)
+	tasks, err := os.ReadDir(dir)
+	if err != nil {
+		return nil, fmt.Errorf("children of %d: %w", pid, err)
+	}
+	var out []int
+	for _, t := range tasks {
+		b, err := os.ReadFile(dir + "/" + t.Name() + "/children")
+		if err != nil {
+			if errors.Is(err, fs.ErrNotExist) && t.Name() != strconv.Itoa(pid) {
+				continue // a thread that has just ended
+			}
+			return nil, fmt.Errorf("children of %d: %w", pid, err)
+		}
+		for _, f := range strings.Fields(string(b)) {
+			if c, err := strconv.Atoi(f); err == nil {
+				out = append(out, c)
+			}
+		}
+	}
+	return out, nil
 }
 
 // Children maps each pid to its live (not zombie) children.

@@ -19,40 +19,24 @@ import (
 	"syscall"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/seed6cb0314a/upgrader/internal/execshim"
 )
 
-// ShimArg is argv[1] of a shim; argv[2] is the resolved path to exec and
-// argv[3:] the command's argv. internal/earlysig has its own copy, to
-// depend on nothing but os/signal.
-const ShimArg = "__upgrader-exec-shim"
-
-// pidVars are set to the shim's pid, when present, before exec.
-var pidVars = [...]string{"LISTEN_PID", "WATCHDOG_PID"}
+// ShimArg is argv[1] of a shim (internal/execshim, which execs from its
+// init); internal/earlysig has its own copy, to depend on nothing but
+// os/signal.
+const ShimArg = execshim.ShimArg
 
 // RunShimIfRequested turns the process into the requested command when it was
-// started as a shim, runs a reaper (Spec.Reaped) when started as one, and
-// returns otherwise. On exec failure it prints the
-// reason to stderr and exits 127, as a shell does for a missing command.
+// started as a shim (internal/execshim has done so already, from its init,
+// in any binary that imports this package), runs a reaper (Spec.Reaped) when
+// started as one, and returns otherwise.
 func RunShimIfRequested() {
 	if len(os.Args) >= 4 && os.Args[1] == reaperArg {
 		runReaper(os.Args[2], os.Args[3:])
 	}
-	if len(os.Args) < 4 || os.Args[1] != ShimArg {
-		return
-	}
-	path, argv := os.Args[2], os.Args[3:]
-	env := os.Environ()
-	pid := fmt.Sprint(os.Getpid())
-	for i, kv := range env {
-		for _, k := range pidVars {
-			if len(kv) > len(k) && kv[:len(k)+1] == k+"=" {
-				env[i] = k + "=" + pid
-			}
-		}
-	}
-	err := unix.Exec(path, argv, env)
-	fmt.Fprintf(os.Stderr, "upgrader: exec %s: %v\n", path, err)
-	os.Exit(127)
+	execshim.Run()
 }
 
 // Spec describes one process to start.
@@ -68,6 +52,10 @@ type Spec struct {
 	Files []int
 	// Pdeathsig is sent to the child if the supervisor dies (0: none).
 	Pdeathsig syscall.Signal
+	// Idle starts the command under SCHED_IDLE (sched(7)), set by the shim
+	// before its exec so that every thread inherits it (not with Direct
+	// or Reaped).
+	Idle bool
 	// Direct runs Path with Args as they are, without the shim (for a
 	// process that is not a worker: the self-check of a new upgrader).
 	Direct bool
@@ -184,8 +172,12 @@ func (s *Spawner) start(spec Spec) (int, error) {
 	case spec.Direct:
 		self, argv = spec.Path, spec.Args
 	}
+	env := spec.Env
+	if spec.Idle && !spec.Direct && !spec.Reaped {
+		env = append(env[:len(env):len(env)], execshim.IdleEnv)
+	}
 	pid, _, err := syscall.StartProcess(self, argv, &syscall.ProcAttr{
-		Env:   spec.Env,
+		Env:   env,
 		Files: files,
 		Sys: &syscall.SysProcAttr{
 			// Own process group: a terminal's Ctrl-C reaches the supervisor

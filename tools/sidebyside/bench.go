@@ -27,7 +27,13 @@ type Options struct {
 	Clients        int
 	MaxIdle        time.Duration // keep-alive mode: idle gap up to this
 	RequestTimeout time.Duration
-	Log            io.Writer // progress lines
+	// Steady runs every system and mode once more per round with the same
+	// load for as long and no reload, for the latency it has without one.
+	Steady bool
+	// UpgraderFlags are added to every upgrader command line, to measure
+	// one of its options against the defaults.
+	UpgraderFlags []string
+	Log           io.Writer // progress lines
 }
 
 // Bin is the width of the time series' bins.
@@ -60,6 +66,17 @@ type Run struct {
 	// ReloadsDone counts the reloads that took effect (server.reloadsDone).
 	ReloadsDone int
 	Length      time.Duration // from the load's start until it was told to stop
+	// WindowFrom is when the window whose latencies are summed begins:
+	// the first reload (Options.Lead into a steady run); it ends at Length.
+	WindowFrom time.Duration
+	// Latency holds the latencies of the OK requests sent in the window,
+	// sorted; P99 the p99 latency of the OK requests sent in each Bin (0
+	// for a bin in which none was).
+	Latency []time.Duration
+	P99     []time.Duration
+	// Steady is the run of the same system, mode and round with no reload
+	// (nil without Options.Steady).
+	Steady *Run
 }
 
 // Failed counts the run's failed requests.
@@ -118,19 +135,23 @@ func Bench(ctx context.Context, o Options) ([]*Run, error) {
 				if err := ctx.Err(); err != nil {
 					return runs, err
 				}
-				dir, err := os.MkdirTemp(tmp, name+"-")
-				if err != nil {
-					return runs, err
+				var steady *Run
+				if o.Steady {
+					s, err := runFresh(ctx, o, sys, mode, tmp, bin, false)
+					if err != nil {
+						return runs, fmt.Errorf("%s, %s, round %d, steady: %w", name, mode, round, err)
+					}
+					s.Round, steady = round, s
+					logf(o.Log, "round %d %-12s %-9s steady: %s; p99 %s ms", round, name, mode, s.Result, ms(percentile(s.Latency, 0.99)))
 				}
-				r, err := runOne(ctx, o, sys, mode, env{bin: bin, repo: o.Repo, dir: dir})
-				killOrphans()
+				r, err := runFresh(ctx, o, sys, mode, tmp, bin, true)
 				if err != nil {
 					return runs, fmt.Errorf("%s, %s, round %d: %w", name, mode, round, err)
 				}
-				r.Round = round
+				r.Round, r.Steady = round, steady
 				runs = append(runs, r)
-				logf(o.Log, "round %d %-12s %-9s %s; reloads %d, done %d, errors %d",
-					round, name, mode, r.Result, len(r.Reloads), r.ReloadsDone, len(r.ReloadErrors))
+				logf(o.Log, "round %d %-12s %-9s %s; reloads %d, done %d, errors %d; p99 %s ms",
+					round, name, mode, r.Result, len(r.Reloads), r.ReloadsDone, len(r.ReloadErrors), ms(percentile(r.Latency, 0.99)))
 				for _, e := range r.ReloadErrors[:min(3, len(r.ReloadErrors))] {
 					logf(o.Log, "  reload error: %s", e)
 				}
@@ -146,9 +167,21 @@ func logf(w io.Writer, format string, args ...any) {
 	}
 }
 
+// runFresh is runOne in a temp dir of its own under tmp, with the
+// processes the system left behind ended after it.
+func runFresh(ctx context.Context, o Options, sys system, mode loadgen.Mode, tmp, bin string, reload bool) (*Run, error) {
+	dir, err := os.MkdirTemp(tmp, sys.name+"-")
+	if err != nil {
+		return nil, err
+	}
+	defer killOrphans()
+	return runOne(ctx, o, sys, mode, env{bin: bin, repo: o.Repo, dir: dir, upgraderFlags: o.UpgraderFlags}, reload)
+}
+
 // runOne starts sys, puts the load on it, reloads it o.Reloads times
-// o.Interval apart, and stops it.
-func runOne(ctx context.Context, o Options, sys system, mode loadgen.Mode, e env) (*Run, error) {
+// o.Interval apart (or, without reload, lets it serve as long), and stops
+// it.
+func runOne(ctx context.Context, o Options, sys system, mode loadgen.Mode, e env, reload bool) (*Run, error) {
 	srv, err := sys.start(e)
 	if err != nil {
 		return nil, err
@@ -161,6 +194,7 @@ func runOne(ctx context.Context, o Options, sys system, mode loadgen.Mode, e env
 	}
 	r := &Run{System: sys, Mode: mode}
 	var mu sync.Mutex
+	var samples []sample
 	start := time.Now()
 	since := func(at time.Time) time.Duration { return max(0, at.Sub(start)) }
 	cfg := loadgen.Config{
@@ -178,6 +212,11 @@ func runOne(ctx context.Context, o Options, sys system, mode loadgen.Mode, e env
 			}
 			r.OK[i]++
 		},
+		OnLatency: func(sent time.Time, took time.Duration) {
+			mu.Lock()
+			defer mu.Unlock()
+			samples = append(samples, sample{since(sent), took})
+		},
 		OnIdleClosed: func(at time.Time) {
 			mu.Lock()
 			defer mu.Unlock()
@@ -190,6 +229,9 @@ func runOne(ctx context.Context, o Options, sys system, mode loadgen.Mode, e env
 	go func() { done <- loadgen.Run(lctx, cfg) }()
 
 	for i := range o.Reloads {
+		if !reload {
+			break
+		}
 		if !sleepUntil(ctx, start.Add(o.Lead+time.Duration(i)*o.Interval)) {
 			break
 		}
@@ -206,6 +248,12 @@ func runOne(ctx context.Context, o Options, sys system, mode loadgen.Mode, e env
 	stopLoad()
 	r.Length = time.Since(start)
 	r.Result = <-done
+	r.WindowFrom = o.Lead
+	if len(r.Reloads) > 0 {
+		r.WindowFrom = r.Reloads[0]
+	}
+	r.Latency = inWindow(samples, r.WindowFrom, r.Length)
+	r.P99 = p99PerBin(samples, int(r.Length/Bin))
 	// After the stop, so that the logs it reads are complete.
 	stop()
 	r.ReloadsDone = srv.reloadsDone(r.Result)

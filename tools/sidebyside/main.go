@@ -2,8 +2,10 @@
 // upgrader and against the tools a user would pick instead, through the
 // same reloads, and writes what every request saw: a markdown table into a
 // section of docs/benchmarks.md (between the side-by-side marker comments,
-// so that one run regenerates it) and a picture of OK requests per 100 ms
-// over time with every reload and every failure marked.
+// so that one run regenerates it), with the latency of the OK requests
+// during the reloads beside that of a steady run of the same load, and a
+// picture of OK requests and their p99 latency per 100 ms over time with
+// every reload and every failure marked.
 //
 // The systems: upgrader supervising examples/hello (USR2), nginx reloaded
 // (HUP) and upgraded on the fly (USR2, then QUIT to the old master),
@@ -47,9 +49,12 @@ func main() {
 	flag.DurationVar(&o.Interval, "interval", o.Interval, "time between reloads")
 	flag.IntVar(&o.Clients, "clients", o.Clients, "concurrent clients")
 	flag.DurationVar(&o.MaxIdle, "idle", o.MaxIdle, "keepalive: random idle gap up to this between requests")
+	flag.BoolVar(&o.Steady, "steady", o.Steady, "also run every system and load as long with no reload, for the latency ratios (doubles the load time)")
+	upFlags := flag.String("upgrader-flags", "", "flags added to every upgrader command line, space-separated (to measure an option against the defaults)")
 	md := flag.String("md", "", "markdown file whose side-by-side section is rewritten (default: REPO/docs/benchmarks.md; - for none)")
 	png := flag.String("png", "", "picture to write (default: REPO/docs/benchmarks/side-by-side.png)")
 	flag.Parse()
+	o.UpgraderFlags = strings.Fields(*upFlags)
 	o.Systems = strings.Split(*systemsFlag, ",")
 	o.Modes = nil
 	for _, m := range strings.Split(*modesFlag, ",") {
@@ -84,6 +89,7 @@ func main() {
 		fatalf("%v", err)
 	}
 	fmt.Print(Table(o, runs))
+	fmt.Print("\n" + LatencyTable(o, runs))
 	fmt.Printf("\n%d runs in %s; picture %s\n", len(runs), elapsed.Round(time.Second), *png)
 }
 
@@ -91,7 +97,7 @@ func defaultOptions() Options {
 	return Options{
 		Systems: systemNames(), Modes: []loadgen.Mode{loadgen.NewConn, loadgen.KeepAlive},
 		Rounds: 3, Reloads: 20, Interval: 500 * time.Millisecond, Lead: time.Second, Tail: 1500 * time.Millisecond,
-		Clients: 16, MaxIdle: 50 * time.Millisecond, RequestTimeout: 5 * time.Second,
+		Clients: 16, MaxIdle: 50 * time.Millisecond, RequestTimeout: 5 * time.Second, Steady: true,
 	}
 }
 

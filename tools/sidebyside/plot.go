@@ -5,6 +5,7 @@ import (
 	"image/color"
 	"os"
 	"strconv"
+	"time"
 
 	"gonum.org/v1/plot"
 	"gonum.org/v1/plot/plotter"
@@ -49,6 +50,8 @@ func markOf(c loadgen.Class) mark {
 }
 
 var (
+	p99Style    = draw.LineStyle{Color: color.RGBA{210, 30, 30, 255}, Width: vg.Points(1)}
+	steadyStyle = draw.LineStyle{Color: color.RGBA{140, 140, 140, 255}, Width: vg.Points(1)}
 	okStyle     = draw.LineStyle{Color: color.RGBA{30, 90, 200, 255}, Width: vg.Points(1)}
 	reloadStyle = draw.LineStyle{Color: color.RGBA{150, 150, 150, 255}, Width: vg.Points(0.6), Dashes: []vg.Length{vg.Points(2), vg.Points(2)}}
 )
@@ -138,6 +141,84 @@ func panel(o Options, r *Run) (*plot.Plot, error) {
 	return p, nil
 }
 
+// latencyPanel draws r's p99 latency per Bin over time on a log scale,
+// in milliseconds, beside its steady run's, with the reloads marked. A
+// bin in which no OK request was sent leaves a gap in its line.
+func latencyPanel(r *Run) (*plot.Plot, error) {
+	p := plot.New()
+	p.Title.Text = fmt.Sprintf("p99 latency per 100 ms: reloads %s ms, steady %s ms over the window",
+		ms(percentile(r.Latency, 0.99)), steadyP99(r))
+	p.Title.TextStyle.Font.Size = vg.Points(9)
+	p.X.Label.Text = "seconds since the load started"
+	p.Y.Label.Text = "p99, ms"
+	p.X.Label.TextStyle.Font.Size = vg.Points(8)
+	p.Y.Label.TextStyle.Font.Size = vg.Points(8)
+	p.X.Min, p.X.Max = 0, r.Length.Seconds()
+	p.Y.Scale = plot.LogScale{}
+	p.Y.Tick.Marker = plot.LogTicks{Prec: -1}
+	lo, hi := 0.0, 0.0
+	series := func(bins []time.Duration, style draw.LineStyle) error {
+		var run plotter.XYs
+		flush := func() error {
+			if len(run) == 0 {
+				return nil
+			}
+			l, err := plotter.NewLine(run)
+			if err != nil {
+				return err
+			}
+			l.LineStyle = style
+			p.Add(l)
+			run = nil
+			return nil
+		}
+		for i, d := range bins {
+			if d <= 0 {
+				if err := flush(); err != nil {
+					return err
+				}
+				continue
+			}
+			v := float64(d) / float64(time.Millisecond)
+			if lo == 0 || v < lo {
+				lo = v
+			}
+			hi = max(hi, v)
+			run = append(run, plotter.XY{X: (float64(i) + 0.5) * Bin.Seconds(), Y: v})
+		}
+		return flush()
+	}
+	if r.Steady != nil {
+		if err := series(r.Steady.P99, steadyStyle); err != nil {
+			return nil, err
+		}
+	}
+	if err := series(r.P99, p99Style); err != nil {
+		return nil, err
+	}
+	if lo == 0 {
+		lo, hi = 0.1, 1
+	}
+	p.Y.Min, p.Y.Max = lo/1.5, hi*1.5
+	for _, at := range r.Reloads {
+		l, err := plotter.NewLine(plotter.XYs{{X: at.Seconds(), Y: p.Y.Min}, {X: at.Seconds(), Y: p.Y.Max}})
+		if err != nil {
+			return nil, err
+		}
+		l.LineStyle = reloadStyle
+		p.Add(l)
+	}
+	return p, nil
+}
+
+// steadyP99 is the p99 of r's steady run over its window, "–" without.
+func steadyP99(r *Run) string {
+	if r.Steady == nil {
+		return "–"
+	}
+	return ms(percentile(r.Steady.Latency, 0.99))
+}
+
 // legend is the picture's one legend, drawn in a strip above the panels,
 // its entries in columns of two.
 func legend(c draw.Canvas) error {
@@ -155,7 +236,18 @@ func legend(c draw.Canvas) error {
 		name  string
 		thumb plot.Thumbnailer
 	}
-	entries := []entry{{"OK responses per 100 ms", line}, {"reload asked for", reload}}
+	p99, err := plotter.NewLine(plotter.XYs{{X: 0, Y: 0}, {X: 1, Y: 1}})
+	if err != nil {
+		return err
+	}
+	p99.LineStyle = p99Style
+	steady, err := plotter.NewLine(plotter.XYs{{X: 0, Y: 0}, {X: 1, Y: 1}})
+	if err != nil {
+		return err
+	}
+	steady.LineStyle = steadyStyle
+	entries := []entry{{"OK responses per 100 ms", line}, {"reload asked for", reload},
+		{"p99 latency per 100 ms, with reloads", p99}, {"p99 latency per 100 ms, steady run", steady}}
 	for _, m := range marks {
 		s, err := plotter.NewScatter(plotter.XYs{{X: 0, Y: 0}})
 		if err != nil {
@@ -179,12 +271,13 @@ func legend(c draw.Canvas) error {
 	return nil
 }
 
-// Plot writes the picture to path: one row per system, one column per
-// load mode, the worst round of each (see worst), and the legend on top.
+// Plot writes the picture to path: two rows per system (OK requests and
+// events; p99 latency), one column per load mode, the worst round of each
+// (see worst), and the legend on top.
 func Plot(o Options, runs []*Run, path string) error {
 	var rows [][]*plot.Plot
 	for _, name := range o.Systems {
-		var row []*plot.Plot
+		var row, lat []*plot.Plot
 		for _, mode := range o.Modes {
 			r := worst(runs, name, mode)
 			if r == nil {
@@ -194,10 +287,14 @@ func Plot(o Options, runs []*Run, path string) error {
 			if err != nil {
 				return err
 			}
-			row = append(row, p)
+			l, err := latencyPanel(r)
+			if err != nil {
+				return err
+			}
+			row, lat = append(row, p), append(lat, l)
 		}
 		if len(row) == len(o.Modes) {
-			rows = append(rows, row)
+			rows = append(rows, row, lat)
 		}
 	}
 	if len(rows) == 0 {
@@ -205,7 +302,7 @@ func Plot(o Options, runs []*Run, path string) error {
 	}
 	const legendH = vg.Inch * 0.6
 	w := vg.Inch * 7.5 * vg.Length(len(o.Modes))
-	h := vg.Inch*2.3*vg.Length(len(rows)) + legendH
+	h := vg.Inch*2.0*vg.Length(len(rows)) + legendH
 	img := vgimg.NewWith(vgimg.UseWH(w, h), vgimg.UseDPI(96))
 	dc := draw.New(img)
 	if err := legend(draw.Crop(dc, 0, 0, h-legendH, -vg.Points(4))); err != nil {

@@ -7,6 +7,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strings"
 	"time"
 
@@ -105,6 +106,48 @@ func Table(o Options, runs []*Run) string {
 	return b.String()
 }
 
+// LatencyTable is the markdown table of the OK requests' latency in the
+// reload window beside the steady runs', pooled over rounds, with the
+// ratios; the section says what each figure is.
+func LatencyTable(o Options, runs []*Run) string {
+	var b strings.Builder
+	b.WriteString("| system | load | OK requests in the window, steady / reloads | p50, ms | p99, ms | p99.9, ms | max, ms | p99 ratio per round |\n")
+	b.WriteString("|---|---|--:|--:|--:|--:|--:|---|\n")
+	for _, name := range o.Systems {
+		for _, mode := range o.Modes {
+			var title string
+			var during, steady []time.Duration
+			var per []string
+			for _, r := range runs {
+				if r.System.name != name || r.Mode != mode {
+					continue
+				}
+				title = r.System.title
+				during = append(during, r.Latency...)
+				p := "–"
+				if r.Steady != nil {
+					steady = append(steady, r.Steady.Latency...)
+					p = ratio(percentile(r.Latency, 0.99), percentile(r.Steady.Latency, 0.99))
+				}
+				per = append(per, p)
+			}
+			if title == "" {
+				continue
+			}
+			slices.Sort(during)
+			slices.Sort(steady)
+			d, s := summarize(during), summarize(steady)
+			cell := func(s, d time.Duration) string {
+				return fmt.Sprintf("%s → %s (%s)", ms(s), ms(d), ratio(d, s))
+			}
+			fmt.Fprintf(&b, "| %s | %s | %s / %s | %s | %s | %s | %s | %s |\n",
+				title, modeName(mode), thousands(s.n), thousands(d.n),
+				cell(s.p50, d.p50), cell(s.p99, d.p99), cell(s.p999, d.p999), cell(s.worst, d.worst), strings.Join(per, " / "))
+		}
+	}
+	return b.String()
+}
+
 // bold makes a non-zero failure count stand out.
 func bold(n int) string {
 	if n == 0 {
@@ -173,11 +216,16 @@ client that writes in the instant the close is on its way fails). "Closed under 
 connection that failed. `+"`Connection: close`"+`: responses that ended their keep-alive connection politely.
 
 `, o.RequestTimeout)
-	fmt.Fprintf(&b, "![OK requests per 100 ms over time, reloads and failures, per system and load](%s)\n\n", pngRel)
-	b.WriteString(`Per system (rows) and load (columns), the round with the most failed requests (among rounds with as many, the one
+	b.WriteString(latencyText(o))
+	b.WriteString(LatencyTable(o, runs))
+	b.WriteString("\n")
+	fmt.Fprintf(&b, "![OK requests and their p99 latency per 100 ms over time, reloads and failures, per system and load](%s)\n\n", pngRel)
+	b.WriteString(`Per system (two rows) and load (columns), the round with the most failed requests (among rounds with as many, the one
 that served the most requests):
 OK responses per 100 ms (blue), every reload asked for (grey vertical lines), and above the curve one mark per failed
-request at the time it failed, by class, and one per connection closed while idle.
+request at the time it failed, by class, and one per connection closed while idle; below it, on a log scale, the p99
+latency of the OK requests sent in each 100 ms of that run (red; a gap where none was sent) and of the same round's
+steady run (grey), the reloads marked again.
 
 Where failures come from, by mechanism (the counts are the table's):
 
@@ -201,6 +249,27 @@ Where failures come from, by mechanism (the counts are the table's):
 	b.WriteString(systemsSetup)
 	b.WriteString(endMarker + "\n")
 	return b.String()
+}
+
+// latencyText says what the latency table's figures are.
+func latencyText(o Options) string {
+	steady := fmt.Sprintf(`and in a steady run: the same system started afresh under the same load (clients, mode, gaps) for as long,
+%s, with no reload, just before the run with reloads in every round, and measured over the same span of its load.`,
+		(o.Lead + time.Duration(o.Reloads-1)*o.Interval + o.Tail).String())
+	if !o.Steady {
+		steady = "(no steady run this time: `-steady=false`; its figures and the ratios are \"–\")."
+	}
+	return fmt.Sprintf(`Latency of the requests that succeeded, during the reloads %s A request's latency is
+loadgen's, in the client: from when the request began (before its connect with a new connection per request; with
+keep-alive, before it is written, after the idle gap) until its whole response was read. OK requests only (the failed
+ones are the table above). The window: the OK requests sent from the first reload asked for (%s after the load started;
+in the steady run, %s after its load started) until the load was told to stop, %s after the last reload was asked for;
+a request counts by when it was sent, however long it then took. Percentiles are nearest-rank (p99: the smallest
+latency that 99%% of the requests did not exceed), over the window's requests of every round together; each cell is
+steady → during the reloads (reloads ÷ steady), in milliseconds; "p99 ratio per round" is each round's p99 ratio on its
+own.
+
+`, steady, o.Lead, o.Lead, o.Tail)
 }
 
 // rewriteSection replaces the marked section of the markdown file at path

@@ -45,6 +45,9 @@ func TestSmoke(t *testing.T) {
 		if r.Result.Counts[loadgen.OK] == 0 {
 			t.Errorf("%s, %s: no OK response", r.System.name, r.Mode)
 		}
+		if r.Steady == nil || len(r.Steady.Reloads) != 0 || len(r.Steady.Latency) == 0 || len(r.Latency) == 0 {
+			t.Errorf("%s, %s: want a steady run without reloads and latencies in both windows", r.System.name, r.Mode)
+		}
 		if r.System.name != "upgrader" {
 			continue
 		}
@@ -90,7 +93,8 @@ func TestSmoke(t *testing.T) {
 		!bytes.HasSuffix(doc, []byte(endMarker+"\n")) {
 		t.Errorf("%s: want the old text, then the section once:\n%s", md, doc)
 	}
-	for _, want := range []string{"| upgrader | USR2 to upgrader | 4 of 4 | new connection |", "| tableflip (bare) |", "](benchmarks/side-by-side.png)", "go run . -test"} {
+	for _, want := range []string{"| upgrader | USR2 to upgrader | 4 of 4 | new connection |", "| tableflip (bare) |",
+		"| system | load | OK requests in the window, steady / reloads | p50, ms | p99, ms |", "](benchmarks/side-by-side.png)", "go run . -test"} {
 		if !strings.Contains(string(doc), want) {
 			t.Errorf("%s lacks %q", md, want)
 		}
@@ -135,5 +139,38 @@ func TestOptionsCheck(t *testing.T) {
 		if b.check() == nil {
 			t.Errorf("%+v accepted", b)
 		}
+	}
+}
+
+// TestPercentilesAndBins: nearest-rank percentiles of known latencies, and
+// the p99 of each 100 ms bin by send time, a bin with nothing sent 0.
+func TestPercentilesAndBins(t *testing.T) {
+	var sorted []time.Duration
+	for i := 1; i <= 1000; i++ {
+		sorted = append(sorted, time.Duration(i)*time.Millisecond)
+	}
+	for _, c := range []struct {
+		q    float64
+		want time.Duration
+	}{{0.5, 500 * time.Millisecond}, {0.99, 990 * time.Millisecond}, {0.999, 999 * time.Millisecond}, {1, time.Second}} {
+		if got := percentile(sorted, c.q); got != c.want {
+			t.Errorf("percentile(1..1000 ms, %v) = %s, want %s", c.q, got, c.want)
+		}
+	}
+	if got := percentile(nil, 0.99); got != 0 {
+		t.Errorf("percentile of none = %s, want 0", got)
+	}
+	samples := []sample{{10 * time.Millisecond, time.Millisecond}, {20 * time.Millisecond, 5 * time.Millisecond},
+		{250 * time.Millisecond, 2 * time.Millisecond}, {310 * time.Millisecond, 9 * time.Millisecond}}
+	bins := p99PerBin(samples, 4)
+	want := []time.Duration{5 * time.Millisecond, 0, 2 * time.Millisecond, 9 * time.Millisecond}
+	for i := range want {
+		if bins[i] != want[i] {
+			t.Errorf("bin %d: p99 %s, want %s (bins %v)", i, bins[i], want[i], bins)
+		}
+	}
+	in := inWindow(samples, 20*time.Millisecond, 310*time.Millisecond)
+	if len(in) != 2 || in[0] != 2*time.Millisecond || in[1] != 5*time.Millisecond {
+		t.Errorf("inWindow(20ms, 310ms) = %v, want [2ms 5ms]", in)
 	}
 }

@@ -21,6 +21,9 @@ type env struct {
 	bin  string // dir holding upgrader, hello and bareflip
 	repo string
 	dir  string
+	// upgraderFlags are added to every upgrader command line
+	// (Options.UpgraderFlags).
+	upgraderFlags []string
 }
 
 // server is one running system under test.
@@ -136,7 +139,8 @@ func startUpgraderWith(e env, flags []string, command ...string) (server, error)
 	// must stay ready that long before the old one drains, a safety no
 	// other system here has) reloads asked 0.5 s apart fold into each
 	// other, and the rows would compare fewer reloads.
-	argv := append([]string{"run", "--log-level", "warn", "--control", control, "-l", "127.0.0.1:0", "--ready-hold", "0"}, flags...)
+	argv := append([]string{"run", "--log-level", "warn", "--control", control, "-l", "127.0.0.1:0", "--ready-hold", "0"}, e.upgraderFlags...)
+	argv = append(argv, flags...)
 	argv = append(append(argv, "--"), command...)
 	c, err := startChild(e.dir, "upgrader.log", nil, filepath.Join(e.bin, "upgrader"), argv...)
 	if err != nil {

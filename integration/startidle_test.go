@@ -1,0 +1,77 @@
+package integration
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+)
+
+// TestUpgradeStartsIdle: the workers of an upgrade start under SCHED_IDLE
+// (--start-idle, on by default when upgrader may undo it, as root here),
+// every thread and child they make inherits it, and at READY=1 upgrader
+// gives all of them the usual policy back; the first generation starts
+// as usual. The worker, in Python, writes the policy it and a child of its
+// own had before its READY=1; the test reads the policies after it.
+func TestUpgradeStartsIdle(t *testing.T) {
+	out := filepath.Join(t.TempDir(), "policies")
+	py := fmt.Sprintf(`
+import os, socket, time
+gen = os.environ["UPGRADER_GENERATION"]
+child = os.fork()
+if child == 0:
+    time.sleep(60)
+    os._exit(0)
+with open(%q, "a") as o:
+    o.write("gen=%%s worker=%%d child=%%d\n" %% (gen, os.sched_getscheduler(0), os.sched_getscheduler(child)))
+with open(%q + "." + gen, "w") as o:
+    o.write(str(child))
+s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+s.connect(os.environ["NOTIFY_SOCKET"])
+s.send(b"READY=1")
+time.sleep(60)`, out, out)
+	p := startUpgrader(t, "-l", "127.0.0.1:0", "--ready-hold", "0", "--", "python3", "-c", py)
+	p.waitReady(1)
+	p.signal(syscall.SIGUSR2)
+	p.waitReady(2)
+	b, err := os.ReadFile(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// SCHED_OTHER is 0, SCHED_IDLE 5 (sched.h).
+	if want := "gen=1 worker=0 child=0\ngen=2 worker=5 child=5\n"; string(b) != want {
+		t.Fatalf("policies before READY=1:\n%s\nwant:\n%s", b, want)
+	}
+	worker := p.workerPids(2)[0]
+	cb, err := os.ReadFile(out + ".2")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, pid := range []string{fmt.Sprint(worker), strings.TrimSpace(string(cb))} {
+		tasks, err := os.ReadDir("/proc/" + pid + "/task")
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, task := range tasks {
+			if pol := schedPolicy(t, pid, task.Name()); pol != 0 {
+				t.Errorf("pid %s thread %s: policy %d once ready, want 0 (SCHED_OTHER)", pid, task.Name(), pol)
+			}
+		}
+	}
+}
+
+// schedPolicy reads a thread's policy: field 41 of /proc/PID/task/TID/stat
+// (proc(5)), counted after the command's closing parenthesis.
+func schedPolicy(t *testing.T, pid, tid string) int {
+	t.Helper()
+	b, err := os.ReadFile("/proc/" + pid + "/task/" + tid + "/stat")
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := strings.Fields(string(b[strings.LastIndexByte(string(b), ')')+1:]))
+	var pol int
+	fmt.Sscan(f[41-3], &pol)
+	return pol
+}
