@@ -23,10 +23,12 @@ import (
 // generation's own start-up (its "ready" event's ready_after_ms).
 // That remainder is what upgrader itself costs: with the default ready
 // hold, the hold (500ms) with it, and with --ready-hold 0 without. The
-// start-up runs from upgrader's fork until the worker's READY=1 arrived,
-// so it holds the exec shim (spawn) too, which is upgrader's; the old
-// worker's drain and exit are in the remainder, though they are the
-// worker's.
+// start-up is the generation's ready_after_us: from when upgrader began
+// the generation (before it made the generation's sockets and forked the
+// worker) until the worker's READY=1 arrived, so it holds upgrader's own
+// fork and exec shim too (1 to 5 ms of the ~10 here, by its debug log's
+// "starting generation" and "worker started"); the old worker's drain
+// and exit are in the remainder, though they are the worker's.
 //
 //	go test -run '^$' -bench 'Upgrade$' -benchtime 50x ./integration
 func BenchmarkUpgrade(b *testing.B) {
