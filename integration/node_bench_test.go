@@ -8,7 +8,6 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -116,34 +115,12 @@ func raiseNofile(b *testing.B, want uint64) {
 	}
 }
 
-// openAnswered opens n keep-alive connections to addr, 50 at a time, each with
-// one request answered by generation gen.
+// openAnswered opens n keep-alive connections to addr, 100 at a time,
+// each with one request answered by generation gen (openAnsweredFrom,
+// from any local address).
 func openAnswered(b *testing.B, addr string, n int, gen string) ([]net.Conn, []*bufio.Reader) {
-	conns := make([]net.Conn, n)
-	readers := make([]*bufio.Reader, n)
-	var wg sync.WaitGroup
-	errs := make(chan error, n)
-	for w := 0; w < 50; w++ {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for j := w; j < n; j += 50 {
-				c, err := net.Dial("tcp", addr)
-				if err != nil {
-					errs <- err
-					return
-				}
-				conns[j], readers[j] = c, bufio.NewReader(c)
-				if g, err := post(c, readers[j]); err != nil || g != gen {
-					errs <- fmt.Errorf("request %d: generation %q, %v", j, g, err)
-					return
-				}
-			}
-		}()
-	}
-	wg.Wait()
-	close(errs)
-	for err := range errs {
+	conns, readers, err := openAnsweredFrom(addr, "", n, gen)
+	if err != nil {
 		b.Fatal(err)
 	}
 	return conns, readers

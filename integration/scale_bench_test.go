@@ -235,8 +235,9 @@ func (h *holder) result() int {
 	return ok
 }
 
-// openAnsweredFrom opens n keep-alive connections from source to addr,
-// 100 at a time, each with one request answered by generation gen.
+// openAnsweredFrom opens n keep-alive connections from source to addr
+// ("": any local address), 100 at a time, each with one request answered
+// by generation gen.
 func openAnsweredFrom(addr, source string, n int, gen string) ([]net.Conn, []*bufio.Reader, error) {
 	conns := make([]net.Conn, n)
 	readers := make([]*bufio.Reader, n)
@@ -246,8 +247,10 @@ func openAnsweredFrom(addr, source string, n int, gen string) ([]net.Conn, []*bu
 		// IP_BIND_ADDRESS_NO_PORT: the port is chosen at connect(2), for
 		// this destination, not at bind(2) among all (ip(7)), so ports
 		// left in TIME_WAIT by other runs do not run it out.
-		d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(source)}, Timeout: 30 * time.Second,
-			Control: func(_, _ string, c syscall.RawConn) error {
+		d := net.Dialer{Timeout: 30 * time.Second}
+		if source != "" {
+			d.LocalAddr = &net.TCPAddr{IP: net.ParseIP(source)}
+			d.Control = func(_, _ string, c syscall.RawConn) error {
 				var serr error
 				if err := c.Control(func(fd uintptr) {
 					serr = syscall.SetsockoptInt(int(fd), syscall.IPPROTO_IP, unix.IP_BIND_ADDRESS_NO_PORT, 1)
@@ -255,7 +258,8 @@ func openAnsweredFrom(addr, source string, n int, gen string) ([]net.Conn, []*bu
 					return err
 				}
 				return serr
-			}}
+			}
+		}
 		c, err := d.Dial("tcp", addr)
 		if err == nil {
 			conns[j], readers[j] = c, bufio.NewReader(c)

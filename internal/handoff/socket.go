@@ -94,9 +94,9 @@ var ErrClosed = errors.New("handoff channel closed")
 // gone. Not safe for concurrent use.
 func (s *Socket) Recv() (Message, []int, error) {
 	// The buffers are the socket's own, reused (Recv is not for
-	// concurrent use): a fresh 192 KiB for every message was most of what
-	// a 10,000-connection handoff allocated. The message keeps slices of
-	// what it parses, so it is parsed from a copy of its own size.
+	// concurrent use), rather than 192 KiB allocated for every message of
+	// a handoff; the message keeps slices of what it parses, so it is
+	// parsed from a copy of its own size.
 	if s.rbuf == nil {
 		s.rbuf, s.roob = make([]byte, MaxMessage+1), make([]byte, unix.CmsgSpace(4*MaxFDs))
 	}

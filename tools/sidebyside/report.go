@@ -202,6 +202,10 @@ func Section(o Options, runs []*Run, pngRel, cmd string, elapsed time.Duration) 
 		"system and load, summed below. One run on %s, %d CPUs, %s, loopback only; the whole run took %s.\n\n",
 		o.Clients, o.MaxIdle, o.Reloads, o.Interval, o.Lead, o.Tail, o.Rounds,
 		time.Now().UTC().Format("2006-01-02"), runtime.NumCPU(), versions(), elapsed.Round(time.Second))
+	if len(o.UpgraderFlags) > 0 {
+		// Otherwise the rows would pass for upgrader's defaults.
+		fmt.Fprintf(&b, "Every upgrader ran with `%s` added to its command line.\n\n", strings.Join(o.UpgraderFlags, " "))
+	}
 	b.WriteString(Table(o, runs))
 	fmt.Fprintf(&b, `
 "Reloads done": the reloads that took effect, of those asked for: from the systems' own logs (nginx: SIGHUP received,
