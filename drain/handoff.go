@@ -334,9 +334,13 @@ func (fallbackAddr) String() string  { return "handoff-fallback" }
 // maxInFlight of them awaiting an answer at once; the others wait in
 // s.queue, holding nothing but memory (Send passes the connections' own
 // fds, and a batch's fds are referenced by the kernel only while it is in
-// the channel). A batch goes out when it is full, or batchWindow after
-// the first connection of a partial one was taken, or, once that window
-// has passed, as soon as a slot is free. The goroutine that frees a slot
+// the channel). A batch goes out when it is full; a partial one at once
+// when no batch is in flight, what is taken while it is on its way
+// making up the next (as TCP's autocorking does), or else batchWindow
+// after its first connection was taken, or, once that window has
+// passed, as soon as a slot is free. A connection in transit cannot be
+// answered, and its client may be sending a request: no connection waits
+// out a window while the channel is idle. The goroutine that frees a slot
 // or fills a batch sends: a batcher goroutine of its own would wait behind
 // every connection goroutine the drain woke up.
 //
@@ -388,6 +392,9 @@ func (s *Server) nextBatchLocked() []*hconn {
 	switch {
 	case n >= handoff.MaxFDs:
 		n = handoff.MaxFDs
+	case s.inFlight == 0:
+		// Nothing in flight: a partial batch goes at once, and what is
+		// taken while it is on its way makes up the next one.
 	case !s.windowDue:
 		return nil // the window is still open
 	}
