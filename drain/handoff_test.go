@@ -545,3 +545,25 @@ func TestRefusedHandoffServesQueuedConnectionsHere(t *testing.T) {
 		t.Fatalf("HandedOff %d after a NAK", d.HandedOff())
 	}
 }
+
+// A partial batch goes at once while the channel is idle, and waits for
+// its window while another batch is in flight (autocorking): a
+// connection in transit cannot be answered, so none may wait for nothing.
+func TestPartialBatchGoesAtOnceWhenNoneInFlight(t *testing.T) {
+	s := &Server{}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.windowArmed = true // as takenConn leaves it; no timer runs here
+	s.queue = []*hconn{{}, {}}
+	if b := s.nextBatchLocked(); len(b) != 2 || s.inFlight != 1 || len(s.queue) != 0 {
+		t.Fatalf("idle channel: batch of %d, %d in flight, %d queued; want 2, 1, 0", len(b), s.inFlight, len(s.queue))
+	}
+	s.queue = []*hconn{{}}
+	if b := s.nextBatchLocked(); b != nil {
+		t.Fatalf("a batch in flight, window open: sent %d; want the connection kept for the window", len(b))
+	}
+	s.windowDue = true
+	if b := s.nextBatchLocked(); len(b) != 1 || s.inFlight != 2 {
+		t.Fatalf("window passed: batch of %d, %d in flight; want 1, 2", len(b), s.inFlight)
+	}
+}
