@@ -349,7 +349,8 @@ func (fallbackAddr) String() string  { return "handoff-fallback" }
 // or on its way back to net/http.
 const maxInFlight = 4
 
-// batchWindow is how long a partial batch waits for more connections.
+// batchWindow is how long a partial batch waits for more connections
+// while another batch is in flight.
 const batchWindow = 500 * time.Microsecond
 
 // takenConn queues a connection net/http let go of for the next batch.
