@@ -129,6 +129,8 @@ type Server struct {
 	// new generation rather than close; pendingHO counts connections taken
 	// from net/http whose handoff has not been answered (under mu).
 	handoffOn   atomic.Bool
+	toKick      []*hconn // idle, to be kicked (under mu)
+	kicked      int      // handoff kicks not yet resolved (under mu)
 	queue       []*hconn // taken, not yet sent (under mu)
 	inFlight    int      // batches sent, not answered (under mu)
 	windowArmed bool     // a batchWindow timer runs (under mu)
@@ -426,7 +428,7 @@ func (s *Server) track(c net.Conn, st http.ConnState) {
 		between := st == http.StateIdle || st == http.StateNew
 		hc.setIdle(between)
 		if between && s.draining.Load() && s.handoffOn.Load() {
-			hc.kick(false)
+			s.kickOne(hc)
 		}
 	}
 	if hc != nil && st == http.StateClosed {
@@ -440,7 +442,17 @@ func (s *Server) track(c net.Conn, st http.ConnState) {
 				close(hc.released)
 			}
 		}
+		// Its serve loop has ended: no read is left to resolve a handoff
+		// kick (one that came after its last read), and none may come.
+		pending := hc.kicked && !hc.closeWant
+		if pending {
+			hc.kicked, hc.want = false, false
+		}
+		hc.idle = false
 		hc.mu.Unlock()
+		if pending {
+			s.kickResolved()
+		}
 	}
 	var plan []idleCheck
 	s.mu.Lock()
@@ -487,24 +499,6 @@ func (s *Server) signalClosed() {
 	select {
 	case s.closed <- struct{}{}:
 	default:
-	}
-}
-
-// kickIdle asks for the takeover of every idle connection.
-func (s *Server) kickIdle() {
-	if !s.handoffOn.Load() {
-		return
-	}
-	s.mu.Lock()
-	var idle []*hconn
-	for c, info := range s.conns {
-		if hc, ok := c.(*hconn); ok && (info.state == http.StateIdle || info.state == http.StateNew) {
-			idle = append(idle, hc)
-		}
-	}
-	s.mu.Unlock()
-	for _, c := range idle {
-		c.kick(false)
 	}
 }
 

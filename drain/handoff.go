@@ -129,6 +129,7 @@ func (c *hconn) Read(p []byte) (int, error) {
 		}
 		c.mu.Unlock()
 		n, err := c.Conn.Read(p)
+		resolved := false
 		c.mu.Lock()
 		c.delivered += int64(n)
 		if len(p) == 1 && n == 1 && !c.idle && c.s.draining.Load() {
@@ -145,6 +146,7 @@ func (c *hconn) Read(p []byte) (int, error) {
 				return c.takeover()
 			}
 			// Bytes came first, or net/http holds some: serve it here.
+			resolved = !c.closeWant // counted once c.mu is released
 			c.kicked, c.want = false, false
 			c.Conn.SetReadDeadline(c.httpDeadline)
 			if ours {
@@ -158,10 +160,16 @@ func (c *hconn) Read(p []byte) (int, error) {
 					c.noHandoff = true
 				}
 				c.mu.Unlock()
+				if resolved {
+					c.s.kickResolved()
+				}
 				continue // our own deadline, not net/http's
 			}
 		}
 		c.mu.Unlock()
+		if resolved {
+			c.s.kickResolved()
+		}
 		return n, err
 	}
 }
@@ -184,15 +192,19 @@ func (c *hconn) SetDeadline(t time.Time) error {
 }
 
 // kick asks for a takeover of an idle connection: a handoff, or with
-// close set, a close (closeIdle).
-func (c *hconn) kick(close bool) {
+// close set, a close (closeIdle). It reports whether it asked: a
+// connection that is busy, already asked, or cannot go is left alone. A
+// handoff kick is resolved by takenConn (taken) or kickResolved (the
+// kick undone: the connection is served here after all).
+func (c *hconn) kick(close bool) bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if !c.idle || c.taken || c.want || !c.http1() || (c.noHandoff && !close) {
-		return
+		return false
 	}
 	c.want, c.kicked, c.closeWant = true, true, close
 	c.Conn.SetReadDeadline(aLongTimeAgo)
+	return true
 }
 
 // handable reports whether c's next response may leave it open for a
@@ -353,9 +365,106 @@ const maxInFlight = 4
 // while another batch is in flight.
 const batchWindow = 500 * time.Microsecond
 
+// Kicks are paced: at most kickAhead connections are between their kick
+// and their batch's answer (s.kicked + s.pendingHO), the rest of the idle
+// ones wait in s.toKick. Kicking all of them at once would make every
+// one's net/http goroutine runnable together, and while any is, the Go
+// scheduler does not poll the network: the answers to the batches already
+// sent would wait behind all of them, and so would upgrader and the new
+// worker, with nothing to relay. Paced, the old worker takes the next
+// connections while upgrader and the new worker handle the batches before
+// them.
+const kickAhead = (maxInFlight + 1) * handoff.MaxFDs
+
+// kickIdle asks for the takeover of every idle connection, kickAhead at a
+// time.
+func (s *Server) kickIdle() {
+	if !s.handoffOn.Load() {
+		return
+	}
+	s.mu.Lock()
+	for c, info := range s.conns {
+		if hc, ok := c.(*hconn); ok && (info.state == http.StateIdle || info.state == http.StateNew) {
+			s.toKick = append(s.toKick, hc)
+		}
+	}
+	s.mu.Unlock()
+	s.kickMore()
+}
+
+// kickOne queues c, which turned idle during the drain, for a kick, as
+// kickIdle does the others: until kicked it is served here as before.
+func (s *Server) kickOne(c *hconn) {
+	s.mu.Lock()
+	s.toKick = append(s.toKick, c)
+	s.mu.Unlock()
+	s.kickMore()
+}
+
+// kickResolved counts a handoff kick that ended without a takeover, and
+// kicks more.
+func (s *Server) kickResolved() {
+	s.mu.Lock()
+	s.kicked--
+	s.mu.Unlock()
+	s.kickMore()
+	s.closeCopies(nil) // it may have been the handoff's last
+}
+
+// kickMore kicks the next idle connections of s.toKick, a batch at least
+// at a time, while fewer than kickAhead are under way. Once the handoff is
+// refused, those left are closed once idle for the grace, as every idle
+// connection that cannot go is.
+func (s *Server) kickMore() {
+	for {
+		s.mu.Lock()
+		if len(s.toKick) == 0 {
+			s.mu.Unlock()
+			return
+		}
+		if !s.handoffOn.Load() {
+			var plan []idleCheck
+			for _, c := range s.toKick {
+				if info, ok := s.conns[c]; ok && s.idleCloseLocked(c, info) {
+					plan = append(plan, idleCheck{c: c, info: info, seq: info.seq})
+				}
+			}
+			s.toKick = nil
+			s.mu.Unlock()
+			s.planIdleClose(plan, s.opts.IdleGrace)
+			return
+		}
+		room := kickAhead - s.kicked - s.pendingHO
+		if room < min(handoff.MaxFDs, len(s.toKick)) {
+			s.mu.Unlock()
+			return
+		}
+		next := s.toKick[:min(room, len(s.toKick))]
+		s.toKick = s.toKick[len(next):]
+		if len(s.toKick) == 0 {
+			s.toKick = nil
+		}
+		s.kicked += len(next)
+		s.mu.Unlock()
+		missed := 0
+		for _, c := range next {
+			if !c.kick(false) {
+				missed++ // busy or gone meanwhile
+			}
+		}
+		if missed == 0 {
+			return
+		}
+		s.mu.Lock()
+		s.kicked -= missed
+		s.mu.Unlock()
+	}
+}
+
 // takenConn queues a connection net/http let go of for the next batch.
 func (s *Server) takenConn(c *hconn) {
 	s.mu.Lock()
+	s.kicked--
 	s.pendingHO++
 	if !s.handoffOn.Load() {
 		// A batch was refused since this one was kicked: serve it here.
@@ -449,6 +558,7 @@ func (s *Server) sendBatch(batch []*hconn) {
 		s.mu.Unlock()
 		s.signalClosed()
 		s.closeCopies(batch)
+		s.kickMore()
 		return
 	}
 	if s.handoffOn.Swap(false) && s.opts.Logger != nil {
@@ -461,6 +571,7 @@ func (s *Server) sendBatch(batch []*hconn) {
 	s.mu.Unlock()
 	s.refuse(batch)
 	s.refuse(queued)
+	s.kickMore()
 }
 
 // refuse gives taken connections back to this worker's http.Server, each
@@ -493,20 +604,28 @@ func (s *Server) giveBack(cs []*hconn) {
 	s.pendingHO -= len(cs)
 	s.mu.Unlock()
 	s.signalClosed()
+	s.closeCopies(nil)
 }
 
 // closeCopies closes our copies of handed-off connections on a goroutine
-// of its own, off the path of the batches still to send and of the drain's
-// end: each close costs an epoll_ctl and a close(2). It is prompt all the
-// same (the client sees the new worker's close only once ours is gone
-// too), and s.closing lets a test wait for it. Should the process exit
-// first, the exit closes them.
+// of its own, once no handoff is under way: each close costs an
+// epoll_ctl and a close(2), as much as taking the connection did, and
+// made in the middle of a large handoff they would take that CPU from the
+// batches still to send. It is prompt all the same (the client sees the
+// new worker's close only once ours is gone too): a handoff of 10,000
+// connections is over within a tenth of a second, and when it ends the
+// drain, the process's exit closes them at less cost. s.closing lets a
+// test wait for it. A nil cs starts the closing of what is kept, once the
+// handoff is over.
 func (s *Server) closeCopies(cs []*hconn) {
+	s.mu.Lock()
+	over := s.kicked == 0 && len(s.toKick) == 0 && s.pendingHO == 0
+	s.mu.Unlock()
 	s.closeMu.Lock()
 	s.toClose = append(s.toClose, cs...)
-	start := !s.closerOn
-	s.closerOn = true
+	start := over && !s.closerOn && len(s.toClose) > 0
 	if start {
+		s.closerOn = true
 		s.closing.Add(1)
 	}
 	s.closeMu.Unlock()

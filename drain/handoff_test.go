@@ -567,3 +567,130 @@ func TestPartialBatchGoesAtOnceWhenNoneInFlight(t *testing.T) {
 		t.Fatalf("window passed: batch of %d, %d in flight; want 1, 2", len(b), s.inFlight)
 	}
 }
+
+// Kicks are paced: at no batch are more than kickAhead connections between
+// their kick and their batch's answer, and every idle connection is handed
+// off all the same, those kicked last included.
+func TestHandoffPacesKicks(t *testing.T) {
+	const n = kickAhead + 2*handoff.MaxFDs + 7
+	var srvp atomic.Pointer[Server]
+	var mu sync.Mutex
+	most, batches := 0, 0
+	_, h := newFakeUpgrader(t, func() bool {
+		if d := srvp.Load(); d != nil {
+			d.mu.Lock()
+			under := d.kicked + d.pendingHO
+			d.mu.Unlock()
+			mu.Lock()
+			most, batches = max(most, under), batches+1
+			mu.Unlock()
+		}
+		return true
+	}, false)
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {})}
+	d, addr, drain := startServe(t, srv, Options{Timeout: 20 * time.Second, Handoff: h})
+	srvp.Store(d)
+	idleConns(t, addr, n)
+	if err := drain(); err != nil {
+		t.Fatal(err)
+	}
+	if got := d.HandedOff(); got != n {
+		t.Fatalf("handed off %d of %d", got, n)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if most > kickAhead || batches < n/handoff.MaxFDs {
+		t.Fatalf("%d batches, up to %d connections kicked and unanswered at once; want at most %d", batches, most, kickAhead)
+	}
+}
+
+// A refusal reaches the idle connections not kicked yet too: every one is
+// served here, answered with Connection: close, and the drain ends.
+func TestRefusedHandoffServesConnectionsNotKickedYet(t *testing.T) {
+	const n = kickAhead + handoff.MaxFDs
+	u, h := newFakeUpgrader(t, func() bool { return false }, false)
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.Copy(io.Discard, r.Body)
+		w.Header().Set("X-From", "old")
+	})}
+	// A long grace: what is idle here after the refusal is not closed
+	// under the requests below.
+	d, addr, drain := startServe(t, srv, Options{Timeout: 30 * time.Second, IdleGrace: time.Minute, Handoff: h})
+	cs, brs := idleConns(t, addr, n)
+	drained := make(chan error, 1)
+	go func() { drained <- drain() }()
+	select {
+	case <-u.batches:
+	case <-time.After(20 * time.Second):
+		t.Fatal("no handoff was attempted")
+	}
+	for deadline := time.Now().Add(20 * time.Second); d.handoffOn.Load(); {
+		if time.Now().After(deadline) {
+			t.Fatal("the refusal was never taken")
+		}
+		time.Sleep(time.Millisecond) // polling interval: no event marks the moment
+	}
+	for i := range cs {
+		resp := rawRequest(t, cs[i], brs[i], "/")
+		if resp.Header.Get("X-From") != "old" || !resp.Close {
+			t.Fatalf("connection %d after a refused handoff: X-From %q, close %v; want old, close", i, resp.Header.Get("X-From"), resp.Close)
+		}
+	}
+	select {
+	case err := <-drained:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("the drain did not end once every connection was closed")
+	}
+}
+
+// Our copies of handed-off connections are closed once the handoff is
+// over, even while the drain goes on (a request still in flight): a client
+// whose connection the taker closes sees the close, which it would not
+// while a copy stayed open here.
+func TestHandedOffCopiesClosedWhileDrainGoesOn(t *testing.T) {
+	const n = 2*handoff.MaxFDs + 3
+	u, h := newFakeUpgrader(t, func() bool { return true }, true)
+	release := make(chan struct{})
+	entered := make(chan struct{}, 1)
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/slow" {
+			entered <- struct{}{}
+			<-release
+		}
+	})}
+	d, addr, drain := startServe(t, srv, Options{Timeout: 30 * time.Second, Handoff: h})
+	cs, brs := idleConns(t, addr, n)
+	slow, _ := dialKeepAlive(t, addr)
+	if _, err := io.WriteString(slow, "GET /slow HTTP/1.1\r\nHost: x\r\n\r\n"); err != nil {
+		t.Fatal(err)
+	}
+	<-entered
+	drained := make(chan error, 1)
+	go func() { drained <- drain() }()
+	defer close(release)
+	for i := 0; i < n; i++ {
+		select {
+		case c := <-u.taken:
+			c.Close() // the taker closes at once
+		case <-time.After(20 * time.Second):
+			t.Fatalf("%d of %d connections taken", i, n)
+		}
+	}
+	for i, c := range cs {
+		c.SetReadDeadline(time.Now().Add(20 * time.Second))
+		if _, err := brs[i].ReadByte(); err != io.EOF {
+			t.Fatalf("connection %d, closed by the taker: read %v; want EOF (a copy stayed open here)", i, err)
+		}
+	}
+	select {
+	case err := <-drained:
+		t.Fatalf("the drain ended (%v) with a request in flight", err)
+	default:
+	}
+	if got := d.HandedOff(); got != n {
+		t.Fatalf("handed off %d of %d", got, n)
+	}
+}

@@ -56,9 +56,15 @@ type Handoffs struct {
 	out atomic.Pointer[Handoffs]
 }
 
-// minFDTable is the fd table reserved when a channel opens: room for a
-// few full batches.
-const minFDTable = 1024
+// minFDTable is the fd table reserved when a channel opens (128 KiB of
+// kernel memory): room for a handoff of 10,000 connections with no growth
+// on its way. A growth begun at half the table is over only after an RCU
+// grace period, milliseconds, while batches of 253 fds come in under a
+// millisecond apart: from 1,024 slots the receiver used them up and
+// waited for the growth, twice in a 10,000-connection handoff (measured:
+// 3 to 19 ms each). Past it, each growth has half of a larger table to
+// cover for it.
+const minFDTable = 16384
 
 // ErrNoHandoff is returned by Send when the process has no handoff channel,
 // or no longer has one (Close, or upgrader closed it).

@@ -67,6 +67,10 @@ const (
 	// 5 s); maxParkedFDs bounds the fds held meanwhile.
 	parkTimeout  = 2 * time.Second
 	maxParkedFDs = 1024
+	// relayFDTable is the fd table upgrader reserves at its start: room
+	// for the parked fds and for the batches of several workers in
+	// transit (each sends at most 4 of handoff.MaxFDs at once).
+	relayFDTable = 4096
 )
 
 // outMsg is a message waiting in a worker's outbox; fds are closed once

@@ -56,7 +56,9 @@ func (p *procTrees) rememberExit(pid int, now time.Time) {
 // process on the machine and the largest part of an upgrade's own cost,
 // is skipped (nil). Without Config.Subreaper, orphans go to init and
 // trees would find nothing of the exited worker either.
-func (s *Supervisor) treesAfterExit() map[*worker][]int {
+// The exited process itself may still be listed, a zombie: the loop
+// hears of an exit before it is reaped (reapPid).
+func (s *Supervisor) treesAfterExit(exited *worker) map[*worker][]int {
 	if !s.cfg.Subreaper {
 		return nil
 	}
@@ -65,6 +67,9 @@ func (s *Supervisor) treesAfterExit() map[*worker][]int {
 		return s.trees()
 	}
 	for _, pid := range kids {
+		if pid == exited.Pid {
+			continue
+		}
 		if w := s.gens.byPid[pid]; w == nil || !w.State.running() {
 			return s.trees()
 		}

@@ -231,7 +231,7 @@ func (s *Supervisor) onWorkerExit(w *worker, ws unix.WaitStatus) {
 		// of its tree gets the drain timeout, as a retired worker does.
 		s.arm(w, s.cfg.DrainTimeout)
 	}
-	s.settle(w, s.treesAfterExit())
+	s.settle(w, s.treesAfterExit(w))
 }
 
 // settle forgets w if its process tree (from trees) has ended; otherwise

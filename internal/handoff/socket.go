@@ -151,8 +151,23 @@ func (s *Socket) readMsg(buf, oob []byte) (n, oobn, flags int, err error) {
 }
 
 // ReserveFDs grows this process's fd table to hold fds up to n-1 (capped
-// below RLIMIT_NOFILE), by duplicating the socket's fd at n-1 and closing
-// the copy. The table never shrinks.
+// below RLIMIT_NOFILE), as ReserveFDTable does with the socket's fd.
+func (s *Socket) ReserveFDs(n int) error {
+	rc, err := s.c.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var rerr error
+	if err := rc.Control(func(fd uintptr) { rerr = ReserveFDTable(int(fd), n) }); err != nil {
+		return err
+	}
+	return rerr
+}
+
+// ReserveFDTable grows this process's fd table to hold fds up to n-1
+// (capped below RLIMIT_NOFILE), by duplicating fd, any open descriptor,
+// at n-1 (fcntl(2) F_DUPFD_CLOEXEC) and closing the copy. The table never
+// shrinks; it costs 8 bytes and two bits a slot.
 //
 // Why: recvmsg(2) installs each received fd, growing the table (doubling
 // it) whenever one does not fit, and in a multi-threaded process every
@@ -161,7 +176,7 @@ func (s *Socket) readMsg(buf, oob []byte) (n, oobn, flags int, err error) {
 // Taking 10,000 connections from 64 slots means eight of them in a row
 // (measured: over half of a 10,000-connection handoff). Growing ahead, on
 // a goroutine of its own, leaves the receiver's slots free meanwhile.
-func (s *Socket) ReserveFDs(n int) error {
+func ReserveFDTable(fd, n int) error {
 	var rl unix.Rlimit
 	if err := unix.Getrlimit(unix.RLIMIT_NOFILE, &rl); err == nil && uint64(n) > rl.Cur {
 		n = int(rl.Cur)
@@ -169,18 +184,9 @@ func (s *Socket) ReserveFDs(n int) error {
 	if n <= 1 {
 		return nil
 	}
-	rc, err := s.c.SyscallConn()
+	nfd, err := unix.FcntlInt(uintptr(fd), unix.F_DUPFD_CLOEXEC, n-1)
 	if err != nil {
-		return err
-	}
-	nfd, derr := -1, error(nil)
-	if err := rc.Control(func(fd uintptr) {
-		nfd, derr = unix.FcntlInt(fd, unix.F_DUPFD_CLOEXEC, n-1)
-	}); err != nil {
-		return err
-	}
-	if derr != nil {
-		return fmt.Errorf("reserve %d fds: %w", n, derr)
+		return fmt.Errorf("reserve %d fds: %w", n, err)
 	}
 	return unix.Close(nfd)
 }
