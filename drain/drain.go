@@ -140,6 +140,7 @@ type Server struct {
 	handedOff   int
 	serving     sync.WaitGroup // the listeners' Serve loops
 
+	drained  atomic.Bool // drain has returned
 	closeMu  sync.Mutex
 	toClose  []*hconn // handed off, our copies still open (under closeMu)
 	closerOn bool     // closeCopies' goroutine runs (under closeMu)
@@ -346,6 +347,12 @@ func (s *Server) logPanic(err error) {
 
 func (s *Server) drain(listeners []net.Listener) {
 	deadline := time.Now().Add(s.opts.Timeout)
+	// Whatever copies of handed-off connections are still open close now,
+	// handoff over or not, should the process live on after Serve.
+	defer func() {
+		s.drained.Store(true)
+		s.closeCopies(nil)
+	}()
 	_ = inherit.Notify("STOPPING=1")
 	// A second drain signal: close what is idle now (upgrader sends it to
 	// the oldest generation when too many drain at once). Caught before

@@ -616,10 +616,10 @@ func (s *Server) giveBack(cs []*hconn) {
 // connections is over within a tenth of a second, and when it ends the
 // drain, the process's exit closes them at less cost. s.closing lets a
 // test wait for it. A nil cs starts the closing of what is kept, once the
-// handoff is over.
+// handoff is over or the drain has returned.
 func (s *Server) closeCopies(cs []*hconn) {
 	s.mu.Lock()
-	over := s.kicked == 0 && len(s.toKick) == 0 && s.pendingHO == 0
+	over := s.drained.Load() || s.kicked == 0 && len(s.toKick) == 0 && s.pendingHO == 0
 	s.mu.Unlock()
 	s.closeMu.Lock()
 	s.toClose = append(s.toClose, cs...)

@@ -62,7 +62,7 @@ type Handoffs struct {
 // grace period, milliseconds, while batches of 253 fds come in under a
 // millisecond apart: from 1,024 slots the receiver used them up and
 // waited for the growth, twice in a 10,000-connection handoff (measured:
-// 3 to 19 ms each). Past it, each growth has half of a larger table to
+// 3 to 19 ms). Past it, each growth has half of a larger table to
 // cover for it.
 const minFDTable = 16384
 
