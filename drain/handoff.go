@@ -199,8 +199,8 @@ func (c *hconn) SetDeadline(t time.Time) error {
 func (c *hconn) kick(close bool) bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if !c.idle || c.taken || c.want || !c.http1() || (c.noHandoff && !close) {
-		return false
+	if !c.idle || c.taken || c.want || !c.http1() || (!close && (c.noHandoff || c.offered)) {
+		return false // an offered one was refused once: never again
 	}
 	c.want, c.kicked, c.closeWant = true, true, close
 	c.Conn.SetReadDeadline(aLongTimeAgo)
@@ -408,7 +408,6 @@ func (s *Server) kickResolved() {
 	s.kicked--
 	s.mu.Unlock()
 	s.kickMore()
-	s.closeCopies(nil) // it may have been the handoff's last
 }
 
 // kickMore kicks the next idle connections of s.toKick, a batch at least
@@ -416,6 +415,8 @@ func (s *Server) kickResolved() {
 // refused, those left are closed once idle for the grace, as every idle
 // connection that cannot go is.
 func (s *Server) kickMore() {
+	// Kicks that missed, or a refusal, may have ended the handoff.
+	defer s.closeCopies(nil)
 	for {
 		s.mu.Lock()
 		if len(s.toKick) == 0 {
@@ -618,12 +619,21 @@ func (s *Server) giveBack(cs []*hconn) {
 // test wait for it. A nil cs starts the closing of what is kept, once the
 // handoff is over or the drain has returned.
 func (s *Server) closeCopies(cs []*hconn) {
+	// Appended first, then checked: whoever ends the handoff, or appends
+	// after its end, finds what is kept and starts the closer if none runs.
+	if len(cs) > 0 {
+		s.closeMu.Lock()
+		s.toClose = append(s.toClose, cs...)
+		s.closeMu.Unlock()
+	}
 	s.mu.Lock()
 	over := s.drained.Load() || s.kicked == 0 && len(s.toKick) == 0 && s.pendingHO == 0
 	s.mu.Unlock()
+	if !over {
+		return
+	}
 	s.closeMu.Lock()
-	s.toClose = append(s.toClose, cs...)
-	start := over && !s.closerOn && len(s.toClose) > 0
+	start := !s.closerOn && len(s.toClose) > 0
 	if start {
 		s.closerOn = true
 		s.closing.Add(1)

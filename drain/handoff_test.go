@@ -694,3 +694,79 @@ func TestHandedOffCopiesClosedWhileDrainGoesOn(t *testing.T) {
 		t.Fatalf("handed off %d of %d", got, n)
 	}
 }
+
+// The handoff may end when kickMore's last kicks all miss (the
+// connections turned busy meanwhile), while the last batch's answer came
+// in between: our copy of that batch is closed all the same, not left open
+// until the drain returns.
+func TestCopiesClosedWhenTheLastKicksMiss(t *testing.T) {
+	s := New(&http.Server{}, Options{})
+	s.handoffOn.Store(true)
+	ours, client := net.Pipe()
+	defer client.Close()
+	copyConn := &hconn{Conn: ours, s: s, info: new(connInfo)} // handed off
+	b1, b2 := net.Pipe()
+	defer b1.Close()
+	defer b2.Close()
+	busy := &hconn{Conn: b1, s: s, info: new(connInfo)} // not idle: its kick misses
+	s.pendingHO = 1                                      // the last batch, in flight
+	s.toKick = []*hconn{busy}
+	busy.mu.Lock() // hold kickMore inside kick(), after s.kicked += 1
+	done := make(chan struct{})
+	go func() { s.kickMore(); close(done) }()
+	for {
+		s.mu.Lock()
+		k := s.kicked
+		s.mu.Unlock()
+		if k == 1 {
+			break
+		}
+		time.Sleep(time.Millisecond) // polling interval
+	}
+	// sendBatch's success path for the last batch.
+	s.mu.Lock()
+	s.pendingHO--
+	s.handedOff++
+	s.mu.Unlock()
+	s.closeCopies([]*hconn{copyConn})
+	busy.mu.Unlock()
+	<-done
+	s.closing.Wait()
+	s.mu.Lock()
+	over := s.kicked == 0 && len(s.toKick) == 0 && s.pendingHO == 0
+	s.mu.Unlock()
+	client.SetReadDeadline(time.Now().Add(500 * time.Millisecond))
+	_, err := client.Read(make([]byte, 1))
+	if over && err != io.EOF {
+		s.closeMu.Lock()
+		n, on := len(s.toClose), s.closerOn
+		s.closeMu.Unlock()
+		t.Fatalf("handoff over (kicked 0, toKick empty, pendingHO 0) but our copy is still open: read %v; toClose %d, closerOn %v", err, n, on)
+	}
+}
+
+// A connection offered once (its batch refused, given back) is never
+// kicked for a handoff again, even from a kick queued before the refusal:
+// its Close would neither queue nor close it, net/http would drop it, and
+// its kick would stay counted.
+func TestOfferedConnectionIsNotKickedAgain(t *testing.T) {
+	s := New(&http.Server{}, Options{})
+	s.handoffOn.Store(true) // as kickMore saw it before the refusal
+	ours, client := net.Pipe()
+	defer client.Close()
+	c := &hconn{Conn: ours, s: s, info: new(connInfo)}
+	c.info.http1.Store(true)
+	c.offered = true // refused once, reset by giveBack
+	c.setIdle(true)  // giveBack's track(StateNew)
+	s.toKick = []*hconn{c}
+	s.kickMore()
+	s.mu.Lock()
+	k := s.kicked
+	s.mu.Unlock()
+	c.mu.Lock()
+	want := c.want
+	c.mu.Unlock()
+	if k != 0 || want {
+		t.Fatalf("an offered connection was kicked again: s.kicked=%d, want=%v; want 0, false", k, want)
+	}
+}

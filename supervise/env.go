@@ -266,8 +266,8 @@ func (e *osEnv) reap(post func(event)) {
 // of its /proc/PID on the way, and a worker whose fd table was read (the
 // connection count of an upgrade, readlink per fd) leaves one per fd:
 // about 10 ms for 10,000 connections here, which the loop need not wait
-// for to hear that the generation is gone. The pid cannot be reused
-// before the reap, so the loop may still signal it.
+// for to hear that the generation is gone. (The loop usually handles the
+// exit after the reap all the same: post does not wait for it.)
 func reapPid(pid int, post func(event)) bool {
 	for {
 		got, ws, err := peekExit(pid)
@@ -314,10 +314,14 @@ func peekExit(pid int) (got int, ws unix.WaitStatus, err error) {
 	if err := unix.Waitid(idType, id, &info, unix.WEXITED|unix.WNOHANG|unix.WNOWAIT, nil); err != nil {
 		return 0, 0, err
 	}
-	// siginfo_t for SIGCHLD: si_pid at byte 16, si_status at byte 24.
+	// siginfo_t: si_signo, si_errno, si_code (ints), then the union,
+	// aligned as a pointer (byte 16 on 64-bit, 12 on 32-bit), whose
+	// SIGCHLD member begins si_pid, si_uid, si_status.
+	ptr := int(unsafe.Sizeof(uintptr(0)))
+	union := (12 + ptr - 1) &^ (ptr - 1)
 	raw := (*[128]byte)(unsafe.Pointer(&info))
-	got = int(int32(binary.NativeEndian.Uint32(raw[16:])))
-	status := int(int32(binary.NativeEndian.Uint32(raw[24:])))
+	got = int(int32(binary.NativeEndian.Uint32(raw[union:])))
+	status := int(int32(binary.NativeEndian.Uint32(raw[union+8:])))
 	switch info.Code {
 	case cldExited:
 		ws = unix.WaitStatus(status&0xff) << 8
