@@ -709,7 +709,7 @@ func TestCopiesClosedWhenTheLastKicksMiss(t *testing.T) {
 	defer b1.Close()
 	defer b2.Close()
 	busy := &hconn{Conn: b1, s: s, info: new(connInfo)} // not idle: its kick misses
-	s.pendingHO = 1                                      // the last batch, in flight
+	s.pendingHO = 1                                     // the last batch, in flight
 	s.toKick = []*hconn{busy}
 	busy.mu.Lock() // hold kickMore inside kick(), after s.kicked += 1
 	done := make(chan struct{})
