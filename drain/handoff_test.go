@@ -515,6 +515,15 @@ func TestRefusedHandoffServesQueuedConnectionsHere(t *testing.T) {
 	const n = 3 * handoff.MaxFDs
 	u, d, addr, drain := handoffServer(t, func() bool { return false })
 	cs, brs := idleConns(t, addr, n)
+	servedHereAfterRefusal(t, u, d, drain, cs, brs)
+}
+
+// servedHereAfterRefusal drains d, whose fake upgrader refuses every
+// batch, and checks that every one of cs is then served here, answered
+// with Connection: close, that none was handed off, and that the drain
+// ends once they are closed.
+func servedHereAfterRefusal(t *testing.T, u *fakeUpgrader, d *Server, drain func() error, cs []net.Conn, brs []*bufio.Reader) {
+	t.Helper()
 	drained := make(chan error, 1)
 	go func() { drained <- drain() }()
 	select {
@@ -538,8 +547,13 @@ func TestRefusedHandoffServesQueuedConnectionsHere(t *testing.T) {
 			t.Fatalf("connection %d after a refused handoff: X-From %q, close %v; want old, close", i, resp.Header.Get("X-From"), resp.Close)
 		}
 	}
-	if err := <-drained; err != nil {
-		t.Fatal(err)
+	select {
+	case err := <-drained:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("the drain did not end once every connection was closed")
 	}
 	if d.HandedOff() != 0 {
 		t.Fatalf("HandedOff %d after a NAK", d.HandedOff())
@@ -617,33 +631,7 @@ func TestRefusedHandoffServesConnectionsNotKickedYet(t *testing.T) {
 	// under the requests below.
 	d, addr, drain := startServe(t, srv, Options{Timeout: 30 * time.Second, IdleGrace: time.Minute, Handoff: h})
 	cs, brs := idleConns(t, addr, n)
-	drained := make(chan error, 1)
-	go func() { drained <- drain() }()
-	select {
-	case <-u.batches:
-	case <-time.After(20 * time.Second):
-		t.Fatal("no handoff was attempted")
-	}
-	for deadline := time.Now().Add(20 * time.Second); d.handoffOn.Load(); {
-		if time.Now().After(deadline) {
-			t.Fatal("the refusal was never taken")
-		}
-		time.Sleep(time.Millisecond) // polling interval: no event marks the moment
-	}
-	for i := range cs {
-		resp := rawRequest(t, cs[i], brs[i], "/")
-		if resp.Header.Get("X-From") != "old" || !resp.Close {
-			t.Fatalf("connection %d after a refused handoff: X-From %q, close %v; want old, close", i, resp.Header.Get("X-From"), resp.Close)
-		}
-	}
-	select {
-	case err := <-drained:
-		if err != nil {
-			t.Fatal(err)
-		}
-	case <-time.After(20 * time.Second):
-		t.Fatal("the drain did not end once every connection was closed")
-	}
+	servedHereAfterRefusal(t, u, d, drain, cs, brs)
 }
 
 // Our copies of handed-off connections are closed once the handoff is
