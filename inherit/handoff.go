@@ -43,6 +43,9 @@ type Handoffs struct {
 	toConvert chan received // closed by read when it ends
 	converted chan struct{} // closed by convert when it ends
 	park      *parker       // idle HTTP connections, until readable
+	// unparked is how many more idle HTTP connections go to their
+	// listener without parking: eagerConns at first.
+	unparked  atomic.Int32
 	closeOnce sync.Once
 	done      chan struct{} // closed once everything is released
 
@@ -65,6 +68,17 @@ type Handoffs struct {
 // 18.7 ms; docs/benchmarks.md). Past it, each growth has half of a larger table to
 // cover for it.
 const minFDTable = 16384
+
+// eagerConns is how many idle HTTP connections a channel delivers to
+// their listener at once, before it parks the rest until readable: their
+// server then waits for the next request with its goroutine and buffers
+// ready, as for a connection it has served, and that request does not pay
+// for the conversion, a goroutine's start and its buffers (100–150 µs
+// more than a request on a served connection with the parker, 30–50 µs
+// delivered unparked, on 2 cores; docs/benchmarks.md). A few dozen cost a few hundred KiB and a
+// millisecond of a large handoff; ten thousand would cost as many
+// goroutines and buffers, hence the parker past them.
+const eagerConns = 64
 
 // ErrNoHandoff is returned by Send when the process has no handoff channel,
 // or no longer has one (Close, or upgrader closed it).
@@ -141,6 +155,7 @@ func newHandoffs(sock *handoff.Socket, kinds []string, log *slog.Logger) (*Hando
 	var err error
 	h := &Handoffs{sock: sock, kinds: map[string]*Listener{}, log: log, waiting: map[uint64]chan error{},
 		toConvert: make(chan received, 4*handoff.MaxFDs), converted: make(chan struct{}), done: make(chan struct{})}
+	h.unparked.Store(eagerConns)
 	if h.park, err = newParker(log); err != nil {
 		sock.Close()
 		return nil, err
@@ -288,9 +303,12 @@ func (h *Handoffs) receive(m handoff.Message, fds []int) {
 	for i, fd := range fds {
 		c := m.Conns[i]
 		if m.Kind == KindHTTP && len(c.Buffered) == 0 {
-			// HTTP clients speak first: nothing to do until they do.
-			h.park.park(fd, l, c.State)
-			continue
+			if h.unparked.Load() <= 0 {
+				// HTTP clients speak first: nothing to do until they do.
+				h.park.park(fd, l, c.State)
+				continue
+			}
+			h.unparked.Add(-1) // read is the only writer, tests aside
 		}
 		h.toConvert <- received{fd, c, l}
 	}

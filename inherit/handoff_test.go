@@ -322,12 +322,62 @@ func TestHandoffsReceive(t *testing.T) {
 	}
 }
 
+// The first eagerConns idle HTTP connections a channel takes come out of
+// Accept before their clients speak, so that their server waits for the
+// next request as for a connection it has served; the one past them
+// parks until its client speaks.
+func TestHandoffsDeliversTheFirstIdleHTTPUnparked(t *testing.T) {
+	up, _ := fakeUpgrader(t)
+	h := openHandoffs(t, KindHTTP)
+	recv(t, up) // ACCEPT
+	var fds []int
+	var clients []net.Conn
+	for range eagerConns + 1 {
+		sc, cc := tcpPair(t)
+		fd, err := sockets.DupFD(sc)
+		if err != nil {
+			t.Fatal(err)
+		}
+		sc.Close()
+		fds, clients = append(fds, fd), append(clients, cc)
+	}
+	err := up.Send(handoff.Message{Type: handoff.TypeHandoff, ID: 1, Kind: KindHTTP, Conns: make([]handoff.Conn, len(fds))}, fds)
+	handoff.CloseFDs(fds)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if m, _ := recv(t, up); m.Type != handoff.TypeAck {
+		t.Fatalf("answer %+v, want ACK", m)
+	}
+	l := h.Listener(KindHTTP)
+	for range eagerConns {
+		c := accept(t, l) // no client has written anything
+		defer c.Close()
+	}
+	waitFor(t, "the connection past them parked", func() bool {
+		h.park.mu.Lock()
+		defer h.park.mu.Unlock()
+		return len(h.park.parked) == 1
+	})
+	if n := l.Pending(); n != 1 {
+		t.Fatalf("pending %d once %d were accepted, want the parked one", n, eagerConns)
+	}
+	io.WriteString(clients[eagerConns], "GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+	c := accept(t, l)
+	defer c.Close()
+	buf := make([]byte, 4)
+	if _, err := io.ReadFull(c, buf); err != nil || string(buf) != "GET " {
+		t.Fatalf("read %q, %v from the parked one", buf, err)
+	}
+}
+
 // An idle HTTP connection is parked in the epoll set,
 // not turned into a net.Conn, until its client speaks.
 func TestHandoffsParkIdleHTTP(t *testing.T) {
 	up, _ := fakeUpgrader(t)
 	h := openHandoffs(t, KindHTTP)
-	recv(t, up) // ACCEPT
+	h.unparked.Store(0) // past the ones delivered unparked
+	recv(t, up)         // ACCEPT
 	sc, cc := tcpPair(t)
 	if m := handOff(t, up, 1, KindHTTP, sc, handoff.Conn{}); m.Type != handoff.TypeAck {
 		t.Fatalf("answer %+v, want ACK", m)
@@ -468,7 +518,8 @@ func TestHandoffsCloseReleases(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	recv(t, up) // ACCEPT
+	h.unparked.Store(0) // past the ones delivered unparked
+	recv(t, up)         // ACCEPT
 	if m := handOff(t, up, 1, KindHTTP, sc, handoff.Conn{}); m.Type != handoff.TypeAck {
 		t.Fatalf("answer %+v, want ACK", m)
 	}

@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"os"
 	"os/exec"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -196,6 +197,64 @@ func BenchmarkHandoff10k(b *testing.B) {
 		b.ReportMetric(float64((loaded-base).Microseconds())/1000, "ms-extra")
 		b.ReportMetric(float64(st.Handoffs.HandedOff), "handed-off")
 		p.stop(syscall.SIGTERM, time.Minute)
+	}
+}
+
+// BenchmarkFirstRequestAfterHandoff measures what a handoff costs the next
+// request on a connection. Idle keep-alive connections, each answered
+// once, are handed to a new generation by an upgrade; once the old
+// generation has exited, one request on each, one after the other, is
+// timed (the first the new worker serves on it), then one more on each
+// (served as on any connection). It reports both medians and 90th
+// percentiles in µs, over every connection and upgrade, with 16
+// connections (all delivered at once by the taker, inherit's eagerConns)
+// and with 256 (most of them parked until readable).
+//
+//	go test -run '^$' -bench FirstRequestAfterHandoff -benchtime 20x ./integration
+func BenchmarkFirstRequestAfterHandoff(b *testing.B) {
+	for _, n := range []int{16, 256} {
+		b.Run(fmt.Sprintf("conns=%d", n), func(b *testing.B) {
+			p := startUpgrader(b, "-l", "127.0.0.1:0", "--ready-hold", "0", "--", helloBin)
+			p.waitReady(1)
+			conns, readers := openAnswered(b, p.addr(""), n, "1")
+			timed := func(j int, want string) time.Duration {
+				t0 := time.Now()
+				gen, err := post(conns[j], readers[j])
+				d := time.Since(t0)
+				if err != nil || gen != want {
+					b.Fatalf("connection %d: answered by generation %q (%v), want %s", j, gen, err, want)
+				}
+				return d
+			}
+			var first, next []time.Duration
+			b.ResetTimer()
+			for i := 0; i < b.N; i++ {
+				if evs, _ := p.upgrade(30 * time.Second); evs[len(evs)-1].Event != "done" {
+					b.Fatalf("upgrade %d: %+v", i+1, evs)
+				}
+				want := strconv.Itoa(i + 2)
+				for j := range conns {
+					first = append(first, timed(j, want))
+				}
+				for j := range conns {
+					next = append(next, timed(j, want))
+				}
+			}
+			b.StopTimer()
+			for _, c := range conns {
+				c.Close()
+			}
+			slices.Sort(first)
+			slices.Sort(next)
+			at := func(d []time.Duration, q float64) float64 {
+				return float64(d[int(q*float64(len(d)-1))].Nanoseconds()) / 1000
+			}
+			b.ReportMetric(at(first, 0.5), "µs-first-p50")
+			b.ReportMetric(at(first, 0.9), "µs-first-p90")
+			b.ReportMetric(at(next, 0.5), "µs-next-p50")
+			b.ReportMetric(at(next, 0.9), "µs-next-p90")
+			p.stop(syscall.SIGTERM, 30*time.Second)
+		})
 	}
 }
 
