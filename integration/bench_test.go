@@ -29,7 +29,10 @@ import (
 // worker) until the worker's READY=1 arrived, so it holds upgrader's own
 // fork and exec shim too (1 to 5 ms of the ~10 here, by its debug log's
 // "starting generation" and "worker started"); the old worker's drain
-// and exit are in the remainder, though they are the worker's.
+// and exit are in the remainder, though they are the worker's. Of the
+// remainder, ms-ready-to-done is what follows the new generation's
+// "ready" event: the check for handshakes under way, the drain signal,
+// the old worker's drain and exit, the reap and the "done" event.
 //
 //	go test -run '^$' -bench 'Upgrade$' -benchtime 50x ./integration
 func BenchmarkUpgrade(b *testing.B) {
@@ -47,16 +50,17 @@ func BenchmarkUpgrade(b *testing.B) {
 func benchmarkUpgrade(b *testing.B, args ...string) {
 	p := startUpgrader(b, args...)
 	p.waitReady(1)
-	var total, startup time.Duration
+	var total, startup, afterReady time.Duration
 	b.ResetTimer()
 	for i := 0; i < b.N; i++ {
 		t0 := time.Now()
-		evs, _ := p.upgrade(30 * time.Second)
+		evs, at := p.upgrade(30 * time.Second)
 		total += time.Since(t0)
-		for _, e := range evs {
+		for j, e := range evs {
 			switch e.Event {
 			case "ready":
 				startup += time.Duration(e.ReadyAfterUS) * time.Microsecond
+				afterReady += at[len(at)-1].Sub(at[j])
 			case "failed":
 				b.Fatalf("upgrade failed: %+v", evs)
 			}
@@ -66,6 +70,7 @@ func benchmarkUpgrade(b *testing.B, args ...string) {
 	b.ReportMetric(float64(total.Microseconds())/float64(b.N)/1000, "ms/upgrade")
 	b.ReportMetric(float64(startup.Microseconds())/float64(b.N)/1000, "ms-worker-startup/op")
 	b.ReportMetric(float64((total-startup).Microseconds())/float64(b.N)/1000, "ms-upgrader/op")
+	b.ReportMetric(float64(afterReady.Microseconds())/float64(b.N)/1000, "ms-ready-to-done/op")
 	b.ReportMetric(float64(rssKiB(b, p.pid)), "KiB-supervisor-RSS")
 }
 
