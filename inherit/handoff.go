@@ -43,9 +43,12 @@ type Handoffs struct {
 	toConvert chan received // closed by read when it ends
 	converted chan struct{} // closed by convert when it ends
 	park      *parker       // idle HTTP connections, until readable
-	// unparked is how many more idle HTTP connections go to their
-	// listener without parking: eagerConns at first.
+	// unparked is how many more idle HTTP connections are converted at
+	// once and watched (watch) instead of parked: eagerConns at first.
 	unparked  atomic.Int32
+	watchMu   sync.Mutex
+	watched   map[net.Conn]*Listener // converted, waiting to be readable
+	watching  sync.WaitGroup
 	closeOnce sync.Once
 	done      chan struct{} // closed once everything is released
 
@@ -69,15 +72,18 @@ type Handoffs struct {
 // cover for it.
 const minFDTable = 16384
 
-// eagerConns is how many idle HTTP connections a channel delivers to
-// their listener at once, before it parks the rest until readable: their
-// server then waits for the next request with its goroutine and buffers
-// ready, as for a connection it has served, and that request does not pay
-// for the conversion, a goroutine's start and its buffers (100–150 µs
-// more than a request on a served connection with the parker, 30–50 µs
-// delivered unparked, on 2 cores; docs/benchmarks.md). A few dozen cost a few hundred KiB and a
-// millisecond of a large handoff; ten thousand would cost as many
-// goroutines and buffers, hence the parker past them.
+// eagerConns is how many idle HTTP connections a channel converts to
+// net.Conns at once, each watched by a goroutine of its own in Go's
+// netpoller, before it parks the rest as bare fds until readable. A
+// watched connection's next request wakes its goroutine directly, which
+// hands it to its listener's Accept: it does not pay for the parker's
+// thread waking nor for the conversion (docs/benchmarks.md). It is still
+// delivered only once readable, as a parked one: net/http starts a new
+// connection's ReadHeaderTimeout at Accept, so a connection delivered
+// idle would be closed after it, which a served one never is. A few dozen
+// cost a few dozen small goroutines and a millisecond of a large
+// handoff's CPU; ten thousand would cost as many, hence the parker past
+// them.
 const eagerConns = 64
 
 // ErrNoHandoff is returned by Send when the process has no handoff channel,
@@ -154,7 +160,8 @@ func (s *Set) Handoffs(kinds ...string) (*Handoffs, error) {
 func newHandoffs(sock *handoff.Socket, kinds []string, log *slog.Logger) (*Handoffs, error) {
 	var err error
 	h := &Handoffs{sock: sock, kinds: map[string]*Listener{}, log: log, waiting: map[uint64]chan error{},
-		toConvert: make(chan received, 4*handoff.MaxFDs), converted: make(chan struct{}), done: make(chan struct{})}
+		toConvert: make(chan received, 4*handoff.MaxFDs), converted: make(chan struct{}), done: make(chan struct{}),
+		watched: map[net.Conn]*Listener{}}
 	h.unparked.Store(eagerConns)
 	if h.park, err = newParker(log); err != nil {
 		sock.Close()
@@ -310,14 +317,15 @@ func (h *Handoffs) receive(m handoff.Message, fds []int) {
 			}
 			h.unparked.Add(-1) // read is the only writer, tests aside
 		}
-		h.toConvert <- received{fd, c, l}
+		h.toConvert <- received{fd, c, l, m.Kind == KindHTTP && len(c.Buffered) == 0}
 	}
 }
 
 type received struct {
-	fd int
-	c  handoff.Conn
-	l  *Listener
+	fd    int
+	c     handoff.Conn
+	l     *Listener
+	watch bool // an idle HTTP one: delivered once readable (watch)
 }
 
 // convert turns received fds into connections in order, off the reading
@@ -331,7 +339,62 @@ func (h *Handoffs) convert() {
 			r.l.deliver(nil, 1)
 			continue
 		}
+		if r.watch && h.watch(c, r.l, r.c.State) {
+			continue
+		}
 		r.l.deliver([]*Conn{{Conn: c, Kind: r.l.kind, State: r.c.State, pending: r.c.Buffered}}, 1)
+	}
+}
+
+// watch delivers c, converted, to l once its client has sent something
+// (or closed), on a goroutine of its own waiting in the netpoller, or at
+// once if l closes (flushWatched). It returns false, and leaves c to the
+// caller, for a connection with no fd to watch.
+func (h *Handoffs) watch(c net.Conn, l *Listener, state []byte) bool {
+	sc, ok := c.(syscall.Conn)
+	if !ok {
+		return false
+	}
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		return false
+	}
+	h.watchMu.Lock()
+	h.watched[c] = l
+	h.watchMu.Unlock()
+	h.watching.Add(1)
+	go func() {
+		defer h.watching.Done()
+		var b [1]byte
+		rc.Read(func(fd uintptr) bool {
+			_, _, err := unix.Recvfrom(int(fd), b[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
+			return !errors.Is(err, unix.EAGAIN) // bytes, EOF or an error: net/http's to see
+		})
+		h.watchMu.Lock()
+		delete(h.watched, c)
+		// flushWatched's deadline, if it came, is not net/http's (under
+		// watchMu: no flush sets it again once c is out of the map).
+		c.SetReadDeadline(time.Time{})
+		h.watchMu.Unlock()
+		l.deliver([]*Conn{{Conn: c, Kind: l.kind, State: state}}, 1)
+	}()
+	// A Close between the check and the registration must not miss it.
+	if l.isClosed() {
+		h.flushWatched(l)
+	}
+	return true
+}
+
+// flushWatched delivers the watched connections of l at once (it is
+// closing: they must go to its server, which hands them on when it
+// drains), by a deadline in the past that ends their wait.
+func (h *Handoffs) flushWatched(l *Listener) {
+	h.watchMu.Lock()
+	defer h.watchMu.Unlock()
+	for c, wl := range h.watched {
+		if wl == l {
+			c.SetReadDeadline(time.Unix(1, 0))
+		}
 	}
 }
 
@@ -368,6 +431,7 @@ func (h *Handoffs) shut() {
 		l.Close()
 	}
 	h.park.close()
+	h.watching.Wait()                         // flushed by the listeners' Close
 	h.closeOnce.Do(func() { h.sock.Close() }) // upgrader ended it: release our end too
 	h.growing.Wait()
 	close(h.done)
@@ -587,8 +651,15 @@ func (l *Listener) Close() error {
 	l.mu.Unlock()
 	if l.h != nil {
 		l.h.park.flush(l)
+		l.h.flushWatched(l)
 	}
 	return nil
+}
+
+func (l *Listener) isClosed() bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.closed
 }
 
 // Addr is a placeholder address naming the kind.

@@ -322,11 +322,11 @@ func TestHandoffsReceive(t *testing.T) {
 	}
 }
 
-// The first eagerConns idle HTTP connections a channel takes come out of
-// Accept before their clients speak, so that their server waits for the
-// next request as for a connection it has served; the one past them
-// parks until its client speaks.
-func TestHandoffsDeliversTheFirstIdleHTTPUnparked(t *testing.T) {
+// The first eagerConns idle HTTP connections a channel takes are
+// converted at once and watched, not parked, and come out of Accept only
+// once their clients speak (net/http would start a new connection's
+// header timeout at once); the one past them is parked.
+func TestHandoffsWatchesTheFirstIdleHTTP(t *testing.T) {
 	up, _ := fakeUpgrader(t)
 	h := openHandoffs(t, KindHTTP)
 	recv(t, up) // ACCEPT
@@ -349,26 +349,64 @@ func TestHandoffsDeliversTheFirstIdleHTTPUnparked(t *testing.T) {
 	if m, _ := recv(t, up); m.Type != handoff.TypeAck {
 		t.Fatalf("answer %+v, want ACK", m)
 	}
-	l := h.Listener(KindHTTP)
-	for range eagerConns {
-		c := accept(t, l) // no client has written anything
-		defer c.Close()
-	}
-	waitFor(t, "the connection past them parked", func() bool {
+	waitFor(t, "64 watched and 1 parked", func() bool {
+		h.watchMu.Lock()
+		watched := len(h.watched)
+		h.watchMu.Unlock()
 		h.park.mu.Lock()
 		defer h.park.mu.Unlock()
-		return len(h.park.parked) == 1
+		return watched == eagerConns && len(h.park.parked) == 1
 	})
-	if n := l.Pending(); n != 1 {
-		t.Fatalf("pending %d once %d were accepted, want the parked one", n, eagerConns)
+	l := h.Listener(KindHTTP)
+	l.mu.Lock()
+	queued := len(l.queue)
+	l.mu.Unlock()
+	if queued != 0 || l.Pending() != eagerConns+1 {
+		t.Fatalf("before any client spoke: %d queued for Accept, %d pending; want 0 and %d", queued, l.Pending(), eagerConns+1)
 	}
-	io.WriteString(clients[eagerConns], "GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-	c := accept(t, l)
+	for _, cc := range clients {
+		io.WriteString(cc, "GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+	}
+	for range eagerConns + 1 {
+		c := accept(t, l)
+		defer c.Close()
+		buf := make([]byte, 4)
+		if _, err := io.ReadFull(c, buf); err != nil || string(buf) != "GET " {
+			t.Fatalf("read %q, %v", buf, err)
+		}
+	}
+	if n := l.Pending(); n != 0 {
+		t.Fatalf("%d still pending once all were accepted", n)
+	}
+}
+
+// A listener that closes gets its watched connections at once, working,
+// and their goroutines end.
+func TestHandoffsCloseDeliversWatched(t *testing.T) {
+	up, _ := fakeUpgrader(t)
+	sc, cc := tcpPair(t)
+	goroutines := runtime.NumGoroutine()
+	h := openHandoffs(t, KindHTTP)
+	recv(t, up) // ACCEPT
+	if m := handOff(t, up, 1, KindHTTP, sc, handoff.Conn{}); m.Type != handoff.TypeAck {
+		t.Fatalf("answer %+v, want ACK", m)
+	}
+	waitFor(t, "the connection watched", func() bool {
+		h.watchMu.Lock()
+		defer h.watchMu.Unlock()
+		return len(h.watched) == 1
+	})
+	if err := h.Close(); err != nil {
+		t.Fatal(err)
+	}
+	c := accept(t, h.Listener(KindHTTP))
 	defer c.Close()
-	buf := make([]byte, 4)
-	if _, err := io.ReadFull(c, buf); err != nil || string(buf) != "GET " {
-		t.Fatalf("read %q, %v from the parked one", buf, err)
+	io.WriteString(cc, "x")
+	c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if _, err := io.ReadFull(c, make([]byte, 1)); err != nil {
+		t.Fatalf("the connection watched at Close does not work: %v", err)
 	}
+	waitFor(t, "the goroutines gone", func() bool { return runtime.NumGoroutine() <= goroutines })
 }
 
 // An idle HTTP connection is parked in the epoll set,

@@ -34,15 +34,19 @@ func TestCloseFDsClosesEveryOneAndNoOther(t *testing.T) {
 	src := dups(t, 1)[0]
 	defer unix.Close(src)
 	// Twelve consecutive numbers, placed with dup3(2) in free slots well
-	// above what the test binary holds.
-	const base = 700
+	// above what the test binary holds, below its limit.
+	var lim unix.Rlimit
+	if err := unix.Getrlimit(unix.RLIMIT_NOFILE, &lim); err != nil {
+		t.Fatal(err)
+	}
+	base := int(min(lim.Cur, 1024)) - 16
 	fds := make([]int, 12)
 	for i := range fds {
 		if isOpen(base + i) {
 			t.Fatalf("fd %d is already open", base+i)
 		}
 		if err := unix.Dup3(src, base+i, unix.O_CLOEXEC); err != nil {
-			t.Fatal(err)
+			t.Fatalf("dup3 to fd %d (RLIMIT_NOFILE %d): %v", base+i, lim.Cur, err)
 		}
 		fds[i] = base + i
 	}
