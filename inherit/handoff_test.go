@@ -381,32 +381,60 @@ func TestHandoffsWatchesTheFirstIdleHTTP(t *testing.T) {
 }
 
 // A listener that closes gets its watched connections at once, working,
-// and their goroutines end.
+// with no deadline left on them, and their goroutines end: closed by
+// itself (a drain, the channel still open) or by the channel's Close.
 func TestHandoffsCloseDeliversWatched(t *testing.T) {
-	up, _ := fakeUpgrader(t)
-	sc, cc := tcpPair(t)
-	goroutines := runtime.NumGoroutine()
-	h := openHandoffs(t, KindHTTP)
-	recv(t, up) // ACCEPT
-	if m := handOff(t, up, 1, KindHTTP, sc, handoff.Conn{}); m.Type != handoff.TypeAck {
-		t.Fatalf("answer %+v, want ACK", m)
+	for _, by := range []string{"listener", "channel"} {
+		t.Run(by, func(t *testing.T) {
+			up, _ := fakeUpgrader(t)
+			sc, cc := tcpPair(t)
+			goroutines := runtime.NumGoroutine()
+			h := openHandoffs(t, KindHTTP)
+			recv(t, up) // ACCEPT
+			if m := handOff(t, up, 1, KindHTTP, sc, handoff.Conn{}); m.Type != handoff.TypeAck {
+				t.Fatalf("answer %+v, want ACK", m)
+			}
+			watched := func() int {
+				h.watchMu.Lock()
+				defer h.watchMu.Unlock()
+				return len(h.watched)
+			}
+			waitFor(t, "the connection watched", func() bool { return watched() == 1 })
+			l := h.Listener(KindHTTP)
+			closed := make(chan error, 1)
+			go func() {
+				if by == "listener" {
+					closed <- l.Close()
+				} else {
+					closed <- h.Close() // waits for the watchers
+				}
+			}()
+			select {
+			case err := <-closed:
+				if err != nil {
+					t.Fatal(err)
+				}
+			case <-time.After(10 * time.Second):
+				t.Fatalf("%s Close still waiting after 10s", by)
+			}
+			c := accept(t, l)
+			defer c.Close()
+			if n := watched(); n != 0 {
+				t.Fatalf("%d still watched once delivered", n)
+			}
+			// No deadline of ours may be left on it: net/http sets its own.
+			// A timer, not a deadline, bounds the read.
+			stop := time.AfterFunc(10*time.Second, func() { c.Close() })
+			defer stop.Stop()
+			io.WriteString(cc, "x")
+			if _, err := io.ReadFull(c, make([]byte, 1)); err != nil {
+				t.Fatalf("the connection watched at Close does not work: %v", err)
+			}
+			if by == "channel" {
+				waitFor(t, "the goroutines gone", func() bool { return runtime.NumGoroutine() <= goroutines })
+			}
+		})
 	}
-	waitFor(t, "the connection watched", func() bool {
-		h.watchMu.Lock()
-		defer h.watchMu.Unlock()
-		return len(h.watched) == 1
-	})
-	if err := h.Close(); err != nil {
-		t.Fatal(err)
-	}
-	c := accept(t, h.Listener(KindHTTP))
-	defer c.Close()
-	io.WriteString(cc, "x")
-	c.SetReadDeadline(time.Now().Add(10 * time.Second))
-	if _, err := io.ReadFull(c, make([]byte, 1)); err != nil {
-		t.Fatalf("the connection watched at Close does not work: %v", err)
-	}
-	waitFor(t, "the goroutines gone", func() bool { return runtime.NumGoroutine() <= goroutines })
 }
 
 // An idle HTTP connection is parked in the epoll set,
