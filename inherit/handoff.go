@@ -378,7 +378,7 @@ func (h *Handoffs) watch(c net.Conn, l *Listener, state []byte) bool {
 		h.watchMu.Unlock()
 		l.deliver([]*Conn{{Conn: c, Kind: l.kind, State: state}}, 1)
 	}()
-	// A Close between the check and the registration must not miss it.
+	// A Close before the registration flushed without c: flush again.
 	if l.isClosed() {
 		h.flushWatched(l)
 	}
