@@ -278,6 +278,15 @@ func Exchange(ctx context.Context, c net.Conn, path string, r Request, recv func
 	}
 	b, _ := json.Marshal(r)
 	if _, err := c.Write(append(b, '\n')); err != nil {
+		// A server that refuses the connection (MaxConns) answers and
+		// closes before it reads: the write can meet the close (EPIPE)
+		// while the answer, which says why, waits to be read.
+		if sc := bufio.NewScanner(c); sc.Scan() {
+			var rep Reply
+			if json.Unmarshal(sc.Bytes(), &rep) == nil && rep.Error != "" {
+				return errors.New(rep.Error)
+			}
+		}
 		return fmt.Errorf("control socket %s: %w", path, err)
 	}
 	sc := bufio.NewScanner(c)
