@@ -81,9 +81,8 @@ const minFDTable = 16384
 // delivered only once readable, as a parked one: net/http starts a new
 // connection's ReadHeaderTimeout at Accept, so a connection delivered
 // idle would be closed after it, which a served one never is. A few dozen
-// cost a few dozen small goroutines and a millisecond of a large
-// handoff's CPU; ten thousand would cost as many, hence the parker past
-// them.
+// cost as many goroutines and conversions; ten thousand would cost ten
+// thousand, hence the parker past them.
 const eagerConns = 64
 
 // ErrNoHandoff is returned by Send when the process has no handoff channel,
@@ -317,15 +316,14 @@ func (h *Handoffs) receive(m handoff.Message, fds []int) {
 			}
 			h.unparked.Add(-1) // read is the only writer, tests aside
 		}
-		h.toConvert <- received{fd, c, l, m.Kind == KindHTTP && len(c.Buffered) == 0}
+		h.toConvert <- received{fd, c, l}
 	}
 }
 
 type received struct {
-	fd    int
-	c     handoff.Conn
-	l     *Listener
-	watch bool // an idle HTTP one: delivered once readable (watch)
+	fd int
+	c  handoff.Conn
+	l  *Listener
 }
 
 // convert turns received fds into connections in order, off the reading
@@ -339,7 +337,8 @@ func (h *Handoffs) convert() {
 			r.l.deliver(nil, 1)
 			continue
 		}
-		if r.watch && h.watch(c, r.l, r.c.State) {
+		// An idle HTTP one here is within eagerConns (receive parks the rest).
+		if r.l.kind == KindHTTP && len(r.c.Buffered) == 0 && h.watch(c, r.l, r.c.State) {
 			continue
 		}
 		r.l.deliver([]*Conn{{Conn: c, Kind: r.l.kind, State: r.c.State, pending: r.c.Buffered}}, 1)
