@@ -35,7 +35,12 @@ function forwardTo(from, to) {
     to.send({ upgrader: 'handoff', id, kind: m.kind, state: m.state, buffered: m.buffered }, handle)
       .then(() => from.send({ upgrader: 'ack', id: m.id }))
       .then(() => { forwarded.push(m); from.emit('forwarded', m); },
-        (err) => { forwarded.push({ error: err.message }); });
+        (err) => {
+          // As upgrader does: a handoff the next generation could not take
+          // is refused, so the worker serves the connection on.
+          forwarded.push({ error: err.message });
+          from.send({ upgrader: 'nak', id: m.id, reason: err.message }).catch(() => {});
+        });
   });
   return forwarded;
 }
@@ -199,19 +204,21 @@ test('a connection taken while draining goes on like an idle one of its own', as
   forwardTo(w2, w3);
   const c = new Client(port);
   await c.get('/one');
-  // A request half sent keeps w2 draining, not gone, while w1 hands off.
+  // A request w2 holds keeps it draining, not gone, while w1 hands off. A
+  // request w2 has not yet read would not: the connection would look idle
+  // and go to w3, and w2 could exit before w1's handoff reached it.
   const port2 = (await w2.waitMsg((m) => m.test === 'listening')).m.port;
-  const half = new Client(port2);
-  await half.connected();
-  half.sock.write('GET /half HTTP/1.1\r\n');
+  const busy = new Client(port2);
+  const answered = busy.get('/held');
+  await w2.waitMsg((m) => m.test === 'request' && m.url === '/held');
   process.kill(w2.pid, 'SIGTERM');
   await w2.waitMsg((m) => m.test === 'drain');
   process.kill(w1.pid, 'SIGTERM');
   assert.deepStrictEqual(await w1.exited, { code: 0, signal: null });
   await w2.waitMsg((m) => m.upgrader === 'handoff');
   assert.strictEqual((await c.get('/two')).headers['x-pid'], String(w3.pid));
-  half.sock.write('Host: test\r\n\r\n');
-  const r = await half.response();
+  await w2.send({ test: 'release' });
+  const r = await answered;
   assert.strictEqual(r.headers['x-pid'], String(w2.pid));
   assert.strictEqual(r.headers.connection, 'close');
   assert.deepStrictEqual(await w2.exited, { code: 0, signal: null });

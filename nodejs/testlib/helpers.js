@@ -19,6 +19,30 @@ function listen() {
 // A listening socket the test holds but does not serve: bound by a
 // net.Server, its fd given to the worker, and closed here before the event
 // loop could accept on it.
+// One after-hook per test stops all of its workers, and fails the test only
+// once every one is stopped: node:test runs no later after-hook once one
+// throws, so a hook per worker that threw would leave the others running
+// and hang the whole run.
+const workersOf = new WeakMap();
+
+function track(t, w) {
+  let ws = workersOf.get(t);
+  if (!ws) {
+    ws = new Set();
+    workersOf.set(t, ws);
+    t.after(async () => {
+      const left = [...ws].filter((x) => x.running());
+      for (const x of left) process.kill(x.pid, 'SIGKILL');
+      await Promise.all(left.map((x) => x.exited));
+      if (left.length > 0) {
+        const what = left.map((x) => `worker ${x.pid} was left running; messages ${JSON.stringify(x.messages)}; stderr ${JSON.stringify(x.stderr)}`);
+        throw new Error(what.join('\n'));
+      }
+    });
+  }
+  ws.add(w);
+}
+
 class Worker extends EventEmitter {
   constructor(t, { listeners = [], env = {}, ipc = true, extraPipe = false } = {}) {
     super();
@@ -46,13 +70,11 @@ class Worker extends EventEmitter {
       if (handle) handle.pause(); // the test must not read what is the worker's
       this.emit('msg', m, handle);
     });
-    t.after(async () => {
-      if (this.proc.exitCode === null && this.proc.signalCode === null) {
-        process.kill(this.pid, 'SIGKILL');
-        await this.exited;
-        throw new Error(`worker ${this.pid} was left running`);
-      }
-    });
+    track(t, this);
+  }
+
+  running() {
+    return this.proc.exitCode === null && this.proc.signalCode === null;
   }
 
   // waitMsg resolves with the first message (past or future) matching pred.

@@ -8,6 +8,16 @@ const upgrader = require('..');
 const pid = String(process.pid);
 const tell = (m) => { if (process.send) process.send({ test: m.test, ...m }); };
 let release = null;
+let held = null;
+// Registered before serve(): the module's explicit unref of the channel
+// then also covers this listener, so it never keeps the worker alive.
+process.on('message', (m) => {
+  if (m && m.test === 'release' && held) {
+    const r = held;
+    held = null;
+    r();
+  }
+});
 
 const fs = require('fs');
 const https = require('https');
@@ -21,6 +31,12 @@ const handler = (req, res) => {
     res.end(body);
   };
   tell({ test: 'request', url: req.url });
+  if (req.url === '/held') {
+    // Answered only on the test's {test: 'release'}: a request in flight
+    // for as long as the test needs one, whatever the drain does.
+    held = reply;
+    return;
+  }
   if (req.url === '/slow') {
     // Answered only once the drain has begun: the response in flight.
     release = reply;
