@@ -224,11 +224,19 @@ func (h *Handoffs) kindList() []string {
 // returns, the channel's goroutines have ended and its fds (the socket, the
 // epoll instance) are closed. It is safe to call more than once, and on a
 // nil *Handoffs; it always returns nil.
+//
+// A channel that upgrader ends instead (in embedded mode, when the old
+// process exits) only ends its Listeners: they take no more, but keep
+// their idle connections parked or watched until each client speaks, or
+// until the Listener is closed (shut says why).
 func (h *Handoffs) Close() error {
 	if h == nil {
 		return nil
 	}
 	h.closeOnce.Do(func() { h.sock.Close() }) // read's Recv returns, and read releases the rest
+	for _, l := range h.kinds {
+		l.Close()
+	}
 	<-h.done
 	if out := h.out.Load(); out != nil {
 		out.Close()
@@ -414,8 +422,11 @@ func fileConn(fd int) (net.Conn, error) {
 }
 
 // shut releases the channel once read has ended: conversions finish, Sends
-// waiting fail, the listeners close (delivering what is parked for them)
-// and the parker's epoll instance and goroutine go.
+// waiting fail, and the listeners end. Their idle connections stay parked
+// or watched until their clients speak or the listener closes: delivered
+// idle, a connection would be closed by net/http's ReadHeaderTimeout,
+// which starts at Accept, where a served idle one never is. Only then do
+// the parker's epoll instance and goroutine go.
 func (h *Handoffs) shut() {
 	close(h.toConvert) // read, the only sender, has returned
 	<-h.converted
@@ -426,12 +437,15 @@ func (h *Handoffs) shut() {
 		delete(h.waiting, id)
 	}
 	h.mu.Unlock()
-	for _, l := range h.kinds {
-		l.Close()
-	}
-	h.park.close()
-	h.watching.Wait()                         // flushed by the listeners' Close
 	h.closeOnce.Do(func() { h.sock.Close() }) // upgrader ended it: release our end too
+	for _, l := range h.kinds {
+		l.end() // all of them first: each kind's Accept fails on its own
+	}
+	for _, l := range h.kinds {
+		l.waitEmpty()
+	}
+	h.park.close()    // nothing left parked: each listener is empty or flushed
+	h.watching.Wait() // nor watched
 	h.growing.Wait()
 	close(h.done)
 }
@@ -580,8 +594,9 @@ type Listener struct {
 	mu       sync.Mutex
 	cond     *sync.Cond
 	queue    []*Conn
-	reserved int // acknowledged, still being converted or parked
-	closed   bool
+	reserved int  // acknowledged, still being converted or parked
+	closed   bool // by Close: parked and watched ones are flushed
+	ended    bool // by the channel's end: no more will come
 	h        *Handoffs
 }
 
@@ -591,11 +606,11 @@ func newListener(kind string, h *Handoffs) *Listener {
 	return l
 }
 
-// reserve promises n connections, unless the listener is closed.
+// reserve promises n connections, unless the listener is closed or ended.
 func (l *Listener) reserve(n int) bool {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	if l.closed {
+	if l.closed || l.ended {
 		return false
 	}
 	l.reserved += n
@@ -623,12 +638,12 @@ func (l *Listener) Pending() int {
 }
 
 // Accept waits for the next handed-off connection, a *Conn. Once the
-// listener is closed and every connection taken has been returned, it
-// returns net.ErrClosed.
+// listener is closed, or its channel has ended, and every connection taken
+// has been returned, it returns net.ErrClosed.
 func (l *Listener) Accept() (net.Conn, error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	for len(l.queue) == 0 && !(l.closed && l.reserved == 0) {
+	for len(l.queue) == 0 && !((l.closed || l.ended) && l.reserved == 0) {
 		l.cond.Wait()
 	}
 	if len(l.queue) == 0 {
@@ -653,6 +668,25 @@ func (l *Listener) Close() error {
 		l.h.flushWatched(l)
 	}
 	return nil
+}
+
+// end marks the listener's channel ended: it takes no more.
+func (l *Listener) end() {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.ended = true
+	l.cond.Broadcast()
+}
+
+// waitEmpty returns once nothing is parked or watched for l: every
+// connection taken has been delivered (its client spoke or left), or
+// Close has flushed them.
+func (l *Listener) waitEmpty() {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	for !l.closed && l.reserved > 0 {
+		l.cond.Wait()
+	}
 }
 
 func (l *Listener) isClosed() bool {

@@ -437,6 +437,90 @@ func TestHandoffsCloseDeliversWatched(t *testing.T) {
 	}
 }
 
+// When upgrader ends the channel (embedded mode: the old process exited),
+// idle connections taken stay watched or parked: given to net/http idle,
+// they would fall to its ReadHeaderTimeout, which starts at Accept. They
+// come out of Accept once their clients speak, or at once when the
+// listener closes; then Accept fails (at once for a kind with nothing
+// taken) and the channel's goroutines end.
+func TestHandoffsChannelEndKeepsIdleWaiting(t *testing.T) {
+	for _, by := range []string{"clients", "listener"} {
+		t.Run(by, func(t *testing.T) {
+			up, _ := fakeUpgrader(t)
+			goroutines := runtime.NumGoroutine()
+			h := openHandoffs(t, KindHTTP, "ws")
+			h.unparked.Store(1) // one watched, one parked
+			recv(t, up)         // ACCEPT
+			var clients []net.Conn
+			for id := range uint64(2) {
+				sc, cc := tcpPair(t)
+				if m := handOff(t, up, id+1, KindHTTP, sc, handoff.Conn{}); m.Type != handoff.TypeAck {
+					t.Fatalf("answer %+v, want ACK", m)
+				}
+				sc.Close()
+				clients = append(clients, cc)
+			}
+			l := h.Listener(KindHTTP)
+			counts := func() (watched, parked, queued int, ended bool) {
+				h.watchMu.Lock()
+				watched = len(h.watched)
+				h.watchMu.Unlock()
+				h.park.mu.Lock()
+				parked = len(h.park.parked)
+				h.park.mu.Unlock()
+				l.mu.Lock()
+				defer l.mu.Unlock()
+				return watched, parked, len(l.queue), l.ended
+			}
+			waitFor(t, "one watched and one parked", func() bool { w, p, _, _ := counts(); return w == 1 && p == 1 })
+			up.Close()
+			waitFor(t, "the listener ended", func() bool { _, _, _, ended := counts(); return ended })
+			if w, p, q, _ := counts(); w != 1 || p != 1 || q != 0 || l.Pending() != 2 {
+				t.Fatalf("channel ended, clients idle: %d watched, %d parked, %d queued for Accept, %d pending; want 1, 1, 0, 2", w, p, q, l.Pending())
+			}
+			// Another kind, with nothing taken, is over at once.
+			ws := make(chan error, 1)
+			go func() { _, err := h.Listener("ws").Accept(); ws <- err }()
+			select {
+			case err := <-ws:
+				if !errors.Is(err, net.ErrClosed) {
+					t.Fatalf("Accept of a kind with nothing taken, channel ended: %v, want net.ErrClosed", err)
+				}
+			case <-time.After(10 * time.Second):
+				t.Fatal("Accept of a kind with nothing taken still waiting 10s after the channel ended")
+			}
+			if by == "listener" {
+				if err := l.Close(); err != nil {
+					t.Fatal(err)
+				}
+				waitFor(t, "both given to Accept, idle", func() bool { _, _, q, _ := counts(); return q == 2 })
+			}
+			for _, cc := range clients {
+				io.WriteString(cc, "GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+			}
+			for range clients {
+				c := accept(t, l)
+				defer c.Close()
+				stop := time.AfterFunc(10*time.Second, func() { c.Close() })
+				defer stop.Stop()
+				buf := make([]byte, 4)
+				if _, err := io.ReadFull(c, buf); err != nil || string(buf) != "GET " {
+					t.Fatalf("read %q, %v", buf, err)
+				}
+			}
+			if _, err := l.Accept(); !errors.Is(err, net.ErrClosed) {
+				t.Fatalf("Accept once all were returned: %v, want net.ErrClosed", err)
+			}
+			select {
+			case <-h.done:
+			case <-time.After(10 * time.Second):
+				t.Fatal("the channel still not released 10s after its last connection")
+			}
+			waitFor(t, "the goroutines gone", func() bool { return runtime.NumGoroutine() <= goroutines })
+		})
+	}
+}
+
 // An idle HTTP connection is parked in the epoll set,
 // not turned into a net.Conn, until its client speaks.
 func TestHandoffsParkIdleHTTP(t *testing.T) {

@@ -76,6 +76,10 @@ func (p *parker) park(fd int, l *Listener, state []byte) {
 		ev := unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLRDHUP | unix.EPOLLONESHOT, Fd: int32(fd)}
 		if err := unix.EpollCtl(p.epfd, unix.EPOLL_CTL_ADD, fd, &ev); err == nil {
 			p.mu.Unlock()
+			// A Close since receive reserved it flushed without fd.
+			if l.isClosed() {
+				p.flush(l)
+			}
 			return
 		}
 		delete(p.parked, fd)
