@@ -606,11 +606,12 @@ func newListener(kind string, h *Handoffs) *Listener {
 	return l
 }
 
-// reserve promises n connections, unless the listener is closed or ended.
+// reserve promises n connections, unless the listener is closed. (An
+// ended one is never asked: read, its only caller, has returned.)
 func (l *Listener) reserve(n int) bool {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	if l.closed || l.ended {
+	if l.closed {
 		return false
 	}
 	l.reserved += n
