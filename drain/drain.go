@@ -145,6 +145,10 @@ type Server struct {
 	toClose  []*hconn // handed off, our copies still open (under closeMu)
 	closerOn bool     // closeCopies' goroutine runs (under closeMu)
 	closing  sync.WaitGroup
+
+	// testInPlaceWoken, a test hook, runs when the socket wakes a read
+	// whose connection was taken in place (hconn.read).
+	testInPlaceWoken func()
 }
 
 // FatalError is returned by Serve after a drain that Fail started (a
@@ -433,7 +437,7 @@ func (s *Server) track(c net.Conn, st http.ConnState) {
 	hc, _ := c.(*hconn)
 	if hc != nil && st != http.StateClosed && st != http.StateHijacked {
 		between := st == http.StateIdle || st == http.StateNew
-		hc.setIdle(between)
+		hc.setIdle(between, st == http.StateNew)
 		if between && s.draining.Load() && s.handoffOn.Load() {
 			s.kickOne(hc)
 		}

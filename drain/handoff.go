@@ -37,6 +37,19 @@ import (
 // bytes of it (a pipelined request, or one whose first byte net/http's
 // background read took while the previous handler ran), its response says
 // "Connection: close". A connection is queued for handoff at most once.
+//
+// Most idle connections need no wake-up at all: net/http's read for the
+// next request waits in hconn.Read for the socket, and that read makes
+// its read(2) through the socket's RawConn with c.mu held, counting what
+// it returned under the same lock. So a kick that holds c.mu and finds
+// such a read waiting, with the conditions above met, knows that no byte
+// was taken from the socket and none will be: it takes the connection
+// where it is ("in place"), and the waiting read, should the socket wake
+// it, leaves the bytes to the new owner. net/http's goroutine stays asleep
+// (waking and ending it was half of the old worker's CPU in a handoff of
+// 10,000 connections); it ends when our copy closes after the answer, or
+// with the process. A refusal undoes the take, and the same read goes on
+// serving the connection here.
 
 // httpReadBuffer is net/http's bufio.Reader size for connections.
 const httpReadBuffer = 4096
@@ -65,6 +78,21 @@ type hconn struct {
 	taken        bool // Read refused net/http: Close hands off
 	handing      bool // Close has queued it for handoff
 	offered      bool // it was queued once: never again, even if refused
+	// raw is the socket's RawConn, for reads that a take in place cannot
+	// race (read); nil for a socket without one.
+	raw syscall.RawConn
+	// waiting is the length of net/http's read that waits in read for the
+	// socket, holding nothing of it yet; 0 when none does.
+	waiting int
+	// inPlace: taken while that read waited (kick); the read leaves the
+	// socket's bytes alone until the answer. woken: a refusal undid it,
+	// and our deadline wakes the read, which then goes on as before.
+	inPlace bool
+	woken   bool
+	// fresh: StateNew, no request served yet. Such a connection is not
+	// taken in place: net/http's Shutdown waits for one younger than 5s
+	// as if busy, and its goroutine would hold the drain's end.
+	fresh bool
 	// noHandoff: net/http holds bytes of a next request (a takeover failed
 	// on them, or the client sent it while a response was being finished),
 	// so the connection cannot be handed off: its next response says
@@ -127,11 +155,22 @@ func (c *hconn) Read(p []byte) (int, error) {
 		if c.ready(len(p)) {
 			return c.takeover()
 		}
+		raw := c.raw != nil && c.idle && len(p) == httpReadBuffer && !c.kicked
 		c.mu.Unlock()
-		n, err := c.Conn.Read(p)
+		var n int
+		var err error
+		if raw {
+			if n, err = c.read(p); err == errInPlace {
+				return 0, errTakenOver // net/http lets go; the answer decides
+			}
+		} else {
+			n, err = c.Conn.Read(p)
+		}
 		resolved := false
 		c.mu.Lock()
-		c.delivered += int64(n)
+		if !raw {
+			c.delivered += int64(n) // read counts its own under c.mu
+		}
 		if len(p) == 1 && n == 1 && !c.idle && c.s.draining.Load() {
 			// net/http's background read, while a handler runs, got the
 			// first byte of a next request: net/http holds it now.
@@ -174,12 +213,98 @@ func (c *hconn) Read(p []byte) (int, error) {
 	}
 }
 
+// errInPlace is read's word that the connection was taken in place.
+var errInPlace = errors.New("drain: taken in place")
+
+// read is net/http's read for a next request, made through c.raw: each
+// read(2), and the count of what it returned, under c.mu, so that kick
+// sees either the bytes counted or none taken. While it waits for the
+// socket, c.waiting says so. Once the connection is taken in place it
+// reads nothing more, and returns errInPlace when the wait ends (our copy
+// closed after the answer, or a deadline). Its errors are those of
+// net.Conn's Read: io.EOF, or a *net.OpError.
+func (c *hconn) read(p []byte) (int, error) {
+	if ic, ok := c.Conn.(*inherit.Conn); ok && len(ic.Pending()) > 0 {
+		// The sender's bytes come first, and from memory.
+		n, err := c.Conn.Read(p)
+		c.mu.Lock()
+		c.delivered += int64(n)
+		c.mu.Unlock()
+		return n, err
+	}
+	c.mu.Lock()
+	c.waiting = len(p)
+	c.mu.Unlock()
+	for {
+		var n int
+		var rerr error
+		done := false
+		werr := c.raw.Read(func(fd uintptr) bool {
+			c.mu.Lock()
+			defer c.mu.Unlock()
+			if c.inPlace {
+				if h := c.s.testInPlaceWoken; h != nil {
+					h()
+				}
+				return false // the new owner's bytes
+			}
+			for {
+				n, rerr = syscall.Read(int(fd), p)
+				if rerr != syscall.EINTR {
+					break
+				}
+			}
+			if rerr == syscall.EAGAIN {
+				return false
+			}
+			n = max(n, 0)
+			c.delivered += int64(n)
+			c.waiting = 0
+			done = true
+			return true
+		})
+		if done {
+			switch {
+			case rerr != nil:
+				return 0, c.opError(os.NewSyscallError("read", rerr))
+			case n == 0:
+				return 0, io.EOF
+			}
+			return n, nil
+		}
+		// The wait ended: a deadline, or the socket closed.
+		c.mu.Lock()
+		if c.inPlace {
+			c.waiting = 0
+			c.mu.Unlock()
+			return 0, errInPlace
+		}
+		if c.woken && !c.kicked && errors.Is(werr, os.ErrDeadlineExceeded) {
+			// A refusal's wake-up: the read goes on, under net/http's
+			// own deadline again.
+			c.woken = false
+			c.Conn.SetReadDeadline(c.httpDeadline)
+			c.mu.Unlock()
+			continue
+		}
+		c.woken = false
+		c.waiting = 0
+		c.mu.Unlock()
+		return 0, c.opError(werr)
+	}
+}
+
+// opError wraps a read's error as net.Conn's Read does.
+func (c *hconn) opError(err error) error {
+	return &net.OpError{Op: "read", Net: c.LocalAddr().Network(), Source: c.LocalAddr(), Addr: c.RemoteAddr(), Err: err}
+}
+
 func (c *hconn) SetReadDeadline(t time.Time) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.httpDeadline = t
-	if c.kicked {
-		return nil // restored when the kick is undone
+	if c.kicked || c.woken {
+		return nil // restored when the kick, or the wake-up, is undone
 	}
 	return c.Conn.SetReadDeadline(t)
 }
@@ -195,16 +320,23 @@ func (c *hconn) SetDeadline(t time.Time) error {
 // close set, a close (closeIdle). It reports whether it asked: a
 // connection that is busy, already asked, or cannot go is left alone. A
 // handoff kick is resolved by takenConn (taken) or kickResolved (the
-// kick undone: the connection is served here after all).
-func (c *hconn) kick(close bool) bool {
+// kick undone: the connection is served here after all). inPlace reports
+// a handoff taken at once, net/http's read left waiting (read): the
+// caller queues it (takenInPlace).
+func (c *hconn) kick(close bool) (asked, inPlace bool) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if !c.idle || c.taken || c.want || !c.http1() || (!close && (c.noHandoff || c.offered)) {
-		return false // an offered one was refused once: never again
+		return false, false // an offered one was refused once: never again
+	}
+	if !close && !c.fresh && c.waiting == httpReadBuffer && c.quiet(httpReadBuffer) {
+		c.taken, c.inPlace, c.handing, c.offered = true, true, true, true
+		c.released = make(chan struct{})
+		return true, true
 	}
 	c.want, c.kicked, c.closeWant = true, true, close
 	c.Conn.SetReadDeadline(aLongTimeAgo)
-	return true
+	return true, false
 }
 
 // handable reports whether c's next response may leave it open for a
@@ -215,9 +347,9 @@ func (c *hconn) handable() bool {
 	return !c.noHandoff
 }
 
-func (c *hconn) setIdle(idle bool) {
+func (c *hconn) setIdle(idle, fresh bool) {
 	c.mu.Lock()
-	c.idle = idle
+	c.idle, c.fresh = idle, fresh
 	if idle {
 		c.idleMark = c.delivered
 	}
@@ -290,7 +422,7 @@ func (c *hconn) SyscallConn() (syscall.RawConn, error) {
 func (c *hconn) reset() {
 	c.mu.Lock()
 	c.taken, c.handing, c.want, c.kicked, c.idle = false, false, false, false, false
-	c.closeWant = false
+	c.closeWant, c.inPlace, c.woken = false, false, false
 	c.released = nil
 	c.Conn.SetReadDeadline(c.httpDeadline)
 	c.mu.Unlock()
@@ -310,7 +442,32 @@ func (l handoffListener) Accept() (net.Conn, error) {
 	if _, ok := c.(syscall.Conn); !ok {
 		return c, nil // TLS and other wrappers: not handed off
 	}
-	return &hconn{Conn: c, s: l.s, info: new(connInfo)}, nil
+	hc := &hconn{Conn: c, s: l.s, info: new(connInfo)}
+	hc.raw = socketRawConn(c)
+	return hc, nil
+}
+
+// socketRawConn returns the RawConn of c's socket, beneath a handed-off
+// connection's wrapper: only a net package socket's, whose Read is the
+// read(2) that hconn.read makes in its place.
+func socketRawConn(c net.Conn) syscall.RawConn {
+	if ic, ok := c.(*inherit.Conn); ok {
+		c = ic.Conn
+	}
+	var sc syscall.Conn
+	switch c := c.(type) {
+	case *net.TCPConn:
+		sc = c
+	case *net.UnixConn:
+		sc = c
+	default:
+		return nil
+	}
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		return nil
+	}
+	return rc
 }
 
 // fallbackListener feeds connections whose handoff was refused back to this
@@ -448,10 +605,17 @@ func (s *Server) kickMore() {
 		s.kicked += len(next)
 		s.mu.Unlock()
 		missed := 0
+		var inPlace []*hconn
 		for _, c := range next {
-			if !c.kick(false) {
+			switch asked, taken := c.kick(false); {
+			case !asked:
 				missed++ // busy or gone meanwhile
+			case taken:
+				inPlace = append(inPlace, c)
 			}
+		}
+		if len(inPlace) > 0 {
+			s.takenInPlace(inPlace)
 		}
 		if missed == 0 {
 			return
@@ -459,6 +623,33 @@ func (s *Server) kickMore() {
 		s.mu.Lock()
 		s.kicked -= missed
 		s.mu.Unlock()
+	}
+}
+
+// takenInPlace queues connections kick took where their read waits, as
+// takenConn does one net/http let go of, and sends the batches that are
+// ready, each on a goroutine of its own: the caller kicks on.
+func (s *Server) takenInPlace(cs []*hconn) {
+	s.mu.Lock()
+	s.kicked -= len(cs)
+	s.pendingHO += len(cs)
+	if !s.handoffOn.Load() {
+		s.mu.Unlock()
+		s.refuse(cs)
+		return
+	}
+	s.queue = append(s.queue, cs...)
+	if !s.windowArmed && !s.windowDue {
+		s.windowArmed = true
+		time.AfterFunc(batchWindow, s.windowEnd)
+	}
+	var bs [][]*hconn
+	for b := s.nextBatchLocked(); b != nil; b = s.nextBatchLocked() {
+		bs = append(bs, b)
+	}
+	s.mu.Unlock()
+	for _, b := range bs {
+		go s.sendBatches(b)
 	}
 }
 
@@ -556,6 +747,11 @@ func (s *Server) sendBatch(batch []*hconn) {
 		s.mu.Lock()
 		s.pendingHO -= len(batch)
 		s.handedOff += len(batch)
+		for _, c := range batch {
+			// One taken in place is still net/http's until our copy
+			// closes: the drain need not wait for that.
+			delete(s.conns, c)
+		}
 		s.mu.Unlock()
 		s.signalClosed()
 		s.closeCopies(batch)
@@ -586,6 +782,33 @@ func (s *Server) refuse(cs []*hconn) {
 func (s *Server) giveBack(cs []*hconn) {
 	for _, c := range cs {
 		c.mu.Lock()
+		if c.inPlace && c.waiting > 0 {
+			// Taken where its read waits, which has not ended: that read
+			// serves it here again, woken in case the socket's wake-up
+			// came while it was taken (edge-triggered, it comes once).
+			c.taken, c.handing, c.inPlace, c.released = false, false, false, nil
+			c.woken = true
+			c.Conn.SetReadDeadline(aLongTimeAgo)
+			c.mu.Unlock()
+			select {
+			case <-s.fallback.done:
+				c.Conn.Close() // past the deadline
+			default:
+				// Idle, and it cannot go now: it closes after the
+				// grace, as one given back does (track, StateNew).
+				var plan []idleCheck
+				s.mu.Lock()
+				if info, ok := s.conns[c]; ok {
+					info.seq++
+					if s.idleCloseLocked(c, info) {
+						plan = []idleCheck{{c: c, info: info, seq: info.seq}}
+					}
+				}
+				s.mu.Unlock()
+				s.planIdleClose(plan, s.opts.IdleGrace)
+			}
+			continue
+		}
 		released := c.released
 		c.mu.Unlock()
 		if released != nil {

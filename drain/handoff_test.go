@@ -7,10 +7,13 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"os"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/seed6cb0314a/upgrader/internal/handoff"
 )
@@ -744,8 +747,8 @@ func TestOfferedConnectionIsNotKickedAgain(t *testing.T) {
 	defer client.Close()
 	c := &hconn{Conn: ours, s: s, info: new(connInfo)}
 	c.info.http1.Store(true)
-	c.offered = true // refused once, reset by giveBack
-	c.setIdle(true)  // giveBack's track(StateNew)
+	c.offered = true      // refused once, reset by giveBack
+	c.setIdle(true, true) // giveBack's track(StateNew)
 	s.toKick = []*hconn{c}
 	s.kickMore()
 	s.mu.Lock()
@@ -756,5 +759,120 @@ func TestOfferedConnectionIsNotKickedAgain(t *testing.T) {
 	c.mu.Unlock()
 	if k != 0 || want {
 		t.Fatalf("an offered connection was kicked again: s.kicked=%d, want=%v; want 0, false", k, want)
+	}
+}
+
+// A request the client sends while its idle connection is on its way to
+// the new generation (taken where net/http's read waits, the batch not yet
+// answered) is not read here: acknowledged, the taker reads it whole; refused,
+// the old worker, whose read was woken by those bytes while the connection
+// was not its own, answers it all the same.
+func TestRequestWhileHandoffAwaitsAnswer(t *testing.T) {
+	for _, ack := range []bool{true, false} {
+		t.Run(map[bool]string{true: "ack", false: "nak"}[ack], func(t *testing.T) {
+			sock, h := handoffChannel(t)
+			srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				io.Copy(io.Discard, r.Body)
+				w.Header().Set("X-From", "old")
+			})}
+			// No idle close after a refusal (IdleGrace < 0): only the
+			// drain's wake-up may get the request read.
+			d, addr, drain := startServe(t, srv, Options{Timeout: 20 * time.Second, IdleGrace: -1, Handoff: h})
+			woken := make(chan struct{}, 1)
+			d.testInPlaceWoken = func() {
+				select {
+				case woken <- struct{}{}:
+				default:
+				}
+			}
+			c, br := dialKeepAlive(t, addr)
+			rawRequest(t, c, br, "/")
+			waitFor(t, "net/http's read for the next request waiting for the socket", func() bool {
+				d.mu.Lock()
+				var hcs []*hconn
+				for c := range d.conns {
+					if hc, ok := c.(*hconn); ok {
+						hcs = append(hcs, hc)
+					}
+				}
+				d.mu.Unlock()
+				for _, hc := range hcs {
+					hc.mu.Lock()
+					w := hc.waiting
+					hc.mu.Unlock()
+					if w == httpReadBuffer {
+						return true
+					}
+				}
+				return false
+			})
+			drained := make(chan error, 1)
+			go func() { drained <- drain() }()
+			m, fds, err := sock.Recv()
+			if err != nil || m.Type != handoff.TypeHandoff || len(fds) != 1 {
+				t.Fatalf("got %+v with %d fds, %v: want a HANDOFF of the one connection", m, len(fds), err)
+			}
+			const req = "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nx"
+			c.SetDeadline(time.Now().Add(10 * time.Second))
+			if _, err := io.WriteString(c, req); err != nil {
+				t.Fatal(err)
+			}
+			// The old worker's read, taken where it waited, woken by the
+			// request and leaving it in the socket's queue, which both
+			// workers' copies share, before the answer goes.
+			select {
+			case <-woken:
+			case <-time.After(10 * time.Second):
+				t.Fatal("the request never woke the old worker's read, taken in place")
+			}
+			if n, err := unix.IoctlGetInt(fds[0], unix.SIOCINQ); err != nil || n != len(req) {
+				t.Fatalf("%d bytes queued (%v), want the whole request's %d", n, err, len(req))
+			}
+			if !ack {
+				handoff.CloseFDs(fds)
+				if err := sock.Send(handoff.Message{Type: handoff.TypeNak, ID: m.ID, Reason: "test refuses"}, nil); err != nil {
+					t.Fatal(err)
+				}
+				resp, err := http.ReadResponse(br, nil)
+				if err != nil {
+					t.Fatalf("the request sent while its handoff awaited a NAK: %v", err)
+				}
+				if resp.Header.Get("X-From") != "old" || !resp.Close {
+					t.Fatalf("after the NAK: X-From %q, close %v; want old, close", resp.Header.Get("X-From"), resp.Close)
+				}
+				if err := <-drained; err != nil {
+					t.Fatal(err)
+				}
+				return
+			}
+			if err := sock.Send(handoff.Message{Type: handoff.TypeAck, ID: m.ID}, nil); err != nil {
+				t.Fatal(err)
+			}
+			f := os.NewFile(uintptr(fds[0]), "taken")
+			tc, err := net.FileConn(f)
+			f.Close()
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer tc.Close()
+			tc.SetDeadline(time.Now().Add(10 * time.Second))
+			r, err := http.ReadRequest(bufio.NewReader(tc))
+			if err != nil {
+				t.Fatalf("the taker could not read the request sent while the handoff awaited its answer: %v", err)
+			}
+			if body, _ := io.ReadAll(r.Body); string(body) != "x" {
+				t.Fatalf("taker got body %q, want %q", body, "x")
+			}
+			io.WriteString(tc, "HTTP/1.1 200 OK\r\nX-From: new\r\nContent-Length: 0\r\n\r\n")
+			if resp, err := http.ReadResponse(br, nil); err != nil || resp.Header.Get("X-From") != "new" {
+				t.Fatalf("answered by %v, %v; want the taker", resp, err)
+			}
+			if err := <-drained; err != nil {
+				t.Fatal(err)
+			}
+			if d.HandedOff() != 1 {
+				t.Fatalf("HandedOff %d, want 1", d.HandedOff())
+			}
+		})
 	}
 }

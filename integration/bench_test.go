@@ -177,6 +177,11 @@ func BenchmarkHandoff10k(b *testing.B) {
 		base := drainTime()
 
 		conns, readers := openAnswered(b, addr, n, "2")
+		// The old worker's memory, all of which its exit gives back.
+		oldRSS := 0
+		for _, pid := range p.workerPids(2) {
+			oldRSS += rssKiB(b, pid)
+		}
 		loaded := drainTime()
 
 		// Every connection is alive and now served by generation 3.
@@ -201,6 +206,7 @@ func BenchmarkHandoff10k(b *testing.B) {
 		b.ReportMetric(float64(base.Microseconds())/1000, "ms-drain-no-conns")
 		b.ReportMetric(float64((loaded-base).Microseconds())/1000, "ms-extra")
 		b.ReportMetric(float64(st.Handoffs.HandedOff), "handed-off")
+		b.ReportMetric(float64(oldRSS)/1024, "MiB-old-worker-RSS")
 		p.stop(syscall.SIGTERM, time.Minute)
 	}
 }
