@@ -93,6 +93,9 @@ type hconn struct {
 	// taken in place: net/http's Shutdown waits for one younger than 5s
 	// as if busy, and its goroutine would hold the drain's end.
 	fresh bool
+	// closed: net/http closed it (Close, not taken): a kick must not take
+	// it in place after its read's wait ended on the close.
+	closed bool
 	// noHandoff: net/http holds bytes of a next request (a takeover failed
 	// on them, or the client sent it while a response was being finished),
 	// so the connection cannot be handed off: its next response says
@@ -248,31 +251,16 @@ func (c *hconn) read(p []byte) (int, error) {
 				}
 				return false // the new owner's bytes
 			}
-			for {
-				n, rerr = syscall.Read(int(fd), p)
-				if rerr != syscall.EINTR {
-					break
-				}
-			}
-			if rerr == syscall.EAGAIN {
-				return false
-			}
-			n = max(n, 0)
-			c.delivered += int64(n)
-			c.waiting = 0
-			done = true
-			return true
+			n, rerr, done = c.readLocked(fd, p)
+			return done
 		})
 		if done {
-			switch {
-			case rerr != nil:
-				return 0, c.opError(os.NewSyscallError("read", rerr))
-			case n == 0:
-				return 0, io.EOF
-			}
-			return n, nil
+			return n, c.readError(n, rerr)
 		}
 		// The wait ended: a deadline, or the socket closed.
+		if oe, ok := werr.(*net.OpError); ok {
+			werr = oe.Err // RawConn's own "raw-read" wrapping
+		}
 		c.mu.Lock()
 		if c.inPlace {
 			c.waiting = 0
@@ -280,11 +268,18 @@ func (c *hconn) read(p []byte) (int, error) {
 			return 0, errInPlace
 		}
 		if c.woken && !c.kicked && errors.Is(werr, os.ErrDeadlineExceeded) {
-			// A refusal's wake-up: the read goes on, under net/http's
-			// own deadline again.
+			// A refusal's wake-up, or net/http's own deadline that came
+			// while the connection was taken: bytes that arrived
+			// meanwhile are read first (an expired deadline would fail
+			// the wait before any read), then the read goes on under
+			// net/http's deadline again.
 			c.woken = false
 			c.Conn.SetReadDeadline(c.httpDeadline)
+			cerr := c.raw.Control(func(fd uintptr) { n, rerr, done = c.readLocked(fd, p) })
 			c.mu.Unlock()
+			if cerr == nil && done {
+				return n, c.readError(n, rerr)
+			}
 			continue
 		}
 		c.woken = false
@@ -292,6 +287,42 @@ func (c *hconn) read(p []byte) (int, error) {
 		c.mu.Unlock()
 		return 0, c.opError(werr)
 	}
+}
+
+// readLocked makes read's read(2) on fd, counting what it returned; done
+// is false when the socket has nothing yet (EAGAIN). c.mu is held.
+func (c *hconn) readLocked(fd uintptr, p []byte) (n int, err error, done bool) {
+	for {
+		n, err = syscall.Read(int(fd), p)
+		if err != syscall.EINTR {
+			break
+		}
+	}
+	if err == syscall.EAGAIN {
+		return 0, nil, false
+	}
+	n = max(n, 0)
+	c.delivered += int64(n)
+	c.waiting = 0
+	if c.woken {
+		// The wake-up's deadline never came back (the bytes woke the
+		// read first): net/http's own deadline rules again.
+		c.woken = false
+		c.Conn.SetReadDeadline(c.httpDeadline)
+	}
+	return n, err, true
+}
+
+// readError is what net.Conn's Read returns for a read(2) of n bytes that
+// failed with err (nil: none).
+func (c *hconn) readError(n int, err error) error {
+	switch {
+	case err != nil:
+		return c.opError(os.NewSyscallError("read", err))
+	case n == 0:
+		return io.EOF
+	}
+	return nil
 }
 
 // opError wraps a read's error as net.Conn's Read does.
@@ -326,7 +357,7 @@ func (c *hconn) SetDeadline(t time.Time) error {
 func (c *hconn) kick(close bool) (asked, inPlace bool) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if !c.idle || c.taken || c.want || !c.http1() || (!close && (c.noHandoff || c.offered)) {
+	if !c.idle || c.taken || c.want || c.closed || !c.http1() || (!close && (c.noHandoff || c.offered)) {
 		return false, false // an offered one was refused once: never again
 	}
 	if !close && !c.fresh && c.waiting == httpReadBuffer && c.quiet(httpReadBuffer) {
@@ -367,6 +398,7 @@ func (c *hconn) Close() error {
 		c.handing, c.offered = true, true
 		c.released = make(chan struct{})
 	}
+	c.closed = c.closed || !taken
 	c.mu.Unlock()
 	if taken {
 		if first {
@@ -443,7 +475,9 @@ func (l handoffListener) Accept() (net.Conn, error) {
 		return c, nil // TLS and other wrappers: not handed off
 	}
 	hc := &hconn{Conn: c, s: l.s, info: new(connInfo)}
-	hc.raw = socketRawConn(c)
+	if l.s.opts.Handoff != nil {
+		hc.raw = socketRawConn(c) // only a handoff takes in place
+	}
 	return hc, nil
 }
 

@@ -876,3 +876,65 @@ func TestRequestWhileHandoffAwaitsAnswer(t *testing.T) {
 		})
 	}
 }
+
+// A refusal gives a connection taken in place back to its waiting read and
+// wakes it with a deadline in the past (giveBack). The bytes the client
+// sent meanwhile are served, however the read wakes: by the bytes first
+// (then net/http's own deadline must rule its next reads again), or by a
+// deadline of net/http's that expired while the connection was taken
+// (then the bytes are read all the same, not dropped with a timeout).
+func TestRefusalWakeUpKeepsBytes(t *testing.T) {
+	const head, rest = "GET / HTTP/1.1\r\n", "Host: x\r\n\r\n"
+	setup := func(t *testing.T) (*hconn, net.Conn) {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer l.Close()
+		client, err := net.Dial("tcp", l.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		ours, err := l.Accept()
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { client.Close(); ours.Close() })
+		c := &hconn{Conn: ours, s: New(&http.Server{}, Options{}), info: new(connInfo), raw: socketRawConn(ours)}
+		c.woken = true // as giveBack leaves it
+		ours.SetReadDeadline(aLongTimeAgo)
+		if _, err := io.WriteString(client, head); err != nil {
+			t.Fatal(err)
+		}
+		fd := -1
+		c.raw.Control(func(f uintptr) { fd = int(f) })
+		waitFor(t, "the client's bytes queued", func() bool {
+			n, err := unix.IoctlGetInt(fd, unix.SIOCINQ)
+			return err == nil && n == len(head)
+		})
+		return c, client
+	}
+	t.Run("bytes first", func(t *testing.T) {
+		c, client := setup(t)
+		var n int
+		var done bool
+		c.mu.Lock()
+		c.raw.Control(func(fd uintptr) { n, _, done = c.readLocked(fd, make([]byte, httpReadBuffer)) })
+		woken := c.woken
+		c.mu.Unlock()
+		if !done || n != len(head) || woken {
+			t.Fatalf("read %d bytes (done %v), woken %v; want %d, and the wake-up over", n, done, woken, len(head))
+		}
+		io.WriteString(client, rest)
+		if n, err := c.Read(make([]byte, 100)); err != nil || n != len(rest) {
+			t.Fatalf("net/http's next read: %d, %v; want %d bytes (no deadline of its own)", n, err, len(rest))
+		}
+	})
+	t.Run("net/http's deadline expired", func(t *testing.T) {
+		c, _ := setup(t)
+		c.httpDeadline = time.Now().Add(-time.Second)
+		if n, err := c.read(make([]byte, httpReadBuffer)); err != nil || n != len(head) {
+			t.Fatalf("read: %d, %v; want the %d bytes queued", n, err, len(head))
+		}
+	})
+}
