@@ -110,7 +110,13 @@ func newEmbedded(s *Set) error {
 	}
 	current.Store(e)
 	s.emb = e
-	go e.signals()
+	// Asked for here, not in the goroutine: the PID file that tells an
+	// operator (or a test) this process may be signalled is written by
+	// Ready, which may come before a goroutine has run, and until then the
+	// Go runtime drops SIGUSR2 (os/signal).
+	sigs := make(chan os.Signal, 1)
+	signal.Notify(sigs, syscall.SIGUSR2, syscall.SIGHUP)
+	go e.signals(sigs)
 	return nil
 }
 
@@ -235,9 +241,7 @@ func (e *embedded) handoffChannel() (int, error) {
 // signal also cancels that start (its tree killed at once): the operator
 // has shipped a fix, and the broken process must not hold it back until
 // its timeout.
-func (e *embedded) signals() {
-	ch := make(chan os.Signal, 1)
-	signal.Notify(ch, syscall.SIGUSR2, syscall.SIGHUP)
+func (e *embedded) signals(ch <-chan os.Signal) {
 	next := make(chan os.Signal, 1)
 	go func() {
 		for sig := range next {

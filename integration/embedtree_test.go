@@ -9,6 +9,9 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/seed6cb0314a/upgrader/inherit"
+	"github.com/seed6cb0314a/upgrader/internal/proctree"
 )
 
 // readPid waits until path holds a pid (a script writes it as it starts).
@@ -26,12 +29,18 @@ func readPid(t *testing.T, path string, timeout time.Duration) int {
 	}
 }
 
-// waitChild waits for the child tableflip starts below parent.
+// waitChild waits for the child tableflip starts below parent: the one
+// that has exec'd with the upgrade's generation in its environment. Not
+// any child: before its first process start the Go runtime forks one that
+// exits at once (package os's check that clone(CLONE_PIDFD) works), and
+// a test that took that one for the new process waited on nothing.
 func waitChild(t *testing.T, parent int) int {
 	t.Helper()
 	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(time.Millisecond) {
-		for c := range children(t, parent) {
-			return c
+		for c, state := range children(t, parent) {
+			if state != "Z" && proctree.Environ("/proc", c)[inherit.EmbeddedGenerationEnv] != "" {
+				return c
+			}
 		}
 		if time.Now().After(deadline) {
 			t.Fatal("no child process started on SIGUSR2")
