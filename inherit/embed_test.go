@@ -4,7 +4,9 @@ import (
 	"bufio"
 	"io"
 	"log/slog"
+	"strings"
 	"testing"
+	"time"
 
 	"github.com/seed6cb0314a/upgrader/internal/handoff"
 )
@@ -62,4 +64,51 @@ func TestEmbeddedSendGoesToTheChild(t *testing.T) {
 		t.Fatalf("the child read %q, %v", line, err)
 	}
 	c.Close()
+}
+
+// A HANDOFF that waited in the taker's queue past its bound (here 1 ns,
+// so any) is refused, its fds closed there: the sender, which takes back
+// what has no answer within SendTimeout, keeps the connection and serves
+// it, and no second process holds it.
+func TestLateHandoffIsRefused(t *testing.T) {
+	a, b, err := handoff.Pair()
+	if err != nil {
+		t.Fatal(err)
+	}
+	sa, err := handoff.NewSocket(a)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sb, err := handoff.NewSocket(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	log := slog.New(slog.DiscardHandler)
+	sender, err := newHandoffs(sa, nil, log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	taker, err := startHandoffs(sb, []string{KindHTTP}, log, time.Nanosecond)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { sender.Close(); taker.Close() })
+
+	sc, cc := tcpPair(t)
+	err = sender.Send(KindHTTP, []Outgoing{{Conn: sc}})
+	if err == nil || !strings.Contains(err.Error(), "waited") {
+		t.Fatalf("late handoff: %v, want a refusal that says it waited", err)
+	}
+	if n := taker.Listener(KindHTTP).Pending(); n != 0 {
+		t.Fatalf("the taker holds %d connections, want none", n)
+	}
+	// Still the sender's: it answers on it, and the client reads EOF once
+	// it closes, which it would not if the taker held a copy.
+	io.WriteString(sc, "ok")
+	sc.Close()
+	cc.SetReadDeadline(time.Now().Add(10 * time.Second))
+	got, err := io.ReadAll(cc)
+	if err != nil || string(got) != "ok" {
+		t.Fatalf("client read %q, %v; want the sender's answer, then EOF", got, err)
+	}
 }

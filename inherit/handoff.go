@@ -46,6 +46,7 @@ type Handoffs struct {
 	// unparked is how many more idle HTTP connections are converted at
 	// once and watched (watch) instead of parked: eagerConns at first.
 	unparked  atomic.Int32
+	late      time.Duration // lateHandoff, or a test's
 	watchMu   sync.Mutex
 	watched   map[net.Conn]*Listener // converted, waiting to be readable
 	watching  sync.WaitGroup
@@ -84,6 +85,19 @@ const minFDTable = 16384
 // cost as many goroutines and conversions; ten thousand would cost ten
 // thousand, hence the parker past them.
 const eagerConns = 64
+
+// lateHandoff bounds how long a HANDOFF may have waited in this worker's
+// socket (the kernel's arrival stamp, SO_TIMESTAMPNS) for it to be taken;
+// one read later is refused. Its sender takes back what has no answer
+// within SendTimeout (5 s) and serves it on: an ACK for a batch read late
+// by a worker stalled on its channel would reach the sender after that,
+// and two processes would own one connection. 1 s leaves the rest of the
+// 5 s to the way there (milliseconds; 2 s at most for a batch upgrader
+// parks until a replacement worker is ready, more only if that one's
+// socket is then full too) and to the ACK's way back. A wall-clock step of
+// more than 1 s forward in between refuses a batch in time: the sender
+// keeps it, which loses nothing.
+const lateHandoff = time.Second
 
 // ErrNoHandoff is returned by Send when the process has no handoff channel,
 // or no longer has one (Close, or upgrader closed it).
@@ -157,11 +171,21 @@ func (s *Set) Handoffs(kinds ...string) (*Handoffs, error) {
 // newHandoffs takes over sock, sends ACCEPT and starts serving it; on an
 // error sock is closed.
 func newHandoffs(sock *handoff.Socket, kinds []string, log *slog.Logger) (*Handoffs, error) {
+	return startHandoffs(sock, kinds, log, lateHandoff)
+}
+
+// startHandoffs is newHandoffs with the bound on a HANDOFF's wait in the
+// queue (lateHandoff; a test's own).
+func startHandoffs(sock *handoff.Socket, kinds []string, log *slog.Logger, late time.Duration) (*Handoffs, error) {
 	var err error
 	h := &Handoffs{sock: sock, kinds: map[string]*Listener{}, log: log, waiting: map[uint64]chan error{},
 		toConvert: make(chan received, 4*handoff.MaxFDs), converted: make(chan struct{}), done: make(chan struct{}),
-		watched: map[net.Conn]*Listener{}}
+		watched: map[net.Conn]*Listener{}, late: late}
 	h.unparked.Store(eagerConns)
+	if err := sock.StampArrivals(); err != nil {
+		// Without stamps every HANDOFF counts as on time, as before.
+		log.Warn("handoff: cannot tell how long a batch waited; a late one is taken all the same", "error", err)
+	}
 	if h.park, err = newParker(log); err != nil {
 		sock.Close()
 		return nil, err
@@ -292,7 +316,8 @@ func (h *Handoffs) read() {
 
 // receive takes ownership of handed-off connections: it answers ACK as
 // soon as it holds their fds (so the sender lets go at once), or NAK when
-// this worker cannot take them (the sender then keeps them). Turning the
+// this worker cannot take them, or when the message waited in its socket
+// past h.late (the sender then keeps them). Turning the
 // fds into net.Conns, the costly part, comes after the ACK, on the convert
 // goroutine, so that a large handoff does not delay the next message; should
 // it fail (out of fds), that connection is closed.
@@ -303,6 +328,9 @@ func (h *Handoffs) receive(m handoff.Message, fds []int) {
 	}
 	l := h.kinds[m.Kind]
 	switch {
+	case !m.Arrived.IsZero() && time.Since(m.Arrived) > h.late:
+		nak(fmt.Sprintf("it waited %s in this worker's queue, past %s: its sender may have taken it back", time.Since(m.Arrived).Round(time.Millisecond), h.late))
+		return
 	case l == nil:
 		nak("this worker does not take kind " + m.Kind)
 		return

@@ -19,6 +19,7 @@ import os
 import signal
 import socket
 import socketserver
+import struct
 import sys
 import threading
 import time
@@ -54,6 +55,12 @@ def sd_notify(state):
 MAGIC = b"UPGRADER/1 "
 MAX_MESSAGE = 192 << 10
 MAX_FDS = 253
+# socket(7): the kernel stamps each message as it is queued (Python's socket
+# module names neither constant; the values are Linux's generic ones).
+SO_TIMESTAMPNS = SCM_TIMESTAMPNS = 35
+# A HANDOFF that waited longer than this in our socket is refused: its sender
+# takes back what has no answer within 5 s (docs/reference/handoff.md).
+LATE_HANDOFF = 1.0
 
 
 def handoff_channel():
@@ -62,6 +69,7 @@ def handoff_channel():
     if not v:
         return None
     ch = socket.socket(fileno=int(v))  # AF_UNIX, SOCK_SEQPACKET
+    ch.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
     ch.send(MAGIC + b"ACCEPT kinds=http\n")
     return ch
 
@@ -87,15 +95,21 @@ def receive_handoffs(ch, server):
     """Take handed-off connections as if accepted; ACK or NAK each batch."""
     while True:
         try:
-            msg, anc, _, _ = ch.recvmsg(MAX_MESSAGE + 1, socket.CMSG_SPACE(MAX_FDS * 4))
+            # Room for the fds and the arrival stamp beside them.
+            space = socket.CMSG_SPACE(MAX_FDS * 4) + socket.CMSG_SPACE(16)
+            msg, anc, _, _ = ch.recvmsg(MAX_MESSAGE + 1, space)
         except OSError:
             return
         if not msg and not anc:
             return  # upgrader went away
         fds = array.array("i")
+        waited = 0.0
         for level, typ, data in anc:
             if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
                 fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+            elif level == socket.SOL_SOCKET and typ == SCM_TIMESTAMPNS and len(data) >= 16:
+                sec, nsec = struct.unpack("qq", data[:16])
+                waited = time.time() - (sec + nsec / 1e9)
         if not msg.startswith(MAGIC + b"HANDOFF "):
             for fd in fds:
                 os.close(fd)
@@ -114,6 +128,11 @@ def receive_handoffs(ch, server):
             for fd in fds:
                 os.close(fd)
             ch.send(MAGIC + f"NAK id={msg_id} reason=python worker cannot take these\n".encode())
+            continue
+        if waited > LATE_HANDOFF:
+            for fd in fds:
+                os.close(fd)
+            ch.send(MAGIC + f"NAK id={msg_id} reason=waited {waited:.3f}s in the queue\n".encode())
             continue
         for fd in fds:
             sock = socket.socket(fileno=fd)

@@ -2,6 +2,7 @@ package handoff
 
 import (
 	"bytes"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -82,6 +83,27 @@ func (s *Socket) Send(m Message, fds []int) error {
 	return nil
 }
 
+// StampArrivals asks the kernel to stamp each message as it is queued at
+// this end (SO_TIMESTAMPNS, socket(7); CLOCK_REALTIME): from then on Recv
+// sets Message.Arrived, so that a receiver can tell how long a message
+// waited for it. The error names the socket option.
+func (s *Socket) StampArrivals() error {
+	rc, err := s.c.SyscallConn()
+	if err != nil {
+		return fmt.Errorf("handoff SO_TIMESTAMPNS: %w", err)
+	}
+	var serr error
+	if err := rc.Control(func(fd uintptr) {
+		serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_TIMESTAMPNS, 1)
+	}); err != nil {
+		return fmt.Errorf("handoff SO_TIMESTAMPNS: %w", err)
+	}
+	if serr != nil {
+		return fmt.Errorf("handoff SO_TIMESTAMPNS: %w", serr)
+	}
+	return nil
+}
+
 // ErrClosed is returned by Recv once the peer has closed the channel.
 var ErrClosed = errors.New("handoff channel closed")
 
@@ -98,7 +120,9 @@ func (s *Socket) Recv() (Message, []int, error) {
 	// a handoff; the message keeps slices of what it parses, so it is
 	// parsed from a copy of its own size.
 	if s.rbuf == nil {
-		s.rbuf, s.roob = make([]byte, MaxMessage+1), make([]byte, unix.CmsgSpace(4*MaxFDs))
+		// Room for a timestamp too (StampArrivals): without it the kernel
+		// would truncate the control data, and the message be malformed.
+		s.rbuf, s.roob = make([]byte, MaxMessage+1), make([]byte, unix.CmsgSpace(4*MaxFDs)+unix.CmsgSpace(timespecSize))
 	}
 	oob := s.roob
 	// MSG_CMSG_CLOEXEC: a received fd never leaks into a child.
@@ -110,9 +134,12 @@ func (s *Socket) Recv() (Message, []int, error) {
 		return Message{}, nil, fmt.Errorf("handoff receive: %w", err)
 	}
 	var files []int
+	var arrived time.Time
 	if cmsgs, err := unix.ParseSocketControlMessage(oob[:oobn]); err == nil {
 		for _, c := range cmsgs {
-			if fds, err := unix.ParseUnixRights(&c); err == nil {
+			if c.Header.Level == unix.SOL_SOCKET && c.Header.Type == unix.SCM_TIMESTAMPNS {
+				arrived = parseTimespec(c.Data)
+			} else if fds, err := unix.ParseUnixRights(&c); err == nil {
 				files = append(files, fds...)
 			}
 		}
@@ -124,7 +151,23 @@ func (s *Socket) Recv() (Message, []int, error) {
 		return Message{}, files, fmt.Errorf("%w: truncated (over %d bytes or %d fds)", ErrMalformed, MaxMessage, MaxFDs)
 	}
 	m, err := Parse(bytes.Clone(s.rbuf[:n]), len(files))
+	m.Arrived = arrived
 	return m, files, err
+}
+
+// timespecSize is the size of SCM_TIMESTAMPNS's struct timespec on 64-bit
+// Linux (two 64-bit fields); other sizes are not parsed.
+const timespecSize = 16
+
+// parseTimespec reads an SCM_TIMESTAMPNS payload; the zero time for one
+// of another size.
+func parseTimespec(b []byte) time.Time {
+	if len(b) < timespecSize {
+		return time.Time{}
+	}
+	sec := int64(binary.NativeEndian.Uint64(b[0:8]))
+	nsec := int64(binary.NativeEndian.Uint64(b[8:16]))
+	return time.Unix(sec, nsec)
 }
 
 // Close closes the channel; a blocked Recv returns.

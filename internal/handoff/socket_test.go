@@ -3,6 +3,7 @@ package handoff
 import (
 	"os"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -92,5 +93,56 @@ func BenchmarkCloseFDs(b *testing.B) {
 			}
 			b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N*MaxFDs), "ns/fd")
 		})
+	}
+}
+
+// A Socket that stamps arrivals says when each message was queued at it,
+// with every fd a full batch carries still received: the timestamp's
+// control data fits beside 253 fds.
+func TestStampArrivals(t *testing.T) {
+	a, b, err := Pair()
+	if err != nil {
+		t.Fatal(err)
+	}
+	sa, err := NewSocket(a)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sb, err := NewSocket(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sa.Close()
+	defer sb.Close()
+	if err := sb.StampArrivals(); err != nil {
+		t.Fatal(err)
+	}
+	fds := dups(t, MaxFDs)
+	defer CloseFDs(fds)
+	m := Message{Type: TypeHandoff, ID: 1, Kind: "raw", Conns: make([]Conn, MaxFDs)}
+	before := time.Now()
+	if err := sa.Send(m, fds); err != nil {
+		t.Fatal(err)
+	}
+	got, in, err := sb.Recv()
+	after := time.Now()
+	defer CloseFDs(in)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(in) != MaxFDs {
+		t.Fatalf("received %d fds, want %d", len(in), MaxFDs)
+	}
+	// Wall clock on both sides (SO_TIMESTAMPNS is CLOCK_REALTIME); a
+	// microsecond of slack for the kernel's coarser reading.
+	if got.Arrived.Before(before.Round(0).Add(-time.Microsecond)) || got.Arrived.After(after.Round(0)) {
+		t.Fatalf("Arrived %v, want between the send (%v) and the receive (%v)", got.Arrived, before, after)
+	}
+	// Without the option, nothing is stamped.
+	if err := sb.Send(Message{Type: TypeAck, ID: 1}, nil); err != nil {
+		t.Fatal(err)
+	}
+	if ack, _, err := sa.Recv(); err != nil || !ack.Arrived.IsZero() {
+		t.Fatalf("unstamped socket: %+v, %v; want a zero Arrived", ack, err)
 	}
 }

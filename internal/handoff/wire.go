@@ -20,6 +20,7 @@ import (
 	"fmt"
 	"strconv"
 	"strings"
+	"time"
 )
 
 // Limits of the protocol.
@@ -60,6 +61,10 @@ type Message struct {
 	Kinds  []string // ACCEPT
 	Reason string   // NAK
 	Conns  []Conn   // HANDOFF; len(Conns) is the number of fds
+	// Arrived is when the kernel queued the message at the receiving end,
+	// set by Recv on a Socket that StampArrivals; zero otherwise. Not on
+	// the wire.
+	Arrived time.Time
 }
 
 // ValidKind reports whether k is a valid kind: 1 to 32 of [a-z0-9._-].
