@@ -16,6 +16,13 @@ import (
 // parent itself with no upgrader between them.
 func directPair(t *testing.T, kinds ...string) (parent, child *Handoffs) {
 	t.Helper()
+	return directPairLate(t, lateHandoff, kinds...)
+}
+
+// directPairLate is directPair with the child's bound on a HANDOFF's wait
+// in its queue.
+func directPairLate(t *testing.T, late time.Duration, kinds ...string) (parent, child *Handoffs) {
+	t.Helper()
 	a, b, err := handoff.Pair()
 	if err != nil {
 		t.Fatal(err)
@@ -32,7 +39,7 @@ func directPair(t *testing.T, kinds ...string) (parent, child *Handoffs) {
 	if parent, err = newHandoffs(sa, nil, log); err != nil {
 		t.Fatal(err)
 	}
-	if child, err = newHandoffs(sb, kinds, log); err != nil {
+	if child, err = startHandoffs(sb, kinds, log, late); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { parent.Close(); child.Close() })
@@ -71,31 +78,9 @@ func TestEmbeddedSendGoesToTheChild(t *testing.T) {
 // what has no answer within SendTimeout, keeps the connection and serves
 // it, and no second process holds it.
 func TestLateHandoffIsRefused(t *testing.T) {
-	a, b, err := handoff.Pair()
-	if err != nil {
-		t.Fatal(err)
-	}
-	sa, err := handoff.NewSocket(a)
-	if err != nil {
-		t.Fatal(err)
-	}
-	sb, err := handoff.NewSocket(b)
-	if err != nil {
-		t.Fatal(err)
-	}
-	log := slog.New(slog.DiscardHandler)
-	sender, err := newHandoffs(sa, nil, log)
-	if err != nil {
-		t.Fatal(err)
-	}
-	taker, err := startHandoffs(sb, []string{KindHTTP}, log, time.Nanosecond)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { sender.Close(); taker.Close() })
-
+	sender, taker := directPairLate(t, time.Nanosecond, KindHTTP)
 	sc, cc := tcpPair(t)
-	err = sender.Send(KindHTTP, []Outgoing{{Conn: sc}})
+	err := sender.Send(KindHTTP, []Outgoing{{Conn: sc}})
 	if err == nil || !strings.Contains(err.Error(), "waited") {
 		t.Fatalf("late handoff: %v, want a refusal that says it waited", err)
 	}

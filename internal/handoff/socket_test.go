@@ -100,20 +100,7 @@ func BenchmarkCloseFDs(b *testing.B) {
 // with every fd a full batch carries still received: the timestamp's
 // control data fits beside 253 fds.
 func TestStampArrivals(t *testing.T) {
-	a, b, err := Pair()
-	if err != nil {
-		t.Fatal(err)
-	}
-	sa, err := NewSocket(a)
-	if err != nil {
-		t.Fatal(err)
-	}
-	sb, err := NewSocket(b)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer sa.Close()
-	defer sb.Close()
+	sa, sb := socketPair(t)
 	if err := sb.StampArrivals(); err != nil {
 		t.Fatal(err)
 	}

@@ -99,21 +99,30 @@ func FuzzParse(f *testing.F) {
 	})
 }
 
-func TestSocketCarriesFDs(t *testing.T) {
+// socketPair is the two ends of a new channel as Sockets, closed at the
+// test's end.
+func socketPair(t *testing.T) (sa, sb *Socket) {
+	t.Helper()
 	a, b, err := Pair()
 	if err != nil {
 		t.Fatal(err)
 	}
-	sa, err := NewSocket(a)
+	sa, err = NewSocket(a)
 	if err != nil {
+		b.Close()
 		t.Fatal(err)
 	}
-	sb, err := NewSocket(b)
+	sb, err = NewSocket(b)
 	if err != nil {
+		sa.Close()
 		t.Fatal(err)
 	}
-	defer sa.Close()
-	defer sb.Close()
+	t.Cleanup(func() { sa.Close(); sb.Close() })
+	return sa, sb
+}
+
+func TestSocketCarriesFDs(t *testing.T) {
+	sa, sb := socketPair(t)
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
