@@ -97,3 +97,47 @@ func TestLateHandoffIsRefused(t *testing.T) {
 		t.Fatalf("client read %q, %v; want the sender's answer, then EOF", got, err)
 	}
 }
+
+// The bound is on the time a HANDOFF waited in the taker's socket, as the
+// kernel stamped it: one sent before the taker reads, and left to age past
+// the bound, is refused; one read at once within the same bound is taken.
+func TestHandoffWaitIsMeasuredInTheQueue(t *testing.T) {
+	a, b, err := handoff.Pair()
+	if err != nil {
+		t.Fatal(err)
+	}
+	up, err := handoff.NewSocket(a)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer up.Close()
+	sb, err := handoff.NewSocket(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := sb.StampArrivals(); err != nil {
+		t.Fatal(err)
+	}
+	const bound = 100 * time.Millisecond
+	sc, _ := tcpPair(t)
+	sendHandoff(t, up, 1, KindHTTP, sc, handoff.Conn{})
+	// The batch must age in the queue past the bound: the wait is the
+	// stimulus, not a wait for a state.
+	time.Sleep(2 * bound)
+	taker, err := startHandoffs(sb, []string{KindHTTP}, slog.New(slog.DiscardHandler), bound)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer taker.Close()
+	if m, _ := recv(t, up); m.Type != handoff.TypeAccept {
+		t.Fatalf("first message %+v, want ACCEPT", m)
+	}
+	if m, _ := recv(t, up); m.Type != handoff.TypeNak || m.ID != 1 || !strings.Contains(m.Reason, "waited") {
+		t.Fatalf("answer to the aged batch %+v, want NAK id=1 saying it waited", m)
+	}
+	sc2, _ := tcpPair(t)
+	sendHandoff(t, up, 2, KindHTTP, sc2, handoff.Conn{})
+	if m, _ := recv(t, up); m.Type != handoff.TypeAck || m.ID != 2 {
+		t.Fatalf("answer to a batch read at once %+v, want ACK id=2", m)
+	}
+}

@@ -96,7 +96,8 @@ const eagerConns = 64
 // parks until a replacement worker is ready, more only if that one's
 // socket is then full too) and to the ACK's way back. A wall-clock step of
 // more than 1 s forward in between refuses a batch in time: the sender
-// keeps it, which loses nothing.
+// keeps it, which loses nothing. What came before the channel's
+// StampArrivals (newHandoffs, before ACCEPT) looks fresh.
 const lateHandoff = time.Second
 
 // ErrNoHandoff is returned by Send when the process has no handoff channel,
@@ -326,10 +327,18 @@ func (h *Handoffs) receive(m handoff.Message, fds []int) {
 		handoff.CloseFDs(fds)
 		h.sock.Send(handoff.Message{Type: handoff.TypeNak, ID: m.ID, Reason: reason}, nil)
 	}
+	var waited time.Duration
+	if !m.Arrived.IsZero() {
+		waited = time.Since(m.Arrived)
+	}
 	l := h.kinds[m.Kind]
 	switch {
-	case !m.Arrived.IsZero() && time.Since(m.Arrived) > h.late:
-		nak(fmt.Sprintf("it waited %s in this worker's queue, past %s: its sender may have taken it back", time.Since(m.Arrived).Round(time.Millisecond), h.late))
+	case waited > h.late:
+		// A worker this late on its channel is stalled; the sender logs
+		// only that it was refused.
+		h.log.Warn("handoff: refused a batch that waited too long in the channel", "kind", m.Kind, "connections", len(fds),
+			"waited", waited, "bound", h.late)
+		nak(fmt.Sprintf("it waited %s in this worker's queue, past %s: its sender may have taken it back", waited.Round(time.Millisecond), h.late))
 		return
 	case l == nil:
 		nak("this worker does not take kind " + m.Kind)

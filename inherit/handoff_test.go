@@ -105,6 +105,15 @@ func tcpPair(t *testing.T) (server *net.TCPConn, client net.Conn) {
 // returns the worker's answer. upgrader's copy of the fd is closed.
 func handOff(t *testing.T, up *handoff.Socket, id uint64, kind string, conn *net.TCPConn, c handoff.Conn) handoff.Message {
 	t.Helper()
+	sendHandoff(t, up, id, kind, conn, c)
+	m, fds := recv(t, up)
+	handoff.CloseFDs(fds)
+	return m
+}
+
+// sendHandoff is handOff's send alone: the answer is left in up.
+func sendHandoff(t *testing.T, up *handoff.Socket, id uint64, kind string, conn *net.TCPConn, c handoff.Conn) {
+	t.Helper()
 	fd, err := sockets.DupFD(conn)
 	if err != nil {
 		t.Fatal(err)
@@ -113,9 +122,6 @@ func handOff(t *testing.T, up *handoff.Socket, id uint64, kind string, conn *net
 	if err := up.Send(handoff.Message{Type: handoff.TypeHandoff, ID: id, Kind: kind, Conns: []handoff.Conn{c}}, []int{fd}); err != nil {
 		t.Fatal(err)
 	}
-	m, fds := recv(t, up)
-	handoff.CloseFDs(fds)
-	return m
 }
 
 // accept is l.Accept, failing the test after 10 s.

@@ -86,7 +86,8 @@ func (s *Socket) Send(m Message, fds []int) error {
 // StampArrivals asks the kernel to stamp each message as it is queued at
 // this end (SO_TIMESTAMPNS, socket(7); CLOCK_REALTIME): from then on Recv
 // sets Message.Arrived, so that a receiver can tell how long a message
-// waited for it. The error names the socket option.
+// waited for it. A message queued before the call is stamped as it is
+// read (it looks fresh). The error names the socket option.
 func (s *Socket) StampArrivals() error {
 	rc, err := s.c.SyscallConn()
 	if err != nil {
@@ -156,18 +157,20 @@ func (s *Socket) Recv() (Message, []int, error) {
 }
 
 // timespecSize is the size of SCM_TIMESTAMPNS's struct timespec on 64-bit
-// Linux (two 64-bit fields); other sizes are not parsed.
+// Linux (two 64-bit fields), the most Recv makes room for.
 const timespecSize = 16
 
-// parseTimespec reads an SCM_TIMESTAMPNS payload; the zero time for one
-// of another size.
+// parseTimespec reads an SCM_TIMESTAMPNS payload: two 64-bit fields, or
+// two 32-bit ones (32-bit Linux, whose SO_TIMESTAMPNS is the old,
+// 32-bit-time option); the zero time for any other size.
 func parseTimespec(b []byte) time.Time {
-	if len(b) < timespecSize {
-		return time.Time{}
+	switch len(b) {
+	case 16:
+		return time.Unix(int64(binary.NativeEndian.Uint64(b[0:8])), int64(binary.NativeEndian.Uint64(b[8:16])))
+	case 8:
+		return time.Unix(int64(int32(binary.NativeEndian.Uint32(b[0:4]))), int64(int32(binary.NativeEndian.Uint32(b[4:8]))))
 	}
-	sec := int64(binary.NativeEndian.Uint64(b[0:8]))
-	nsec := int64(binary.NativeEndian.Uint64(b[8:16]))
-	return time.Unix(sec, nsec)
+	return time.Time{}
 }
 
 // Close closes the channel; a blocked Recv returns.

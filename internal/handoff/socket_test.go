@@ -111,8 +111,12 @@ func TestStampArrivals(t *testing.T) {
 	if err := sa.Send(m, fds); err != nil {
 		t.Fatal(err)
 	}
+	sent := time.Now()
+	// The message must age in the queue for the stamp to show when it came
+	// rather than when it was read: the wait is what is measured.
+	const aged = 50 * time.Millisecond
+	time.Sleep(aged)
 	got, in, err := sb.Recv()
-	after := time.Now()
 	defer CloseFDs(in)
 	if err != nil {
 		t.Fatal(err)
@@ -122,8 +126,8 @@ func TestStampArrivals(t *testing.T) {
 	}
 	// Wall clock on both sides (SO_TIMESTAMPNS is CLOCK_REALTIME); a
 	// microsecond of slack for the kernel's coarser reading.
-	if got.Arrived.Before(before.Round(0).Add(-time.Microsecond)) || got.Arrived.After(after.Round(0)) {
-		t.Fatalf("Arrived %v, want between the send (%v) and the receive (%v)", got.Arrived, before, after)
+	if got.Arrived.Before(before.Round(0).Add(-time.Microsecond)) || got.Arrived.After(sent.Round(0)) {
+		t.Fatalf("Arrived %v, want between the send's start (%v) and its return (%v), not at the receive", got.Arrived, before, sent)
 	}
 	// Without the option, nothing is stamped.
 	if err := sb.Send(Message{Type: TypeAck, ID: 1}, nil); err != nil {
