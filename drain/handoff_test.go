@@ -16,6 +16,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/seed6cb0314a/upgrader/internal/handoff"
+	"github.com/seed6cb0314a/upgrader/internal/testnet"
 )
 
 // handoffServer runs Serve with a handoff channel to a fake upgrader on a
@@ -886,20 +887,7 @@ func TestRequestWhileHandoffAwaitsAnswer(t *testing.T) {
 func TestRefusalWakeUpKeepsBytes(t *testing.T) {
 	const head, rest = "GET / HTTP/1.1\r\n", "Host: x\r\n\r\n"
 	setup := func(t *testing.T) (*hconn, net.Conn) {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer l.Close()
-		client, err := net.Dial("tcp", l.Addr().String())
-		if err != nil {
-			t.Fatal(err)
-		}
-		ours, err := l.Accept()
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { client.Close(); ours.Close() })
+		ours, client := testnet.TCPPair(t)
 		c := &hconn{Conn: ours, s: New(&http.Server{}, Options{}), info: new(connInfo), raw: socketRawConn(ours)}
 		c.woken = true // as giveBack leaves it
 		ours.SetReadDeadline(aLongTimeAgo)

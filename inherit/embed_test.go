@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/seed6cb0314a/upgrader/internal/handoff"
+	"github.com/seed6cb0314a/upgrader/internal/testnet"
 )
 
 // directPair makes the two Handoffs of embedded mode over one channel: the
@@ -56,7 +57,7 @@ func TestEmbeddedSendGoesToTheChild(t *testing.T) {
 	toChild, child := directPair(t, KindHTTP)
 	own.out.Store(toChild)
 
-	sc, cc := tcpPair(t)
+	sc, cc := testnet.TCPPair(t)
 	if err := own.Send("counter", []Outgoing{{Conn: sc}}); err == nil {
 		t.Fatal("a kind the child does not take was acknowledged")
 	}
@@ -79,7 +80,7 @@ func TestEmbeddedSendGoesToTheChild(t *testing.T) {
 // it, and no second process holds it.
 func TestLateHandoffIsRefused(t *testing.T) {
 	sender, taker := directPairLate(t, time.Nanosecond, KindHTTP)
-	sc, cc := tcpPair(t)
+	sc, cc := testnet.TCPPair(t)
 	err := sender.Send(KindHTTP, []Outgoing{{Conn: sc}})
 	if err == nil || !strings.Contains(err.Error(), "waited") {
 		t.Fatalf("late handoff: %v, want a refusal that says it waited", err)
@@ -119,7 +120,7 @@ func TestHandoffWaitIsMeasuredInTheQueue(t *testing.T) {
 		t.Fatal(err)
 	}
 	const bound = 100 * time.Millisecond
-	sc, _ := tcpPair(t)
+	sc, _ := testnet.TCPPair(t)
 	sendHandoff(t, up, 1, KindHTTP, sc, handoff.Conn{})
 	// The batch must age in the queue past the bound: the wait is the
 	// stimulus, not a wait for a state.
@@ -135,7 +136,7 @@ func TestHandoffWaitIsMeasuredInTheQueue(t *testing.T) {
 	if m, _ := recv(t, up); m.Type != handoff.TypeNak || m.ID != 1 || !strings.Contains(m.Reason, "waited") {
 		t.Fatalf("answer to the aged batch %+v, want NAK id=1 saying it waited", m)
 	}
-	sc2, _ := tcpPair(t)
+	sc2, _ := testnet.TCPPair(t)
 	sendHandoff(t, up, 2, KindHTTP, sc2, handoff.Conn{})
 	if m, _ := recv(t, up); m.Type != handoff.TypeAck || m.ID != 2 {
 		t.Fatalf("answer to a batch read at once %+v, want ACK id=2", m)

@@ -21,6 +21,7 @@ import (
 	"github.com/seed6cb0314a/upgrader/internal/handoff"
 	"github.com/seed6cb0314a/upgrader/internal/slogrec"
 	"github.com/seed6cb0314a/upgrader/internal/sockets"
+	"github.com/seed6cb0314a/upgrader/internal/testnet"
 )
 
 // fakeUpgrader gives the test process a handoff channel as upgrader gives
@@ -79,26 +80,6 @@ func recv(t *testing.T, up *handoff.Socket) (handoff.Message, []int) {
 		t.Fatal("upgrader's end received nothing in 10s")
 	}
 	panic("unreachable")
-}
-
-// tcpPair returns both ends of a loopback TCP connection.
-func tcpPair(t *testing.T) (server *net.TCPConn, client net.Conn) {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	client, err = net.Dial("tcp", l.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	s, err := l.Accept()
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { client.Close(); s.Close() })
-	return s.(*net.TCPConn), client
 }
 
 // handOff sends conn to the worker as upgrader forwards a HANDOFF, and
@@ -229,7 +210,7 @@ func TestHandoffsTwiceClosesNothing(t *testing.T) {
 		t.Errorf("Handoffs with a new kind: %v, want an error naming it", err)
 	}
 	// The first is still served: a connection handed to it arrives.
-	sc, cc := tcpPair(t)
+	sc, cc := testnet.TCPPair(t)
 	if m := handOff(t, up, 1, "http", sc, handoff.Conn{State: []byte("s")}); m.Type != handoff.TypeAck {
 		t.Fatalf("answer %+v, want ACK", m)
 	}
@@ -285,7 +266,7 @@ func TestHandoffsWithoutChannel(t *testing.T) {
 	if h.Listener(KindHTTP) != nil || h.Listener(KindHTTP).Pending() != 0 || h.Close() != nil {
 		t.Fatal("a nil *Handoffs misbehaves")
 	}
-	sc, _ := tcpPair(t)
+	sc, _ := testnet.TCPPair(t)
 	if err := h.Send(KindHTTP, []Outgoing{{Conn: sc}}); err != ErrNoHandoff {
 		t.Fatalf("Send on nil: %v, want ErrNoHandoff", err)
 	}
@@ -302,7 +283,7 @@ func TestHandoffsReceive(t *testing.T) {
 		t.Fatalf("first message %+v, want ACCEPT kinds=http,counter", m)
 	}
 
-	sc, cc := tcpPair(t)
+	sc, cc := testnet.TCPPair(t)
 	if m := handOff(t, up, 7, "counter", sc, handoff.Conn{State: []byte("5"), Buffered: []byte("abc")}); m.Type != handoff.TypeAck || m.ID != 7 {
 		t.Fatalf("answer %+v, want ACK id=7", m)
 	}
@@ -322,7 +303,7 @@ func TestHandoffsReceive(t *testing.T) {
 		t.Fatalf("client read %q, %v", got[:2], err)
 	}
 
-	sc2, _ := tcpPair(t)
+	sc2, _ := testnet.TCPPair(t)
 	if m := handOff(t, up, 8, "other", sc2, handoff.Conn{}); m.Type != handoff.TypeNak || m.ID != 8 || !strings.Contains(m.Reason, "other") {
 		t.Fatalf("answer %+v, want NAK id=8 naming the kind", m)
 	}
@@ -339,7 +320,7 @@ func TestHandoffsWatchesTheFirstIdleHTTP(t *testing.T) {
 	var fds []int
 	var clients []net.Conn
 	for range eagerConns + 1 {
-		sc, cc := tcpPair(t)
+		sc, cc := testnet.TCPPair(t)
 		fd, err := sockets.DupFD(sc)
 		if err != nil {
 			t.Fatal(err)
@@ -393,7 +374,7 @@ func TestHandoffsCloseDeliversWatched(t *testing.T) {
 	for _, by := range []string{"listener", "channel"} {
 		t.Run(by, func(t *testing.T) {
 			up, _ := fakeUpgrader(t)
-			sc, cc := tcpPair(t)
+			sc, cc := testnet.TCPPair(t)
 			goroutines := runtime.NumGoroutine()
 			h := openHandoffs(t, KindHTTP)
 			recv(t, up) // ACCEPT
@@ -459,7 +440,7 @@ func TestHandoffsChannelEndKeepsIdleWaiting(t *testing.T) {
 			recv(t, up)         // ACCEPT
 			var clients []net.Conn
 			for id := range uint64(2) {
-				sc, cc := tcpPair(t)
+				sc, cc := testnet.TCPPair(t)
 				if m := handOff(t, up, id+1, KindHTTP, sc, handoff.Conn{}); m.Type != handoff.TypeAck {
 					t.Fatalf("answer %+v, want ACK", m)
 				}
@@ -534,7 +515,7 @@ func TestHandoffsParkIdleHTTP(t *testing.T) {
 	h := openHandoffs(t, KindHTTP)
 	h.unparked.Store(0) // past the ones delivered unparked
 	recv(t, up)         // ACCEPT
-	sc, cc := tcpPair(t)
+	sc, cc := testnet.TCPPair(t)
 	if m := handOff(t, up, 1, KindHTTP, sc, handoff.Conn{}); m.Type != handoff.TypeAck {
 		t.Fatalf("answer %+v, want ACK", m)
 	}
@@ -570,7 +551,7 @@ func TestHandoffsSend(t *testing.T) {
 	up, _ := fakeUpgrader(t)
 	h := openHandoffs(t)
 	recv(t, up) // ACCEPT
-	sc, cc := tcpPair(t)
+	sc, cc := testnet.TCPPair(t)
 	for _, answer := range []string{handoff.TypeAck, handoff.TypeNak} {
 		done := make(chan error, 1)
 		go func() { done <- h.Send("counter", []Outgoing{{Conn: sc, State: []byte("9"), Buffered: []byte("x")}}) }()
@@ -613,7 +594,7 @@ func TestHandoffsSendPassesOwnFDs(t *testing.T) {
 	out := make([]Outgoing, handoff.MaxFDs)
 	want := make([]uint64, len(out))
 	for i := range out {
-		sc, _ := tcpPair(t)
+		sc, _ := testnet.TCPPair(t)
 		out[i] = Outgoing{Conn: sc}
 		rc, _ := sc.SyscallConn()
 		rc.Control(func(fd uintptr) { want[i] = ino(int(fd)) })
@@ -662,7 +643,7 @@ func TestHandoffsSendPassesOwnFDs(t *testing.T) {
 // Accept (it was acknowledged), then Accept reports the listener closed.
 func TestHandoffsCloseReleases(t *testing.T) {
 	up, _ := fakeUpgrader(t)
-	sc, cc := tcpPair(t)
+	sc, cc := testnet.TCPPair(t)
 	fdsBefore := openFDs(t)
 	goroutines := runtime.NumGoroutine()
 
@@ -754,7 +735,7 @@ func TestHandoffsLogToTheLogger(t *testing.T) {
 	if !ok {
 		t.Fatalf("no record carries handoff.ErrMalformed: %+v", rec.Records())
 	}
-	sc, _ := tcpPair(t)
+	sc, _ := testnet.TCPPair(t)
 	if m := handOff(t, up, 2, KindHTTP, sc, handoff.Conn{State: []byte("a")}); m.Type != handoff.TypeAck {
 		t.Fatalf("the channel stopped after a malformed message: %+v", m)
 	}

@@ -11,6 +11,8 @@ import (
 	"testing"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/seed6cb0314a/upgrader/internal/testnet"
 )
 
 func TestRoundTrip(t *testing.T) {
@@ -123,21 +125,8 @@ func socketPair(t *testing.T) (sa, sb *Socket) {
 
 func TestSocketCarriesFDs(t *testing.T) {
 	sa, sb := socketPair(t)
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	client, err := net.Dial("tcp", l.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer client.Close()
-	server, err := l.Accept()
-	if err != nil {
-		t.Fatal(err)
-	}
-	sf, _ := server.(*net.TCPConn).File()
+	server, client := testnet.TCPPair(t)
+	sf, _ := server.File()
 	if err := sa.Send(Message{Type: TypeHandoff, ID: 1, Kind: "raw", Conns: []Conn{{State: []byte("s")}}}, []int{int(sf.Fd())}); err != nil {
 		t.Fatal(err)
 	}
