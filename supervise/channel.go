@@ -91,13 +91,29 @@ func newSeqpacketChannel() (channel, *os.File, error) {
 	if err != nil {
 		return nil, nil, err
 	}
-	sock, err := handoff.NewSocket(ours)
+	c, err := openSeqpacketChannel(ours)
 	if err != nil {
 		theirs.Close()
-		return nil, nil, fmt.Errorf("handoff channel: %w", err)
+		return nil, nil, err
+	}
+	return c, theirs, nil
+}
+
+// openSeqpacketChannel wraps f, upgrader's end of a worker's handoff
+// channel: sends time out (sendTimeout), and arrivals are stamped, so
+// that a batch's age counts from when its sender sent it
+// (forwardMaxAge). It takes f over, closing it on error.
+func openSeqpacketChannel(f *os.File) (seqpacketChannel, error) {
+	sock, err := handoff.NewSocket(f)
+	if err != nil {
+		return seqpacketChannel{}, fmt.Errorf("handoff channel: %w", err)
 	}
 	sock.SetSendTimeout(sendTimeout)
-	return seqpacketChannel{sock}, theirs, nil
+	if err := sock.StampArrivals(); err != nil {
+		sock.Close()
+		return seqpacketChannel{}, fmt.Errorf("handoff channel: %w", err)
+	}
+	return seqpacketChannel{sock}, nil
 }
 
 // newNodeChannel makes a worker's Node.js IPC channel: our end, and the

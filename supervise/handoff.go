@@ -67,6 +67,15 @@ const (
 	// 5 s); maxParkedFDs bounds the fds held meanwhile.
 	parkTimeout  = 2 * time.Second
 	maxParkedFDs = 1024
+	// forwardMaxAge bounds a batch's age, from its arrival in upgrader's
+	// socket (the kernel's stamp, SO_TIMESTAMPNS), when its writer comes
+	// to send it to the target: an older one goes back to its sender
+	// unsent. The sender takes back what has no answer after
+	// inherit.SendTimeout (5 s), and a target refuses a batch that waited
+	// in its own socket over 1 s (docs/reference/handoff.md), so a batch
+	// written by 3 s is answered, or refused, before its sender gives
+	// up; a batch parked for a replacement (parkTimeout) keeps a second.
+	forwardMaxAge = 3 * time.Second
 	// relayFDTable is the fd table upgrader reserves at its start: room
 	// for the parked fds and for the batches of several workers in
 	// transit (each sends at most 4 of handoff.MaxFDs at once).
@@ -75,11 +84,13 @@ const (
 
 // outMsg is a message waiting in a worker's outbox; fds are closed once
 // sent. state moves from queued to written or cancelled exactly once: the
-// loop may take back a batch only while it is still queued.
+// loop may take back a batch only while it is still queued. A batch not
+// written by sendBy (on the env's clock) is not written at all.
 type outMsg struct {
-	m     handoff.Message
-	fds   []int
-	state atomic.Int32
+	m      handoff.Message
+	fds    []int
+	sendBy time.Time
+	state  atomic.Int32
 }
 
 const (
@@ -103,7 +114,8 @@ type router struct {
 	parkedFDs int
 }
 
-// parkedBatch is a HANDOFF from a sender, waiting for a target.
+// parkedBatch is a HANDOFF from a sender, waiting for a target; at is
+// when it arrived (env's clock).
 type parkedBatch struct {
 	from   *worker
 	fromCh *wchan
@@ -144,6 +156,19 @@ func (s *Supervisor) writeHandoff(w *worker, c *wchan, out, answers <-chan *outM
 			handoff.CloseFDs(o.fds) // taken back by the loop
 			continue
 		}
+		if !o.sendBy.IsZero() && s.env.now().After(o.sendBy) {
+			// Too late for its sender's timeout: it goes back rather
+			// than to a target that could take it after the sender has
+			// taken it back.
+			handoff.CloseFDs(o.fds)
+			id := o.m.ID
+			s.post(evFunc{func() {
+				s.log.Warn("handoff batch too old to send; its sender keeps its connections", slog.Int("pid", w.Pid),
+					slog.Duration("max_age", forwardMaxAge), slog.Int("connections", len(o.m.Conns)))
+				s.refuseBack(id, w, fmt.Errorf("batch older than %s, not sent to worker pid %d", forwardMaxAge, w.Pid), false)
+			}})
+			continue
+		}
 		err := c.ch.send(o.m, o.fds)
 		handoff.CloseFDs(o.fds)
 		var partial *nodeipc.PartialError
@@ -163,8 +188,9 @@ func (s *Supervisor) writeHandoff(w *worker, c *wchan, out, answers <-chan *outM
 	}
 }
 
-// send queues m with fds (which it takes over) on c without blocking.
-func (s *Supervisor) send(c *wchan, m handoff.Message, fds []int) (*outMsg, error) {
+// send queues m with fds (which it takes over) on c without blocking; a
+// non-zero sendBy is when its writer gives up on it (outMsg).
+func (s *Supervisor) send(c *wchan, m handoff.Message, fds []int, sendBy time.Time) (*outMsg, error) {
 	q := c.out
 	if m.Type != handoff.TypeHandoff {
 		q = c.answers
@@ -173,7 +199,7 @@ func (s *Supervisor) send(c *wchan, m handoff.Message, fds []int) (*outMsg, erro
 		handoff.CloseFDs(fds)
 		return nil, errors.New("handoff channel closed")
 	}
-	o := &outMsg{m: m, fds: fds}
+	o := &outMsg{m: m, fds: fds, sendBy: sendBy}
 	select {
 	case q <- o:
 		return o, nil
@@ -232,7 +258,16 @@ func (s *Supervisor) onHandoff(w *worker, c *wchan, m handoff.Message, fds []int
 		log.Debug("worker takes handoffs", slog.Any("kinds", m.Kinds))
 		s.flushParked() // it may be the target they wait for
 	case handoff.TypeHandoff:
-		b := parkedBatch{from: w, fromCh: c, m: m, fds: fds}
+		// Its age counts from its arrival in upgrader's socket: the
+		// reader or the loop may have been slow to get to it. The stamp
+		// is on the kernel's clock, so the wait is measured there.
+		at := s.env.now()
+		if !m.Arrived.IsZero() {
+			if waited := time.Since(m.Arrived); waited > 0 {
+				at = at.Add(-waited)
+			}
+		}
+		b := parkedBatch{from: w, fromCh: c, m: m, fds: fds, at: at}
 		target := s.handoffTarget(w, m.Kind)
 		switch {
 		case target != nil:
@@ -241,7 +276,6 @@ func (s *Supervisor) onHandoff(w *worker, c *wchan, m handoff.Message, fds []int
 			// A worker replacing one of the serving generation is
 			// starting (a crash, STOPPING=1): its connections wait
 			// for it rather than close.
-			b.at = s.env.now()
 			s.ho.parked = append(s.ho.parked, b)
 			s.ho.parkedFDs += len(fds)
 			s.after(parkTimeout, evFunc{s.flushParked})
@@ -277,7 +311,7 @@ func (s *Supervisor) forward(b parkedBatch, target *worker) {
 	s.ho.nextID++
 	fwd := b.m
 	fwd.ID = s.ho.nextID
-	o, err := s.send(target.takeOn, fwd, b.fds)
+	o, err := s.send(target.takeOn, fwd, b.fds, b.at.Add(forwardMaxAge))
 	if err != nil {
 		s.count.Handoffs.Refused += n
 		s.stall(target, err)
@@ -367,13 +401,14 @@ func (s *Supervisor) onSendFailed(w *worker, m handoff.Message, err error) {
 		s.warn(w.Pid, "handoff reply failed", slog.Int("pid", w.Pid), slog.String("type", m.Type), slog.Any("error", err))
 		return
 	}
-	s.refuseBack(m.ID, w, fmt.Errorf("forward to worker pid %d: %w", w.Pid, err))
+	s.refuseBack(m.ID, w, fmt.Errorf("forward to worker pid %d: %w", w.Pid, err), true)
 }
 
 // refuseBack ends a forwarded batch that its target w did not take: the
-// sender gets a NAK and keeps serving its connections; w is skipped until
-// it answers again.
-func (s *Supervisor) refuseBack(id uint64, w *worker, err error) {
+// sender gets a NAK and keeps serving its connections. With stall, w is
+// to blame and is skipped until it answers again; a batch that grew too
+// old before its turn is not w's doing.
+func (s *Supervisor) refuseBack(id uint64, w *worker, err error, stall bool) {
 	p := s.ho.pending[id]
 	if p == nil || p.to != w {
 		return // answered already, or the target went away
@@ -381,7 +416,7 @@ func (s *Supervisor) refuseBack(id uint64, w *worker, err error) {
 	delete(s.ho.pending, id)
 	w.unanswered--
 	s.count.Handoffs.Refused += p.n
-	if w.State.running() {
+	if stall && w.State.running() {
 		s.stall(w, err)
 	}
 	s.reply(p.from, p.fromCh, handoff.Message{Type: handoff.TypeNak, ID: p.fromID, Reason: err.Error()})
@@ -399,7 +434,7 @@ func (s *Supervisor) onAnswerTimeout(id uint64) {
 	}
 	err := fmt.Errorf("worker pid %d did not answer within %s", p.to.Pid, answerTimeout)
 	if p.out.state.CompareAndSwap(outQueued, outCancelled) {
-		s.refuseBack(id, p.to, err)
+		s.refuseBack(id, p.to, err, true)
 		return
 	}
 	s.stall(p.to, err)
@@ -429,7 +464,7 @@ func (s *Supervisor) reply(w *worker, c *wchan, m handoff.Message) {
 	if s.gens.byPid[w.Pid] != w || !w.hasChannel(c) {
 		return // the sender is gone: its copies went with it
 	}
-	if _, err := s.send(c, m, nil); err != nil {
+	if _, err := s.send(c, m, nil, time.Time{}); err != nil {
 		s.warn(w.Pid, "handoff reply failed", slog.Int("pid", w.Pid), slog.String("type", m.Type), slog.Any("error", err))
 	}
 }

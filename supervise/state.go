@@ -10,7 +10,6 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/seed6cb0314a/upgrader/internal/handoff"
 	"github.com/seed6cb0314a/upgrader/internal/sockets"
 )
 
@@ -430,11 +429,10 @@ func followClient(fd int, ch <-chan Progress) {
 func (s *Supervisor) resumeChannels(w *worker, sw savedWorker) {
 	if sw.HandoffFD >= 0 {
 		unix.CloseOnExec(sw.HandoffFD)
-		if sock, err := handoff.NewSocket(os.NewFile(uintptr(sw.HandoffFD), "handoff")); err != nil {
+		if ch, err := openSeqpacketChannel(os.NewFile(uintptr(sw.HandoffFD), "handoff")); err != nil {
 			s.log.Error("handoff channel not restored", slog.Int("pid", w.Pid), slog.Any("error", err))
 		} else {
-			sock.SetSendTimeout(sendTimeout)
-			s.openHandoff(w, seqpacketChannel{sock})
+			s.openHandoff(w, ch)
 			if sw.TakeOn == takeOnHandoff || sw.TakeOn == "" && w.Accepts != nil {
 				w.takeOn = w.chans[len(w.chans)-1]
 			}

@@ -797,6 +797,89 @@ func TestHandoffWaitsForAStartingReplacement(t *testing.T) {
 	}
 }
 
+// TestStaleBatchGoesBackUnsent: a batch that waited in upgrader past
+// forwardMaxAge is not written to its target, which could take it after
+// its sender had taken it back, but goes back to its sender as NAK; the
+// target is not blamed for it and takes the next batch. The age counts
+// from the kernel's arrival stamp: a loop slow to read the batch has
+// aged it too.
+func TestStaleBatchGoesBackUnsent(t *testing.T) {
+	t.Run("parked past the bound", func(t *testing.T) {
+		staleBatch(t, 0, forwardMaxAge+time.Second)
+	})
+	// Without the stamp the batch would count as 25 ms younger than
+	// the bound; the 50 ms it waited for the loop make it older.
+	t.Run("its wait for the loop counts", func(t *testing.T) {
+		staleBatch(t, 50*time.Millisecond, forwardMaxAge-25*time.Millisecond)
+	})
+}
+
+// staleBatch parks a batch for a starting replacement, the loop kept busy
+// for stall after it is sent, then moves the env's clock on by advance
+// before the replacement is ready, and wants the batch refused unsent.
+func staleBatch(t *testing.T, stall, advance time.Duration) {
+	h := run(t, Config{})
+	old := h.started()
+	h.ready(old)
+	oldSock := h.env.handoff(old)
+	h.notify(old, "STOPPING", "1")
+	nw := h.started()
+	newSock := h.env.handoff(nw)
+
+	conn, f := tcpPair(t)
+	defer conn.Close()
+	defer f.Close()
+	t0 := time.Now()
+	h.env.mu.Lock()
+	h.env.frozen = t0
+	h.env.mu.Unlock()
+	busy, sent := make(chan struct{}), make(chan struct{})
+	// The stall is the stimulus: the batch must wait in the loop's
+	// queue, on the real clock, while the env's stands still.
+	h.s.post(evFunc{func() { close(busy); <-sent; time.Sleep(stall) }})
+	<-busy
+	stale := handoff.Message{Type: handoff.TypeHandoff, ID: 3, Kind: "http", Conns: []handoff.Conn{{State: []byte("stale")}}}
+	if err := oldSock.Send(stale, []int{int(f.Fd())}); err != nil {
+		t.Fatal(err)
+	}
+	close(sent)
+	h.waitHandled("the HANDOFF", func(ev event) bool {
+		e, ok := ev.(evHandoff)
+		return ok && e.w.Pid == old && e.m.Type == handoff.TypeHandoff
+	})
+	newSock.Send(handoff.Message{Type: handoff.TypeAccept, Kinds: []string{"http"}}, nil)
+	h.waitHandled("ACCEPT", func(ev event) bool { e, ok := ev.(evHandoff); return ok && e.m.Type == handoff.TypeAccept })
+	h.env.mu.Lock()
+	h.env.frozen = t0.Add(advance)
+	h.env.mu.Unlock()
+	h.ready(nw) // the parked batch is forwarded: its writer is to refuse it
+	if a, _ := recv(t, oldSock); a.Type != handoff.TypeNak || a.ID != 3 || !strings.Contains(a.Reason, "older than") {
+		t.Fatalf("answer %+v, want NAK id=3 for a batch too old", a)
+	}
+	// A fresh batch goes through; had the stale one been written, it
+	// would come first (one writer, in order).
+	h.env.mu.Lock()
+	h.env.frozen = time.Time{}
+	h.env.mu.Unlock()
+	fresh := handoff.Message{Type: handoff.TypeHandoff, ID: 4, Kind: "http", Conns: []handoff.Conn{{State: []byte("fresh")}}}
+	if err := oldSock.Send(fresh, []int{int(f.Fd())}); err != nil {
+		t.Fatal(err)
+	}
+	fwd, fds := recv(t, newSock)
+	handoff.CloseFDs(fds)
+	if fwd.Type != handoff.TypeHandoff || len(fwd.Conns) != 1 || string(fwd.Conns[0].State) != "fresh" || len(fds) != 1 {
+		t.Fatalf("the target got %+v with %d fds first, want the fresh batch", fwd, len(fds))
+	}
+	newSock.Send(handoff.Message{Type: handoff.TypeAck, ID: fwd.ID}, nil)
+	if a, _ := recv(t, oldSock); a.Type != handoff.TypeAck || a.ID != 4 {
+		t.Fatalf("answer %+v, want ACK id=4", a)
+	}
+	h.sync()
+	if st := h.s.count.Handoffs; st.HandedOff != 1 || st.Refused != 1 {
+		t.Fatalf("stats %+v, want 1 handed off and 1 refused", st)
+	}
+}
+
 // tcpPair returns a connected TCP connection and a dup of its fd.
 func tcpPair(t *testing.T) (net.Conn, *os.File) {
 	t.Helper()
