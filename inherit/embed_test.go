@@ -40,7 +40,7 @@ func directPairLate(t *testing.T, late time.Duration, kinds ...string) (parent, 
 	if parent, err = newHandoffs(sa, nil, log); err != nil {
 		t.Fatal(err)
 	}
-	if child, err = startHandoffs(sb, kinds, log, late); err != nil {
+	if child, err = startHandoffs(sb, kinds, log, knobs{late: late, sendTimeout: SendTimeout}); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { parent.Close(); child.Close() })
@@ -125,7 +125,7 @@ func TestHandoffWaitIsMeasuredInTheQueue(t *testing.T) {
 	// The batch must age in the queue past the bound: the wait is the
 	// stimulus, not a wait for a state.
 	time.Sleep(2 * bound)
-	taker, err := startHandoffs(sb, []string{KindHTTP}, slog.New(slog.DiscardHandler), bound)
+	taker, err := startHandoffs(sb, []string{KindHTTP}, slog.New(slog.DiscardHandler), knobs{late: bound, sendTimeout: SendTimeout})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -38,15 +38,18 @@ type Handoffs struct {
 
 	mu        sync.Mutex
 	nextID    uint64
-	waiting   map[uint64]chan error
+	waiting   map[uint64]answer // Sends waiting for their answer, by batch id
 	closed    bool
 	toConvert chan received // closed by read when it ends
 	converted chan struct{} // closed by convert when it ends
 	park      *parker       // idle HTTP connections, until readable
 	// unparked is how many more idle HTTP connections are converted at
 	// once and watched (watch) instead of parked: eagerConns at first.
-	unparked  atomic.Int32
-	late      time.Duration // lateHandoff, or a test's
+	unparked atomic.Int32
+	knobs    knobs
+	// recheck: read found a message queued when a Send's answer was
+	// overdue, and looks again once it has read it (read's only).
+	recheck   bool
 	watchMu   sync.Mutex
 	watched   map[net.Conn]*Listener // converted, waiting to be readable
 	watching  sync.WaitGroup
@@ -169,19 +172,31 @@ func (s *Set) Handoffs(kinds ...string) (*Handoffs, error) {
 	return h, nil
 }
 
+// answer is where a Send waits for its batch's answer, and until when.
+type answer struct {
+	ch       chan error
+	deadline time.Time
+}
+
+// knobs are a channel's bounds: lateHandoff and SendTimeout, or a test's,
+// with a test's hook run before each read of the channel.
+type knobs struct {
+	late, sendTimeout time.Duration
+	beforeRecv        func()
+}
+
 // newHandoffs takes over sock, sends ACCEPT and starts serving it; on an
 // error sock is closed.
 func newHandoffs(sock *handoff.Socket, kinds []string, log *slog.Logger) (*Handoffs, error) {
-	return startHandoffs(sock, kinds, log, lateHandoff)
+	return startHandoffs(sock, kinds, log, knobs{late: lateHandoff, sendTimeout: SendTimeout})
 }
 
-// startHandoffs is newHandoffs with the bound on a HANDOFF's wait in the
-// queue (lateHandoff; a test's own).
-func startHandoffs(sock *handoff.Socket, kinds []string, log *slog.Logger, late time.Duration) (*Handoffs, error) {
+// startHandoffs is newHandoffs with k.
+func startHandoffs(sock *handoff.Socket, kinds []string, log *slog.Logger, k knobs) (*Handoffs, error) {
 	var err error
-	h := &Handoffs{sock: sock, kinds: map[string]*Listener{}, log: log, waiting: map[uint64]chan error{},
+	h := &Handoffs{sock: sock, kinds: map[string]*Listener{}, log: log, waiting: map[uint64]answer{},
 		toConvert: make(chan received, 4*handoff.MaxFDs), converted: make(chan struct{}), done: make(chan struct{}),
-		watched: map[net.Conn]*Listener{}, late: late}
+		watched: map[net.Conn]*Listener{}, knobs: k}
 	h.unparked.Store(eagerConns)
 	if err := sock.StampArrivals(); err != nil {
 		// Without stamps every HANDOFF counts as on time, as before.
@@ -284,7 +299,17 @@ func (h *Handoffs) Listener(kind string) *Listener {
 func (h *Handoffs) read() {
 	defer h.shut()
 	for {
+		if h.recheck {
+			h.expire()
+		}
+		if h.knobs.beforeRecv != nil {
+			h.knobs.beforeRecv()
+		}
 		m, fds, err := h.sock.Recv()
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			h.expire() // a Send's answer is due
+			continue
+		}
 		if err != nil && !errors.Is(err, handoff.ErrMalformed) {
 			if !errors.Is(err, handoff.ErrClosed) && !errors.Is(err, net.ErrClosed) {
 				h.log.Warn("handoff channel failed; taking and sending no more connections", "error", err)
@@ -300,19 +325,64 @@ func (h *Handoffs) read() {
 		case handoff.TypeHandoff:
 			h.receive(m, fds)
 		case handoff.TypeAck, handoff.TypeNak:
+			// However late this is read, it came in time if its Send
+			// still waits: expire lets none go while one is queued.
 			h.mu.Lock()
-			ch := h.waiting[m.ID]
+			a, ok := h.waiting[m.ID]
 			delete(h.waiting, m.ID)
 			h.mu.Unlock()
-			if ch != nil {
+			if ok {
 				if m.Type == handoff.TypeAck {
-					ch <- nil
+					a.ch <- nil
 				} else {
-					ch <- fmt.Errorf("handoff refused: %s", m.Reason)
+					a.ch <- fmt.Errorf("handoff refused: %s", m.Reason)
 				}
 			}
 		}
 	}
+}
+
+// expire ends the Sends whose answer is overdue (past their deadline,
+// sendTimeout after they began), with an error, but only once nothing is
+// left to read in the socket: an answer that reached it by its deadline
+// counts, however late this goroutine gets to it (a GC pause, a stopped
+// process, a convert queue full), since its target owns the connections
+// from the moment it answered. Timing out on a timer of the Send's own
+// instead, the sender could serve on connections an ACK waiting in its
+// socket had given away. It leaves the read deadline at the next answer
+// due, or none. read's only.
+func (h *Handoffs) expire() {
+	queued, err := h.sock.Queued()
+	if err != nil {
+		h.log.Debug("handoff: cannot tell whether an answer is queued; timing out as due", "error", err)
+	}
+	h.recheck = queued
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if queued {
+		h.sock.SetReadDeadline(time.Time{}) // read it first
+		return
+	}
+	now := time.Now()
+	for id, a := range h.waiting {
+		if !now.Before(a.deadline) {
+			a.ch <- fmt.Errorf("handoff: no answer from upgrader within %s", h.knobs.sendTimeout)
+			delete(h.waiting, id)
+		}
+	}
+	h.armLocked()
+}
+
+// armLocked sets the read deadline to the first answer due, so that read
+// wakes to expire it; none when no Send waits.
+func (h *Handoffs) armLocked() {
+	var next time.Time
+	for _, a := range h.waiting {
+		if next.IsZero() || a.deadline.Before(next) {
+			next = a.deadline
+		}
+	}
+	h.sock.SetReadDeadline(next)
 }
 
 // receive takes ownership of handed-off connections: it answers ACK as
@@ -333,12 +403,12 @@ func (h *Handoffs) receive(m handoff.Message, fds []int) {
 	}
 	l := h.kinds[m.Kind]
 	switch {
-	case waited > h.late:
+	case waited > h.knobs.late:
 		// A worker this late on its channel is stalled; the sender logs
 		// only that it was refused.
 		h.log.Warn("handoff: refused a batch that waited too long in the channel", "kind", m.Kind, "connections", len(fds),
-			"waited", waited, "bound", h.late)
-		nak(fmt.Sprintf("it waited %s in this worker's queue, past %s: its sender may have taken it back", waited.Round(time.Millisecond), h.late))
+			"waited", waited, "bound", h.knobs.late)
+		nak(fmt.Sprintf("it waited %s in this worker's queue, past %s: its sender may have taken it back", waited.Round(time.Millisecond), h.knobs.late))
 		return
 	case l == nil:
 		nak("this worker does not take kind " + m.Kind)
@@ -469,8 +539,8 @@ func (h *Handoffs) shut() {
 	<-h.converted
 	h.mu.Lock()
 	h.closed = true
-	for id, ch := range h.waiting {
-		ch <- ErrNoHandoff
+	for id, a := range h.waiting {
+		a.ch <- ErrNoHandoff
 		delete(h.waiting, id)
 	}
 	h.mu.Unlock()
@@ -499,17 +569,21 @@ type Outgoing struct {
 	Buffered []byte
 }
 
-// SendTimeout bounds how long Send waits for upgrader's answer.
+// SendTimeout bounds how long after it sends a batch an answer must reach
+// Send's socket for Send to take it.
 const SendTimeout = 5 * time.Second
 
 // Send hands conns (at most 253, the kernel's SCM_MAX_FD) of kind to a
 // ready worker of the newest generation, through upgrader: one HANDOFF
 // message of docs/reference/handoff.md with their fds as SCM_RIGHTS (unix(7)). It
-// waits for the answer, ACK or NAK, at most SendTimeout. On nil the
-// receiver owns them and the caller must close its copies; on error
-// (refused: no ready worker takes kind, the target failed; timeout;
-// channel closed) the connections are untouched and still the caller's to
-// serve or close.
+// waits for the answer, ACK or NAK: one that reached the channel's socket
+// within SendTimeout counts, however late the channel's reader gets to
+// it; with none, Send times out once the reader has found the socket
+// empty past SendTimeout (milliseconds after it, unless the process is
+// stalled). On nil the receiver owns them and the caller must close its
+// copies; on error (refused: no ready worker takes kind, the target
+// failed; timeout; channel closed) the connections are untouched and
+// still the caller's to serve or close.
 //
 // The conns' own fds are sent, not duplicates: SCM_RIGHTS gives the
 // receiver its own reference to each socket when sendmsg(2) runs, so a dup
@@ -546,20 +620,16 @@ func (h *Handoffs) Send(kind string, conns []Outgoing) error {
 	}
 	h.nextID++
 	m.ID = h.nextID
-	h.waiting[m.ID] = ch
+	h.waiting[m.ID] = answer{ch: ch, deadline: time.Now().Add(h.knobs.sendTimeout)}
+	h.armLocked()
 	h.mu.Unlock()
 	err := withFDs(rcs, make([]int, 0, len(rcs)), func(fds []int) error { return h.sock.Send(m, fds) })
 	if err != nil {
 		h.forget(m.ID)
 		return err
 	}
-	select {
-	case err := <-ch:
-		return err
-	case <-time.After(SendTimeout):
-		h.forget(m.ID)
-		return fmt.Errorf("handoff: no answer from upgrader within %s", SendTimeout)
-	}
+	// The channel's reader answers, or times the batch out (expire).
+	return <-ch
 }
 
 // withFDs calls f with the fds of rcs, each held open (RawConn.Control)

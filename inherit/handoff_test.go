@@ -13,6 +13,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -813,4 +814,106 @@ func openHandoffs(t *testing.T, kinds ...string) *Handoffs {
 	}
 	t.Cleanup(func() { h.Close() })
 	return h
+}
+
+// An answer that reached the sender's socket before its deadline counts
+// even when the sender's reader gets to it after the deadline (stalled
+// here by a hook; in life a stopped process, a long pause): the target
+// owns the connections from its ACK. With no answer at all, Send times
+// out.
+func TestAnswerReadLateStillCounts(t *testing.T) {
+	a, b, err := handoff.Pair()
+	if err != nil {
+		t.Fatal(err)
+	}
+	up, err := handoff.NewSocket(a)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer up.Close()
+	sb, err := handoff.NewSocket(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	const timeout = 100 * time.Millisecond
+	var stall atomic.Bool
+	atGate, release := make(chan struct{}), make(chan struct{})
+	hold := func() {
+		if stall.Load() {
+			atGate <- struct{}{}
+			<-release
+		}
+	}
+	h, err := startHandoffs(sb, nil, slog.New(slog.DiscardHandler), knobs{late: lateHandoff, sendTimeout: timeout, beforeRecv: hold})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var once sync.Once
+	unhold := func() { once.Do(func() { close(release) }) }
+	defer h.Close()
+	defer unhold() // first, or Close would wait for the held reader
+	if m, _ := recv(t, up); m.Type != handoff.TypeAccept {
+		t.Fatalf("first message %+v, want ACCEPT", m)
+	}
+	// One message it ignores takes the reader round to the hook, where
+	// it stops.
+	stall.Store(true)
+	if err := up.Send(handoff.Message{Type: handoff.TypeNak, ID: 999, Reason: "unknown"}, nil); err != nil {
+		t.Fatal(err)
+	}
+	<-atGate
+	stall.Store(false)
+	sc, _ := testnet.TCPPair(t)
+	sent := make(chan error, 1)
+	go func() { sent <- h.Send(KindHTTP, []Outgoing{{Conn: sc}}) }()
+	m, fds := recv(t, up)
+	handoff.CloseFDs(fds)
+	if m.Type != handoff.TypeHandoff {
+		t.Fatalf("got %+v, want the HANDOFF", m)
+	}
+	if err := up.Send(handoff.Message{Type: handoff.TypeAck, ID: m.ID}, nil); err != nil {
+		t.Fatal(err)
+	}
+	// The ACK waits in the socket while the deadline passes: Send must
+	// not give up on it.
+	select {
+	case err := <-sent:
+		t.Fatalf("Send returned %v while its ACK waited to be read", err)
+	case <-time.After(3 * timeout):
+	}
+	unhold()
+	select {
+	case err := <-sent:
+		if err != nil {
+			t.Fatalf("Send: %v, want the ACK that came in time", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("Send did not return once its ACK was read")
+	}
+
+	// No answer: a timeout, and the connection still the caller's.
+	sc2, _ := testnet.TCPPair(t)
+	go func() { sent <- h.Send(KindHTTP, []Outgoing{{Conn: sc2}}) }()
+	m, fds = recv(t, up)
+	handoff.CloseFDs(fds)
+	select {
+	case err := <-sent:
+		if err == nil || !strings.Contains(err.Error(), "no answer") {
+			t.Fatalf("Send: %v, want a timeout", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("Send with no answer did not time out")
+	}
+	// An answer after that finds no Send to end; the channel goes on.
+	if err := up.Send(handoff.Message{Type: handoff.TypeAck, ID: m.ID}, nil); err != nil {
+		t.Fatal(err)
+	}
+	sc3, _ := testnet.TCPPair(t)
+	go func() { sent <- h.Send(KindHTTP, []Outgoing{{Conn: sc3}}) }()
+	m, fds = recv(t, up)
+	handoff.CloseFDs(fds)
+	up.Send(handoff.Message{Type: handoff.TypeNak, ID: m.ID, Reason: "test"}, nil)
+	if err := <-sent; err == nil || !strings.Contains(err.Error(), "refused: test") {
+		t.Fatalf("Send: %v, want the NAK", err)
+	}
 }

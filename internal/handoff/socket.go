@@ -176,6 +176,30 @@ func parseTimespec(b []byte) time.Time {
 // Close closes the channel; a blocked Recv returns.
 func (s *Socket) Close() error { return s.c.Close() }
 
+// SetReadDeadline makes a Recv that waits at t, or that is called after it
+// while t stands, return an error wrapping os.ErrDeadlineExceeded; the
+// zero time clears it. Safe to call while another goroutine waits in Recv,
+// which sees the change.
+func (s *Socket) SetReadDeadline(t time.Time) error { return s.c.SetReadDeadline(t) }
+
+// Queued reports whether a message waits at this end to be read (ioctl
+// SIOCINQ, unix(7): the bytes queued, which a message always has).
+func (s *Socket) Queued() (bool, error) {
+	rc, err := s.c.SyscallConn()
+	if err != nil {
+		return false, fmt.Errorf("handoff SIOCINQ: %w", err)
+	}
+	var n int
+	var ierr error
+	if err := rc.Control(func(fd uintptr) { n, ierr = unix.IoctlGetInt(int(fd), unix.SIOCINQ) }); err != nil {
+		return false, fmt.Errorf("handoff SIOCINQ: %w", err)
+	}
+	if ierr != nil {
+		return false, fmt.Errorf("handoff SIOCINQ: %w", ierr)
+	}
+	return n > 0, nil
+}
+
 // readMsg is recvmsg(2) with MSG_CMSG_CLOEXEC, through the poller.
 func (s *Socket) readMsg(buf, oob []byte) (n, oobn, flags int, err error) {
 	rc, err := s.c.SyscallConn()

@@ -1,6 +1,7 @@
 package handoff
 
 import (
+	"errors"
 	"os"
 	"testing"
 	"time"
@@ -135,5 +136,35 @@ func TestStampArrivals(t *testing.T) {
 	}
 	if ack, _, err := sa.Recv(); err != nil || !ack.Arrived.IsZero() {
 		t.Fatalf("unstamped socket: %+v, %v; want a zero Arrived", ack, err)
+	}
+}
+
+// Queued tells a message waiting from none, and a read deadline that has
+// passed fails Recv without taking the message, which a Recv with the
+// deadline cleared then gets.
+func TestQueuedAndReadDeadline(t *testing.T) {
+	sa, sb := socketPair(t)
+	if q, err := sb.Queued(); err != nil || q {
+		t.Fatalf("Queued on an empty socket: %v, %v; want false", q, err)
+	}
+	if err := sa.Send(Message{Type: TypeAck, ID: 7}, nil); err != nil {
+		t.Fatal(err)
+	}
+	if q, err := sb.Queued(); err != nil || !q {
+		t.Fatalf("Queued with a message waiting: %v, %v; want true", q, err)
+	}
+	sb.SetReadDeadline(time.Unix(1, 0))
+	if _, _, err := sb.Recv(); !errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("Recv past its deadline: %v, want os.ErrDeadlineExceeded", err)
+	}
+	if q, _ := sb.Queued(); !q {
+		t.Fatal("the message went with the failed Recv")
+	}
+	sb.SetReadDeadline(time.Time{})
+	if m, _, err := sb.Recv(); err != nil || m.Type != TypeAck || m.ID != 7 {
+		t.Fatalf("Recv: %+v, %v; want ACK id=7", m, err)
+	}
+	if q, err := sb.Queued(); err != nil || q {
+		t.Fatalf("Queued once read: %v, %v; want false", q, err)
 	}
 }
