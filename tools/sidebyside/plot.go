@@ -9,6 +9,7 @@ import (
 
 	"gonum.org/v1/plot"
 	"gonum.org/v1/plot/plotter"
+	"gonum.org/v1/plot/text"
 	"gonum.org/v1/plot/vg"
 	"gonum.org/v1/plot/vg/draw"
 	"gonum.org/v1/plot/vg/vgimg"
@@ -219,56 +220,84 @@ func steadyP99(r *Run) string {
 	return ms(percentile(r.Steady.Latency, 0.99))
 }
 
-// legend is the picture's one legend, drawn in a strip above the panels,
-// its entries in columns of two.
-func legend(c draw.Canvas) error {
-	line, err := plotter.NewLine(plotter.XYs{{X: 0, Y: 0}, {X: 1, Y: 1}})
-	if err != nil {
-		return err
-	}
-	line.LineStyle = okStyle
-	reload, err := plotter.NewLine(plotter.XYs{{X: 0, Y: 0}, {X: 1, Y: 1}})
-	if err != nil {
-		return err
-	}
-	reload.LineStyle = reloadStyle
-	type entry struct {
+// legendEntry is one line of the legend.
+type legendEntry struct {
+	name  string
+	thumb plot.Thumbnailer
+}
+
+// legendEntries are the legend's lines: the panels' lines, then the marks.
+func legendEntries() ([]legendEntry, error) {
+	var entries []legendEntry
+	for _, e := range []struct {
 		name  string
-		thumb plot.Thumbnailer
+		style draw.LineStyle
+	}{{"OK responses per 100 ms", okStyle}, {"reload asked for", reloadStyle},
+		{"p99 latency per 100 ms, with reloads", p99Style}, {"p99 latency per 100 ms, steady run", steadyStyle}} {
+		l, err := plotter.NewLine(plotter.XYs{{X: 0, Y: 0}, {X: 1, Y: 1}})
+		if err != nil {
+			return nil, err
+		}
+		l.LineStyle = e.style
+		entries = append(entries, legendEntry{e.name, l})
 	}
-	p99, err := plotter.NewLine(plotter.XYs{{X: 0, Y: 0}, {X: 1, Y: 1}})
-	if err != nil {
-		return err
-	}
-	p99.LineStyle = p99Style
-	steady, err := plotter.NewLine(plotter.XYs{{X: 0, Y: 0}, {X: 1, Y: 1}})
-	if err != nil {
-		return err
-	}
-	steady.LineStyle = steadyStyle
-	entries := []entry{{"OK responses per 100 ms", line}, {"reload asked for", reload},
-		{"p99 latency per 100 ms, with reloads", p99}, {"p99 latency per 100 ms, steady run", steady}}
 	for _, m := range marks {
 		s, err := plotter.NewScatter(plotter.XYs{{X: 0, Y: 0}})
 		if err != nil {
-			return err
+			return nil, err
 		}
 		s.GlyphStyle = m.style
-		entries = append(entries, entry{m.label, s})
+		entries = append(entries, legendEntry{m.label, s})
 	}
-	cols := (len(entries) + 1) / 2
-	w := (c.Max.X - c.Min.X) / vg.Length(cols)
-	for i := 0; i < cols; i++ {
+	return entries, nil
+}
+
+// legend is the picture's one legend, a strip above the panels: its
+// entries in as many columns as fit across width, each as wide as the
+// widest entry, so that no text runs into the next column whether the
+// picture has one load mode or two.
+type legend struct {
+	entries []legendEntry
+	style   text.Style
+	perCol  int
+	colW    vg.Length
+}
+
+const legendPad = vg.Length(20) // points: left of each column
+
+func newLegend(width vg.Length) (*legend, error) {
+	entries, err := legendEntries()
+	if err != nil {
+		return nil, err
+	}
+	l := plot.NewLegend()
+	l.TextStyle.Font.Size = vg.Points(10)
+	g := &legend{entries: entries, style: l.TextStyle}
+	for _, e := range entries {
+		g.colW = max(g.colW, l.TextStyle.Width(e.name))
+	}
+	g.colW += l.ThumbnailWidth + l.Padding + legendPad
+	cols := max(1, min(len(entries), int(width/g.colW)))
+	g.perCol = (len(entries) + cols - 1) / cols
+	return g, nil
+}
+
+// height is the strip's height: a line per row and a margin.
+func (g *legend) height() vg.Length {
+	return vg.Length(g.perCol)*g.style.Height("Xg")*1.15 + vg.Points(10)
+}
+
+func (g *legend) draw(c draw.Canvas) {
+	for i := 0; i*g.perCol < len(g.entries); i++ {
 		l := plot.NewLegend()
 		l.Top, l.Left = true, true
-		l.TextStyle.Font.Size = vg.Points(10)
-		for _, e := range entries[2*i : min(len(entries), 2*i+2)] {
+		l.TextStyle = g.style
+		for _, e := range g.entries[i*g.perCol : min(len(g.entries), (i+1)*g.perCol)] {
 			l.Add(e.name, e.thumb)
 		}
-		cc := draw.Crop(c, vg.Length(i)*w+vg.Points(20), -(vg.Length(cols-1-i) * w), 0, 0)
-		l.Draw(cc)
+		left := c.Min.X + vg.Length(i)*g.colW + legendPad
+		l.Draw(draw.Crop(c, left-c.Min.X, 0, 0, 0))
 	}
-	return nil
 }
 
 // Plot writes the picture to path: two rows per system (OK requests and
@@ -300,14 +329,16 @@ func Plot(o Options, runs []*Run, path string) error {
 	if len(rows) == 0 {
 		return fmt.Errorf("no run to draw")
 	}
-	const legendH = vg.Inch * 0.6
 	w := vg.Inch * 7.5 * vg.Length(len(o.Modes))
+	lg, err := newLegend(w)
+	if err != nil {
+		return err
+	}
+	legendH := lg.height()
 	h := vg.Inch*2.0*vg.Length(len(rows)) + legendH
 	img := vgimg.NewWith(vgimg.UseWH(w, h), vgimg.UseDPI(96))
 	dc := draw.New(img)
-	if err := legend(draw.Crop(dc, 0, 0, h-legendH, -vg.Points(4))); err != nil {
-		return err
-	}
+	lg.draw(draw.Crop(dc, 0, 0, h-legendH, -vg.Points(4)))
 	tiles := draw.Tiles{Rows: len(rows), Cols: len(o.Modes), PadX: vg.Inch * 0.4, PadY: vg.Inch * 0.3,
 		PadLeft: vg.Inch * 0.1, PadRight: vg.Inch * 0.2, PadBottom: vg.Inch * 0.1}
 	canvases := plot.Align(rows, tiles, draw.Crop(dc, 0, 0, 0, -legendH))

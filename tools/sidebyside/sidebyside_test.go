@@ -10,6 +10,8 @@ import (
 	"testing"
 	"time"
 
+	"gonum.org/v1/plot/vg"
+
 	"github.com/seed6cb0314a/upgrader/integration/loadgen"
 )
 
@@ -172,5 +174,26 @@ func TestPercentilesAndBins(t *testing.T) {
 	in := inWindow(samples, 20*time.Millisecond, 310*time.Millisecond)
 	if len(in) != 2 || in[0] != 2*time.Millisecond || in[1] != 5*time.Millisecond {
 		t.Errorf("inWindow(20ms, 310ms) = %v, want [2ms 5ms]", in)
+	}
+}
+
+// The legend's columns fit across the picture, one load mode or two, and
+// no entry is wider than its column (it would run into the next).
+func TestLegendFits(t *testing.T) {
+	for modes := 1; modes <= 2; modes++ {
+		w := vg.Inch * 7.5 * vg.Length(modes)
+		lg, err := newLegend(w)
+		if err != nil {
+			t.Fatal(err)
+		}
+		cols := (len(lg.entries) + lg.perCol - 1) / lg.perCol
+		if vg.Length(cols)*lg.colW > w {
+			t.Errorf("%d modes: %d columns of %v do not fit in %v", modes, cols, lg.colW, w)
+		}
+		for _, e := range lg.entries {
+			if lw := lg.style.Width(e.name) + legendPad; lw > lg.colW {
+				t.Errorf("%d modes: %q is %v wide, its column %v", modes, e.name, lw, lg.colW)
+			}
+		}
 	}
 }
