@@ -48,13 +48,14 @@ type Handoffs struct {
 	unparked atomic.Int32
 	knobs    knobs
 	// recheck: read found a message queued when a Send's answer was
-	// overdue, and looks again once it has read it (read's only).
-	recheck   bool
-	watchMu   sync.Mutex
-	watched   map[net.Conn]*Listener // converted, waiting to be readable
-	watching  sync.WaitGroup
-	closeOnce sync.Once
-	done      chan struct{} // closed once everything is released
+	// overdue, and looks again once it has read it; queueBlind: SIOCINQ
+	// failed, said once (read's only).
+	recheck, queueBlind bool
+	watchMu             sync.Mutex
+	watched             map[net.Conn]*Listener // converted, waiting to be readable
+	watching            sync.WaitGroup
+	closeOnce           sync.Once
+	done                chan struct{} // closed once everything is released
 
 	fdMu     sync.Mutex
 	fdTable  int  // fd table size reserved so far (under fdMu)
@@ -352,9 +353,13 @@ func (h *Handoffs) read() {
 // socket had given away. It leaves the read deadline at the next answer
 // due, or none. read's only.
 func (h *Handoffs) expire() {
+	// Taken first: an answer that comes after the look at the queue came
+	// after now too.
+	now := time.Now()
 	queued, err := h.sock.Queued()
-	if err != nil {
-		h.log.Debug("handoff: cannot tell whether an answer is queued; timing out as due", "error", err)
+	if err != nil && !h.queueBlind {
+		h.queueBlind = true
+		h.log.Warn("handoff: cannot tell whether an answer waits in the channel; a Send times out at its deadline", "error", err)
 	}
 	h.recheck = queued
 	h.mu.Lock()
@@ -363,9 +368,8 @@ func (h *Handoffs) expire() {
 		h.sock.SetReadDeadline(time.Time{}) // read it first
 		return
 	}
-	now := time.Now()
 	for id, a := range h.waiting {
-		if !now.Before(a.deadline) {
+		if !a.deadline.IsZero() && !now.Before(a.deadline) {
 			a.ch <- fmt.Errorf("handoff: no answer from upgrader within %s", h.knobs.sendTimeout)
 			delete(h.waiting, id)
 		}
@@ -378,7 +382,7 @@ func (h *Handoffs) expire() {
 func (h *Handoffs) armLocked() {
 	var next time.Time
 	for _, a := range h.waiting {
-		if next.IsZero() || a.deadline.Before(next) {
+		if !a.deadline.IsZero() && (next.IsZero() || a.deadline.Before(next)) {
 			next = a.deadline
 		}
 	}
@@ -577,10 +581,10 @@ const SendTimeout = 5 * time.Second
 // ready worker of the newest generation, through upgrader: one HANDOFF
 // message of docs/reference/handoff.md with their fds as SCM_RIGHTS (unix(7)). It
 // waits for the answer, ACK or NAK: one that reached the channel's socket
-// within SendTimeout counts, however late the channel's reader gets to
-// it; with none, Send times out once the reader has found the socket
-// empty past SendTimeout (milliseconds after it, unless the process is
-// stalled). On nil the receiver owns them and the caller must close its
+// within SendTimeout of the message's sendmsg(2) returning counts,
+// however late the channel's reader gets to it; with none, Send times out
+// once the reader has found the socket empty past SendTimeout
+// (milliseconds after it, unless the process is stalled). On nil the receiver owns them and the caller must close its
 // copies; on error (refused: no ready worker takes kind, the target
 // failed; timeout; channel closed) the connections are untouched and
 // still the caller's to serve or close.
@@ -620,14 +624,20 @@ func (h *Handoffs) Send(kind string, conns []Outgoing) error {
 	}
 	h.nextID++
 	m.ID = h.nextID
-	h.waiting[m.ID] = answer{ch: ch, deadline: time.Now().Add(h.knobs.sendTimeout)}
-	h.armLocked()
+	h.waiting[m.ID] = answer{ch: ch} // no deadline until sent
 	h.mu.Unlock()
 	err := withFDs(rcs, make([]int, 0, len(rcs)), func(fds []int) error { return h.sock.Send(m, fds) })
 	if err != nil {
 		h.forget(m.ID)
 		return err
 	}
+	h.mu.Lock()
+	if a, ok := h.waiting[m.ID]; ok {
+		a.deadline = time.Now().Add(h.knobs.sendTimeout)
+		h.waiting[m.ID] = a
+		h.armLocked()
+	}
+	h.mu.Unlock()
 	// The channel's reader answers, or times the batch out (expire).
 	return <-ch
 }

@@ -917,3 +917,71 @@ func TestAnswerReadLateStillCounts(t *testing.T) {
 		t.Fatalf("Send: %v, want the NAK", err)
 	}
 }
+
+// A Send's deadline starts once its sendmsg has returned: one that blocks
+// (upgrader's socket full) past sendTimeout is not timed out while its
+// batch is still on its way, to reach upgrader, be ACKed at once, and
+// leave both processes serving the connection.
+func TestSendDeadlineStartsOnceSent(t *testing.T) {
+	a, b, err := handoff.Pair()
+	if err != nil {
+		t.Fatal(err)
+	}
+	up, err := handoff.NewSocket(a)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer up.Close()
+	sb, err := handoff.NewSocket(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	const timeout = 100 * time.Millisecond
+	h, err := startHandoffs(sb, nil, slog.New(slog.DiscardHandler), knobs{late: lateHandoff, sendTimeout: timeout})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	if m, _ := recv(t, up); m.Type != handoff.TypeAccept {
+		t.Fatalf("first message %+v, want ACCEPT", m)
+	}
+	// Fill upgrader's receive queue from the worker's end.
+	fd, err := h.sock.DupFD()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(fd)
+	filler, _ := handoff.Encode(handoff.Message{Type: handoff.TypeAccept, Kinds: []string{"x"}})
+	n := 0
+	for {
+		if err := unix.Sendmsg(fd, filler, nil, nil, unix.MSG_DONTWAIT); err != nil {
+			if !errors.Is(err, unix.EAGAIN) {
+				t.Fatal(err)
+			}
+			break
+		}
+		n++
+	}
+	t.Logf("queued %d fillers", n)
+	sc, _ := testnet.TCPPair(t)
+	sent := make(chan error, 1)
+	go func() { sent <- h.Send(KindHTTP, []Outgoing{{Conn: sc}}) }()
+	time.Sleep(3 * timeout) // the stimulus: upgrader slow to read, its loop busy
+	// upgrader reads on, and ACKs the batch the moment it comes.
+	for {
+		m, fds := recv(t, up)
+		handoff.CloseFDs(fds)
+		if m.Type == handoff.TypeHandoff {
+			if !m.Arrived.IsZero() {
+				t.Logf("batch arrived %v ago", time.Since(m.Arrived))
+			}
+			if err := up.Send(handoff.Message{Type: handoff.TypeAck, ID: m.ID}, nil); err != nil {
+				t.Fatal(err)
+			}
+			break
+		}
+	}
+	if err := <-sent; err != nil {
+		t.Fatalf("Send: %v, though its batch reached upgrader only now and was ACKed at once: the caller keeps serving a connection upgrader handed on", err)
+	}
+}

@@ -270,8 +270,13 @@ function handOff(socket, st) {
     socket, { keepOpen: true }, (err) => {
       if (err) answer(id, false, err.message);
       // Written now (Node calls back once the message has gone, after the
-      // ones queued before it): the answer's clock starts.
-      else if (pending.has(id)) p.timer = setTimeout(answer, HANDOFF_TIMEOUT, id, false, 'no answer');
+      // ones queued before it): the answer's clock starts. When it runs
+      // out, the refusal waits for the poll phase (setImmediate): after
+      // the event loop was blocked past it (a synchronous handler), the
+      // timers phase comes first, and an ack that reached the channel
+      // meanwhile, read only in the poll phase, would find the
+      // connection kept, and two processes serving it.
+      else if (pending.has(id)) p.timer = setTimeout(() => setImmediate(answer, id, false, 'no answer'), HANDOFF_TIMEOUT);
     });
 }
 

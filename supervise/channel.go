@@ -109,10 +109,10 @@ func openSeqpacketChannel(f *os.File) (seqpacketChannel, error) {
 		return seqpacketChannel{}, fmt.Errorf("handoff channel: %w", err)
 	}
 	sock.SetSendTimeout(sendTimeout)
-	if err := sock.StampArrivals(); err != nil {
-		sock.Close()
-		return seqpacketChannel{}, fmt.Errorf("handoff channel: %w", err)
-	}
+	// Stamps are a refinement: without them (an error no Unix socket of
+	// ours gives) a batch's age counts from its read, and a worker's
+	// channel is not worth losing over it.
+	_ = sock.StampArrivals()
 	return seqpacketChannel{sock}, nil
 }
 

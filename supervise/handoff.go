@@ -75,6 +75,8 @@ const (
 	// in its own socket over 1 s (docs/reference/handoff.md), so a batch
 	// written by 3 s is answered, or refused, before its sender gives
 	// up; a batch parked for a replacement (parkTimeout) keeps a second.
+	// A Node.js target's send (a handle at a time, each acknowledged by
+	// Node) can outlast it: the age is checked before it begins only.
 	forwardMaxAge = 3 * time.Second
 	// relayFDTable is the fd table upgrader reserves at its start: room
 	// for the parked fds and for the batches of several workers in
@@ -83,9 +85,10 @@ const (
 )
 
 // outMsg is a message waiting in a worker's outbox; fds are closed once
-// sent. state moves from queued to written or cancelled exactly once: the
-// loop may take back a batch only while it is still queued. A batch not
-// written by sendBy (on the env's clock) is not written at all.
+// sent. state moves from queued to written, cancelled or expired exactly
+// once: the loop may take back a batch only while it is still queued. A
+// batch not written by sendBy (on the env's clock) is not written at all
+// (expired).
 type outMsg struct {
 	m      handoff.Message
 	fds    []int
@@ -97,6 +100,7 @@ const (
 	outQueued int32 = iota
 	outWritten
 	outCancelled
+	outExpired // not written, too old (forwardMaxAge): the writer refuses it
 )
 
 var errOutboxFull = errors.New("the worker is not reading its handoff channel (outbox full)")
@@ -152,21 +156,26 @@ func (s *Supervisor) writeHandoff(w *worker, c *wchan, out, answers <-chan *outM
 				continue
 			}
 		}
-		if !o.state.CompareAndSwap(outQueued, outWritten) {
-			handoff.CloseFDs(o.fds) // taken back by the loop
-			continue
-		}
 		if !o.sendBy.IsZero() && s.env.now().After(o.sendBy) {
 			// Too late for its sender's timeout: it goes back rather
 			// than to a target that could take it after the sender has
-			// taken it back.
+			// taken it back. Not the target's doing: the answer timeout
+			// leaves it be (outExpired).
+			if o.state.CompareAndSwap(outQueued, outExpired) {
+				id, n := o.m.ID, len(o.m.Conns)
+				s.post(evFunc{func() {
+					if s.ho.pending[id] != nil {
+						s.log.Warn("handoff batch too old to send; its sender keeps its connections", slog.Int("pid", w.Pid),
+							slog.Duration("max_age", forwardMaxAge), slog.Int("connections", n))
+					}
+					s.refuseBack(id, w, fmt.Errorf("batch older than %s, not sent to worker pid %d", forwardMaxAge, w.Pid), false)
+				}})
+			}
 			handoff.CloseFDs(o.fds)
-			id := o.m.ID
-			s.post(evFunc{func() {
-				s.log.Warn("handoff batch too old to send; its sender keeps its connections", slog.Int("pid", w.Pid),
-					slog.Duration("max_age", forwardMaxAge), slog.Int("connections", len(o.m.Conns)))
-				s.refuseBack(id, w, fmt.Errorf("batch older than %s, not sent to worker pid %d", forwardMaxAge, w.Pid), false)
-			}})
+			continue
+		}
+		if !o.state.CompareAndSwap(outQueued, outWritten) {
+			handoff.CloseFDs(o.fds) // taken back by the loop
 			continue
 		}
 		err := c.ch.send(o.m, o.fds)
@@ -436,6 +445,9 @@ func (s *Supervisor) onAnswerTimeout(id uint64) {
 	if p.out.state.CompareAndSwap(outQueued, outCancelled) {
 		s.refuseBack(id, p.to, err, true)
 		return
+	}
+	if p.out.state.Load() == outExpired {
+		return // never written: its refusal is on its way from the writer
 	}
 	s.stall(p.to, err)
 }

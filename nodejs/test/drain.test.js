@@ -332,3 +332,37 @@ test('many idle connections: at most 32 handoffs unanswered, the ones waiting fo
   process.kill(w2.pid, 'SIGTERM');
   assert.deepStrictEqual(await w2.exited, { code: 0, signal: null });
 });
+
+nodeTest('an ack that came while the event loop was blocked past the timeout still hands the connection off', { timeout: 30000 }, async (t) => {
+  // Idle connections the worker keeps stay for a minute, and so does its
+  // drain: within the test's 30 s it exits only if it kept none.
+  const { w: w1, port } = await startFirst(t, { TEST_IDLE_GRACE: '60000', TEST_KEEPALIVE_TIMEOUT: '60000', TEST_DRAIN_TIMEOUT: '60000' });
+  const w2 = await startTaker(t);
+  const a = new Client(port);
+  await a.get('/one');
+  // b has a request in flight, its body not sent: it is not handed off.
+  const b = new Client(port);
+  await b.connected();
+  b.sock.write('POST /block?ms=5500 HTTP/1.1\r\nHost: test\r\nContent-Length: 1\r\n\r\n');
+  await w1.waitMsg((m) => m.test === 'request' && m.url.startsWith('/block'));
+  const handoff = w1.waitMsg((m) => m.upgrader === 'handoff');
+  process.kill(w1.pid, 'SIGTERM');
+  const { m, handle } = await handoff;
+  await w2.send({ upgrader: 'handoff', id: 1, kind: m.kind, state: m.state, buffered: m.buffered }, handle);
+  // b's body blocks w1's event loop in an HTTP callback for longer than
+  // the 5 s its handoff's answer may take; the ack reaches its channel
+  // meanwhile, and is read only after its timer has run out.
+  const blocking = w1.waitMsg((x) => x.test === 'blocking');
+  b.sock.write('x');
+  await blocking;
+  await w1.send({ upgrader: 'ack', id: m.id });
+  const r = await b.response();
+  assert.strictEqual(r.headers.connection, 'close');
+  assert.deepStrictEqual(await w1.exited, { code: 0, signal: null }, w1.stderr);
+  const r2 = await a.get('/two');
+  assert.strictEqual(r2.headers['x-pid'], String(w2.pid), 'the connection is the next generation\'s alone');
+  a.destroy();
+  b.destroy();
+  process.kill(w2.pid, 'SIGTERM');
+  assert.deepStrictEqual(await w2.exited, { code: 0, signal: null });
+});

@@ -37,6 +37,18 @@ const handler = (req, res) => {
     held = reply;
     return;
   }
+  if (req.url.startsWith('/block?ms=')) {
+    // Once its body has come (read in the poll phase, from the socket),
+    // the event loop is blocked, as by a synchronous handler, for ms,
+    // after telling the test.
+    req.resume();
+    req.on('end', () => {
+      tell({ test: 'blocking' });
+      Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, Number(req.url.slice('/block?ms='.length)));
+      reply();
+    });
+    return;
+  }
   if (req.url === '/slow') {
     // Answered only once the drain has begun: the response in flight.
     release = reply;
@@ -46,6 +58,9 @@ const handler = (req, res) => {
   if (req.url === '/throw') setImmediate(() => { throw new Error('boom from /throw'); });
 };
 const server = tlsOpts ? https.createServer(tlsOpts, handler) : http.createServer(handler);
+// Behind a balancer keep-alive often outlasts a minute; Node's 5 s would
+// close an idle connection during a test's longer wait.
+if (process.env.TEST_KEEPALIVE_TIMEOUT) server.keepAliveTimeout = Number(process.env.TEST_KEEPALIVE_TIMEOUT);
 
 upgrader.on('drain', () => {
   tell({ test: 'drain' });
