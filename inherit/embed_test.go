@@ -103,19 +103,7 @@ func TestLateHandoffIsRefused(t *testing.T) {
 // kernel stamped it: one sent before the taker reads, and left to age past
 // the bound, is refused; one read at once within the same bound is taken.
 func TestHandoffWaitIsMeasuredInTheQueue(t *testing.T) {
-	a, b, err := handoff.Pair()
-	if err != nil {
-		t.Fatal(err)
-	}
-	up, err := handoff.NewSocket(a)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer up.Close()
-	sb, err := handoff.NewSocket(b)
-	if err != nil {
-		t.Fatal(err)
-	}
+	up, sb := channelEnds(t)
 	if err := sb.StampArrivals(); err != nil {
 		t.Fatal(err)
 	}

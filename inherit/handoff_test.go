@@ -822,19 +822,7 @@ func openHandoffs(t *testing.T, kinds ...string) *Handoffs {
 // owns the connections from its ACK. With no answer at all, Send times
 // out.
 func TestAnswerReadLateStillCounts(t *testing.T) {
-	a, b, err := handoff.Pair()
-	if err != nil {
-		t.Fatal(err)
-	}
-	up, err := handoff.NewSocket(a)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer up.Close()
-	sb, err := handoff.NewSocket(b)
-	if err != nil {
-		t.Fatal(err)
-	}
+	up, sb := channelEnds(t)
 	const timeout = 100 * time.Millisecond
 	var stall atomic.Bool
 	atGate, release := make(chan struct{}), make(chan struct{})
@@ -923,19 +911,7 @@ func TestAnswerReadLateStillCounts(t *testing.T) {
 // batch is still on its way, to reach upgrader, be ACKed at once, and
 // leave both processes serving the connection.
 func TestSendDeadlineStartsOnceSent(t *testing.T) {
-	a, b, err := handoff.Pair()
-	if err != nil {
-		t.Fatal(err)
-	}
-	up, err := handoff.NewSocket(a)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer up.Close()
-	sb, err := handoff.NewSocket(b)
-	if err != nil {
-		t.Fatal(err)
-	}
+	up, sb := channelEnds(t)
 	const timeout = 100 * time.Millisecond
 	h, err := startHandoffs(sb, nil, slog.New(slog.DiscardHandler), knobs{late: lateHandoff, sendTimeout: timeout})
 	if err != nil {
@@ -984,4 +960,23 @@ func TestSendDeadlineStartsOnceSent(t *testing.T) {
 	if err := <-sent; err != nil {
 		t.Fatalf("Send: %v, though its batch reached upgrader only now and was ACKed at once: the caller keeps serving a connection upgrader handed on", err)
 	}
+}
+
+// channelEnds returns a new channel's two ends: upgrader's, closed at the
+// test's end, and the worker's, for startHandoffs to take over.
+func channelEnds(t *testing.T) (up, worker *handoff.Socket) {
+	t.Helper()
+	a, b, err := handoff.Pair()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if up, err = handoff.NewSocket(a); err != nil {
+		b.Close()
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { up.Close() })
+	if worker, err = handoff.NewSocket(b); err != nil {
+		t.Fatal(err)
+	}
+	return up, worker
 }

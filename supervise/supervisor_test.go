@@ -761,12 +761,7 @@ func TestUpgradeDuringFirstStartRunsOnceReady(t *testing.T) {
 // connections off before its replacement is ready: they wait for the
 // replacement and go to it, instead of being refused.
 func TestHandoffWaitsForAStartingReplacement(t *testing.T) {
-	h := run(t, Config{})
-	old := h.started()
-	h.ready(old)
-	oldSock := h.env.handoff(old)
-	h.notify(old, "STOPPING", "1")
-	nw := h.started()
+	h, old, nw, oldSock := replacementStarting(t)
 
 	conn, f := tcpPair(t)
 	defer conn.Close()
@@ -782,15 +777,7 @@ func TestHandoffWaitsForAStartingReplacement(t *testing.T) {
 	newSock := h.env.handoff(nw)
 	newSock.Send(handoff.Message{Type: handoff.TypeAccept, Kinds: []string{"http"}}, nil)
 	h.ready(nw)
-	fwd, fds := recv(t, newSock)
-	handoff.CloseFDs(fds)
-	if fwd.Type != handoff.TypeHandoff || len(fds) != 1 {
-		t.Fatalf("the replacement got %+v with %d fds, want the parked batch", fwd, len(fds))
-	}
-	newSock.Send(handoff.Message{Type: handoff.TypeAck, ID: fwd.ID}, nil)
-	if a, _ := recv(t, oldSock); a.Type != handoff.TypeAck || a.ID != 3 {
-		t.Fatalf("answer %+v, want ACK id=3 (nothing before it)", a)
-	}
+	ackedThrough(t, oldSock, newSock, 3, "s")
 	h.sync()
 	if st := h.s.count.Handoffs; st.HandedOff != 1 || st.Refused != 0 {
 		t.Fatalf("stats %+v", st)
@@ -818,12 +805,7 @@ func TestStaleBatchGoesBackUnsent(t *testing.T) {
 // for stall after it is sent, then moves the env's clock on by advance
 // before the replacement is ready, and wants the batch refused unsent.
 func staleBatch(t *testing.T, stall, advance time.Duration) {
-	h := run(t, Config{})
-	old := h.started()
-	h.ready(old)
-	oldSock := h.env.handoff(old)
-	h.notify(old, "STOPPING", "1")
-	nw := h.started()
+	h, old, nw, oldSock := replacementStarting(t)
 	newSock := h.env.handoff(nw)
 
 	conn, f := tcpPair(t)
@@ -865,19 +847,40 @@ func staleBatch(t *testing.T, stall, advance time.Duration) {
 	if err := oldSock.Send(fresh, []int{int(f.Fd())}); err != nil {
 		t.Fatal(err)
 	}
-	fwd, fds := recv(t, newSock)
-	handoff.CloseFDs(fds)
-	if fwd.Type != handoff.TypeHandoff || len(fwd.Conns) != 1 || string(fwd.Conns[0].State) != "fresh" || len(fds) != 1 {
-		t.Fatalf("the target got %+v with %d fds first, want the fresh batch", fwd, len(fds))
-	}
-	newSock.Send(handoff.Message{Type: handoff.TypeAck, ID: fwd.ID}, nil)
-	if a, _ := recv(t, oldSock); a.Type != handoff.TypeAck || a.ID != 4 {
-		t.Fatalf("answer %+v, want ACK id=4", a)
-	}
+	ackedThrough(t, oldSock, newSock, 4, "fresh")
 	h.sync()
 	if st := h.s.count.Handoffs; st.HandedOff != 1 || st.Refused != 1 {
 		t.Fatalf("stats %+v, want 1 handed off and 1 refused", st)
 	}
+}
+
+// ackedThrough wants the next batch the target gets on to to be the one
+// of one connection with state the sender sent as id, answers it ACK, and
+// wants the sender's next answer to be the ACK of id: nothing came first.
+func ackedThrough(t *testing.T, from, to *handoff.Socket, id uint64, state string) {
+	t.Helper()
+	fwd, fds := recv(t, to)
+	handoff.CloseFDs(fds)
+	if fwd.Type != handoff.TypeHandoff || len(fwd.Conns) != 1 || string(fwd.Conns[0].State) != state || len(fds) != 1 {
+		t.Fatalf("the target got %+v with %d fds first, want the batch of state %q", fwd, len(fds), state)
+	}
+	to.Send(handoff.Message{Type: handoff.TypeAck, ID: fwd.ID}, nil)
+	if a, _ := recv(t, from); a.Type != handoff.TypeAck || a.ID != id {
+		t.Fatalf("answer %+v, want ACK id=%d (nothing before it)", a, id)
+	}
+}
+
+// replacementStarting runs a supervisor whose one ready worker, old, has
+// sent STOPPING=1: its replacement nw is starting. oldSock is old's end
+// of its handoff channel.
+func replacementStarting(t *testing.T) (h *harness, old, nw int, oldSock *handoff.Socket) {
+	t.Helper()
+	h = run(t, Config{})
+	old = h.started()
+	h.ready(old)
+	oldSock = h.env.handoff(old)
+	h.notify(old, "STOPPING", "1")
+	return h, old, h.started(), oldSock
 }
 
 // tcpPair returns a connected TCP connection and a dup of its fd.
