@@ -30,7 +30,7 @@ const config = {
 const entries = []; // one per served server
 const conns = new Map(); // tracked connection -> its state
 const rawTls = new Set(); // TCP sockets of TLS servers, until they close
-const pending = new Map(); // handoff id -> {socket, st, timer}
+const pending = new Map(); // handoff id -> {socket, st, timer, refusal}
 const waiting = []; // idle sockets of a draining worker waiting for a handoff slot
 let nextId = 1;
 let draining = false;
@@ -264,7 +264,7 @@ function handOff(socket, st) {
   st.phase = 'handing';
   socket.pause(); // nothing more is read from it from here on
   const id = nextId++;
-  const p = { socket, st, timer: null };
+  const p = { socket, st, timer: null, refusal: null };
   pending.set(id, p);
   send({ upgrader: 'handoff', id, kind: st.entry.kind, state: '', buffered: '' },
     socket, { keepOpen: true }, (err) => {
@@ -276,7 +276,9 @@ function handOff(socket, st) {
       // timers phase comes first, and an ack that reached the channel
       // meanwhile, read only in the poll phase, would find the
       // connection kept, and two processes serving it.
-      else if (pending.has(id)) p.timer = setTimeout(() => setImmediate(answer, id, false, 'no answer'), HANDOFF_TIMEOUT);
+      else if (pending.has(id)) {
+        p.timer = setTimeout(() => { p.refusal = setImmediate(answer, id, false, 'no answer'); }, HANDOFF_TIMEOUT);
+      }
     });
 }
 
@@ -285,6 +287,7 @@ function answer(id, ok, reason) {
   if (!p) return;
   pending.delete(id);
   clearTimeout(p.timer);
+  clearImmediate(p.refusal);
   if (ok) {
     // The taker holds its own fd: destroy closes only ours. end() would
     // send a FIN and close the connection for the taker too.
@@ -408,7 +411,10 @@ function maybeFinish() {
 function finish(deadline) {
   if (finished) return;
   finished = true;
-  for (const p of pending.values()) clearTimeout(p.timer);
+  for (const p of pending.values()) {
+    clearTimeout(p.timer);
+    clearImmediate(p.refusal);
+  }
   if (deadline) {
     for (const s of [...conns.keys(), ...rawTls]) s.destroy();
   }

@@ -801,6 +801,44 @@ func TestStaleBatchGoesBackUnsent(t *testing.T) {
 	})
 }
 
+// A batch its writer found too old (outExpired) is not its target's
+// doing: the answer timeout, should it come first, leaves the target be,
+// and the writer's refusal still answers the sender, once.
+func TestExpiredBatchDoesNotStallItsTarget(t *testing.T) {
+	h, old, nw, oldSock := replacementStarting(t)
+	newSock := h.env.handoff(nw)
+	newSock.Send(handoff.Message{Type: handoff.TypeAccept, Kinds: []string{"http"}}, nil)
+	h.waitHandled("ACCEPT", func(ev event) bool { e, ok := ev.(evHandoff); return ok && e.m.Type == handoff.TypeAccept })
+	h.ready(nw)
+	var stalled bool
+	h.s.call(context.Background(), func() {
+		from, to := h.s.gens.byPid[old], h.s.gens.byPid[nw]
+		o := &outMsg{}
+		o.state.Store(outExpired)
+		h.s.ho.pending[999] = &pendingHandoff{from: from, fromCh: from.chans[0], fromID: 7, to: to, toCh: to.takeOn, n: 1, out: o}
+		to.unanswered++
+		h.s.onAnswerTimeout(999) // the timeout first
+		stalled = to.stalled
+		h.s.refuseBack(999, to, errors.New("too old"), false) // then the writer's refusal
+		h.s.refuseBack(999, to, errors.New("too old"), false) // and nothing more
+	})
+	if stalled {
+		t.Fatal("the answer timeout stalled a target that was never sent the batch")
+	}
+	if a, _ := recv(t, oldSock); a.Type != handoff.TypeNak || a.ID != 7 {
+		t.Fatalf("answer %+v, want NAK id=7", a)
+	}
+	h.sync()
+	if st := h.s.count.Handoffs; st.Refused != 1 {
+		t.Fatalf("stats %+v, want 1 refused", st)
+	}
+	var unanswered int
+	h.s.call(context.Background(), func() { unanswered = h.s.gens.byPid[nw].unanswered })
+	if unanswered != 0 {
+		t.Fatalf("target has %d unanswered, want 0", unanswered)
+	}
+}
+
 // staleBatch parks a batch for a starting replacement, the loop kept busy
 // for stall after it is sent, then moves the env's clock on by advance
 // before the replacement is ready, and wants the batch refused unsent.
