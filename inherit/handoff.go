@@ -47,15 +47,17 @@ type Handoffs struct {
 	// once and watched (watch) instead of parked: eagerConns at first.
 	unparked atomic.Int32
 	knobs    knobs
+
 	// recheck: read found a message queued when a Send's answer was
 	// overdue, and looks again once it has read it; queueBlind: SIOCINQ
 	// failed, said once (read's only).
 	recheck, queueBlind bool
-	watchMu             sync.Mutex
-	watched             map[net.Conn]*Listener // converted, waiting to be readable
-	watching            sync.WaitGroup
-	closeOnce           sync.Once
-	done                chan struct{} // closed once everything is released
+
+	watchMu   sync.Mutex
+	watched   map[net.Conn]*Listener // converted, waiting to be readable
+	watching  sync.WaitGroup
+	closeOnce sync.Once
+	done      chan struct{} // closed once everything is released
 
 	fdMu     sync.Mutex
 	fdTable  int  // fd table size reserved so far (under fdMu)
@@ -344,7 +346,7 @@ func (h *Handoffs) read() {
 }
 
 // expire ends the Sends whose answer is overdue (past their deadline,
-// sendTimeout after they began), with an error, but only once nothing is
+// sendTimeout after their sendmsg returned), with an error, but only once nothing is
 // left to read in the socket: an answer that reached it by its deadline
 // counts, however late this goroutine gets to it (a GC pause, a stopped
 // process, a convert queue full), since its target owns the connections
@@ -584,10 +586,11 @@ const SendTimeout = 5 * time.Second
 // within SendTimeout of the message's sendmsg(2) returning counts,
 // however late the channel's reader gets to it; with none, Send times out
 // once the reader has found the socket empty past SendTimeout
-// (milliseconds after it, unless the process is stalled). On nil the receiver owns them and the caller must close its
-// copies; on error (refused: no ready worker takes kind, the target
-// failed; timeout; channel closed) the connections are untouched and
-// still the caller's to serve or close.
+// (milliseconds after it, unless the process is stalled). On nil the
+// receiver owns them and the caller must close its copies; on error
+// (refused: no ready worker takes kind, the target failed; timeout;
+// channel closed) the connections are untouched and still the caller's
+// to serve or close.
 //
 // The conns' own fds are sent, not duplicates: SCM_RIGHTS gives the
 // receiver its own reference to each socket when sendmsg(2) runs, so a dup
