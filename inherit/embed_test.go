@@ -24,19 +24,9 @@ func directPair(t *testing.T, kinds ...string) (parent, child *Handoffs) {
 // in its queue.
 func directPairLate(t *testing.T, late time.Duration, kinds ...string) (parent, child *Handoffs) {
 	t.Helper()
-	a, b, err := handoff.Pair()
-	if err != nil {
-		t.Fatal(err)
-	}
-	sa, err := handoff.NewSocket(a)
-	if err != nil {
-		t.Fatal(err)
-	}
-	sb, err := handoff.NewSocket(b)
-	if err != nil {
-		t.Fatal(err)
-	}
+	sa, sb := channelEnds(t)
 	log := slog.New(slog.DiscardHandler)
+	var err error
 	if parent, err = newHandoffs(sa, nil, log); err != nil {
 		t.Fatal(err)
 	}

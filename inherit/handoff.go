@@ -346,14 +346,14 @@ func (h *Handoffs) read() {
 }
 
 // expire ends the Sends whose answer is overdue (past their deadline,
-// sendTimeout after their sendmsg returned), with an error, but only once nothing is
-// left to read in the socket: an answer that reached it by its deadline
-// counts, however late this goroutine gets to it (a GC pause, a stopped
-// process, a convert queue full), since its target owns the connections
-// from the moment it answered. Timing out on a timer of the Send's own
-// instead, the sender could serve on connections an ACK waiting in its
-// socket had given away. It leaves the read deadline at the next answer
-// due, or none. read's only.
+// sendTimeout after their sendmsg returned), with an error, but only once
+// nothing is left to read in the socket: an answer that reached it by its
+// deadline counts, however late this goroutine gets to it (a GC pause, a
+// stopped process, a convert queue full), since its target owns the
+// connections from the moment it answered. Timing out on a timer of the
+// Send's own instead, the sender could serve on connections an ACK waiting
+// in its socket had given away. It leaves the read deadline at the next
+// answer due, or none. read's only.
 func (h *Handoffs) expire() {
 	// Taken first: an answer that comes after the look at the queue came
 	// after now too.
