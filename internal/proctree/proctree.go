@@ -50,15 +50,17 @@ func Read(root string) (Table, error) {
 	if unix.ClockGettime(unix.CLOCK_BOOTTIME, &ts) == nil {
 		boot = time.Now().Add(-time.Duration(ts.Nano()))
 	}
+	buf := make([]byte, 0, 512)
 	for _, e := range ents {
 		pid, err := strconv.Atoi(e.Name())
 		if err != nil {
 			continue
 		}
-		b, err := os.ReadFile(root + "/" + e.Name() + "/stat")
+		b, err := readFile(root+"/"+e.Name()+"/stat", buf)
 		if err != nil {
 			continue // gone
 		}
+		buf = b
 		if p, err := ParseStat(b); err == nil && p.Pid == pid {
 			if !boot.IsZero() && p.StartTicks > 0 {
 				p.Started = boot.Add(time.Duration(p.StartTicks) * clockTick)
@@ -111,14 +113,16 @@ func ChildrenOf(root string, pid int) ([]int, error) {
 		return nil, fmt.Errorf("children of %d: %w", pid, err)
 	}
 	var out []int
+	buf := make([]byte, 0, 128)
 	for _, t := range tasks {
-		b, err := os.ReadFile(dir + "/" + t.Name() + "/children")
+		b, err := readFile(dir+"/"+t.Name()+"/children", buf)
 		if err != nil {
 			if errors.Is(err, fs.ErrNotExist) && t.Name() != strconv.Itoa(pid) {
 				continue // a thread that has just ended
 			}
 			return nil, fmt.Errorf("children of %d: %w", pid, err)
 		}
+		buf = b
 		for _, f := range strings.Fields(string(b)) {
 			if c, err := strconv.Atoi(f); err == nil {
 				out = append(out, c)

@@ -1,6 +1,9 @@
 package proctree
 
 import (
+	"bytes"
+	"errors"
+	"io/fs"
 	"net"
 	"os"
 	"os/exec"
@@ -109,5 +112,55 @@ func TestReadDatesAProcessByItsStart(t *testing.T) {
 	if p.Started.Before(before.Add(-slack)) || p.Started.After(after.Add(slack)) {
 		t.Fatalf("child started at %s, dated %s, outside [%s, %s]", before.Format(time.RFC3339Nano),
 			p.Started.Format(time.RFC3339Nano), before.Format(time.RFC3339Nano), after.Format(time.RFC3339Nano))
+	}
+}
+
+// ChildrenOf lists this process's children, a zombie among them, and
+// nothing of another's; a pid that is gone is an error.
+func TestChildrenOfListsOwnChildren(t *testing.T) {
+	live := exec.Command("sleep", "30")
+	dead := exec.Command("true")
+	for _, c := range []*exec.Cmd{live, dead} {
+		if err := c.Start(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	defer live.Wait()
+	defer live.Process.Kill()
+	defer dead.Wait() // reaped only after the checks: a zombie till then
+	kids, err := ChildrenOf("/proc", os.Getpid())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []*exec.Cmd{live, dead} {
+		if !slices.Contains(kids, c.Process.Pid) {
+			t.Errorf("child %d (%s) not in ChildrenOf = %v", c.Process.Pid, c.Path, kids)
+		}
+	}
+	if kids, err := ChildrenOf("/proc", live.Process.Pid); err != nil || len(kids) != 0 {
+		t.Errorf("ChildrenOf(sleep) = %v, %v; want none", kids, err)
+	}
+	if _, err := ChildrenOf(t.TempDir(), os.Getpid()); err == nil {
+		t.Error("ChildrenOf of a root without the pid: no error")
+	}
+}
+
+// readFile grows its buffer past its capacity, reads a file whole, and
+// says fs.ErrNotExist for a file that is not there.
+func TestReadFileWhole(t *testing.T) {
+	p := t.TempDir() + "/f"
+	want := bytes.Repeat([]byte("0123456789"), 1000)
+	if err := os.WriteFile(p, want, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	got, err := readFile(p, make([]byte, 0, 16))
+	if err != nil || !bytes.Equal(got, want) {
+		t.Fatalf("readFile(%s) = %d bytes, %v; want the %d written", p, len(got), err, len(want))
+	}
+	if got, err := readFile("/proc/self/stat", nil); err != nil || len(got) == 0 {
+		t.Fatalf("readFile(/proc/self/stat) = %q, %v", got, err)
+	}
+	if _, err := readFile(p+"-missing", nil); !errors.Is(err, fs.ErrNotExist) {
+		t.Fatalf("readFile of a missing file: %v, want fs.ErrNotExist", err)
 	}
 }
