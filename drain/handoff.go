@@ -775,12 +775,19 @@ func (s *Server) sendBatch(batch []*hconn) {
 	// net/http (srv.Close at the deadline) does nothing to a taken
 	// connection, and only this batch's answer decides who closes it.
 	err := s.opts.Handoff.Send("http", out)
-	if err == nil {
-		// The new worker has its own references. Counted done first: the
-		// drain need not wait for our copies to close.
+	unanswered := errors.Is(err, inherit.ErrUnanswered)
+	if err == nil || unanswered {
+		// The new worker has its own references (ACK), or may have them
+		// (the channel ended with the batch on its way: upgrader gone);
+		// either way our copies close and are never served, lest two
+		// processes read one connection. One the new worker never got
+		// ends between two requests, which its client retries. Counted
+		// done first: the drain need not wait for our copies to close.
 		s.mu.Lock()
 		s.pendingHO -= len(batch)
-		s.handedOff += len(batch)
+		if !unanswered {
+			s.handedOff += len(batch)
+		}
 		for _, c := range batch {
 			// One taken in place is still net/http's until our copy
 			// closes: the drain need not wait for that.
@@ -789,18 +796,26 @@ func (s *Server) sendBatch(batch []*hconn) {
 		s.mu.Unlock()
 		s.signalClosed()
 		s.closeCopies(batch)
-		s.kickMore()
-		return
+		if !unanswered {
+			s.kickMore()
+			return
+		}
 	}
 	if s.handoffOn.Swap(false) && s.opts.Logger != nil {
-		s.opts.Logger.Info("drain: handoff refused; the remaining connections drain here", "connections", len(batch), "error", err)
+		if unanswered {
+			s.opts.Logger.Warn("drain: the handoff channel ended with a batch on its way; its connections are closed here (the new worker may have them), the rest drain here", "connections", len(batch), "error", err)
+		} else {
+			s.opts.Logger.Info("drain: handoff refused; the remaining connections drain here", "connections", len(batch), "error", err)
+		}
 	}
 	// Nothing more goes out: what is queued is served here too.
 	s.mu.Lock()
 	queued := s.queue
 	s.queue, s.windowDue = nil, false
 	s.mu.Unlock()
-	s.refuse(batch)
+	if !unanswered {
+		s.refuse(batch)
+	}
 	s.refuse(queued)
 	s.kickMore()
 }

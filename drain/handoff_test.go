@@ -926,3 +926,68 @@ func TestRefusalWakeUpKeepsBytes(t *testing.T) {
 		}
 	})
 }
+
+// A channel that ends with a batch on its way (upgrader killed after it
+// forwarded the batch, before it relayed the ACK) leaves the batch's
+// connections to the taker: the old worker closes its copies at once and
+// serves none, so a request on one is read and answered by the taker
+// alone, and the drain does not wait for them.
+func TestUnansweredHandoffIsLeftToTheTaker(t *testing.T) {
+	sock, h := handoffChannel(t)
+	taken := make(chan net.Conn, 1)
+	go func() {
+		m, fds, err := sock.Recv()
+		if err != nil || m.Type != handoff.TypeHandoff || len(fds) != 1 {
+			handoff.CloseFDs(fds)
+			close(taken)
+			return
+		}
+		f := os.NewFile(uintptr(fds[0]), "taken")
+		c, err := net.FileConn(f)
+		f.Close()
+		sock.Close() // gone without an answer
+		if err == nil {
+			taken <- c
+		}
+		close(taken)
+	}()
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.Copy(io.Discard, r.Body)
+		w.Header().Set("X-From", "old")
+	})}
+	// An idle grace and a deadline longer than the test's bound: a
+	// connection served on here would hold the drain past it.
+	d, addr, drain := startServe(t, srv, Options{Timeout: 60 * time.Second, IdleGrace: 60 * time.Second, Handoff: h})
+	c, br := dialKeepAlive(t, addr)
+	if resp := rawRequest(t, c, br, "/"); resp.Header.Get("X-From") != "old" {
+		t.Fatalf("before the drain: X-From %q", resp.Header.Get("X-From"))
+	}
+	drained := make(chan error, 1)
+	go func() { drained <- drain() }()
+	tc, ok := <-taken
+	if !ok {
+		t.Fatal("the fake upgrader got no HANDOFF of one connection")
+	}
+	defer tc.Close()
+	select {
+	case err := <-drained:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("the drain still holds the connection whose handoff went unanswered")
+	}
+	if n := d.HandedOff(); n != 0 {
+		t.Fatalf("HandedOff %d, want 0: no ACK came", n)
+	}
+	u := &fakeUpgrader{taken: make(chan net.Conn, 1)}
+	u.taken <- tc
+	taker := takerAnswers(t, u)
+	resp := rawRequest(t, c, br, "/")
+	if err := <-taker; err != nil {
+		t.Fatal(err)
+	}
+	if resp.Header.Get("X-From") != "new" {
+		t.Fatalf("request after the unanswered handoff answered by %q, want the taker", resp.Header.Get("X-From"))
+	}
+}

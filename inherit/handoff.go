@@ -107,8 +107,23 @@ const eagerConns = 64
 const lateHandoff = time.Second
 
 // ErrNoHandoff is returned by Send when the process has no handoff channel,
-// or no longer has one (Close, or upgrader closed it).
+// or no longer has one (Close, or upgrader closed it), before anything was
+// sent: the connections are still the caller's.
 var ErrNoHandoff = errors.New("no handoff channel (not run by upgrader, --no-handoff, or closed)")
+
+// ErrUnanswered is returned by Send when the channel ended (upgrader went
+// away, or Close) after the HANDOFF was sent and before its answer came.
+// upgrader may have forwarded it, and its taker may own the connections
+// already, so the caller must close its copies and not serve them: a copy
+// closed while the taker holds the socket leaves the connection to the
+// taker, and one that nobody else holds ends between two requests, which
+// its client retries; served on, one connection could be read by two
+// processes.
+var ErrUnanswered = errors.New("handoff: the channel ended before the answer; the taker may own the connections")
+
+// errChannelEnded is what shut tells the Sends still waiting; each turns
+// it into ErrUnanswered, since only a Send whose sendmsg returned waits.
+var errChannelEnded = errors.New("handoff channel ended")
 
 // Handoffs opens the handoff channel New took from UPGRADER_HANDOFF_FD and
 // tells upgrader, with the ACCEPT message of docs/reference/handoff.md, which kinds of
@@ -260,8 +275,8 @@ func (h *Handoffs) kindList() []string {
 }
 
 // Close ends the channel: upgrader routes no more connections here, a Send
-// waiting for its answer returns ErrNoHandoff (its connections are still
-// the caller's), and every Listener is closed. Connections already taken
+// waiting for its answer returns ErrUnanswered (its message has gone, so
+// its connections may be the taker's), and every Listener is closed. Connections already taken
 // (acknowledged), parked idle ones included, are still returned by their
 // Listener's Accept: dropping them would lose their clients. When Close
 // returns, the channel's goroutines have ended and its fds (the socket, the
@@ -546,7 +561,7 @@ func (h *Handoffs) shut() {
 	h.mu.Lock()
 	h.closed = true
 	for id, a := range h.waiting {
-		a.ch <- ErrNoHandoff
+		a.ch <- errChannelEnded
 		delete(h.waiting, id)
 	}
 	h.mu.Unlock()
@@ -587,10 +602,12 @@ const SendTimeout = 5 * time.Second
 // however late the channel's reader gets to it; with none, Send times out
 // once the reader has found the socket empty past SendTimeout
 // (milliseconds after it, unless the process is stalled). On nil the
-// receiver owns them and the caller must close its copies; on error
-// (refused: no ready worker takes kind, the target failed; timeout;
-// channel closed) the connections are untouched and still the caller's
-// to serve or close.
+// receiver owns them and the caller must close its copies. On
+// ErrUnanswered (the channel ended once the message had gone) the
+// receiver may own them: the caller must close its copies and not serve
+// them. On any other error (refused: no ready worker takes kind, the
+// target failed; timeout; ErrNoHandoff, nothing sent) the connections are
+// untouched and still the caller's to serve or close.
 //
 // The conns' own fds are sent, not duplicates: SCM_RIGHTS gives the
 // receiver its own reference to each socket when sendmsg(2) runs, so a dup
@@ -641,8 +658,12 @@ func (h *Handoffs) Send(kind string, conns []Outgoing) error {
 		h.armLocked()
 	}
 	h.mu.Unlock()
-	// The channel's reader answers, or times the batch out (expire).
-	return <-ch
+	// The channel's reader answers, or times the batch out (expire), or
+	// the channel ends (shut) with the batch on its way.
+	if err := <-ch; err != errChannelEnded {
+		return err
+	}
+	return ErrUnanswered
 }
 
 // withFDs calls f with the fds of rcs, each held open (RawConn.Control)

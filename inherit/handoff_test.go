@@ -980,3 +980,60 @@ func channelEnds(t *testing.T) (up, worker *handoff.Socket) {
 	}
 	return up, worker
 }
+
+// A channel that ends after a HANDOFF went out and before its answer
+// (upgrader gone: it may have forwarded the batch) fails the Send with
+// ErrUnanswered, and Handoff closes its connection; a Send that finds the
+// channel gone sends nothing and fails with ErrNoHandoff.
+func TestSendUnansweredWhenChannelEnds(t *testing.T) {
+	for _, end := range []string{"upgrader closes", "the worker closes"} {
+		t.Run(end, func(t *testing.T) {
+			up, sb := channelEnds(t)
+			h, err := startHandoffs(sb, nil, slog.New(slog.DiscardHandler), knobs{late: lateHandoff, sendTimeout: SendTimeout})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer h.Close()
+			if m, _ := recv(t, up); m.Type != handoff.TypeAccept {
+				t.Fatalf("first message %+v, want ACCEPT", m)
+			}
+			sc, cc := testnet.TCPPair(t)
+			sent := make(chan error, 1)
+			go func() { sent <- h.Handoff(sc, "app", nil, nil) }()
+			m, fds := recv(t, up)
+			if m.Type != handoff.TypeHandoff || len(fds) != 1 {
+				t.Fatalf("got %+v with %d fds, want a HANDOFF of one", m, len(fds))
+			}
+			// The taker's copy: the connection lives on in it.
+			taker := os.NewFile(uintptr(fds[0]), "taker")
+			defer taker.Close()
+			if end == "upgrader closes" {
+				up.Close()
+			} else {
+				go h.Close()
+			}
+			select {
+			case err := <-sent:
+				if !errors.Is(err, ErrUnanswered) {
+					t.Fatalf("Handoff: %v, want ErrUnanswered", err)
+				}
+			case <-time.After(10 * time.Second):
+				t.Fatal("Handoff did not return once the channel ended")
+			}
+			if _, err := sc.Write([]byte("x")); !errors.Is(err, net.ErrClosed) {
+				t.Fatalf("the sender's copy after ErrUnanswered: write %v, want it closed", err)
+			}
+			// Closed here, the connection is the taker's still.
+			io.WriteString(cc, "y")
+			b := make([]byte, 1)
+			if n, err := taker.Read(b); n != 1 || b[0] != 'y' {
+				t.Fatalf("the taker's copy read %q, %v; want the client's byte", b[:n], err)
+			}
+			<-h.done
+			sc2, _ := testnet.TCPPair(t)
+			if err := h.Send("app", []Outgoing{{Conn: sc2}}); err != ErrNoHandoff {
+				t.Fatalf("Send once the channel has ended: %v, want ErrNoHandoff", err)
+			}
+		})
+	}
+}

@@ -157,7 +157,13 @@ function installHooks() {
   }
   process.on('message', onMessage);
   process.on('disconnect', () => {
-    for (const id of [...pending.keys()]) answer(id, false, 'channel closed');
+    // A handoff whose message went out may be the taker's already
+    // (upgrader gone before it relayed the ack): closed here as if
+    // acknowledged, never served on, lest two processes read one
+    // connection. Node calls a send back only a loop turn after the
+    // write, maybe after this, so one not written yet cannot be told
+    // apart: it is closed too, between two requests.
+    for (const id of [...pending.keys()]) answer(id, true, 'channel closed');
   });
   process.on('SIGTERM', () => drain());
   // Installed only when wanted: any listener at all stops Node's own crash.

@@ -124,6 +124,31 @@ test('nak: the connection stays and its next request is served with Connection: 
   assert.deepStrictEqual(await w.exited, { code: 0, signal: null });
 });
 
+test('channel closed with a handoff unanswered: the connection is left to the taker, never served here', async (t) => {
+  // An idle grace and a drain longer than the test: a connection kept
+  // here would hold the worker past the test's timeout.
+  const { w, port } = await startFirst(t, { TEST_IDLE_GRACE: '60000', TEST_DRAIN_TIMEOUT: '60000', TEST_KEEPALIVE_TIMEOUT: '60000' });
+  const lost = new Promise((resolve) => {
+    w.on('msg', (m, handle) => {
+      if (m.upgrader !== 'handoff') return;
+      // upgrader took the connection and went away before its answer.
+      w.proc.disconnect();
+      resolve(handle);
+    });
+  });
+  const c = new Client(port);
+  assert.strictEqual((await c.get('/one')).headers['x-pid'], String(w.pid));
+  process.kill(w.pid, 'SIGTERM');
+  const taker = await lost;
+  assert.deepStrictEqual(await w.exited, { code: 0, signal: null }, w.stderr);
+  taker.resume();
+  taker.once('data', () => taker.write('HTTP/1.1 200 OK\r\nX-Pid: taker\r\nContent-Length: 0\r\n\r\n'));
+  const r = await c.get('/two');
+  assert.strictEqual(r.headers['x-pid'], 'taker');
+  c.destroy();
+  taker.destroy();
+});
+
 test('nak and quiet: closed after the idle grace, then exit 0', async (t) => {
   const { w, port } = await startFirst(t, { TEST_IDLE_GRACE: '100' });
   nakAll(w);

@@ -85,7 +85,7 @@ func main() {
 	if err != nil {
 		rel = *png
 	}
-	if err := writeOutputs(o, runs, *md, *png, rel, command(), elapsed); err != nil {
+	if err := writeOutputs(o, runs, *md, *png, rel, command(flag.CommandLine), elapsed); err != nil {
 		fatalf("%v", err)
 	}
 	fmt.Print(Table(o, runs))
@@ -136,9 +136,27 @@ func systemNames() []string {
 	return n
 }
 
-// command is how this run was invoked, for the docs section.
-func command() string {
-	return strings.Join(append([]string{"go run ."}, os.Args[1:]...), " ")
+// command is how this run was invoked, for the docs section: each flag
+// that was set, once, with the value it ended with (scripts/sidebyside
+// passes -rounds 3 before the caller's own, which may set it again),
+// quoted for a POSIX shell where it needs to be.
+func command(fs *flag.FlagSet) string {
+	args := []string{"go run ."}
+	fs.Visit(func(f *flag.Flag) {
+		if b, ok := f.Value.(interface{ IsBoolFlag() bool }); ok && b.IsBoolFlag() {
+			args = append(args, "-"+f.Name+"="+f.Value.String())
+			return
+		}
+		args = append(args, "-"+f.Name, shellQuote(f.Value.String()))
+	})
+	return strings.Join(args, " ")
+}
+
+func shellQuote(v string) string {
+	if v != "" && !strings.ContainsAny(v, " \t\n'\"\\$`*?[]{}()<>|&;#~!") {
+		return v
+	}
+	return "'" + strings.ReplaceAll(v, "'", `'\''`) + "'"
 }
 
 func fatalf(format string, args ...any) {

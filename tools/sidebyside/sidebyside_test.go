@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"flag"
 	"image/png"
 	"os"
 	"path/filepath"
@@ -195,5 +196,24 @@ func TestLegendFits(t *testing.T) {
 				t.Errorf("%d modes: %q is %v wide, its column %v", modes, e.name, lw, lg.colW)
 			}
 		}
+	}
+}
+
+// The command written into the docs names each flag once, with the value
+// it ended with, quoted where a shell needs it.
+func TestCommandNamesEachFlagOnce(t *testing.T) {
+	fs := flag.NewFlagSet("sidebyside", flag.ContinueOnError)
+	fs.Int("rounds", 3, "")
+	fs.String("repo", "../..", "")
+	fs.String("upgrader-flags", "", "")
+	fs.Bool("steady", true, "")
+	fs.String("modes", "new,keepalive", "")
+	args := []string{"-repo", "../..", "-rounds", "3", "-rounds", "2", "-upgrader-flags", "--start-idle=false --x", "-steady=false"}
+	if err := fs.Parse(args); err != nil {
+		t.Fatal(err)
+	}
+	want := "go run . -repo ../.. -rounds 2 -steady=false -upgrader-flags '--start-idle=false --x'"
+	if got := command(fs); got != want {
+		t.Fatalf("command = %s\nwant      %s", got, want)
 	}
 }
