@@ -143,7 +143,7 @@ func (srv *server) handOff(handoffs *inherit.Handoffs) {
 		rest, _ := s.r.Peek(s.r.Buffered())
 		buffered := append([]byte(s.pending), rest...)
 		err := handoffs.Handoff(s.conn, kind, []byte(strconv.Itoa(s.counter)), buffered)
-		if err != nil {
+		if err != nil && !errors.Is(err, inherit.ErrUnanswered) { // that one Handoff closed
 			fmt.Fprintf(s.conn, "bye\n")
 			s.conn.Close()
 		}

@@ -449,6 +449,11 @@ func (s *session) act(log *slog.Logger) bool {
 			log.Debug("session handed off", "messages", s.rec.Messages)
 			return true
 		}
+		if errors.Is(err, inherit.ErrUnanswered) {
+			// Handoff closed it: the next generation may have it.
+			log.Debug("session's handoff went unanswered; closed here", "messages", s.rec.Messages)
+			return true
+		}
 		log.Debug("session not handed off, it goes on here until the drain's end", "error", err)
 	}
 	if !s.closing && !time.Now().Before(s.e.closeAt()) {
