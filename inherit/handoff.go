@@ -197,10 +197,12 @@ type answer struct {
 }
 
 // knobs are a channel's bounds: lateHandoff and SendTimeout, or a test's,
-// with a test's hook run before each read of the channel.
+// with a test's hooks run before each read of the channel and before each
+// ACK.
 type knobs struct {
 	late, sendTimeout time.Duration
 	beforeRecv        func()
+	beforeAck         func() // receive's, once it has taken a batch
 }
 
 // newHandoffs takes over sock, sends ACCEPT and starts serving it; on an
@@ -438,7 +440,20 @@ func (h *Handoffs) receive(m handoff.Message, fds []int) {
 		nak("this worker is draining")
 		return
 	}
-	h.sock.Send(handoff.Message{Type: handoff.TypeAck, ID: m.ID}, nil)
+	if h.knobs.beforeAck != nil {
+		h.knobs.beforeAck()
+	}
+	if err := h.sock.Send(handoff.Message{Type: handoff.TypeAck, ID: m.ID}, nil); errors.Is(err, net.ErrClosed) {
+		// Our own Close ended the channel under this batch: upgrader
+		// hears the end before any ACK and refuses the batch to its
+		// sender, which serves it on. Kept here too, the connections
+		// would have two owners. An ACK that fails because upgrader has
+		// gone keeps them: the sender, told ErrUnanswered, closes its
+		// copies.
+		handoff.CloseFDs(fds)
+		l.deliver(nil, len(fds))
+		return
+	}
 	if len(fds) > 0 {
 		h.reserveFDs(slices.Max(fds))
 	}

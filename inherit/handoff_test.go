@@ -1037,3 +1037,39 @@ func TestSendUnansweredWhenChannelEnds(t *testing.T) {
 		})
 	}
 }
+
+// A taker whose own Close ends the channel between taking a batch and
+// acknowledging it closes what it took: upgrader hears the channel end
+// with no ACK and refuses the batch to its sender, which serves it on.
+func TestTakerClosedBeforeItsAckLetsTheBatchGo(t *testing.T) {
+	up, sb := channelEnds(t)
+	atAck, release := make(chan struct{}), make(chan struct{})
+	h, err := startHandoffs(sb, []string{KindHTTP}, slog.New(slog.DiscardHandler), knobs{late: lateHandoff, sendTimeout: SendTimeout,
+		beforeAck: func() { atAck <- struct{}{}; <-release }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if m, _ := recv(t, up); m.Type != handoff.TypeAccept {
+		t.Fatalf("first message %+v, want ACCEPT", m)
+	}
+	sc, cc := testnet.TCPPair(t)
+	sendHandoff(t, up, 1, KindHTTP, sc, handoff.Conn{Buffered: []byte("GET / HTTP/1.1\r\n\r\n")})
+	sc.Close() // the sender's copy: only the taker's is left
+	<-atAck
+	h.closeOnce.Do(func() { h.sock.Close() }) // Close's first step, under the batch
+	close(release)
+	if err := h.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := up.Recv(); err != handoff.ErrClosed {
+		t.Fatalf("upgrader's end: %v, want the channel's end and no ACK", err)
+	}
+	if c, err := h.Listener(KindHTTP).Accept(); err == nil {
+		c.Close()
+		t.Fatal("a connection whose ACK could not be sent came out of Accept")
+	}
+	cc.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if n, err := cc.Read(make([]byte, 1)); err != io.EOF {
+		t.Fatalf("the client read %d bytes, %v; want EOF: no copy of its connection left", n, err)
+	}
+}
