@@ -801,12 +801,11 @@ func (s *Server) sendBatch(batch []*hconn) {
 			return
 		}
 	}
-	if s.handoffOn.Swap(false) && s.opts.Logger != nil {
-		if unanswered {
-			s.opts.Logger.Warn("drain: the handoff channel ended with a batch on its way; its connections are closed here (the new worker may have them), the rest drain here", "connections", len(batch), "error", err)
-		} else {
-			s.opts.Logger.Info("drain: handoff refused; the remaining connections drain here", "connections", len(batch), "error", err)
-		}
+	if first := s.handoffOn.Swap(false); s.opts.Logger != nil && unanswered {
+		// Each such batch: connections closed rather than served.
+		s.opts.Logger.Warn("drain: the handoff channel ended with a batch on its way; its connections are closed here (the new worker may have them), the rest drain here", "connections", len(batch), "error", err)
+	} else if first && s.opts.Logger != nil {
+		s.opts.Logger.Info("drain: handoff refused; the remaining connections drain here", "connections", len(batch), "error", err)
 	}
 	// Nothing more goes out: what is queued is served here too.
 	s.mu.Lock()

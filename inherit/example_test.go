@@ -2,6 +2,7 @@ package inherit_test
 
 import (
 	"context"
+	"errors"
 	"log"
 	"log/slog"
 	"net"
@@ -129,10 +130,13 @@ func ExampleHandoffs_Send() {
 			}
 		}()
 	}
-	// Sending side, at drain: on nil the receiver owns the connection.
+	// Sending side, at drain: on nil the receiver owns the connection; on
+	// ErrUnanswered it may (the channel ended on the way); on any other
+	// error it is still ours to serve.
 	var session net.Conn // a connection between two requests of the protocol
 	if session != nil {
-		if err := handoffs.Send("counter", []inherit.Outgoing{{Conn: session, State: []byte("42")}}); err == nil {
+		err := handoffs.Send("counter", []inherit.Outgoing{{Conn: session, State: []byte("42")}})
+		if err == nil || errors.Is(err, inherit.ErrUnanswered) {
 			session.Close()
 		}
 	}

@@ -48,9 +48,9 @@ type Handoffs struct {
 	unparked atomic.Int32
 	knobs    knobs
 
-	// recheck: read found a message queued when a Send's answer was
-	// overdue, and looks again once it has read it; queueBlind: SIOCINQ
-	// failed, said once (read's only).
+	// recheck: read found a message queued (or a hang-up) when a Send's
+	// answer was overdue, and looks again once it has read it;
+	// queueBlind: the look (poll) failed, said once (read's only).
 	recheck, queueBlind bool
 
 	watchMu   sync.Mutex
@@ -369,8 +369,10 @@ func (h *Handoffs) read() {
 // stopped process, a convert queue full), since its target owns the
 // connections from the moment it answered. Timing out on a timer of the
 // Send's own instead, the sender could serve on connections an ACK waiting
-// in its socket had given away. It leaves the read deadline at the next
-// answer due, or none. read's only.
+// in its socket had given away. A hang-up waiting there counts the same
+// way (Socket.Queued reports it): read then takes it as the channel's
+// end, and shut fails the Sends with ErrUnanswered, not a timeout. It
+// leaves the read deadline at the next answer due, or none. read's only.
 func (h *Handoffs) expire() {
 	// Taken first: an answer that comes after the look at the queue came
 	// after now too.

@@ -1073,3 +1073,60 @@ func TestTakerClosedBeforeItsAckLetsTheBatchGo(t *testing.T) {
 		t.Fatalf("the client read %d bytes, %v; want EOF: no copy of its connection left", n, err)
 	}
 }
+
+// upgrader goes away before a batch's deadline while the channel's reader
+// is busy, and the reader gets to the socket only after the deadline: the
+// hang-up waiting there counts as what it is, the channel's end with the
+// batch unanswered (ErrUnanswered), not as a timeout that would have the
+// sender serve connections the taker may own.
+func TestHangUpReadLateIsNoTimeout(t *testing.T) {
+	up, sb := channelEnds(t)
+	const timeout = 100 * time.Millisecond
+	var stall atomic.Bool
+	atGate, release := make(chan struct{}), make(chan struct{})
+	h, err := startHandoffs(sb, nil, slog.New(slog.DiscardHandler), knobs{late: lateHandoff, sendTimeout: timeout,
+		beforeRecv: func() {
+			if stall.Swap(false) {
+				atGate <- struct{}{}
+				<-release
+			}
+		}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	if m, _ := recv(t, up); m.Type != handoff.TypeAccept {
+		t.Fatalf("first message %+v, want ACCEPT", m)
+	}
+	sc, _ := testnet.TCPPair(t)
+	sent := make(chan error, 1)
+	go func() { sent <- h.Send("app", []Outgoing{{Conn: sc}}) }()
+	m, fds := recv(t, up)
+	handoff.CloseFDs(fds)
+	var due time.Time
+	waitFor(t, "the batch's deadline set", func() bool {
+		h.mu.Lock()
+		defer h.mu.Unlock()
+		due = h.waiting[m.ID].deadline
+		return !due.IsZero()
+	})
+	// An answer to no batch takes the reader round to the hook.
+	stall.Store(true)
+	if err := up.Send(handoff.Message{Type: handoff.TypeNak, ID: 999, Reason: "unknown"}, nil); err != nil {
+		t.Fatal(err)
+	}
+	<-atGate
+	up.Close()
+	// The reader may look again only once the deadline has passed: that
+	// is the case under test.
+	time.Sleep(time.Until(due))
+	close(release)
+	select {
+	case err := <-sent:
+		if !errors.Is(err, ErrUnanswered) {
+			t.Fatalf("Send: %v, want ErrUnanswered: the channel ended before the deadline", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("Send did not return")
+	}
+}

@@ -182,22 +182,33 @@ func (s *Socket) Close() error { return s.c.Close() }
 // which sees the change.
 func (s *Socket) SetReadDeadline(t time.Time) error { return s.c.SetReadDeadline(t) }
 
-// Queued reports whether a message waits at this end to be read (ioctl
-// SIOCINQ, unix(7): the bytes queued, which a message always has).
+// Queued reports whether a Recv would return at once: a message waits at
+// this end, or the peer has closed its end, which a Recv returns as
+// ErrClosed (poll(2) with no wait: POLLIN, which unix(7) sockets also set
+// on a hang-up). A caller that times a peer out only once nothing is
+// queued thus reads a hang-up first, however late it looks.
 func (s *Socket) Queued() (bool, error) {
 	rc, err := s.c.SyscallConn()
 	if err != nil {
-		return false, fmt.Errorf("handoff SIOCINQ: %w", err)
+		return false, fmt.Errorf("handoff poll: %w", err)
 	}
 	var n int
-	var ierr error
-	if err := rc.Control(func(fd uintptr) { n, ierr = unix.IoctlGetInt(int(fd), unix.SIOCINQ) }); err != nil {
-		return false, fmt.Errorf("handoff SIOCINQ: %w", err)
+	var perr error
+	pfd := []unix.PollFd{{Events: unix.POLLIN}}
+	if err := rc.Control(func(fd uintptr) {
+		pfd[0].Fd = int32(fd)
+		for {
+			if n, perr = unix.Poll(pfd, 0); perr != unix.EINTR {
+				return
+			}
+		}
+	}); err != nil {
+		return false, fmt.Errorf("handoff poll: %w", err)
 	}
-	if ierr != nil {
-		return false, fmt.Errorf("handoff SIOCINQ: %w", ierr)
+	if perr != nil {
+		return false, fmt.Errorf("handoff poll: %w", perr)
 	}
-	return n > 0, nil
+	return n > 0 && pfd[0].Revents&(unix.POLLIN|unix.POLLHUP|unix.POLLERR) != 0, nil
 }
 
 // readMsg is recvmsg(2) with MSG_CMSG_CLOEXEC, through the poller.

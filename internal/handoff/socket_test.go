@@ -167,4 +167,12 @@ func TestQueuedAndReadDeadline(t *testing.T) {
 	if q, err := sb.Queued(); err != nil || q {
 		t.Fatalf("Queued once read: %v, %v; want false", q, err)
 	}
+	// A hang-up counts: a Recv returns it at once, past a deadline or not.
+	sa.Close()
+	if q, err := sb.Queued(); err != nil || !q {
+		t.Fatalf("Queued once the peer closed: %v, %v; want true", q, err)
+	}
+	if _, _, err := sb.Recv(); !errors.Is(err, ErrClosed) {
+		t.Fatalf("Recv once the peer closed: %v, want ErrClosed", err)
+	}
 }
