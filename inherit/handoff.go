@@ -108,7 +108,9 @@ const lateHandoff = time.Second
 
 // ErrNoHandoff is returned by Send when the process has no handoff channel,
 // or no longer has one (Close, or upgrader closed it), before anything was
-// sent: the connections are still the caller's.
+// sent: the connections are still the caller's. A Send racing the
+// channel's end may fail with its sendmsg's own error instead, nothing
+// sent either.
 var ErrNoHandoff = errors.New("no handoff channel (not run by upgrader, --no-handoff, or closed)")
 
 // ErrUnanswered is returned by Send when the channel ended (upgrader went
