@@ -832,17 +832,11 @@ func TestAnswerReadLateStillCounts(t *testing.T) {
 			<-release
 		}
 	}
-	h, err := startHandoffs(sb, nil, slog.New(slog.DiscardHandler), knobs{late: lateHandoff, sendTimeout: timeout, beforeRecv: hold})
-	if err != nil {
-		t.Fatal(err)
-	}
+	h := pastAccept(t, up, sb, nil, knobs{late: lateHandoff, sendTimeout: timeout, beforeRecv: hold})
 	var once sync.Once
 	unhold := func() { once.Do(func() { close(release) }) }
 	defer h.Close()
 	defer unhold() // first, or Close would wait for the held reader
-	if m, _ := recv(t, up); m.Type != handoff.TypeAccept {
-		t.Fatalf("first message %+v, want ACCEPT", m)
-	}
 	// One message it ignores takes the reader round to the hook, where
 	// it stops.
 	stall.Store(true)
@@ -913,14 +907,7 @@ func TestAnswerReadLateStillCounts(t *testing.T) {
 func TestSendDeadlineStartsOnceSent(t *testing.T) {
 	up, sb := channelEnds(t)
 	const timeout = 100 * time.Millisecond
-	h, err := startHandoffs(sb, nil, slog.New(slog.DiscardHandler), knobs{late: lateHandoff, sendTimeout: timeout})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer h.Close()
-	if m, _ := recv(t, up); m.Type != handoff.TypeAccept {
-		t.Fatalf("first message %+v, want ACCEPT", m)
-	}
+	h := pastAccept(t, up, sb, nil, knobs{late: lateHandoff, sendTimeout: timeout})
 	// Fill upgrader's receive queue from the worker's end.
 	fd, err := h.sock.DupFD()
 	if err != nil {
@@ -962,6 +949,21 @@ func TestSendDeadlineStartsOnceSent(t *testing.T) {
 	}
 }
 
+// pastAccept starts the worker's end of a channel on sb with k, taking
+// kinds, and reads its ACCEPT at up; it is closed when the test ends.
+func pastAccept(t *testing.T, up, sb *handoff.Socket, kinds []string, k knobs) *Handoffs {
+	t.Helper()
+	h, err := startHandoffs(sb, kinds, slog.New(slog.DiscardHandler), k)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { h.Close() })
+	if m, _ := recv(t, up); m.Type != handoff.TypeAccept {
+		t.Fatalf("first message %+v, want ACCEPT", m)
+	}
+	return h
+}
+
 // channelEnds returns a new channel's two ends: upgrader's, closed at the
 // test's end, and the worker's, for startHandoffs to take over.
 func channelEnds(t *testing.T) (up, worker *handoff.Socket) {
@@ -989,14 +991,7 @@ func TestSendUnansweredWhenChannelEnds(t *testing.T) {
 	for _, end := range []string{"upgrader closes", "the worker closes"} {
 		t.Run(end, func(t *testing.T) {
 			up, sb := channelEnds(t)
-			h, err := startHandoffs(sb, nil, slog.New(slog.DiscardHandler), knobs{late: lateHandoff, sendTimeout: SendTimeout})
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer h.Close()
-			if m, _ := recv(t, up); m.Type != handoff.TypeAccept {
-				t.Fatalf("first message %+v, want ACCEPT", m)
-			}
+			h := pastAccept(t, up, sb, nil, knobs{late: lateHandoff, sendTimeout: SendTimeout})
 			sc, cc := testnet.TCPPair(t)
 			sent := make(chan error, 1)
 			go func() { sent <- h.Handoff(sc, "app", nil, nil) }()
@@ -1012,13 +1007,8 @@ func TestSendUnansweredWhenChannelEnds(t *testing.T) {
 			} else {
 				go h.Close()
 			}
-			select {
-			case err := <-sent:
-				if !errors.Is(err, ErrUnanswered) {
-					t.Fatalf("Handoff: %v, want ErrUnanswered", err)
-				}
-			case <-time.After(10 * time.Second):
-				t.Fatal("Handoff did not return once the channel ended")
+			if err := within(t, sent, "Handoff, once the channel ended,"); !errors.Is(err, ErrUnanswered) {
+				t.Fatalf("Handoff: %v, want ErrUnanswered", err)
 			}
 			if _, err := sc.Write([]byte("x")); !errors.Is(err, net.ErrClosed) {
 				t.Fatalf("the sender's copy after ErrUnanswered: write %v, want it closed", err)
@@ -1044,14 +1034,8 @@ func TestSendUnansweredWhenChannelEnds(t *testing.T) {
 func TestTakerClosedBeforeItsAckLetsTheBatchGo(t *testing.T) {
 	up, sb := channelEnds(t)
 	atAck, release := make(chan struct{}), make(chan struct{})
-	h, err := startHandoffs(sb, []string{KindHTTP}, slog.New(slog.DiscardHandler), knobs{late: lateHandoff, sendTimeout: SendTimeout,
+	h := pastAccept(t, up, sb, []string{KindHTTP}, knobs{late: lateHandoff, sendTimeout: SendTimeout,
 		beforeAck: func() { atAck <- struct{}{}; <-release }})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if m, _ := recv(t, up); m.Type != handoff.TypeAccept {
-		t.Fatalf("first message %+v, want ACCEPT", m)
-	}
 	sc, cc := testnet.TCPPair(t)
 	sendHandoff(t, up, 1, KindHTTP, sc, handoff.Conn{Buffered: []byte("GET / HTTP/1.1\r\n\r\n")})
 	sc.Close() // the sender's copy: only the taker's is left
@@ -1084,20 +1068,13 @@ func TestHangUpReadLateIsNoTimeout(t *testing.T) {
 	const timeout = 100 * time.Millisecond
 	var stall atomic.Bool
 	atGate, release := make(chan struct{}), make(chan struct{})
-	h, err := startHandoffs(sb, nil, slog.New(slog.DiscardHandler), knobs{late: lateHandoff, sendTimeout: timeout,
+	h := pastAccept(t, up, sb, nil, knobs{late: lateHandoff, sendTimeout: timeout,
 		beforeRecv: func() {
 			if stall.Swap(false) {
 				atGate <- struct{}{}
 				<-release
 			}
 		}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer h.Close()
-	if m, _ := recv(t, up); m.Type != handoff.TypeAccept {
-		t.Fatalf("first message %+v, want ACCEPT", m)
-	}
 	sc, _ := testnet.TCPPair(t)
 	sent := make(chan error, 1)
 	go func() { sent <- h.Send("app", []Outgoing{{Conn: sc}}) }()
@@ -1121,12 +1098,19 @@ func TestHangUpReadLateIsNoTimeout(t *testing.T) {
 	// is the case under test.
 	time.Sleep(time.Until(due))
 	close(release)
+	if err := within(t, sent, "Send"); !errors.Is(err, ErrUnanswered) {
+		t.Fatalf("Send: %v, want ErrUnanswered: the channel ended before the deadline", err)
+	}
+}
+
+// within is what ch gives, failing the test when nothing comes in 10 s.
+func within(t *testing.T, ch <-chan error, what string) error {
+	t.Helper()
 	select {
-	case err := <-sent:
-		if !errors.Is(err, ErrUnanswered) {
-			t.Fatalf("Send: %v, want ErrUnanswered: the channel ended before the deadline", err)
-		}
+	case err := <-ch:
+		return err
 	case <-time.After(10 * time.Second):
-		t.Fatal("Send did not return")
+		t.Fatalf("%s did not return within 10s", what)
+		return nil
 	}
 }
