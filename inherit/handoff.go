@@ -280,12 +280,14 @@ func (h *Handoffs) kindList() []string {
 
 // Close ends the channel: upgrader routes no more connections here, a Send
 // waiting for its answer returns ErrUnanswered (its message has gone, so
-// its connections may be the taker's), and every Listener is closed. Connections already taken
-// (acknowledged), parked idle ones included, are still returned by their
-// Listener's Accept: dropping them would lose their clients. When Close
-// returns, the channel's goroutines have ended and its fds (the socket, the
-// epoll instance) are closed. It is safe to call more than once, and on a
-// nil *Handoffs; it always returns nil.
+// its connections may be the taker's), and every Listener is closed.
+// Connections already taken (acknowledged), parked idle ones included, are
+// still returned by their Listener's Accept: dropping them would lose
+// their clients; a batch taken but not yet acknowledged is closed (upgrader
+// refuses it to its sender). When Close returns, the channel's goroutines
+// have ended and its fds (the socket, the epoll instance) are closed. It
+// is safe to call more than once, and on a nil *Handoffs; it always
+// returns nil.
 //
 // A channel that upgrader ends instead (in embedded mode, when the old
 // process exits) only ends its Listeners: they take no more, but keep
