@@ -6,7 +6,7 @@ const test = (name, fn) => nodeTest(name, { timeout: 20000 }, fn);
 const assert = require('node:assert');
 const net = require('net');
 const { once } = require('events');
-const { listen, Worker, Client } = require('../testlib/helpers');
+const { listen, Worker, Client, startReading } = require('../testlib/helpers');
 
 // startFirst starts a worker on a listener given as fd 3, ready.
 async function startFirst(t, env = {}) {
@@ -141,7 +141,7 @@ test('channel closed with a handoff unanswered: the connection is left to the ta
   process.kill(w.pid, 'SIGTERM');
   const taker = await lost;
   assert.deepStrictEqual(await w.exited, { code: 0, signal: null }, w.stderr);
-  taker.resume();
+  startReading(taker);
   taker.once('data', () => taker.write('HTTP/1.1 200 OK\r\nX-Pid: taker\r\nContent-Length: 0\r\n\r\n'));
   const r = await c.get('/two');
   assert.strictEqual(r.headers['x-pid'], 'taker');

@@ -43,6 +43,27 @@ function track(t, w) {
   ws.add(w);
 }
 
+// stopReading stops the reads from a socket's fd, as http.Server's own
+// onSocketPause does; startReading starts them again. Both act on the
+// handle: a net.Socket's pause() and resume() only gate what was read.
+function stopReading(sock) {
+  sock.pause();
+  const h = sock._handle;
+  if (h && h.reading) {
+    h.reading = false;
+    h.readStop();
+  }
+}
+
+function startReading(sock) {
+  const h = sock._handle;
+  if (h && !h.reading) {
+    h.reading = true;
+    h.readStart();
+  }
+  sock.resume();
+}
+
 class Worker extends EventEmitter {
   constructor(t, { listeners = [], env = {}, ipc = true, extraPipe = false } = {}) {
     super();
@@ -67,7 +88,13 @@ class Worker extends EventEmitter {
     this.exited = once(this.proc, 'exit').then(([code, signal]) => ({ code, signal }));
     this.proc.on('message', (m, handle) => {
       this.messages.push(m);
-      if (handle) handle.pause(); // the test must not read what is the worker's
+      // upgrader only relays a handed-off fd; the test, playing it, must
+      // not read from it either. Node's child_process wraps a received fd
+      // in a net.Socket that reads at once, and pause() only stops the flow
+      // of what was read: a request the test's client sent meanwhile would
+      // be read here, and dropped when the handle is passed on (keepOpen
+      // false: read into a no-op until the receiver's NODE_HANDLE_ACK).
+      if (handle) stopReading(handle);
       this.emit('msg', m, handle);
     });
     track(t, this);
@@ -166,4 +193,4 @@ class Client {
   }
 }
 
-module.exports = { listen, Worker, Client };
+module.exports = { listen, Worker, Client, startReading };
