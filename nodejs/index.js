@@ -266,9 +266,32 @@ function nextWaiting() {
   }
 }
 
+// stopReads stops the reads from a socket's fd at its handle, as
+// http.Server's own 'pause' hook does. pause() alone stops only the flow of
+// what was read, and Node takes that hook away once user code listens for
+// 'data' on the socket: the next request would be read here, then lost to
+// the taker when this copy is destroyed. startReads undoes it.
+function stopReads(socket) {
+  socket.pause();
+  const h = socket._handle;
+  if (h && h.reading) {
+    h.reading = false;
+    h.readStop();
+  }
+}
+
+function startReads(socket) {
+  const h = socket._handle;
+  if (h && !h.reading && !socket.destroyed) {
+    h.reading = true;
+    h.readStart();
+  }
+  socket.resume();
+}
+
 function handOff(socket, st) {
   st.phase = 'handing';
-  socket.pause(); // nothing more is read from it from here on
+  stopReads(socket); // nothing more is read from it from here on
   const id = nextId++;
   const p = { socket, st, timer: null, refusal: null };
   pending.set(id, p);
@@ -300,7 +323,7 @@ function answer(id, ok, reason) {
     p.socket.destroy();
   } else {
     if (reason && config.debug) config.log(`handoff ${id} refused: ${reason}`);
-    p.socket.resume();
+    startReads(p.socket);
     keep(p.socket, p.st);
   }
   nextWaiting();

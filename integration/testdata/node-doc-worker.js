@@ -69,7 +69,11 @@ server.on('connection', (s) => {
 function handOff(s) {
   if (s.inFlight > 0 || s.handingOff || s.refused || s.closing || s.destroyed || s.bytesRead !== s.quietAt) return;
   s.handingOff = true;
-  s.pause(); // an http.Server's socket stops reading at once
+  // Stopped at the handle, not only paused: pause() alone does not stop
+  // the reads of a socket code listens to for 'data'.
+  s.pause();
+  s._handle.reading = false;
+  s._handle.readStop();
   const id = nextId++;
   // No answer within 5 s: ours again (the socket is paused, so still
   // quiet). The timer also keeps the process alive until the answer: the
@@ -97,6 +101,10 @@ function answered(m) {
     // Refused (nak): still ours; its next request gets Connection: close.
     console.error(`node-doc-worker: handoff ${m.id} refused: ${m.reason}`);
     s.refused = true;
+    if (s._handle && !s._handle.reading) {
+      s._handle.reading = true;
+      s._handle.readStart();
+    }
     s.resume();
   }
 }

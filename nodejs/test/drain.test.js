@@ -110,8 +110,8 @@ test('idle connection handed off on SIGTERM; the next generation answers on the 
   assert.deepStrictEqual(await w2.exited, { code: 0, signal: null });
 });
 
-test('nak: the connection stays and its next request is served with Connection: close', async (t) => {
-  const { w, port } = await startFirst(t, { TEST_IDLE_GRACE: '20000' });
+for (const [what, env] of [['', {}], [', with user code listening for data on it', { TEST_DATA_LISTENER: '1' }]]) test(`nak: the connection stays and its next request is served with Connection: close${what}`, async (t) => {
+  const { w, port } = await startFirst(t, { TEST_IDLE_GRACE: '20000', ...env });
   nakAll(w);
   const c = new Client(port);
   await c.get('/one');
@@ -122,6 +122,29 @@ test('nak: the connection stays and its next request is served with Connection: 
   assert.strictEqual(r.headers.connection, 'close');
   assert.strictEqual(await c.eof(), '');
   assert.deepStrictEqual(await w.exited, { code: 0, signal: null });
+});
+
+test('user code listening for data on a connection: a request sent while it is handed off is the taker\'s', async (t) => {
+  const { w: w1, port } = await startFirst(t, { TEST_DATA_LISTENER: '1' });
+  const w2 = await startTaker(t);
+  const c = new Client(port);
+  assert.strictEqual((await c.get('/one')).headers['x-pid'], String(w1.pid));
+  const handing = w1.waitMsg((m) => m.upgrader === 'handoff');
+  process.kill(w1.pid, 'SIGTERM');
+  const { m, handle } = await handing;
+  // The next request reaches the connection while w1 still holds it, and
+  // the ping's round trip gives w1's event loop its turn to read it, were
+  // it reading: then it would be lost when w1 destroys its copy.
+  const two = c.get('/two');
+  await w1.send({ test: 'ping', n: 1 });
+  await w1.waitMsg((x) => x.test === 'pong' && x.n === 1);
+  await w2.send({ upgrader: 'handoff', id: 1, kind: m.kind, state: m.state, buffered: m.buffered }, handle);
+  await w1.send({ upgrader: 'ack', id: m.id });
+  assert.deepStrictEqual(await w1.exited, { code: 0, signal: null });
+  assert.strictEqual((await two).headers['x-pid'], String(w2.pid));
+  c.destroy();
+  process.kill(w2.pid, 'SIGTERM');
+  assert.deepStrictEqual(await w2.exited, { code: 0, signal: null });
 });
 
 test('channel closed with a handoff unanswered: the connection is left to the taker, never served here', async (t) => {

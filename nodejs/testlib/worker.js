@@ -12,6 +12,9 @@ let held = null;
 // Registered before serve(): the module's explicit unref of the channel
 // then also covers this listener, so it never keeps the worker alive.
 process.on('message', (m) => {
+  // A round trip through this worker's event loop: once 'pong' is back,
+  // the loop has read what was in its sockets' queues before the ping.
+  if (m && m.test === 'ping') tell({ test: 'pong', n: m.n });
   if (m && m.test === 'release' && held) {
     const r = held;
     held = null;
@@ -58,6 +61,9 @@ const handler = (req, res) => {
   if (req.url === '/throw') setImmediate(() => { throw new Error('boom from /throw'); });
 };
 const server = tlsOpts ? https.createServer(tlsOpts, handler) : http.createServer(handler);
+// Code that listens for 'data' on a connection (byte counting, say):
+// Node then feeds the request parser from the stream, not the handle.
+if (process.env.TEST_DATA_LISTENER) server.on('connection', (s) => s.on('data', () => {}));
 // Behind a balancer keep-alive often outlasts a minute; Node's 5 s would
 // close an idle connection during a test's longer wait.
 if (process.env.TEST_KEEPALIVE_TIMEOUT) server.keepAliveTimeout = Number(process.env.TEST_KEEPALIVE_TIMEOUT);
