@@ -132,9 +132,9 @@ test('user code listening for data on a connection: a request sent while it is h
   const handing = w1.waitMsg((m) => m.upgrader === 'handoff');
   process.kill(w1.pid, 'SIGTERM');
   const { m, handle } = await handing;
-  // The next request reaches the connection while w1 still holds it, and
-  // the ping's round trip gives w1's event loop its turn to read it, were
-  // it reading: then it would be lost when w1 destroys its copy.
+  // The next request reaches the connection while w1 still holds it. The
+  // ping's round trip puts the ack after w1's loop turn that would read it,
+  // were it reading: it would then be lost when w1 destroys its copy.
   const two = c.get('/two');
   await w1.send({ test: 'ping', n: 1 });
   await w1.waitMsg((x) => x.test === 'pong' && x.n === 1);

@@ -12,8 +12,9 @@ let held = null;
 // Registered before serve(): the module's explicit unref of the channel
 // then also covers this listener, so it never keeps the worker alive.
 process.on('message', (m) => {
-  // A round trip through this worker's event loop: once 'pong' is back,
-  // the loop has read what was in its sockets' queues before the ping.
+  // A round trip through this worker's event loop: the ping is handled in
+  // the turn that also reads what came to its sockets before it (were they
+  // reading), so a message sent once 'pong' is back comes after that read.
   if (m && m.test === 'ping') tell({ test: 'pong', n: m.n });
   if (m && m.test === 'release' && held) {
     const r = held;
