@@ -59,14 +59,17 @@ type stListener struct {
 
 type stGroup struct {
 	Broken  bool       `json:"broken,omitempty"`
+	Steered bool       `json:"steered,omitempty"`
 	Members []stMember `json:"members"`
 }
 
 // stMember is a socket of a group in array order: its fd (-1: closed by
-// the supervisor, still held elsewhere) and inode.
+// the supervisor, still held elsewhere), inode and idle reference count
+// (0: not learnt).
 type stMember struct {
-	FD  int    `json:"fd"`
-	Ino uint64 `json:"inode"`
+	FD       int    `json:"fd"`
+	Ino      uint64 `json:"inode"`
+	IdleRefs int    `json:"idle_refs,omitempty"`
 }
 
 type stClient struct {
@@ -120,9 +123,9 @@ func (s *Supervisor) saveState(su *selfUpgrade) (st *State, keep, dups []int, er
 	for i, l := range s.cfg.Listeners {
 		sl := stListener{Spec: l.sock.Spec, FD: l.sock.FD, Unlink: l.sock.UnlinkPath()}
 		if gr := s.steer.groups[i]; gr != nil {
-			sl.Group = &stGroup{Broken: gr.broken}
+			sl.Group = &stGroup{Broken: gr.broken, Steered: gr.steered}
 			for _, m := range gr.members {
-				sl.Group.Members = append(sl.Group.Members, stMember{FD: m.fd, Ino: m.ino})
+				sl.Group.Members = append(sl.Group.Members, stMember{FD: m.fd, Ino: m.ino, IdleRefs: m.idleRefs})
 				if m.fd >= 0 && m.fd != l.sock.FD {
 					keep = append(keep, m.fd)
 				}

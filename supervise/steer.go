@@ -47,12 +47,21 @@ type group struct {
 	// broken: the mirror is not known; nothing is steered, and every
 	// generation gets the listener's own socket.
 	broken bool
+	// steered: a program has sent new connections to a generation's
+	// socket since the group was made or mended, so the listener's own
+	// socket holds no connection a later generation must accept
+	// (freeMember).
+	steered bool
 }
 
 type member struct {
 	fd     int // -1 once closed
 	ino    uint64
 	closed bool
+	// idleRefs is the socket's reference count with no connection
+	// between SYN and accept (sockets.ListenerRefs), 0 until learnt
+	// (handshakesPending).
+	idleRefs int
 }
 
 // steering is the per-generation sockets of every listener.
@@ -86,9 +95,9 @@ func (s *Supervisor) initGroups() {
 
 // groupSockets returns the fds g's workers get, a socket of its own for
 // each listener in a group that is not broken, the shared one otherwise.
-// A socket no live generation holds (the listener's own, once generation 1
-// has gone; that of any generation that has exited) is taken again before
-// a new one joins: a socket never leaves the group while the supervisor
+// A socket no live generation holds (that of any generation that has
+// exited; the listener's own only until the group has been steered,
+// freeMember) is taken again before a new one joins: a socket never leaves the group while the supervisor
 // runs, so the array never changes under the program (a socket that
 // leaves moves the last one, the newest generation's, to its index, and
 // until the program is attached again the kernel's hash sends new
@@ -132,6 +141,18 @@ func (s *Supervisor) groupSockets(g *generation) []int {
 
 // freeMember returns an open socket of listener i's group that no
 // generation but g holds, or -1.
+//
+// The listener's own socket is one only until the group has been
+// steered: before, it may hold connections queued while nobody was
+// steered to (before upgrader began, or by the kernel's hash), which the
+// generation that takes it must accept. After, it is left idle, so that
+// it stays behind every generation's socket in the kernel's list of IPv4
+// listening sockets (a socket joins its bucket at the head,
+// net/ipv4/inet_hashtables.c): sockets.ListenerRefs then finds an old
+// generation's line with another listener after it, and reads it without
+// a walk of the established hash. That costs one socket more than the
+// most generations alive at once. IPv6 sockets join at the tail, so there
+// the newest of two alternating sockets is last half the time.
 func (s *Supervisor) freeMember(i int, g *generation) int {
 	held := map[int]bool{}
 	for x, fds := range s.steer.socks {
@@ -139,8 +160,9 @@ func (s *Supervisor) freeMember(i int, g *generation) int {
 			held[fds[i]] = true
 		}
 	}
-	for _, m := range s.steer.groups[i].members {
-		if !m.closed && !held[m.fd] {
+	gr := s.steer.groups[i]
+	for _, m := range gr.members {
+		if !m.closed && !held[m.fd] && !(gr.steered && m.fd == gr.l.sock.FD) {
 			return m.fd
 		}
 	}
@@ -173,6 +195,7 @@ func (s *Supervisor) steerTo(g *generation) {
 			s.breakGroup(gr, err.Error())
 			continue
 		}
+		gr.steered = true
 		s.log.Debug("new connections steered", slog.String("listener", gr.l.Name()), slog.Int("generation", g.N), slog.Int("index", idx))
 	}
 }
@@ -289,7 +312,7 @@ func (s *Supervisor) mend(gr *group) {
 // connections over its sockets again, and later generations share the
 // listener's own socket.
 func (s *Supervisor) breakGroup(gr *group, reason string) {
-	gr.broken = true
+	gr.broken, gr.steered = true, false
 	var err error
 	for _, m := range gr.members {
 		if m.fd >= 0 {
@@ -375,9 +398,10 @@ func (s *Supervisor) recheck(gr *group) {
 // once.
 func (s *Supervisor) whenQuiet(old *generation, then func()) {
 	var fds []int
+	var grs []*group // fds[k]'s group
 	for i, fd := range s.steer.socks[old] {
 		if gr := s.steer.groups[i]; gr != nil && !gr.broken && fd != s.genSocket(s.gens.current, i) {
-			fds = append(fds, fd)
+			fds, grs = append(fds, fd), append(grs, gr)
 		}
 	}
 	if len(fds) == 0 {
@@ -406,7 +430,7 @@ func (s *Supervisor) whenQuiet(old *generation, then func()) {
 			return
 		}
 		now := s.env.now()
-		if queuesEmpty(fds) && (!handshakes || !handshakesPending(fds)) {
+		if queuesEmpty(fds) && (!handshakes || !handshakesPending(fds, grs)) {
 			if emptySince.IsZero() {
 				emptySince = now
 			}
@@ -425,16 +449,59 @@ func (s *Supervisor) whenQuiet(old *generation, then func()) {
 	poll()
 }
 
-// handshakesPending tells whether a handshake is under way on the port
-// of any of fds (sock_diag: the whole port, so every generation's sockets
-// of the group, which errs on the side of waiting).
-func handshakesPending(fds []int) bool {
-	for _, fd := range fds {
-		if n, err := sockets.HandshakesPending(fd); err == nil && n > 0 {
-			return true
+// handshakesPending tells whether a handshake is under way on any of
+// fds, sockets of old generations that new connections are no longer
+// steered to, each in its group in grs.
+//
+// A socket whose idle reference count is known is asked for its count
+// (sockets.ListenerRefs: microseconds). Another is asked by a sock_diag
+// dump (sockets.HandshakesPending: a walk of the kernel's whole
+// established hash, about a millisecond, and of the whole port, so every
+// generation's sockets of the group, which errs on the side of waiting),
+// and once the dump finds none and then its accept queue is empty, its
+// count is its idle one: steered away from, it gets no new handshake, so
+// none can begin after the dump, nor join its queue after the queue was
+// seen empty. The count can read above the idle one for an instant (a
+// dump of someone else's holds a reference), which only waits a poll
+// more; a lower one is the idle count from then on.
+func handshakesPending(fds []int, grs []*group) bool {
+	pending := false
+	for k, fd := range fds {
+		m := grs[k].member(fd)
+		if m != nil && m.idleRefs > 0 {
+			if refs, err := sockets.ListenerRefs(fd); err == nil {
+				if refs > m.idleRefs {
+					pending = true
+				} else {
+					m.idleRefs = refs
+				}
+				continue
+			}
+		}
+		n, err := sockets.HandshakesPending(fd)
+		if err != nil {
+			continue // a socket that cannot be asked holds no drain
+		}
+		if n > 0 {
+			pending = true
+			continue
+		}
+		if q, err := sockets.QueueLen(fd); m != nil && err == nil && q == 0 {
+			if refs, err := sockets.ListenerRefs(fd); err == nil {
+				m.idleRefs = refs
+			}
 		}
 	}
-	return false
+	return pending
+}
+
+// member is gr's open member whose fd is fd, or nil; the pointer is good
+// until the members change.
+func (gr *group) member(fd int) *member {
+	if i := gr.index(fd); i >= 0 {
+		return &gr.members[i]
+	}
+	return nil
 }
 
 func queuesEmpty(fds []int) bool {
@@ -456,9 +523,9 @@ func (s *Supervisor) restoreGroups(st *State) {
 			continue
 		}
 		any = true
-		gr := &group{l: s.cfg.Listeners[i], broken: sl.Group.Broken}
+		gr := &group{l: s.cfg.Listeners[i], broken: sl.Group.Broken, steered: sl.Group.Steered}
 		for _, m := range sl.Group.Members {
-			gr.members = append(gr.members, member{fd: m.FD, ino: m.Ino, closed: m.FD < 0})
+			gr.members = append(gr.members, member{fd: m.FD, ino: m.Ino, closed: m.FD < 0, idleRefs: m.IdleRefs})
 			if m.FD >= 0 {
 				unix.CloseOnExec(m.FD)
 				s.listenInodes[strconv.FormatUint(m.Ino, 10)] = struct{}{}

@@ -52,7 +52,9 @@ func lands(t *testing.T, l *Listener, fd, n int) {
 // Each generation gets a socket no live generation holds, the newest one
 // every new connection, and the socket of a generation that has exited is
 // taken again by a later one, so that no socket leaves the group (the
-// array, and the program's index, never change under the steering).
+// array, and the program's index, never change under the steering). The
+// listener's own socket serves generation 1 only: once the group has been
+// steered it stays idle, behind the others in the kernel's list.
 func TestGroupSocketsPerGeneration(t *testing.T) {
 	s, l := steerHarness(t)
 	gens := make([]*generation, 5)
@@ -77,17 +79,20 @@ func TestGroupSocketsPerGeneration(t *testing.T) {
 		seen[fd] = true
 		promote(g)
 	}
-	s.closeGenSockets(gens[0]) // exited: its socket (the listener's) is free
-	if fd := s.groupSockets(gens[3])[0]; fd != l.sock.FD {
-		t.Fatalf("generation 4 got fd %d, want the free %d", fd, l.sock.FD)
+	s.closeGenSockets(gens[0]) // exited: the listener's socket is left idle
+	if fd := s.groupSockets(gens[3])[0]; fd == l.sock.FD || seen[fd] {
+		t.Fatalf("generation 4 got fd %d, want a new one: the listener's %d once steered, or one a live generation holds", fd, l.sock.FD)
 	}
 	promote(gens[3])
-	s.closeGenSockets(gens[1])
+	free := s.genSocket(gens[1], 0)
+	s.closeGenSockets(gens[1]) // exited: its socket is free
 	s.closeGenSockets(gens[2])
-	s.groupSockets(gens[4])
+	if fd := s.groupSockets(gens[4])[0]; fd != free {
+		t.Fatalf("generation 5 got fd %d, want the free %d of generation 2", fd, free)
+	}
 	promote(gens[4])
-	if n := len(s.steer.groups[0].members); n != 3 {
-		t.Fatalf("the group has %d sockets after 5 generations, at most 3 alive at once, want 3", n)
+	if n := len(s.steer.groups[0].members); n != 4 {
+		t.Fatalf("the group has %d sockets after 5 generations, at most 3 alive at once, want 4 with the listener's", n)
 	}
 	// The sockets of a stop are closed; the listener's with the listener.
 	s.closeOwnSockets()
@@ -120,5 +125,76 @@ func TestGroupWithAForeignMemberBreaks(t *testing.T) {
 	s.closeGenSockets(g1)
 	if fd := s.groupSockets(&generation{GenerationRecord: GenerationRecord{N: 3}})[0]; fd != l.sock.FD {
 		t.Fatalf("generation 3 of a broken group got fd %d, want the listener's own %d", fd, l.sock.FD)
+	}
+}
+
+// An old generation's socket is asked by a dump until the dump and then
+// its queue find nothing; its reference count from then on is its idle
+// one, and a handshake begun on it later (steered to it again for the
+// test) holds the drain by the count alone.
+func TestHandshakesPendingLearnsTheIdleCount(t *testing.T) {
+	s, l := steerHarness(t)
+	g1, g2 := &generation{GenerationRecord: GenerationRecord{N: 1}}, &generation{GenerationRecord: GenerationRecord{N: 2}}
+	old := s.groupSockets(g1)[0]
+	s.gens.current = g1
+	s.steerTo(g1)
+	if err := unix.SetsockoptInt(old, unix.IPPROTO_TCP, unix.TCP_DEFER_ACCEPT, 30); err != nil {
+		t.Fatal(err)
+	}
+	gr := s.steer.groups[0]
+	held := func() net.Conn { // SYN_RECV on old once its client is connected
+		c, err := net.Dial("tcp", l.Addr())
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		return c
+	}
+	c := held()
+	s.groupSockets(g2)
+	s.gens.current = g2
+	s.steerTo(g2)
+	fds, grs := []int{old}, []*group{gr}
+	if !handshakesPending(fds, grs) {
+		t.Fatal("a handshake held in SYN_RECV on the old socket: not pending")
+	}
+	if m := gr.member(old); m.idleRefs != 0 {
+		t.Fatalf("idle count learnt (%d) while a handshake was under way", m.idleRefs)
+	}
+	accept := func(c net.Conn) {
+		if _, err := c.Write([]byte("x")); err != nil {
+			t.Fatal(err)
+		}
+		for {
+			nfd, _, err := unix.Accept4(old, unix.SOCK_CLOEXEC)
+			if err == nil {
+				unix.Close(nfd)
+				return
+			}
+			if err != unix.EAGAIN {
+				t.Fatal(err)
+			}
+			unix.Poll([]unix.PollFd{{Fd: int32(old), Events: unix.POLLIN}}, 5000)
+		}
+	}
+	accept(c)
+	if handshakesPending(fds, grs) {
+		t.Fatal("pending once the handshake completed and was accepted")
+	}
+	idle := gr.member(old).idleRefs
+	if want, err := sockets.ListenerRefs(old); err != nil || idle != want || idle == 0 {
+		t.Fatalf("idle count learnt %d, want the count now, %d (%v)", idle, want, err)
+	}
+	if err := sockets.Steer(old, gr.index(old)); err != nil {
+		t.Fatal(err)
+	}
+	c = held()
+	s.steerTo(g2)
+	if !handshakesPending(fds, grs) {
+		t.Fatal("a handshake held on the old socket with its idle count known: not pending")
+	}
+	accept(c)
+	if handshakesPending(fds, grs) || gr.member(old).idleRefs != idle {
+		t.Fatalf("after it was accepted: still pending, or the idle count moved from %d to %d", idle, gr.member(old).idleRefs)
 	}
 }
