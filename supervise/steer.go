@@ -47,9 +47,12 @@ type group struct {
 	// broken: the mirror is not known; nothing is steered, and every
 	// generation gets the listener's own socket.
 	broken bool
-	// steered: a program has sent new connections to a generation's
-	// socket since the group was made or mended, so the listener's own
-	// socket holds no connection a later generation must accept
+	// attached: a program is on the group (steerTo, mend), so a socket
+	// that joins gets no connection until one is steered to it.
+	attached bool
+	// steered: the program has sent new connections to a socket other
+	// than the listener's own since the group was made or mended, so the
+	// listener's holds no connection a later generation must accept
 	// (freeMember).
 	steered bool
 }
@@ -59,8 +62,8 @@ type member struct {
 	ino    uint64
 	closed bool
 	// idleRefs is the socket's reference count with no connection
-	// between SYN and accept (sockets.ListenerRefs), 0 until learnt
-	// (handshakesPending).
+	// between SYN and accept (sockets.ListenerRefs), read when it joined
+	// a steered group, before anything could reach it; 0: not known.
 	idleRefs int
 }
 
@@ -69,6 +72,9 @@ type steering struct {
 	groups []*group                 // by listener index; nil: shared
 	socks  map[*generation][]int    // the fds a generation's workers get
 	quiet  map[*generation]struct{} // waiting for their queues to empty
+	// joining is the generation whose sockets groupSockets is choosing:
+	// it gets the listener's own socket of a group that breaks meanwhile.
+	joining *generation
 }
 
 // initGroups makes a group of each listener that can have one. A group
@@ -104,6 +110,8 @@ func (s *Supervisor) initGroups() {
 // connections to sockets nobody accepts from), and the supervisor's fds
 // stay flat.
 func (s *Supervisor) groupSockets(g *generation) []int {
+	s.steer.joining = g
+	defer func() { s.steer.joining = nil }()
 	fds := make([]int, len(s.cfg.Listeners))
 	for i, l := range s.cfg.Listeners {
 		fds[i] = l.sock.FD
@@ -131,7 +139,15 @@ func (s *Supervisor) groupSockets(g *generation) []int {
 			unix.Close(fd)
 			continue
 		}
-		gr.members = append(gr.members, member{fd: fd, ino: ino})
+		m := member{fd: fd, ino: ino}
+		if gr.attached {
+			// The program sends every new connection to another
+			// socket, so nothing holds a reference to this one yet.
+			if n, err := sockets.ListenerRefs(fd); err == nil {
+				m.idleRefs = n
+			}
+		}
+		gr.members = append(gr.members, m)
 		s.listenInodes[strconv.FormatUint(ino, 10)] = struct{}{}
 		fds[i] = fd
 	}
@@ -195,7 +211,10 @@ func (s *Supervisor) steerTo(g *generation) {
 			s.breakGroup(gr, err.Error())
 			continue
 		}
-		gr.steered = true
+		gr.attached = true
+		if fd != gr.l.sock.FD {
+			gr.steered = true
+		}
 		s.log.Debug("new connections steered", slog.String("listener", gr.l.Name()), slog.Int("generation", g.N), slog.Int("index", idx))
 	}
 }
@@ -304,7 +323,7 @@ func (s *Supervisor) mend(gr *group) {
 	if err := sockets.Steer(gr.l.sock.FD, 0); err != nil {
 		return
 	}
-	gr.broken = false
+	gr.broken, gr.attached = false, true
 	s.log.Info("listener per generation on again: the reuseport group holds only the listener's socket", slog.String("listener", gr.l.Name()))
 }
 
@@ -312,7 +331,7 @@ func (s *Supervisor) mend(gr *group) {
 // connections over its sockets again, and later generations share the
 // listener's own socket.
 func (s *Supervisor) breakGroup(gr *group, reason string) {
-	gr.broken, gr.steered = true, false
+	gr.broken, gr.attached, gr.steered = true, false, false
 	var err error
 	for _, m := range gr.members {
 		if m.fd >= 0 {
@@ -323,6 +342,38 @@ func (s *Supervisor) breakGroup(gr *group, reason string) {
 	s.log.Warn("listener per generation off for this listener: its reuseport group is not known; new connections are spread by the kernel's hash",
 		slog.String("listener", gr.l.Name()), slog.String("reason", reason), slog.Any("detach_error", err))
 	s.closeUnheld(gr)
+	s.holdListener(gr)
+}
+
+// holdListener sees that a generation accepts from the listener's own
+// socket of broken group gr: the kernel's hash sends that socket a share
+// of new connections, which would wait in its queue until a later
+// generation shares it. The current generation may have a socket of its
+// own (the listener's is left idle once a group is steered, freeMember);
+// then an upgrade begins, or is queued, whose generation shares the
+// listener's, as every generation of a broken group does. A generation
+// whose sockets are being chosen (steer.joining) gets it already.
+func (s *Supervisor) holdListener(gr *group) {
+	if s.steer.joining != nil || s.life.stopping {
+		return
+	}
+	i := -1
+	for j, x := range s.steer.groups {
+		if x == gr {
+			i = j
+		}
+	}
+	for _, g := range []*generation{s.gens.current, s.gens.pending} {
+		if g != nil && s.genSocket(g, i) == gr.l.sock.FD {
+			return
+		}
+	}
+	if s.gens.current == nil {
+		return // nothing serves yet; the first generation to start shares it
+	}
+	s.log.Warn("upgrading so that a generation accepts from the listener's own socket, to which the kernel's hash now sends a share of new connections",
+		slog.String("listener", gr.l.Name()), slog.Int("generation", s.gens.current.N))
+	s.requestUpgrade()
 }
 
 // closeUnheld closes, in a broken group, the supervisor's copies of the
@@ -453,43 +504,29 @@ func (s *Supervisor) whenQuiet(old *generation, then func()) {
 // fds, sockets of old generations that new connections are no longer
 // steered to, each in its group in grs.
 //
-// A socket whose idle reference count is known is asked for its count
-// (sockets.ListenerRefs: microseconds). Another is asked by a sock_diag
-// dump (sockets.HandshakesPending: a walk of the kernel's whole
+// A socket whose idle reference count is known (it joined a steered
+// group) and reads no more than that count has none
+// (sockets.ListenerRefs: tens of microseconds). Any other is asked by a
+// sock_diag dump (sockets.HandshakesPending: a walk of the kernel's whole
 // established hash, about a millisecond, and of the whole port, so every
-// generation's sockets of the group, which errs on the side of waiting),
-// and once the dump finds none and then its accept queue is empty, its
-// count is its idle one: steered away from, it gets no new handshake, so
-// none can begin after the dump, nor join its queue after the queue was
-// seen empty. The count can read above the idle one for an instant (a
-// dump of someone else's holds a reference), which only waits a poll
-// more; a lower one is the idle count from then on.
+// generation's sockets of the group, which errs on the side of waiting):
+// the listener's own socket, which joined no group, and a count above
+// the idle one, which is a handshake or a queued connection most of the
+// time but may be a reference that lingers (a TCP Fast Open request its
+// client reset stays on the listener's list, holding one, for up to a
+// minute), so that it costs the dump and not the wait to quietMax. A
+// count below the idle one becomes it; one above never does.
 func handshakesPending(fds []int, grs []*group) bool {
 	pending := false
 	for k, fd := range fds {
-		m := grs[k].member(fd)
-		if m != nil && m.idleRefs > 0 {
-			if refs, err := sockets.ListenerRefs(fd); err == nil {
-				if refs > m.idleRefs {
-					pending = true
-				} else {
-					m.idleRefs = refs
-				}
+		if m := grs[k].member(fd); m != nil && m.idleRefs > 0 {
+			if refs, err := sockets.ListenerRefs(fd); err == nil && refs <= m.idleRefs {
+				m.idleRefs = refs
 				continue
 			}
 		}
-		n, err := sockets.HandshakesPending(fd)
-		if err != nil {
-			continue // a socket that cannot be asked holds no drain
-		}
-		if n > 0 {
-			pending = true
-			continue
-		}
-		if q, err := sockets.QueueLen(fd); m != nil && err == nil && q == 0 {
-			if refs, err := sockets.ListenerRefs(fd); err == nil {
-				m.idleRefs = refs
-			}
+		if n, err := sockets.HandshakesPending(fd); err == nil && n > 0 {
+			pending = true // an error: a socket that cannot be asked holds no drain
 		}
 	}
 	return pending
@@ -523,7 +560,7 @@ func (s *Supervisor) restoreGroups(st *State) {
 			continue
 		}
 		any = true
-		gr := &group{l: s.cfg.Listeners[i], broken: sl.Group.Broken, steered: sl.Group.Steered}
+		gr := &group{l: s.cfg.Listeners[i], broken: sl.Group.Broken, steered: sl.Group.Steered, attached: sl.Group.Steered}
 		for _, m := range sl.Group.Members {
 			gr.members = append(gr.members, member{fd: m.FD, ino: m.Ino, closed: m.FD < 0, idleRefs: m.IdleRefs})
 			if m.FD >= 0 {

@@ -128,21 +128,39 @@ func TestGroupWithAForeignMemberBreaks(t *testing.T) {
 	}
 }
 
-// An old generation's socket is asked by a dump until the dump and then
-// its queue find nothing; its reference count from then on is its idle
-// one, and a handshake begun on it later (steered to it again for the
-// test) holds the drain by the count alone.
-func TestHandshakesPendingLearnsTheIdleCount(t *testing.T) {
+// A socket that joins a steered group has its idle reference count read
+// then. Once it is an old generation's, a handshake held in SYN_RECV on it
+// holds the drain, and once accepted it does not; a count above the idle
+// one that the dump does not explain (here a connection queued, which the
+// poll's queue check covers) holds no drain; the listener's own socket,
+// which joined nothing, is asked by the dump.
+func TestHandshakesPendingByTheIdleCount(t *testing.T) {
 	s, l := steerHarness(t)
-	g1, g2 := &generation{GenerationRecord: GenerationRecord{N: 1}}, &generation{GenerationRecord: GenerationRecord{N: 2}}
-	old := s.groupSockets(g1)[0]
-	s.gens.current = g1
-	s.steerTo(g1)
+	gens := []*generation{{GenerationRecord: GenerationRecord{N: 1}}, {GenerationRecord: GenerationRecord{N: 2}}, {GenerationRecord: GenerationRecord{N: 3}}}
+	promote := func(g *generation) int {
+		fd := s.groupSockets(g)[0]
+		s.gens.current = g
+		s.steerTo(g)
+		return fd
+	}
+	if fd := promote(gens[0]); fd != l.sock.FD {
+		t.Fatalf("generation 1 got fd %d, want the listener's %d", fd, l.sock.FD)
+	}
+	gr := s.steer.groups[0]
+	if gr.member(l.sock.FD).idleRefs != 0 {
+		t.Fatal("the listener's own socket has an idle count, though it joined no group")
+	}
+	old := s.groupSockets(gens[1])[0]
+	idle := gr.member(old).idleRefs
+	if want, err := sockets.ListenerRefs(old); err != nil || idle == 0 || idle != want {
+		t.Fatalf("idle count of a socket that joined the steered group: %d, want the count %d (%v)", idle, want, err)
+	}
 	if err := unix.SetsockoptInt(old, unix.IPPROTO_TCP, unix.TCP_DEFER_ACCEPT, 30); err != nil {
 		t.Fatal(err)
 	}
-	gr := s.steer.groups[0]
-	held := func() net.Conn { // SYN_RECV on old once its client is connected
+	s.gens.current = gens[1]
+	s.steerTo(gens[1])
+	dial := func() net.Conn {
 		c, err := net.Dial("tcp", l.Addr())
 		if err != nil {
 			t.Fatal(err)
@@ -150,51 +168,92 @@ func TestHandshakesPendingLearnsTheIdleCount(t *testing.T) {
 		t.Cleanup(func() { c.Close() })
 		return c
 	}
-	c := held()
-	s.groupSockets(g2)
-	s.gens.current = g2
-	s.steerTo(g2)
+	held := dial() // SYN_RECV on old once its client is connected
+	promote(gens[2])
 	fds, grs := []int{old}, []*group{gr}
 	if !handshakesPending(fds, grs) {
 		t.Fatal("a handshake held in SYN_RECV on the old socket: not pending")
 	}
-	if m := gr.member(old); m.idleRefs != 0 {
-		t.Fatalf("idle count learnt (%d) while a handshake was under way", m.idleRefs)
-	}
-	accept := func(c net.Conn) {
-		if _, err := c.Write([]byte("x")); err != nil {
-			t.Fatal(err)
-		}
-		for {
-			nfd, _, err := unix.Accept4(old, unix.SOCK_CLOEXEC)
-			if err == nil {
-				unix.Close(nfd)
-				return
-			}
-			if err != unix.EAGAIN {
-				t.Fatal(err)
-			}
-			unix.Poll([]unix.PollFd{{Fd: int32(old), Events: unix.POLLIN}}, 5000)
-		}
-	}
-	accept(c)
-	if handshakesPending(fds, grs) {
-		t.Fatal("pending once the handshake completed and was accepted")
-	}
-	idle := gr.member(old).idleRefs
-	if want, err := sockets.ListenerRefs(old); err != nil || idle != want || idle == 0 {
-		t.Fatalf("idle count learnt %d, want the count now, %d (%v)", idle, want, err)
-	}
-	if err := sockets.Steer(old, gr.index(old)); err != nil {
+	if _, err := held.Write([]byte("x")); err != nil {
 		t.Fatal(err)
 	}
-	c = held()
-	s.steerTo(g2)
-	if !handshakesPending(fds, grs) {
-		t.Fatal("a handshake held on the old socket with its idle count known: not pending")
+	waitQueued(t, old, 1)
+	if handshakesPending(fds, grs) {
+		t.Fatal("pending with the handshake completed into the queue: the count is above the idle one, but the dump finds no handshake")
 	}
-	accept(c)
+	nfd, _, err := unix.Accept4(old, unix.SOCK_CLOEXEC)
+	if err != nil {
+		t.Fatal(err)
+	}
+	unix.Close(nfd)
 	if handshakesPending(fds, grs) || gr.member(old).idleRefs != idle {
-		t.Fatalf("after it was accepted: still pending, or the idle count moved from %d to %d", idle, gr.member(old).idleRefs)
+		t.Fatalf("once accepted: pending, or the idle count moved from %d to %d", idle, gr.member(old).idleRefs)
+	}
+	// The listener's own socket, steered to again for a handshake.
+	if err := unix.SetsockoptInt(l.sock.FD, unix.IPPROTO_TCP, unix.TCP_DEFER_ACCEPT, 30); err != nil {
+		t.Fatal(err)
+	}
+	if err := sockets.Steer(l.sock.FD, gr.index(l.sock.FD)); err != nil {
+		t.Fatal(err)
+	}
+	dial()
+	s.steerTo(gens[2])
+	if !handshakesPending([]int{l.sock.FD}, grs) {
+		t.Fatal("a handshake held on the listener's own socket: not pending")
+	}
+}
+
+func waitQueued(t *testing.T, fd, n int) {
+	t.Helper()
+	for range 5000 {
+		if q, err := sockets.QueueLen(fd); err == nil && q >= n {
+			return
+		}
+		unix.Poll([]unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}, 1)
+	}
+	t.Fatalf("fewer than %d connections queued on fd %d after 5s", n, fd)
+}
+
+// A group that breaks while the current generation has a socket of its
+// own (the listener's left idle) asks for an upgrade, whose generation
+// shares the listener's socket, to which the kernel's hash now sends a
+// share of new connections; one that breaks while the current generation
+// shares the listener's, or while a generation's sockets are chosen, asks
+// for none.
+func TestBrokenGroupUpgradesWhenNobodyAcceptsFromTheListener(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		current int // the generation current when the group breaks
+		upgrade bool
+	}{
+		{"current has its own socket", 2, true},
+		{"current shares the listener's", 1, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			s, l := steerHarness(t)
+			s.reexec.cur = &selfUpgrade{} // an upgrade asked for is queued, not started
+			g1, g2 := &generation{GenerationRecord: GenerationRecord{N: 1}}, &generation{GenerationRecord: GenerationRecord{N: 2}}
+			s.groupSockets(g1)
+			s.gens.current = g1
+			s.steerTo(g1)
+			s.groupSockets(g2)
+			if tc.current == 2 {
+				s.gens.current = g2
+				s.steerTo(g2)
+				s.closeGenSockets(g1)
+			}
+			foreign, err := sockets.JoinGroup(l.sock.FD)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer unix.Close(foreign)
+			s.recheck(s.steer.groups[0])
+			if !s.steer.groups[0].broken {
+				t.Fatal("a group with a member the supervisor did not open is not broken")
+			}
+			if s.upgrades.queued != tc.upgrade {
+				t.Fatalf("upgrade asked for: %v, want %v", s.upgrades.queued, tc.upgrade)
+			}
+		})
 	}
 }

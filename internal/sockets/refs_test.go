@@ -79,9 +79,23 @@ func TestListenerRefs(t *testing.T) {
 	}
 }
 
-// TestListenerRefsNotListed: a socket that is bound but not listening is
+// TestListenerRefsNotListed: a socket that is bound but not listening, or
+// connected (its line is in the file, after the listening section), is
 // not in the listening section, and the error says so.
 func TestListenerRefsNotListed(t *testing.T) {
+	ln, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	c := dial(t, ln.Addr().String())
+	var cerr error
+	if err := control(t, c.(*net.TCPConn), func(fd int) error { _, cerr = ListenerRefs(fd); return nil }); err != nil {
+		t.Fatal(err)
+	}
+	if !errors.Is(cerr, ErrNotListed) {
+		t.Fatalf("ListenerRefs of a connected socket: %v, want ErrNotListed", cerr)
+	}
 	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
 		t.Fatal(err)
