@@ -103,8 +103,9 @@ func (s *Supervisor) initGroups() {
 // each listener in a group that is not broken, the shared one otherwise.
 // A socket no live generation holds (that of any generation that has
 // exited; the listener's own only until the group has been steered,
-// freeMember) is taken again before a new one joins: a socket never leaves the group while the supervisor
-// runs, so the array never changes under the program (a socket that
+// freeMember) is taken again before a new one joins: a socket never
+// leaves the group while the supervisor runs, so the array never changes
+// under the program (a socket that
 // leaves moves the last one, the newest generation's, to its index, and
 // until the program is attached again the kernel's hash sends new
 // connections to sockets nobody accepts from), and the supervisor's fds
@@ -350,9 +351,11 @@ func (s *Supervisor) breakGroup(gr *group, reason string) {
 // of new connections, which would wait in its queue until a later
 // generation shares it. The current generation may have a socket of its
 // own (the listener's is left idle once a group is steered, freeMember);
-// then an upgrade begins, or is queued, whose generation shares the
-// listener's, as every generation of a broken group does. A generation
-// whose sockets are being chosen (steer.joining) gets it already.
+// then an upgrade is queued, whose generation shares the listener's, as
+// every generation of a broken group does: it starts at the end of the
+// upgrade under way (a break at its steering, promote), or at once
+// (recheck). A generation whose sockets are being chosen (steer.joining)
+// gets it already.
 func (s *Supervisor) holdListener(gr *group) {
 	if s.steer.joining != nil || s.life.stopping {
 		return
@@ -373,7 +376,7 @@ func (s *Supervisor) holdListener(gr *group) {
 	}
 	s.log.Warn("upgrading so that a generation accepts from the listener's own socket, to which the kernel's hash now sends a share of new connections",
 		slog.String("listener", gr.l.Name()), slog.Int("generation", s.gens.current.N))
-	s.requestUpgrade()
+	s.upgrades.queued = true
 }
 
 // closeUnheld closes, in a broken group, the supervisor's copies of the
@@ -427,6 +430,7 @@ const recheckEvery = 100 * time.Millisecond
 // the newest generation's socket, steers to it again; while a closed
 // member is still listed it looks again later.
 func (s *Supervisor) recheck(gr *group) {
+	defer s.startQueued() // the upgrade a break asks for (holdListener)
 	if !s.checkGroup(gr) {
 		return
 	}
@@ -517,7 +521,6 @@ func (s *Supervisor) whenQuiet(old *generation, then func()) {
 // minute), so that it costs the dump and not the wait to quietMax. A
 // count below the idle one becomes it; one above never does.
 func handshakesPending(fds []int, grs []*group) bool {
-	pending := false
 	for k, fd := range fds {
 		if m := grs[k].member(fd); m != nil && m.idleRefs > 0 {
 			if refs, err := sockets.ListenerRefs(fd); err == nil && refs <= m.idleRefs {
@@ -525,11 +528,12 @@ func handshakesPending(fds []int, grs []*group) bool {
 				continue
 			}
 		}
+		// An error: a socket that cannot be asked holds no drain.
 		if n, err := sockets.HandshakesPending(fd); err == nil && n > 0 {
-			pending = true // an error: a socket that cannot be asked holds no drain
+			return true
 		}
 	}
-	return pending
+	return false
 }
 
 // member is gr's open member whose fd is fd, or nil; the pointer is good
