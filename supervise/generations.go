@@ -512,6 +512,7 @@ func (s *Supervisor) failGeneration(g *generation, reason string) {
 	}
 	s.reapGeneration(g)
 	s.env.notifyManager(fmt.Sprintf("%s\nSTATUS=upgrade to generation %d failed: %s; generation %d serving", daemon.SdNotifyReady, g.N, reason, s.gens.current.N))
+	s.holdListeners() // g may have been the one to share a broken group's listener
 	s.count.UpgradesFailed++
 	s.finishUpgrade(UpgradeResult{Generation: g.N, Reason: reason, Started: g.Started, ReadyAfter: s.env.now().Sub(g.Started)})
 }

@@ -58,9 +58,10 @@ type stListener struct {
 }
 
 type stGroup struct {
-	Broken  bool       `json:"broken,omitempty"`
-	Steered bool       `json:"steered,omitempty"`
-	Members []stMember `json:"members"`
+	Broken   bool       `json:"broken,omitempty"`
+	Attached bool       `json:"attached,omitempty"`
+	Steered  bool       `json:"steered,omitempty"`
+	Members  []stMember `json:"members"`
 }
 
 // stMember is a socket of a group in array order: its fd (-1: closed by
@@ -123,7 +124,7 @@ func (s *Supervisor) saveState(su *selfUpgrade) (st *State, keep, dups []int, er
 	for i, l := range s.cfg.Listeners {
 		sl := stListener{Spec: l.sock.Spec, FD: l.sock.FD, Unlink: l.sock.UnlinkPath()}
 		if gr := s.steer.groups[i]; gr != nil {
-			sl.Group = &stGroup{Broken: gr.broken, Steered: gr.steered}
+			sl.Group = &stGroup{Broken: gr.broken, Attached: gr.attached, Steered: gr.steered}
 			for _, m := range gr.members {
 				sl.Group.Members = append(sl.Group.Members, stMember{FD: m.fd, Ino: m.ino, IdleRefs: m.idleRefs})
 				if m.fd >= 0 && m.fd != l.sock.FD {

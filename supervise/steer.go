@@ -55,6 +55,10 @@ type group struct {
 	// listener's holds no connection a later generation must accept
 	// (freeMember).
 	steered bool
+	// holdAsked: holdListener has queued its upgrade since the break, so
+	// a failed one is not asked for again (a release that cannot start
+	// must not loop through upgrades).
+	holdAsked bool
 }
 
 type member struct {
@@ -143,9 +147,12 @@ func (s *Supervisor) groupSockets(g *generation) []int {
 		m := member{fd: fd, ino: ino}
 		if gr.attached {
 			// The program sends every new connection to another
-			// socket, so nothing holds a reference to this one yet.
-			if n, err := sockets.ListenerRefs(fd); err == nil {
-				m.idleRefs = n
+			// socket, so nothing holds a reference to this one but,
+			// for an instant, someone's dump: the lower of two reads.
+			for range 2 {
+				if n, err := sockets.ListenerRefs(fd); err == nil && (m.idleRefs == 0 || n < m.idleRefs) {
+					m.idleRefs = n
+				}
 			}
 		}
 		gr.members = append(gr.members, m)
@@ -160,9 +167,11 @@ func (s *Supervisor) groupSockets(g *generation) []int {
 // generation but g holds, or -1.
 //
 // The listener's own socket is one only until the group has been
-// steered: before, it may hold connections queued while nobody was
-// steered to (before upgrader began, or by the kernel's hash), which the
-// generation that takes it must accept. After, it is left idle, so that
+// steered, or while connections wait in its queue: before, it may hold
+// connections queued while nobody was steered to (before upgrader began,
+// or by the kernel's hash), and an old generation may leave some there
+// at quietMax, which the generation that takes it must accept. After,
+// and empty, it is left idle, so that
 // it stays behind every generation's socket in the kernel's list of IPv4
 // listening sockets (a socket joins its bucket at the head,
 // net/ipv4/inet_hashtables.c): sockets.ListenerRefs then finds an old
@@ -179,7 +188,7 @@ func (s *Supervisor) freeMember(i int, g *generation) int {
 	}
 	gr := s.steer.groups[i]
 	for _, m := range gr.members {
-		if !m.closed && !held[m.fd] && !(gr.steered && m.fd == gr.l.sock.FD) {
+		if !m.closed && !held[m.fd] && !(m.fd == gr.l.sock.FD && gr.steered && queuesEmpty([]int{m.fd})) {
 			return m.fd
 		}
 	}
@@ -324,7 +333,7 @@ func (s *Supervisor) mend(gr *group) {
 	if err := sockets.Steer(gr.l.sock.FD, 0); err != nil {
 		return
 	}
-	gr.broken, gr.attached = false, true
+	gr.broken, gr.attached, gr.holdAsked = false, true, false
 	s.log.Info("listener per generation on again: the reuseport group holds only the listener's socket", slog.String("listener", gr.l.Name()))
 }
 
@@ -332,7 +341,7 @@ func (s *Supervisor) mend(gr *group) {
 // connections over its sockets again, and later generations share the
 // listener's own socket.
 func (s *Supervisor) breakGroup(gr *group, reason string) {
-	gr.broken, gr.attached, gr.steered = true, false, false
+	gr.broken, gr.attached, gr.steered, gr.holdAsked = true, false, false, false
 	var err error
 	for _, m := range gr.members {
 		if m.fd >= 0 {
@@ -355,10 +364,11 @@ func (s *Supervisor) breakGroup(gr *group, reason string) {
 // every generation of a broken group does: it starts at the end of the
 // upgrade under way (a break at its steering, promote), or at once
 // (recheck). A generation whose sockets are being chosen (steer.joining)
-// gets it already.
+// or that is starting gets the listener's socket already; if it fails,
+// failGeneration asks again (holdListeners), once per break.
 func (s *Supervisor) holdListener(gr *group) {
-	if s.steer.joining != nil || s.life.stopping {
-		return
+	if !gr.broken || s.steer.joining != nil || s.life.stopping || s.gens.current == nil {
+		return // nothing serves yet: the first generation to start shares it
 	}
 	i := -1
 	for j, x := range s.steer.groups {
@@ -371,12 +381,24 @@ func (s *Supervisor) holdListener(gr *group) {
 			return
 		}
 	}
-	if s.gens.current == nil {
-		return // nothing serves yet; the first generation to start shares it
+	if gr.holdAsked {
+		s.log.Warn("no generation accepts from the listener's own socket, to which the kernel's hash sends a share of new connections, since the upgrade that would have failed; they wait for the next upgrade",
+			slog.String("listener", gr.l.Name()), slog.Int("generation", s.gens.current.N))
+		return
 	}
+	gr.holdAsked = true
 	s.log.Warn("upgrading so that a generation accepts from the listener's own socket, to which the kernel's hash now sends a share of new connections",
 		slog.String("listener", gr.l.Name()), slog.Int("generation", s.gens.current.N))
 	s.upgrades.queued = true
+}
+
+// holdListeners runs holdListener for every broken group.
+func (s *Supervisor) holdListeners() {
+	for _, gr := range s.steer.groups {
+		if gr != nil {
+			s.holdListener(gr)
+		}
+	}
 }
 
 // closeUnheld closes, in a broken group, the supervisor's copies of the
@@ -564,7 +586,7 @@ func (s *Supervisor) restoreGroups(st *State) {
 			continue
 		}
 		any = true
-		gr := &group{l: s.cfg.Listeners[i], broken: sl.Group.Broken, steered: sl.Group.Steered, attached: sl.Group.Steered}
+		gr := &group{l: s.cfg.Listeners[i], broken: sl.Group.Broken, steered: sl.Group.Steered, attached: sl.Group.Attached}
 		for _, m := range sl.Group.Members {
 			gr.members = append(gr.members, member{fd: m.FD, ino: m.Ino, closed: m.FD < 0, idleRefs: m.IdleRefs})
 			if m.FD >= 0 {

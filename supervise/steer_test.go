@@ -79,7 +79,20 @@ func TestGroupSocketsPerGeneration(t *testing.T) {
 		seen[fd] = true
 		promote(g)
 	}
-	s.closeGenSockets(gens[0]) // exited: the listener's socket is left idle
+	s.closeGenSockets(gens[0]) // exited, with 3 connections left in the listener's queue
+	probe := &generation{GenerationRecord: GenerationRecord{N: 99}}
+	if fd := s.groupSockets(probe)[0]; fd != l.sock.FD {
+		t.Fatalf("a generation chosen while connections wait in the listener's queue got fd %d, want the listener's %d", fd, l.sock.FD)
+	}
+	delete(s.steer.socks, probe)
+	for range 3 {
+		nfd, _, err := unix.Accept4(l.sock.FD, unix.SOCK_CLOEXEC)
+		if err != nil {
+			t.Fatal(err)
+		}
+		unix.Close(nfd)
+	}
+	// Its queue empty, the listener's socket is left idle.
 	if fd := s.groupSockets(gens[3])[0]; fd == l.sock.FD || seen[fd] {
 		t.Fatalf("generation 4 got fd %d, want a new one: the listener's %d once steered, or one a live generation holds", fd, l.sock.FD)
 	}
@@ -255,5 +268,43 @@ func TestBrokenGroupUpgradesWhenNobodyAcceptsFromTheListener(t *testing.T) {
 				t.Fatalf("upgrade asked for: %v, want %v", s.upgrades.queued, tc.upgrade)
 			}
 		})
+	}
+}
+
+// A group that breaks while a generation's sockets are chosen asks for no
+// upgrade (that generation gets the listener's socket); if it then fails,
+// failGeneration's holdListeners asks for one, and a second failure asks
+// for none (a release that cannot start must not loop).
+func TestBrokenGroupWhileJoiningAsksAgainOnceIfThatGenerationFails(t *testing.T) {
+	s, l := steerHarness(t)
+	s.reexec.cur = &selfUpgrade{} // an upgrade asked for is queued, not started
+	g1, g2, g3 := &generation{GenerationRecord: GenerationRecord{N: 1}}, &generation{GenerationRecord: GenerationRecord{N: 2}}, &generation{GenerationRecord: GenerationRecord{N: 3}}
+	s.groupSockets(g1)
+	s.gens.current = g1
+	s.steerTo(g1)
+	s.groupSockets(g2)
+	s.gens.current = g2
+	s.steerTo(g2)
+	s.closeGenSockets(g1)
+	foreign, err := sockets.JoinGroup(l.sock.FD)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(foreign)
+	if fd := s.groupSockets(g3)[0]; fd != l.sock.FD || !s.steer.groups[0].broken {
+		t.Fatalf("generation 3, chosen as the group broke, got fd %d (broken %v), want the listener's %d", fd, s.steer.groups[0].broken, l.sock.FD)
+	}
+	if s.upgrades.queued {
+		t.Fatal("an upgrade asked for while generation 3, which gets the listener's socket, was chosen")
+	}
+	s.closeGenSockets(g3) // failed
+	s.holdListeners()
+	if !s.upgrades.queued {
+		t.Fatal("no upgrade asked for once the generation that would share the listener's socket failed")
+	}
+	s.upgrades.queued = false
+	s.holdListeners()
+	if s.upgrades.queued {
+		t.Fatal("an upgrade asked for a second time since the break")
 	}
 }
