@@ -90,6 +90,15 @@ type idleCheck struct {
 }
 
 func (s *Server) planIdleClose(checks []idleCheck, grace time.Duration) {
+	select {
+	case <-s.hurried:
+		// After a second drain signal what goes idle closes at once, as
+		// hurry closed what was idle then: a connection whose response
+		// was written just before hurry, but which net/http reported
+		// idle only after it, is one.
+		grace = 0
+	default:
+	}
 	if grace < 0 {
 		return // left to the deadline
 	}
