@@ -125,11 +125,7 @@ func TestGroupWithAForeignMemberBreaks(t *testing.T) {
 	s.groupSockets(g1)
 	s.gens.current = g1
 	s.steerTo(g1)
-	foreign, err := sockets.JoinGroup(l.sock.FD)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer unix.Close(foreign)
+	joinForeign(t, l)
 	s.groupSockets(g2)
 	s.steerTo(g2)
 	if !s.steer.groups[0].broken {
@@ -150,13 +146,7 @@ func TestGroupWithAForeignMemberBreaks(t *testing.T) {
 func TestHandshakesPendingByTheIdleCount(t *testing.T) {
 	s, l := steerHarness(t)
 	gens := []*generation{{GenerationRecord: GenerationRecord{N: 1}}, {GenerationRecord: GenerationRecord{N: 2}}, {GenerationRecord: GenerationRecord{N: 3}}}
-	promote := func(g *generation) int {
-		fd := s.groupSockets(g)[0]
-		s.gens.current = g
-		s.steerTo(g)
-		return fd
-	}
-	if fd := promote(gens[0]); fd != l.sock.FD {
+	if fd := promoted(s, gens[0]); fd != l.sock.FD {
 		t.Fatalf("generation 1 got fd %d, want the listener's %d", fd, l.sock.FD)
 	}
 	gr := s.steer.groups[0]
@@ -182,7 +172,7 @@ func TestHandshakesPendingByTheIdleCount(t *testing.T) {
 		return c
 	}
 	held := dial() // SYN_RECV on old once its client is connected
-	promote(gens[2])
+	promoted(s, gens[2])
 	fds, grs := []int{old}, []*group{gr}
 	if !handshakesPending(fds, grs) {
 		t.Fatal("a handshake held in SYN_RECV on the old socket: not pending")
@@ -227,12 +217,31 @@ func waitQueued(t *testing.T, fd, n int) {
 	t.Fatalf("fewer than %d connections queued on fd %d after 5s", n, fd)
 }
 
+// promoted chooses g's sockets and makes g the current generation, new
+// connections steered to it; it returns g's socket.
+func promoted(s *Supervisor, g *generation) int {
+	fd := s.groupSockets(g)[0]
+	s.gens.current = g
+	s.steerTo(g)
+	return fd
+}
+
+// joinForeign adds to l's group a socket the supervisor did not open, as
+// another process of the same user binding the address would.
+func joinForeign(t *testing.T, l *Listener) {
+	t.Helper()
+	fd, err := sockets.JoinGroup(l.sock.FD)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { unix.Close(fd) })
+}
+
 // A group that breaks while the current generation has a socket of its
 // own (the listener's left idle) asks for an upgrade, whose generation
 // shares the listener's socket, to which the kernel's hash now sends a
 // share of new connections; one that breaks while the current generation
-// shares the listener's, or while a generation's sockets are chosen, asks
-// for none.
+// shares the listener's asks for none.
 func TestBrokenGroupUpgradesWhenNobodyAcceptsFromTheListener(t *testing.T) {
 	for _, tc := range []struct {
 		name    string
@@ -246,20 +255,14 @@ func TestBrokenGroupUpgradesWhenNobodyAcceptsFromTheListener(t *testing.T) {
 			s, l := steerHarness(t)
 			s.reexec.cur = &selfUpgrade{} // an upgrade asked for is queued, not started
 			g1, g2 := &generation{GenerationRecord: GenerationRecord{N: 1}}, &generation{GenerationRecord: GenerationRecord{N: 2}}
-			s.groupSockets(g1)
-			s.gens.current = g1
-			s.steerTo(g1)
-			s.groupSockets(g2)
+			promoted(s, g1)
 			if tc.current == 2 {
-				s.gens.current = g2
-				s.steerTo(g2)
+				promoted(s, g2)
 				s.closeGenSockets(g1)
+			} else {
+				s.groupSockets(g2)
 			}
-			foreign, err := sockets.JoinGroup(l.sock.FD)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer unix.Close(foreign)
+			joinForeign(t, l)
 			s.recheck(s.steer.groups[0])
 			if !s.steer.groups[0].broken {
 				t.Fatal("a group with a member the supervisor did not open is not broken")
@@ -279,18 +282,10 @@ func TestBrokenGroupWhileJoiningAsksAgainOnceIfThatGenerationFails(t *testing.T)
 	s, l := steerHarness(t)
 	s.reexec.cur = &selfUpgrade{} // an upgrade asked for is queued, not started
 	g1, g2, g3 := &generation{GenerationRecord: GenerationRecord{N: 1}}, &generation{GenerationRecord: GenerationRecord{N: 2}}, &generation{GenerationRecord: GenerationRecord{N: 3}}
-	s.groupSockets(g1)
-	s.gens.current = g1
-	s.steerTo(g1)
-	s.groupSockets(g2)
-	s.gens.current = g2
-	s.steerTo(g2)
+	promoted(s, g1)
+	promoted(s, g2)
 	s.closeGenSockets(g1)
-	foreign, err := sockets.JoinGroup(l.sock.FD)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer unix.Close(foreign)
+	joinForeign(t, l)
 	if fd := s.groupSockets(g3)[0]; fd != l.sock.FD || !s.steer.groups[0].broken {
 		t.Fatalf("generation 3, chosen as the group broke, got fd %d (broken %v), want the listener's %d", fd, s.steer.groups[0].broken, l.sock.FD)
 	}

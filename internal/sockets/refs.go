@@ -112,11 +112,11 @@ func listenerRefs(path string, inode uint64, port int) (int, error) {
 		}
 		line = append(line, buf[:k]...)
 		for {
-			end := bytes.IndexByte(line, '\n')
-			cols := bytes.Fields(line)
+			end, cur := bytes.IndexByte(line, '\n'), line
 			if end >= 0 {
-				cols = bytes.Fields(line[:end])
+				cur = line[:end]
 			}
+			cols := bytes.Fields(cur)
 			// The count is whole once the column after it has begun.
 			if !header && (len(cols) > colRefs+1 || end >= 0 && len(cols) > colRefs) {
 				if string(cols[colState]) != listen {
