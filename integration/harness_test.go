@@ -20,6 +20,7 @@ import (
 
 	"github.com/seed6cb0314a/upgrader/integration/loadgen"
 	"github.com/seed6cb0314a/upgrader/internal/control"
+	"github.com/seed6cb0314a/upgrader/internal/execshim"
 	"github.com/seed6cb0314a/upgrader/internal/proctree"
 	"github.com/seed6cb0314a/upgrader/supervise"
 )
@@ -541,7 +542,9 @@ func writeScript(t testing.TB, path, body string) {
 	}
 }
 
-// children lists the pids whose parent is pid, with their state letter.
+// children lists the pids whose parent is pid, with their state letter,
+// but for the spare shims a supervisor keeps for its next workers (which a
+// zombie is not: its command line is gone).
 func children(t testing.TB, pid int) map[int]string {
 	t.Helper()
 	tab, err := proctree.Read("/proc")
@@ -550,11 +553,24 @@ func children(t testing.TB, pid int) map[int]string {
 	}
 	out := map[int]string{}
 	for _, p := range tab {
-		if p.PPid == pid {
+		if p.PPid == pid && !isSpare(p.Pid) {
 			out[p.Pid] = string(p.State)
 		}
 	}
 	return out
+}
+
+// isSpare tells whether pid is a spare shim, by its command line.
+func isSpare(pid int) bool {
+	b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+	args := strings.Split(string(b), "\x00")
+	return len(args) > 2 && args[1] == execshim.ShimArg && args[2] == execshim.SpareArg
+}
+
+// waitSpares waits until upgrader keeps n spare shims (status "spares"):
+// none is being started, and its fds are as they stay.
+func (p *proc) waitSpares(n int) {
+	p.waitStatus(30*time.Second, fmt.Sprintf("%d spare shims", n), func(st supervise.Status) bool { return len(st.Spares) == n })
 }
 
 func countFDs(t testing.TB, pid int) int {

@@ -269,6 +269,7 @@ func TestSelfUpgradeFDsFlat(t *testing.T) {
 	if out, err := p.selfUpgrade(true); err != nil { // settle once
 		t.Fatalf("self-upgrade: %v\n%s", err, out)
 	}
+	p.waitSpares(1)
 	before := countFDs(t, p.pid)
 	for i := 0; i < 20; i++ {
 		if out, err := p.selfUpgrade(true); err != nil {
@@ -276,6 +277,7 @@ func TestSelfUpgradeFDsFlat(t *testing.T) {
 		}
 	}
 	p.waitStatus(10*time.Second, "21 execs", func(st supervise.Status) bool { return st.Execs == 21 })
+	p.waitSpares(1)
 	if after := countFDs(t, p.pid); after != before {
 		t.Fatalf("upgrader fds: %d before 20 self-upgrades, %d after", before, after)
 	}
@@ -372,6 +374,7 @@ func BenchmarkSelfUpgrade(b *testing.B) {
 	if out, err := p.selfUpgrade(true); err != nil { // settle once
 		b.Fatalf("self-upgrade: %v\n%s", err, out)
 	}
+	p.waitSpares(2)
 	fds, rss := countFDs(b, p.pid), rssKiB(b, p.pid)
 	b.ResetTimer()
 	start := time.Now()
@@ -383,6 +386,7 @@ func BenchmarkSelfUpgrade(b *testing.B) {
 	elapsed := time.Since(start)
 	b.StopTimer()
 	p.waitStatus(10*time.Second, "every exec counted", func(st supervise.Status) bool { return st.Execs == b.N+1 })
+	p.waitSpares(2)
 	fdsAfter, rssAfter := countFDs(b, p.pid), rssKiB(b, p.pid)
 	r := l.stop()
 	b.ReportMetric(float64(elapsed.Milliseconds())/float64(b.N), "ms/self-upgrade")

@@ -45,6 +45,7 @@ func soakUpgrades(t testing.TB) soakFigures {
 	p.waitReady(1)
 	l := startLoad(loadgen.Config{Addr: addr, Clients: 16, Mode: loadgen.KeepAlive, MaxIdle: 50 * time.Millisecond, Duration: time.Hour})
 	p.upgradeTo(2)
+	p.waitSpares(2)
 	firstFDs, firstRSS := countFDs(t, p.pid), rssKiB(t, p.pid)
 	firstPool := len(listeningAddrs(p.pid))
 	next := time.Now()
@@ -59,6 +60,7 @@ func soakUpgrades(t testing.TB) soakFigures {
 	}
 	r := l.stop()
 	p.upgradeTo(*soak + 2) // every older generation exited
+	p.waitSpares(2)
 	lastFDs, lastRSS := countFDs(t, p.pid), rssKiB(t, p.pid)
 	lastPool := len(listeningAddrs(p.pid))
 	t.Logf("%d upgrades: supervisor fds %d → %d (TCP listening sockets %d → %d), RSS %d → %d KiB", *soak, firstFDs, lastFDs, firstPool, lastPool, firstRSS, lastRSS)

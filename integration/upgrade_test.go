@@ -219,10 +219,12 @@ func TestNoLeaksAfter100Upgrades(t *testing.T) {
 	// that the generations take in turn.
 	p.upgradeTo(2)
 	p.upgradeTo(3)
+	p.waitSpares(2) // one per worker, and their fds
 	first := countFDs(t, p.pid)
 	for gen := 4; gen <= 101; gen++ {
 		p.upgradeTo(gen)
 	}
+	p.waitSpares(2)
 	if after := countFDs(t, p.pid); after != first {
 		t.Fatalf("supervisor has %d fds after 100 upgrades, %d after the second", after, first)
 	}

@@ -55,6 +55,11 @@ type env interface {
 	// of a pipe at that fd, and ready(pid) is called (from another goroutine)
 	// when it writes a newline.
 	start(spec spawn.Spec, readyFD int, ready func(pid int)) (pid int, err error)
+	// prestart keeps n spare shims for the next starts (spawn.Prestart);
+	// spares are their pids; closeSpares ends them for good.
+	prestart(pdeathsig syscall.Signal, idle bool, n int)
+	spares() []int
+	closeSpares()
 	// canUnidle tells whether unidle can work (spawn.CanUnidle); unidle
 	// gives pid's threads, and its descendants', the usual policy back
 	// from SCHED_IDLE (spawn.Unidle).
@@ -66,9 +71,10 @@ type env interface {
 	// (proctree.Sockets); the error says its fd table cannot be read.
 	fdSockets(pid int) (map[string]int, error)
 	// connections counts the established TCP and Unix stream connections
-	// the processes hold (for upgrade progress; best effort). It may
-	// block: call it off the loop.
-	connections(pids []int) int
+	// the processes hold (for upgrade progress; best effort), leaving out
+	// the sockets whose inodes are in ours (the listeners, the workers'
+	// channels). It may block: call it off the loop.
+	connections(pids []int, ours map[string]struct{}) int
 	// notifyManager sends state to our own service manager (sd_notify(3));
 	// a no-op when not run by one.
 	notifyManager(state string)
@@ -430,6 +436,12 @@ func (e *osEnv) start(spec spawn.Spec, readyFD int, ready func(int)) (int, error
 	return pid, nil
 }
 
+func (e *osEnv) prestart(sig syscall.Signal, idle bool, n int) { e.spawner.Prestart(sig, idle, n) }
+
+func (e *osEnv) spares() []int { return e.spawner.SparePids() }
+
+func (e *osEnv) closeSpares() { e.spawner.Close() }
+
 func (e *osEnv) check(path string, args []string) (int, io.ReadCloser, error) {
 	r, w, err := os.Pipe()
 	if err != nil {
@@ -536,10 +548,29 @@ func (e *osEnv) close() {
 	if e.dir != "" {
 		os.RemoveAll(e.dir)
 	}
+	e.spawner.Close()
 	e.devnull.Close()
 }
 
-func (e *osEnv) connections(pids []int) int {
+func (e *osEnv) connections(pids []int, ours map[string]struct{}) int {
+	tables := map[int]map[string]int{}
+	for _, pid := range pids {
+		inodes := proctree.SocketInodes("/proc", pid)
+		for in := range inodes {
+			if _, ok := ours[in]; ok {
+				delete(inodes, in)
+			}
+		}
+		if len(inodes) > 0 {
+			tables[pid] = inodes
+		}
+	}
+	if len(tables) == 0 {
+		// Nothing but our own sockets: no dump, which walks the kernel's
+		// whole established hash (a millisecond of CPU a family here,
+		// taken from the new worker's start).
+		return 0
+	}
 	// The loop waits for this: the kernel's established sockets by
 	// sock_diag, not /proc/PID/net/tcp, whose TIME_WAIT rows (hundreds of
 	// thousands on a busy server) took seconds to parse, while /readyz
@@ -547,7 +578,7 @@ func (e *osEnv) connections(pids []int) int {
 	est, err := proctree.EstablishedTCP()
 	n := 0
 	for _, pid := range pids {
-		inodes := proctree.SocketInodes("/proc", pid)
+		inodes := tables[pid]
 		if len(inodes) == 0 {
 			continue
 		}

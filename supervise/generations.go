@@ -3,6 +3,7 @@ package supervise
 import (
 	"fmt"
 	"log/slog"
+	"maps"
 	"os"
 	"strconv"
 	"strings"
@@ -144,7 +145,8 @@ func (s *Supervisor) spawnWorker(g *generation, slot int) error {
 		}
 		return err
 	}
-	w := &worker{WorkerRecord: WorkerRecord{Slot: slot, Pid: pid, State: WorkerStarting, Started: s.env.now(), ReadyTimeout: s.cfg.ReadyTimeout}, gen: g, idle: idle}
+	w := &worker{WorkerRecord: WorkerRecord{Slot: slot, Pid: pid, State: WorkerStarting, Started: s.env.now(), ReadyTimeout: s.cfg.ReadyTimeout}, gen: g, idle: idle,
+		channelInodes: socketInodes(theirs)}
 	for _, ch := range chans {
 		s.openHandoff(w, ch)
 	}
@@ -158,10 +160,52 @@ func (s *Supervisor) spawnWorker(g *generation, slot int) error {
 	if idle {
 		// Under full load an idle worker gets next to no CPU (a Node.js
 		// worker's 70 ms start took seconds): idle for idleMax at most.
-		s.after(idleMax, evFunc{func() { s.endIdle(w) }})
+		w.idleTimer = s.after(idleMax, evFunc{func() { s.endIdle(w) }})
 	}
 	s.log.Info("worker started", slog.Int("generation", g.N), slog.Int("worker", slot), slog.Int("pid", pid))
 	return nil
+}
+
+// prestartSpares keeps a spare shim per worker slot (spawn.Prestart) once
+// nothing starts or drains, so that the next generation's workers, or a
+// crashed one's replacement, start with one sendmsg(2) instead of a fork
+// and a Go runtime's start. Now rather than at the start that takes one,
+// whose CPU a spare's own start would share; under Config.StartIdle, once
+// a generation serves, they wait under SCHED_IDLE and their start takes
+// only what it leaves. Off the loop: the forks hold the forking thread
+// about a millisecond.
+func (s *Supervisor) prestartSpares() {
+	if s.gens.pending != nil || s.life.stopping || s.reexec.cur != nil {
+		return
+	}
+	for _, g := range s.gens.all {
+		if g != s.gens.current {
+			return // draining, or failed and not yet gone
+		}
+	}
+	sig, idle, n := s.cfg.DrainSignal, s.cfg.StartIdle && s.gens.current != nil, s.cfg.Workers
+	go s.env.prestart(sig, idle, n)
+}
+
+// socketInodes returns the inodes of fs (those it can fstat), as fd
+// tables name them.
+func socketInodes(fs []*os.File) []string {
+	var out []string
+	for _, f := range fs {
+		var st unix.Stat_t
+		if unix.Fstat(int(f.Fd()), &st) == nil {
+			out = append(out, strconv.FormatUint(st.Ino, 10))
+		}
+	}
+	return out
+}
+
+// stopIdleTimer stops w's idleMax timer, once it is not needed.
+func (w *worker) stopIdleTimer() {
+	if w.idleTimer != nil {
+		w.idleTimer.Stop()
+		w.idleTimer = nil
+	}
 }
 
 // idleMax bounds how long a worker starts under SCHED_IDLE
@@ -170,6 +214,7 @@ const idleMax = 500 * time.Millisecond
 
 // endIdle gives w, started idle, the usual CPU policy back, once.
 func (s *Supervisor) endIdle(w *worker) {
+	w.stopIdleTimer()
 	if !w.idle || !w.State.running() {
 		return
 	}
@@ -302,6 +347,7 @@ func (s *Supervisor) onReady(w *worker) {
 		s.holdThenPromote(g)
 	}
 	s.flushParked()
+	s.prestartSpares()
 }
 
 // holdThenPromote promotes g once it has stayed ready for ReadyHold, as
@@ -427,13 +473,17 @@ type connCount struct {
 // (upgradeQueue.counting).
 func (s *Supervisor) startCount(old *generation) *connCount {
 	var pids []int
+	ours := maps.Clone(s.listenInodes)
 	for w := range old.live {
 		pids = append(pids, w.Pid)
+		for _, in := range w.channelInodes {
+			ours[in] = struct{}{}
+		}
 	}
 	c := &connCount{}
 	s.upgrades.counting++
 	go func() {
-		n := s.env.connections(pids)
+		n := s.env.connections(pids, ours)
 		s.post(evFunc{func() {
 			s.upgrades.counting--
 			c.done, c.n = true, n
@@ -618,6 +668,7 @@ func (s *Supervisor) reapGeneration(g *generation) {
 	doneWatching(g.exitWatchers, g)
 	g.exitWatchers = nil
 	s.gens.remove(g)
+	s.prestartSpares()
 }
 
 // doneWatching tells watchers that old, replaced, has exited.

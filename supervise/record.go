@@ -113,8 +113,14 @@ type worker struct {
 	// The one deadline timer (arm); timerSeq tells a stale firing apart.
 	timer    stopper
 	timerSeq uint64
-	// idle: started under SCHED_IDLE (Config.StartIdle), until its ready.
-	idle bool
+	// idle: started under SCHED_IDLE (Config.StartIdle), until its ready
+	// or idleTimer's end (idleMax), which is stopped then: a pending timer
+	// keeps the worker, its channels and their buffers.
+	idle      bool
+	idleTimer stopper
+	// channelInodes are the inodes of its ends of its channels (handoff,
+	// Node IPC), which its connection count leaves out.
+	channelInodes []string
 	// Its open channels (the handoff channel, Node's IPC channel), and
 	// takeOn, the one it last sent ACCEPT on, where batches for it go. A
 	// target that does not take its batches is stalled and skipped;

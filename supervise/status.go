@@ -30,6 +30,9 @@ type Status struct {
 	Restarts    int              `json:"worker_restarts"`
 	Handoffs    HandoffStats     `json:"handoffs"`
 	FDStore     []string         `json:"fd_store"` // names of the stored fds
+	// Spares are the pids of the spare shims, children of the supervisor
+	// waiting to become the next workers (internal/spawn).
+	Spares []int `json:"spares,omitempty"`
 	// Version is the running upgrader's build; Execs how many times it
 	// re-executed itself in place (self-upgrades), SelfUpgrade the last
 	// self-upgrade's outcome.
@@ -118,6 +121,7 @@ func (s *Supervisor) snapshot() Status {
 		FDStore:  s.fdStore.names(),
 		Version:  s.cfg.Version,
 		Execs:    s.reexec.execs,
+		Spares:   s.env.spares(),
 	}
 	if s.reexec.last != nil {
 		r := *s.reexec.last

@@ -61,6 +61,7 @@ func (s *Supervisor) beginStop(err error) {
 		return
 	}
 	s.life.stopping = true
+	s.env.closeSpares() // no worker starts from now on
 	s.upgrades.queued = false
 	for _, ch := range append(s.upgrades.waiting, s.upgrades.starting...) {
 		ch <- Progress{Event: EventFailed, Reason: "the supervisor is stopping"}

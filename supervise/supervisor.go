@@ -264,6 +264,7 @@ func (s *Supervisor) Run(ctx context.Context) error {
 		return err
 	}
 	s.spawnEnv.notifyPath = path
+	s.prestartSpares()
 	if ctx.Done() != nil {
 		stop := context.AfterFunc(ctx, func() { s.post(evFunc{func() { s.beginStop(nil) }}) })
 		defer stop()

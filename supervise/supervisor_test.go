@@ -84,6 +84,13 @@ func (f *fakeEnv) ownChildren() ([]int, error) {
 	return nil, errors.New("no children files in the fake env")
 }
 func (f *fakeEnv) canUnidle() bool { return true }
+
+func (f *fakeEnv) prestart(syscall.Signal, bool, int) {}
+
+func (f *fakeEnv) spares() []int { return nil }
+
+func (f *fakeEnv) closeSpares() {}
+
 func (f *fakeEnv) unidle(pid int) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
@@ -158,7 +165,7 @@ func (f *fakeEnv) setFDs(pid int, t map[string]int) {
 	}
 	f.fds[pid] = t
 }
-func (f *fakeEnv) connections([]int) int {
+func (f *fakeEnv) connections([]int, map[string]struct{}) int {
 	if f.connBlock != nil {
 		<-f.connBlock
 	}

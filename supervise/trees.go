@@ -2,6 +2,7 @@ package supervise
 
 import (
 	"log/slog"
+	"slices"
 	"strconv"
 	"time"
 
@@ -67,7 +68,7 @@ func (s *Supervisor) treesAfterExit(exited *worker) map[*worker][]int {
 		return s.trees()
 	}
 	for _, pid := range kids {
-		if pid == exited.Pid {
+		if pid == exited.Pid || slices.Contains(s.env.spares(), pid) {
 			continue
 		}
 		if w := s.gens.byPid[pid]; w == nil || !w.State.running() {
@@ -140,8 +141,12 @@ func (s *Supervisor) trees() map[*worker][]int {
 
 // isHelper reports whether pid, a child of the supervisor, is one it
 // started for itself rather than for a generation: the self-check (its
-// tree reaper, which the check runs below).
+// tree reaper, which the check runs below), or the spare shim, a worker
+// once it is started.
 func (s *Supervisor) isHelper(pid int) bool {
+	if slices.Contains(s.env.spares(), pid) {
+		return true
+	}
 	su := s.reexec.cur
 	return su != nil && su.checkPid != 0 && su.checkPid == pid
 }

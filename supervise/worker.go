@@ -183,6 +183,7 @@ func (s *Supervisor) replace(w *worker, cause RestartCause, reason string, sig s
 // onWorkerExit handles the end of w's main process (reaped with status ws).
 func (s *Supervisor) onWorkerExit(w *worker, ws unix.WaitStatus) {
 	delete(s.gens.byPid, w.Pid)
+	w.stopIdleTimer()
 	s.procs.rememberExit(w.Pid, s.env.now())
 	s.closeHandoff(w)
 	g := w.gen

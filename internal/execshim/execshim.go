@@ -8,14 +8,14 @@
 // of every worker's start, and by main the binary's every package has been
 // initialised (zap, the metrics, protobuf's registry), which made the shim
 // cost about 7 ms of CPU a worker where the Go runtime's start alone is well
-// under one (docs/benchmarks.md). It depends on os and syscall only, so
-// that it is initialised among the first packages.
+// under one (docs/benchmarks.md). It depends on os, runtime and syscall
+// only, so that it is initialised among the first packages. A spare shim
+// (spare.go) is one started ahead of need, which waits for its command.
 package execshim
 
 import (
 	"os"
 	"syscall"
-	"unsafe"
 )
 
 // ShimArg is argv[1] of a shim; argv[2] is the resolved path to exec and
@@ -30,27 +30,38 @@ var pidVars = [...]string{"LISTEN_PID", "WATCHDOG_PID"}
 // makes inherits it; the shim removes it from the command's environment.
 const IdleEnv = "UPGRADER_SHIM_SCHED=idle"
 
-// schedIdle is SCHED_IDLE of <linux/sched.h>.
-const schedIdle = 5
+// SCHED_OTHER and SCHED_IDLE of <linux/sched.h>.
+const (
+	schedOther = 0
+	schedIdle  = 5
+)
 
 func init() { Run() }
 
 // Run turns the process into the requested command when it was started as
-// a shim, and returns otherwise. On exec failure it prints the reason to
-// stderr and exits 127, as a shell does for a missing command.
+// a shim, or as a spare shim (SpareArg) once its request has come, and
+// returns otherwise. On exec failure it prints the reason to stderr and
+// exits 127, as a shell does for a missing command.
 func Run() {
+	if len(os.Args) == 4 && os.Args[1] == ShimArg && os.Args[2] == SpareArg {
+		runSpare(os.Args[3] == SpareIdle)
+	}
 	if len(os.Args) < 4 || os.Args[1] != ShimArg {
 		return
 	}
-	path, argv := os.Args[2], os.Args[3:]
-	env := os.Environ()
+	execCommand(os.Args[2], os.Args[3:], os.Environ())
+}
+
+// execCommand sets the pid variables of env to the shim's pid, puts the
+// calling thread under SCHED_IDLE if env asks (IdleEnv, removed), and
+// execs path in place of the shim; a failure is printed to stderr and
+// exits 127.
+func execCommand(path string, argv, env []string) {
 	pid := itoa(os.Getpid())
 	for i := 0; i < len(env); i++ {
 		if env[i] == IdleEnv {
-			// sched_setscheduler(0, SCHED_IDLE, {0}): the calling thread,
-			// the one that execs. A failure leaves the usual policy.
-			var param [1]int32
-			syscall.RawSyscall(syscall.SYS_SCHED_SETSCHEDULER, 0, schedIdle, uintptr(unsafe.Pointer(&param[0])))
+			// The calling thread, the one that execs.
+			setScheduler(schedIdle)
 			env = append(env[:i], env[i+1:]...)
 			i--
 			continue

@@ -128,10 +128,13 @@ func (s *Socket) Recv() (Message, []int, error) {
 	oob := s.roob
 	// MSG_CMSG_CLOEXEC: a received fd never leaks into a child.
 	n, oobn, flags, err := s.readMsg(s.rbuf, oob)
-	if errors.Is(err, io.EOF) {
-		return Message{}, nil, ErrClosed
-	}
 	if err != nil {
+		// The socket is done with: its buffers go now, not with the last
+		// reference to it (a worker's record outlives its channels).
+		s.rbuf, s.roob = nil, nil
+		if errors.Is(err, io.EOF) {
+			return Message{}, nil, ErrClosed
+		}
 		return Message{}, nil, fmt.Errorf("handoff receive: %w", err)
 	}
 	var files []int
@@ -146,6 +149,7 @@ func (s *Socket) Recv() (Message, []int, error) {
 		}
 	}
 	if n == 0 && oobn == 0 {
+		s.rbuf, s.roob = nil, nil
 		return Message{}, nil, ErrClosed
 	}
 	if flags&(unix.MSG_TRUNC|unix.MSG_CTRUNC) != 0 {

@@ -16,6 +16,8 @@ import (
 	"fmt"
 	"os"
 	"runtime"
+	"sync"
+	"sync/atomic"
 	"syscall"
 
 	"golang.org/x/sys/unix"
@@ -71,6 +73,13 @@ type Spec struct {
 type Spawner struct {
 	self string
 	reqs chan request
+	// mu guards spares, waiting for the next Starts (spare.go), and
+	// closed (Close was called); sparePids is the spares' pids ([]int),
+	// for SparePids.
+	mu        sync.Mutex
+	spares    []*spare
+	closed    bool
+	sparePids atomic.Value
 }
 
 type request struct {
@@ -103,8 +112,7 @@ func RunOnMainThread(run func(*MainThread) int) {
 	for {
 		select {
 		case r := <-m.reqs:
-			pid, err := r.fn()
-			r.reply <- result{pid, err}
+			r.run()
 		case code := <-done:
 			os.Exit(code)
 		}
@@ -128,14 +136,26 @@ func (s *Spawner) loop() {
 	// Never unlocked: the thread must outlive every child it forks.
 	runtime.LockOSThread()
 	for r := range s.reqs {
-		pid, err := r.fn()
-		r.reply <- result{pid, err}
+		r.run()
 	}
 }
 
-// Start starts spec through the shim and returns the child's pid. The error
-// names the command.
+func (r request) run() {
+	pid, err := r.fn()
+	r.reply <- result{pid, err}
+}
+
+// Start starts spec through the shim, a spare one if one waits (Prestart),
+// and returns the child's pid. The error names the command.
 func (s *Spawner) Start(spec Spec) (int, error) {
+	if !spec.Direct && !spec.Reaped {
+		// From the caller's goroutine: the spare was forked on the forking
+		// thread already, and the trip there and back took up to a
+		// millisecond or two here, in the new worker's start.
+		if pid, ok := s.startOnSpare(spec); ok {
+			return pid, nil
+		}
+	}
 	return s.onThread(func() (int, error) { return s.start(spec) })
 }
 
@@ -154,7 +174,17 @@ func (s *Spawner) onThread(fn func() (int, error)) (int, error) {
 // returns only on failure.
 func (s *Spawner) Exec(path string, argv, env []string) error {
 	_, err := s.onThread(func() (int, error) {
-		return 0, unix.Exec(path, argv, env)
+		// The spares would outlive the image that knows them; the new
+		// image starts its own.
+		had := s.takeSpares()
+		for _, sp := range had {
+			sp.discard()
+		}
+		err := unix.Exec(path, argv, env)
+		if len(had) > 0 {
+			s.prestartOnThread(had[0].pdeathsig, had[0].idle, len(had))
+		}
+		return 0, err
 	})
 	return err
 }
