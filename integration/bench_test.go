@@ -128,25 +128,30 @@ func (bs *bareStart) time(b testing.TB) time.Duration {
 	}
 }
 
-// waitSparesWaiting waits until upgrader has a spare shim (status "spares") and
-// every one has started and waits for its request, in recvmsg(2) by
-// /proc/PID/syscall.
+// waitSparesWaiting waits until upgrader has a spare shim and every one
+// has started and waits for its request, in recvmsg(2) by
+// /proc/PID/syscall. It reads /proc only: a status request would make
+// garbage in upgrader, and a collection in the upgrade that follows.
 func waitSparesWaiting(b testing.TB, p *proc) {
 	deadline := time.Now().Add(30 * time.Second)
 	for {
-		st := p.status()
-		waiting := len(st.Spares) > 0
-		for _, pid := range st.Spares {
+		waiting := false
+		for pid := range allChildren(b, p.pid) {
+			if !isSpare(pid) {
+				continue
+			}
 			data, _ := os.ReadFile(fmt.Sprintf("/proc/%d/syscall", pid))
-			if f := strings.Fields(string(data)); len(f) == 0 || f[0] != strconv.Itoa(syscall.SYS_RECVMSG) {
-				waiting = false
+			f := strings.Fields(string(data))
+			waiting = len(f) > 0 && f[0] == strconv.Itoa(syscall.SYS_RECVMSG)
+			if !waiting {
+				break
 			}
 		}
 		if waiting {
 			return
 		}
 		if time.Now().After(deadline) {
-			b.Fatalf("no spare shim waiting after 30s: spares %v", st.Spares)
+			b.Fatalf("no spare shim of upgrader %d waiting after 30s", p.pid)
 		}
 		time.Sleep(time.Millisecond) // polling interval
 	}

@@ -39,3 +39,24 @@ func TestParseRequestRefuses(t *testing.T) {
 		}
 	}
 }
+
+// FuzzParseRequest: any bytes are refused or parsed, never a panic, and
+// what parses names only fds that came.
+func FuzzParseRequest(f *testing.F) {
+	f.Add(EncodeRequest("/bin/true", true, []string{"true", "x"}, []string{"A=1"}, []int{0, -1, 0}), 1)
+	f.Add([]byte(SpareMagic+"\x00"), 0)
+	f.Fuzz(func(t *testing.T, b []byte, nfds int) {
+		if nfds < 0 || nfds > SpareMaxFDs {
+			return
+		}
+		r, ok := parseRequest(b, nfds)
+		if !ok {
+			return
+		}
+		for i, k := range r.slots {
+			if k >= nfds || k < -1 {
+				t.Fatalf("slot %d: fd index %d of %d", i, k, nfds)
+			}
+		}
+	})
+}

@@ -1,7 +1,6 @@
 package handoff
 
 import (
-	"bytes"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -22,8 +21,8 @@ type Socket struct {
 	c       *net.UnixConn
 	wmu     sync.Mutex
 	timeout time.Duration
-	// rbuf and roob are Recv's, reused from one message to the next.
-	rbuf, roob []byte
+	// roob is Recv's control buffer, reused from one message to the next.
+	roob []byte
 }
 
 // SetSendTimeout bounds every later Send: a peer that does not read makes
@@ -116,25 +115,21 @@ var ErrClosed = errors.New("handoff channel closed")
 // stays usable. Other errors end the channel; ErrClosed when the peer has
 // gone. Not safe for concurrent use.
 func (s *Socket) Recv() (Message, []int, error) {
-	// The buffers are the socket's own, reused (Recv is not for
-	// concurrent use), rather than 192 KiB allocated for every message of
-	// a handoff; the message keeps slices of what it parses, so it is
-	// parsed from a copy of its own size.
-	if s.rbuf == nil {
+	// The control buffer is the socket's own, reused (Recv is not for
+	// concurrent use); the message's, which it keeps slices of, is its
+	// own size (readMsg).
+	if s.roob == nil {
 		// Room for a timestamp too (StampArrivals): without it the kernel
 		// would truncate the control data, and the message be malformed.
-		s.rbuf, s.roob = make([]byte, MaxMessage+1), make([]byte, unix.CmsgSpace(4*MaxFDs)+unix.CmsgSpace(timespecSize))
+		s.roob = make([]byte, unix.CmsgSpace(4*MaxFDs)+unix.CmsgSpace(timespecSize))
 	}
 	oob := s.roob
-	// MSG_CMSG_CLOEXEC: a received fd never leaks into a child.
-	n, oobn, flags, err := s.readMsg(s.rbuf, oob)
+	buf, oobn, flags, err := s.readMsg(oob)
+	n := len(buf)
+	if errors.Is(err, io.EOF) {
+		return Message{}, nil, ErrClosed
+	}
 	if err != nil {
-		// The socket is done with: its buffers go now, not with the last
-		// reference to it (a worker's record outlives its channels).
-		s.rbuf, s.roob = nil, nil
-		if errors.Is(err, io.EOF) {
-			return Message{}, nil, ErrClosed
-		}
 		return Message{}, nil, fmt.Errorf("handoff receive: %w", err)
 	}
 	var files []int
@@ -149,13 +144,12 @@ func (s *Socket) Recv() (Message, []int, error) {
 		}
 	}
 	if n == 0 && oobn == 0 {
-		s.rbuf, s.roob = nil, nil
 		return Message{}, nil, ErrClosed
 	}
 	if flags&(unix.MSG_TRUNC|unix.MSG_CTRUNC) != 0 {
 		return Message{}, files, fmt.Errorf("%w: truncated (over %d bytes or %d fds)", ErrMalformed, MaxMessage, MaxFDs)
 	}
-	m, err := Parse(bytes.Clone(s.rbuf[:n]), len(files))
+	m, err := Parse(buf, len(files))
 	m.Arrived = arrived
 	return m, files, err
 }
@@ -215,24 +209,38 @@ func (s *Socket) Queued() (bool, error) {
 	return n > 0 && pfd[0].Revents&(unix.POLLIN|unix.POLLHUP|unix.POLLERR) != 0, nil
 }
 
-// readMsg is recvmsg(2) with MSG_CMSG_CLOEXEC, through the poller.
-func (s *Socket) readMsg(buf, oob []byte) (n, oobn, flags int, err error) {
+// readMsg is recvmsg(2) with MSG_CMSG_CLOEXEC (a received fd never leaks
+// into a child), through the poller, into a buffer of the message's own
+// size: a first recvmsg with MSG_PEEK|MSG_TRUNC and no room for control
+// data returns the size and leaves the message queued with its fds
+// (unix(7), socket(7)). A buffer of MaxMessage kept by every channel was
+// 192 KiB of the supervisor's memory for each worker alive; one made for
+// each message costs the copy the parse needed anyway. A message over
+// MaxMessage is read into MaxMessage+1 bytes, and so is truncated.
+func (s *Socket) readMsg(oob []byte) (buf []byte, oobn, flags int, err error) {
 	rc, err := s.c.SyscallConn()
 	if err != nil {
-		return 0, 0, 0, err
+		return nil, 0, 0, err
 	}
 	var rerr error
 	err = rc.Read(func(fd uintptr) bool {
+		var size, n int
+		size, _, _, _, rerr = unix.Recvmsg(int(fd), nil, nil, unix.MSG_PEEK|unix.MSG_TRUNC)
+		if rerr != nil {
+			return rerr != unix.EAGAIN
+		}
+		buf = make([]byte, min(max(size, 1), MaxMessage+1))
 		n, oobn, flags, _, rerr = unix.Recvmsg(int(fd), buf, oob, unix.MSG_CMSG_CLOEXEC)
+		buf = buf[:max(n, 0)]
 		return rerr != unix.EAGAIN
 	})
 	if err == nil {
 		err = rerr
 	}
-	if err == nil && n == 0 && oobn == 0 {
+	if err == nil && len(buf) == 0 && oobn == 0 {
 		err = io.EOF
 	}
-	return n, oobn, flags, err
+	return buf, oobn, flags, err
 }
 
 // ReserveFDs grows this process's fd table to hold fds up to n-1 (capped
