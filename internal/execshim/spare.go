@@ -95,6 +95,11 @@ func runSpare(idle bool) {
 	env := r.env
 	if r.idle {
 		env = append(env, IdleEnv)
+	} else if idle {
+		// Its policy was taken back once started, but the spawner's own
+		// SCHED_IDLE for the spare may have come after: the command must
+		// not start idle unasked, for nobody would give it back.
+		setScheduler(schedOther)
 	}
 	execCommand(r.path, r.argv, env)
 }
