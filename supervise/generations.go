@@ -192,9 +192,8 @@ func (s *Supervisor) prestartSpares() {
 func socketInodes(fs []*os.File) []string {
 	var out []string
 	for _, f := range fs {
-		var st unix.Stat_t
-		if unix.Fstat(int(f.Fd()), &st) == nil {
-			out = append(out, strconv.FormatUint(st.Ino, 10))
+		if in, ok := inodeOf(int(f.Fd())); ok {
+			out = append(out, in)
 		}
 	}
 	return out

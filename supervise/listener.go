@@ -91,10 +91,19 @@ func (l *Listener) Socket() *sockets.Socket { return l.sock }
 func listenerInodes(ls []*Listener) map[string]struct{} {
 	out := map[string]struct{}{}
 	for _, l := range ls {
-		var st unix.Stat_t
-		if l.sock.FD >= 0 && unix.Fstat(l.sock.FD, &st) == nil {
-			out[strconv.FormatUint(st.Ino, 10)] = struct{}{}
+		if in, ok := inodeOf(l.sock.FD); ok {
+			out[in] = struct{}{}
 		}
 	}
 	return out
+}
+
+// inodeOf returns the inode of fd's file as fd tables name it
+// ("socket:[INODE]"); ok is false when fd cannot be fstat'ed.
+func inodeOf(fd int) (string, bool) {
+	var st unix.Stat_t
+	if fd < 0 || unix.Fstat(fd, &st) != nil {
+		return "", false
+	}
+	return strconv.FormatUint(st.Ino, 10), true
 }

@@ -14,9 +14,9 @@ import (
 // is absolute, so it cannot be taken for one.
 const SpareArg = "--spare"
 
-// The spare's CPU policy while it waits, argv[3]: SCHED_IDLE (sched(7)),
-// which it leaves before the exec of a request that is not idle, or the
-// usual one.
+// The spare's CPU policy as it starts, argv[3]: SCHED_IDLE (sched(7)),
+// which it leaves once started, or the usual one. A command that is to
+// start idle says so as a shim's does (IdleEnv in its environment).
 const (
 	SpareIdle  = "idle"
 	SpareUsual = "usual"
@@ -92,16 +92,13 @@ func runSpare(idle bool) {
 	if err := placeFDs(fds, r.slots); err != "" {
 		spareFail(err)
 	}
-	env := r.env
-	if r.idle {
-		env = append(env, IdleEnv)
-	} else if idle {
+	if idle {
 		// Its policy was taken back once started, but the spawner's own
 		// SCHED_IDLE for the spare may have come after: the command must
-		// not start idle unasked, for nobody would give it back.
+		// not start idle unasked (IdleEnv), for nobody would give it back.
 		setScheduler(schedOther)
 	}
-	execCommand(r.path, r.argv, env)
+	execCommand(r.path, r.argv, r.env)
 }
 
 // setThreadsScheduler gives every thread of the process policy
@@ -137,26 +134,20 @@ func spareFail(msg string) {
 // request is a spare's request, as EncodeRequest writes it.
 type request struct {
 	path      string
-	idle      bool
 	argv, env []string
 	slots     []int // slots[i]: the index in the message's fds of fd i, or -1
 }
 
-// EncodeRequest writes a request for a spare: SpareMagic, the path, "1"
-// or "0" for idle, the count and strings of argv, of env, and the count
-// and values of slots (slots[i] is the index among the message's
-// SCM_RIGHTS fds that becomes fd i, -1 to leave fd i closed), each
-// followed by a NUL.
-func EncodeRequest(path string, idle bool, argv, env []string, slots []int) []byte {
+// EncodeRequest writes a request for a spare: SpareMagic, the path, the
+// count and strings of argv, of env (a shim's: IdleEnv asks for
+// SCHED_IDLE), and the count and values of slots (slots[i] is the index
+// among the message's SCM_RIGHTS fds that becomes fd i, -1 to leave fd i
+// closed), each followed by a NUL.
+func EncodeRequest(path string, argv, env []string, slots []int) []byte {
 	b := make([]byte, 0, 4096)
 	put := func(s string) { b = append(append(b, s...), 0) }
 	put(SpareMagic)
 	put(path)
-	if idle {
-		put("1")
-	} else {
-		put("0")
-	}
 	for _, list := range [][]string{argv, env} {
 		put(itoa(len(list)))
 		for _, s := range list {
@@ -207,11 +198,10 @@ func parseRequest(b []byte, nfds int) (r request, ok bool) {
 	}
 	magic, ok1 := next()
 	path, ok2 := next()
-	idle, ok3 := next()
-	if !ok1 || !ok2 || !ok3 || magic != SpareMagic || path == "" || (idle != "0" && idle != "1") {
+	if !ok1 || !ok2 || magic != SpareMagic || path == "" {
 		return r, false
 	}
-	r.path, r.idle = path, idle == "1"
+	r.path = path
 	if r.argv, ok = list(); !ok || len(r.argv) == 0 {
 		return r, false
 	}

@@ -7,20 +7,18 @@ import (
 
 func TestRequestRoundTrip(t *testing.T) {
 	argv, env, slots := []string{"hello", "-addr", ""}, []string{"A=1", "LISTEN_PID=0", "EMPTY="}, []int{0, 1, 1, -1, 2}
-	for _, idle := range []bool{false, true} {
-		r, ok := parseRequest(EncodeRequest("/usr/bin/hello", idle, argv, env, slots), 3)
-		if !ok {
-			t.Fatalf("idle %v: own encoding refused", idle)
-		}
-		want := request{path: "/usr/bin/hello", idle: idle, argv: argv, env: env, slots: slots}
-		if !reflect.DeepEqual(r, want) {
-			t.Errorf("idle %v: %+v, want %+v", idle, r, want)
-		}
+	r, ok := parseRequest(EncodeRequest("/usr/bin/hello", argv, env, slots), 3)
+	if !ok {
+		t.Fatal("own encoding refused")
+	}
+	want := request{path: "/usr/bin/hello", argv: argv, env: env, slots: slots}
+	if !reflect.DeepEqual(r, want) {
+		t.Errorf("%+v, want %+v", r, want)
 	}
 }
 
 func TestParseRequestRefuses(t *testing.T) {
-	good := EncodeRequest("/bin/true", false, []string{"true"}, nil, []int{0, 1})
+	good := EncodeRequest("/bin/true", []string{"true"}, nil, []int{0, 1})
 	for name, c := range map[string]struct {
 		b    []byte
 		nfds int
@@ -30,9 +28,9 @@ func TestParseRequestRefuses(t *testing.T) {
 		"trailing bytes":     {append(append([]byte{}, good...), 'x', 0), 2},
 		"another magic":      {append([]byte("upgrader-spare-0"), good[len(SpareMagic):]...), 2},
 		"slot past the fds":  {good, 1},
-		"no argv":            {EncodeRequest("/bin/true", false, nil, nil, nil), 0},
-		"no path":            {EncodeRequest("", false, []string{"true"}, nil, nil), 0},
-		"count past the end": {[]byte(SpareMagic + "\x00/bin/true\x000\x00999\x00true\x00"), 0},
+		"no argv":            {EncodeRequest("/bin/true", nil, nil, nil), 0},
+		"no path":            {EncodeRequest("", []string{"true"}, nil, nil), 0},
+		"count past the end": {[]byte(SpareMagic + "\x00/bin/true\x00999\x00true\x00"), 0},
 	} {
 		if r, ok := parseRequest(c.b, c.nfds); ok {
 			t.Errorf("%s: accepted as %+v", name, r)
@@ -43,7 +41,7 @@ func TestParseRequestRefuses(t *testing.T) {
 // FuzzParseRequest: any bytes are refused or parsed, never a panic, and
 // what parses names only fds that came.
 func FuzzParseRequest(f *testing.F) {
-	f.Add(EncodeRequest("/bin/true", true, []string{"true", "x"}, []string{"A=1"}, []int{0, -1, 0}), 1)
+	f.Add(EncodeRequest("/bin/true", []string{"true", "x"}, []string{"A=1"}, []int{0, -1, 0}), 1)
 	f.Add([]byte(SpareMagic+"\x00"), 0)
 	f.Fuzz(func(t *testing.T, b []byte, nfds int) {
 		if nfds < 0 || nfds > SpareMaxFDs {

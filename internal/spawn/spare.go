@@ -193,6 +193,9 @@ func (sp *spare) discard() {
 // differs, or the request is too large for the spare's one read) or those
 // that were are gone, and spec must start through a shim of its own.
 func (s *Spawner) startOnSpare(spec Spec) (pid int, ok bool) {
+	if len(s.SparePids()) == 0 {
+		return 0, false // nothing to encode the request for
+	}
 	msg, oob, fits := encodeRequest(spec)
 	if !fits {
 		return 0, false // the spares wait for the next
@@ -254,7 +257,7 @@ func encodeRequest(spec Spec) (msg, oob []byte, fits bool) {
 		}
 		slots[i] = k
 	}
-	msg = execshim.EncodeRequest(spec.Path, spec.Idle, spec.Args, spec.Env, slots)
+	msg = execshim.EncodeRequest(spec.Path, spec.Args, shimEnv(spec), slots)
 	if len(msg) > execshim.SpareMaxRequest || len(fds) > execshim.SpareMaxFDs {
 		return nil, nil, false
 	}

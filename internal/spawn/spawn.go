@@ -203,8 +203,8 @@ func (s *Spawner) start(spec Spec) (int, error) {
 		self, argv = spec.Path, spec.Args
 	}
 	env := spec.Env
-	if spec.Idle && !spec.Direct && !spec.Reaped {
-		env = append(env[:len(env):len(env)], execshim.IdleEnv)
+	if !spec.Direct && !spec.Reaped {
+		env = shimEnv(spec)
 	}
 	pid, _, err := syscall.StartProcess(self, argv, &syscall.ProcAttr{
 		Env:   env,
@@ -220,6 +220,15 @@ func (s *Spawner) start(spec Spec) (int, error) {
 		return 0, fmt.Errorf("start %s: %w", spec.Path, err)
 	}
 	return pid, nil
+}
+
+// shimEnv is spec's environment for a shim, spare or not: with IdleEnv
+// when it is to start under SCHED_IDLE.
+func shimEnv(spec Spec) []string {
+	if !spec.Idle {
+		return spec.Env
+	}
+	return append(spec.Env[:len(spec.Env):len(spec.Env)], execshim.IdleEnv)
 }
 
 // CloseOnExecFrom marks every fd ≥ lowfd close-on-exec, so that fds the
