@@ -53,8 +53,8 @@ type connKey struct{}
 // What Serve takes over, and how to keep each:
 //   - signals: Signals (default SIGTERM and SIGINT) start the drain, and are
 //     not delivered to the process's default handling while Serve runs
-//     (signal.NotifyContext); cancel Serve's ctx to drain on your own
-//     terms instead.
+//     (signal.Notify); cancel Serve's ctx to drain on your own terms
+//     instead.
 //   - readiness: READY=1 on $NOTIFY_SOCKET once serving, STOPPING=1 when
 //     the drain begins (sd_notify(3)); NoReady skips READY=1 for a process
 //     that reports readiness itself. Both go through inherit.Ready and
@@ -236,8 +236,12 @@ func (s *Server) Serve(ctx context.Context, listeners []net.Listener) error {
 		s.closeListeners(listeners)
 		return s.bad
 	}
-	ctx, stop := signal.NotifyContext(ctx, opts.Signals...)
-	defer stop()
+	// A channel of its own rather than signal.NotifyContext, whose
+	// goroutine would stand between the signal and the drain: one wake-up
+	// less of a process that the drain signal finds idle.
+	sigs := make(chan os.Signal, 1)
+	signal.Notify(sigs, opts.Signals...)
+	defer signal.Stop(sigs)
 	errc := make(chan error, len(listeners))
 	if hl := opts.Handoff.Listener("http"); hl != nil {
 		// Connections handed to us. This listener ends when the channel
@@ -272,6 +276,7 @@ func (s *Server) Serve(ctx context.Context, listeners []net.Listener) error {
 	}
 	select {
 	case <-ctx.Done():
+	case <-sigs:
 	case <-inherit.Upgraded(): // embedded mode: the new process is ready
 	case <-s.fatal:
 	case err := <-errc:

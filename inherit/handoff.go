@@ -16,6 +16,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/seed6cb0314a/upgrader/internal/handoff"
+	"github.com/seed6cb0314a/upgrader/internal/workerenv"
 )
 
 // KindHTTP is the handoff kind of idle HTTP/1.x keep-alive connections
@@ -69,15 +70,16 @@ type Handoffs struct {
 	out atomic.Pointer[Handoffs]
 }
 
-// minFDTable is the fd table reserved when a channel opens (128 KiB of
-// kernel memory): room for a handoff of 10,000 connections with no growth
-// on its way. A growth begun at half the table is over only after an RCU
-// grace period, milliseconds, while batches of 253 fds come in under a
-// millisecond apart: from 1,024 slots the receiver used them up and
-// waited for the growth in a 10,000-connection handoff (traced: 2.8 and
-// 18.7 ms; docs/benchmarks.md). Past it, each growth has half of a larger table to
-// cover for it.
-const minFDTable = 16384
+// minFDTable is the fd table reserved when a channel opens: room for a
+// handoff of 10,000 connections with no growth on its way. A growth begun
+// at half the table is over only after an RCU grace period, milliseconds,
+// while batches of 253 fds come in under a millisecond apart: from 1,024
+// slots the receiver used them up and waited for the growth in a
+// 10,000-connection handoff (traced: 2.8 and 18.7 ms; docs/benchmarks.md).
+// Past it, each growth has half of a larger table to cover for it. A
+// worker started from upgrader's spare shim has it already (the spare
+// grew it before the exec), and its reservation costs no grace period.
+const minFDTable = workerenv.HandoffFDTable
 
 // eagerConns is how many idle HTTP connections a channel converts to
 // net.Conns at once, each watched by a goroutine of its own in Go's

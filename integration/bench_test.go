@@ -29,7 +29,11 @@ import (
 // until its READY=1 (ms-worker-own-start); ms-beyond-own-start is the
 // rest of the upgrade, upgrader's whole part, its own start of the worker
 // (sockets, channels, the spare shim or fork and exec shim) included, and
-// the old worker's drain and exit, though they are the worker's. Two
+// the old worker's drain and exit, though they are the worker's. The same
+// bare hello's drain, from SIGTERM until its exit is reaped, is
+// ms-worker-own-exit, and ms-beyond-own-start-exit is what is left once
+// both are taken out: upgrader's own work, and what it costs the two
+// workers (the SCHED_IDLE start, the spare's exec, sharing the cores). Two
 // narrower figures, as before: ms-upgrader, less the generation's
 // ready_after_us (from when upgrader began the generation until the
 // worker's READY=1, which holds upgrader's own start of it), and
@@ -43,7 +47,9 @@ import (
 func BenchmarkUpgrade(b *testing.B) {
 	for _, hold := range []string{"0", "default"} {
 		b.Run("ready-hold="+hold, func(b *testing.B) {
-			args := []string{"-l", "127.0.0.1:0"}
+			// At the log level upgrader ships with, not the harness's
+			// debug: an upgrade's debug lines are a diagnosis's cost.
+			args := []string{"--log-level", "info", "-l", "127.0.0.1:0"}
 			if hold != "default" {
 				args = append(args, "--ready-hold", hold)
 			}
@@ -56,11 +62,12 @@ func benchmarkUpgrade(b *testing.B, args ...string) {
 	p := startUpgrader(b, args...)
 	p.waitReady(1)
 	bare := newBareStart(b)
-	var total, startup, afterReady, own time.Duration
+	var total, startup, afterReady, own, ownExit time.Duration
 	b.ResetTimer()
 	for i := 0; i < b.N; i++ {
 		b.StopTimer()
-		own += bare.time(b)
+		start, exit := bare.time(b)
+		own, ownExit = own+start, ownExit+exit
 		waitSparesWaiting(b, p)
 		b.StartTimer()
 		t0 := time.Now()
@@ -83,12 +90,16 @@ func benchmarkUpgrade(b *testing.B, args ...string) {
 	b.ReportMetric(float64(afterReady.Microseconds())/float64(b.N)/1000, "ms-ready-to-done/op")
 	b.ReportMetric(float64(own.Microseconds())/float64(b.N)/1000, "ms-worker-own-start/op")
 	b.ReportMetric(float64((total-own).Microseconds())/float64(b.N)/1000, "ms-beyond-own-start/op")
+	b.ReportMetric(float64(ownExit.Microseconds())/float64(b.N)/1000, "ms-worker-own-exit/op")
+	b.ReportMetric(float64((total-own-ownExit).Microseconds())/float64(b.N)/1000, "ms-beyond-own-start-exit/op")
 	b.ReportMetric(float64(rssKiB(b, p.pid)), "KiB-supervisor-RSS")
 }
 
-// bareStart times hello's own start, bare: from its fork (os/exec's, as a
-// spare shim's exec is one) until its READY=1 on a notify socket of ours,
-// with no listener to inherit, so that it binds 127.0.0.1:0 itself.
+// bareStart times hello's own start and exit, bare: from its fork
+// (os/exec's, as a spare shim's exec is one) until its READY=1 on a notify
+// socket of ours, with no listener to inherit, so that it binds
+// 127.0.0.1:0 itself; then from its drain signal (SIGTERM) until its exit
+// is reaped.
 type bareStart struct {
 	notify *net.UnixConn
 	path   string
@@ -104,28 +115,33 @@ func newBareStart(b testing.TB) *bareStart {
 	return &bareStart{notify: c, path: path}
 }
 
-func (bs *bareStart) time(b testing.TB) time.Duration {
+func (bs *bareStart) time(b testing.TB) (start, exit time.Duration) {
 	cmd := exec.Command(helloBin, "-addr", "127.0.0.1:0")
 	cmd.Env = append(os.Environ(), "NOTIFY_SOCKET="+bs.path)
 	t0 := time.Now()
 	if err := cmd.Start(); err != nil {
 		b.Fatal(err)
 	}
-	defer func() {
-		cmd.Process.Kill()
-		cmd.Wait()
-	}()
 	buf := make([]byte, 4096)
 	bs.notify.SetReadDeadline(time.Now().Add(30 * time.Second))
 	for {
 		n, err := bs.notify.Read(buf)
 		if err != nil {
+			cmd.Process.Kill()
+			cmd.Wait()
 			b.Fatalf("bare hello: no READY=1: %v", err)
 		}
 		if slices.Contains(strings.Split(string(buf[:n]), "\n"), "READY=1") {
-			return time.Since(t0)
+			break
 		}
 	}
+	start = time.Since(t0)
+	t1 := time.Now()
+	cmd.Process.Signal(syscall.SIGTERM)
+	if err := cmd.Wait(); err != nil {
+		b.Fatalf("bare hello: drained with %v", err)
+	}
+	return start, time.Since(t1)
 }
 
 // waitSparesWaiting waits until upgrader has a spare shim and every one

@@ -57,7 +57,7 @@ type env interface {
 	start(spec spawn.Spec, readyFD int, ready func(pid int)) (pid int, err error)
 	// prestart keeps n spare shims for the next starts (spawn.Prestart);
 	// spares are their pids; closeSpares ends them for good.
-	prestart(pdeathsig syscall.Signal, idle bool, n int)
+	prestart(spec spawn.SpareSpec, n int)
 	spares() []int
 	closeSpares()
 	// canUnidle tells whether unidle can work (spawn.CanUnidle); unidle
@@ -70,6 +70,9 @@ type env interface {
 	// fdSockets maps the inodes of the sockets pid holds to their fds
 	// (proctree.Sockets); the error says its fd table cannot be read.
 	fdSockets(pid int) (map[string]int, error)
+	// holdsFile tells whether pid holds, at one of its first fds, the open
+	// file of one of ours (proctree.HoldsFile); false when it cannot tell.
+	holdsFile(pid int, ours []int) bool
 	// connections counts the established TCP and Unix stream connections
 	// the processes hold (for upgrade progress; best effort), leaving out
 	// the sockets whose inodes are in ours (the listeners, the workers'
@@ -436,7 +439,7 @@ func (e *osEnv) start(spec spawn.Spec, readyFD int, ready func(int)) (int, error
 	return pid, nil
 }
 
-func (e *osEnv) prestart(sig syscall.Signal, idle bool, n int) { e.spawner.Prestart(sig, idle, n) }
+func (e *osEnv) prestart(spec spawn.SpareSpec, n int) { e.spawner.Prestart(spec, n) }
 
 func (e *osEnv) spares() []int { return e.spawner.SparePids() }
 
@@ -528,6 +531,15 @@ func (e *osEnv) unidle(pid int) error { return spawn.Unidle("/proc", pid) }
 func (e *osEnv) ownChildren() ([]int, error) { return proctree.ChildrenOf("/proc", os.Getpid()) }
 
 func (e *osEnv) fdSockets(pid int) (map[string]int, error) { return proctree.Sockets("/proc", pid) }
+
+// holdsFileLimit is how many of a worker's first fds holdsFile compares
+// with ours: those a worker that has just started puts its listeners at.
+const holdsFileLimit = 64
+
+func (e *osEnv) holdsFile(pid int, ours []int) bool {
+	found, err := proctree.HoldsFile(pid, ours, holdsFileLimit)
+	return found && err == nil
+}
 
 func (e *osEnv) environ(pid int) map[string]string { return proctree.Environ("/proc", pid) }
 

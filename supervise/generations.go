@@ -183,8 +183,11 @@ func (s *Supervisor) prestartSpares() {
 			return // draining, or failed and not yet gone
 		}
 	}
-	sig, idle, n := s.cfg.DrainSignal, s.cfg.StartIdle && s.gens.current != nil, s.cfg.Workers
-	go s.env.prestart(sig, idle, n)
+	spec := spawn.SpareSpec{Pdeathsig: s.cfg.DrainSignal, Idle: s.cfg.StartIdle && s.gens.current != nil}
+	if !s.cfg.NoHandoff {
+		spec.FDTable = workerenv.HandoffFDTable // what inherit reserves for the channel
+	}
+	go s.env.prestart(spec, s.cfg.Workers)
 }
 
 // socketInodes returns the inodes of fs (those it can fstat), as fd
@@ -385,10 +388,19 @@ func (s *Supervisor) holdThenPromote(g *generation) {
 // main process, and only if that has none the tables of its tree, since
 // a master may leave its listeners to its children. A table that cannot
 // be read (a process of another user) counts as holding them: the check
-// refuses only what it has seen. Reading the fd table of a process that
-// has just started is cheap, and done on the loop.
+// refuses only what it has seen. It asks kcmp(2) first whether the main
+// process holds one of the sockets its generation was given at one of its
+// first fds, which spares the fd table's read where it can tell; either
+// is cheap, and done on the loop.
 func (s *Supervisor) holdsListener(w *worker) bool {
 	if len(s.listenInodes) == 0 {
+		return true
+	}
+	given := make([]int, len(s.cfg.Listeners))
+	for i := range given {
+		given[i] = s.genSocket(w.gen, i)
+	}
+	if s.env.holdsFile(w.Pid, given) {
 		return true
 	}
 	holds := func(pid int) bool {

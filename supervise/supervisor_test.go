@@ -85,7 +85,7 @@ func (f *fakeEnv) ownChildren() ([]int, error) {
 }
 func (f *fakeEnv) canUnidle() bool { return true }
 
-func (f *fakeEnv) prestart(syscall.Signal, bool, int) {}
+func (f *fakeEnv) prestart(spawn.SpareSpec, int) {}
 
 func (f *fakeEnv) spares() []int { return nil }
 
@@ -149,6 +149,8 @@ func (f *fakeEnv) notifyManager(state string) {
 	f.managed = append(f.managed, state)
 	f.mu.Unlock()
 }
+func (f *fakeEnv) holdsFile(int, []int) bool { return false } // the tests' fd tables: fdSockets
+
 func (f *fakeEnv) fdSockets(pid int) (map[string]int, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()

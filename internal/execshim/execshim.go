@@ -43,8 +43,9 @@ func init() { Run() }
 // returns otherwise. On exec failure it prints the reason to stderr and
 // exits 127, as a shell does for a missing command.
 func Run() {
-	if len(os.Args) == 4 && os.Args[1] == ShimArg && os.Args[2] == SpareArg {
-		runSpare(os.Args[3] == SpareIdle)
+	if len(os.Args) == 5 && os.Args[1] == ShimArg && os.Args[2] == SpareArg {
+		table, _ := atoi(os.Args[4])
+		runSpare(os.Args[3] == SpareIdle, table)
 	}
 	if len(os.Args) < 4 || os.Args[1] != ShimArg {
 		return

@@ -8,7 +8,8 @@ import (
 )
 
 // SpareArg is argv[2] of a spare shim (argv[1] ShimArg, argv[3]
-// SpareIdle or SpareUsual, its CPU policy): a shim started before it is
+// SpareIdle or SpareUsual, its CPU policy, argv[4] the fd table it grows
+// to, in slots, 0 for none; see runSpare): a shim started before it is
 // needed, which waits on fd 3, a SOCK_SEQPACKET socket, for the one
 // request that makes it a worker (internal/spawn). A resolved command path
 // is absolute, so it cannot be taken for one.
@@ -38,11 +39,22 @@ const (
 // misread one.
 const SpareMagic = "upgrader-spare-1"
 
-// runSpare waits for the request, puts its fds in place and execs its
-// command (execCommand). EOF, the spawner's end closed, ends it quietly:
-// it is no longer wanted. A request it cannot read is printed to stderr
-// and exits 127, as a failed exec does.
-func runSpare(idle bool) {
+// runSpare grows its fd table to table slots, waits for the request,
+// puts its fds in place and execs its command (execCommand). EOF, the
+// spawner's end closed, ends it quietly: it is no longer wanted. A
+// request it cannot read is printed to stderr and exits 127, as a failed
+// exec does.
+//
+// The fd table is the command's: execve(2) keeps it, slots and all, once
+// the other threads are gone. A worker that grows its own as it starts
+// (inherit does, for the fds of a handoff: workerenv.HandoffFDTable) then
+// finds it grown, and does not wait for the RCU grace period that every
+// growth of a table shared by threads waits for (expand_fdtable in
+// fs/file.c: milliseconds, up to 22 ms traced here). A worker asked to
+// drain within them could not exit until the growth was over. The spare's
+// own growth waits for none: its thread makes the table its own first
+// (growFDTable).
+func runSpare(idle bool, table int) {
 	// One thread from the policy call to the exec: the one that execs is
 	// the one whose policy the command keeps.
 	runtime.LockOSThread()
@@ -54,6 +66,7 @@ func runSpare(idle bool) {
 		setThreadsScheduler(schedOther)
 	}
 	syscall.CloseOnExec(SpareFD)
+	growFDTable(table)
 	buf := make([]byte, SpareMaxRequest)
 	oob := make([]byte, syscall.CmsgSpace(4*SpareMaxFDs))
 	var n, oobn, flags int
@@ -99,6 +112,30 @@ func runSpare(idle bool) {
 		setScheduler(schedOther)
 	}
 	execCommand(r.path, r.argv, r.env)
+}
+
+// growFDTable grows the calling thread's fd table to n slots, or to the
+// soft RLIMIT_NOFILE if that is lower, by duplicating SpareFD at the last
+// one (fcntl(2) F_DUPFD_CLOEXEC) and closing the copy; it is best effort.
+//
+// The table becomes the thread's own first (unshare(2) CLONE_FILES): the
+// kernel waits for an RCU grace period only to grow a table that another
+// thread shares, and the Go runtime's threads share this one. The spare's
+// locked thread does all its fd work from then on, and execs with it.
+func growFDTable(n int) {
+	var rl syscall.Rlimit
+	if syscall.Getrlimit(syscall.RLIMIT_NOFILE, &rl) == nil && uint64(n) > rl.Cur {
+		n = int(rl.Cur)
+	}
+	if n <= SpareFD+1 {
+		return
+	}
+	if syscall.Unshare(syscall.CLONE_FILES) != nil {
+		return // a grown shared table would only cost the wait
+	}
+	if fd, _, e := syscall.Syscall(syscall.SYS_FCNTL, SpareFD, syscall.F_DUPFD_CLOEXEC, uintptr(n-1)); e == 0 {
+		syscall.Close(int(fd))
+	}
 }
 
 // setThreadsScheduler gives every thread of the process policy

@@ -27,7 +27,7 @@ func EstablishedTCP() (map[string]struct{}, error) {
 	defer unix.Close(fd)
 	out := map[string]struct{}{}
 	for _, family := range []uint8{unix.AF_INET, unix.AF_INET6} {
-		if err := diagDump(fd, family, 1<<tcpEstablished, func(m []byte) {
+		if err := diagDump(fd, family, 1<<tcpEstablished, dumpBufLarge, func(m []byte) {
 			out[fmt.Sprint(binary.NativeEndian.Uint32(m[msgInode:]))] = struct{}{}
 		}); err != nil {
 			return nil, err
@@ -45,10 +45,24 @@ const (
 	msgInode = 68
 )
 
+// Receive buffers of a dump. The kernel makes each message of a dump as
+// large as the largest read the socket has seen, at least NLMSG_GOODSIZE
+// (a page, less its overhead) and at most 32 KiB (netlink_dump,
+// net/netlink/af_netlink.c), so a buffer of either size takes every one
+// whole. A large one takes a dump of thousands of connections in few
+// reads; a small one keeps the listening sockets' dump, two at every
+// upgrade, from making 64 KiB of garbage each time (a collection every
+// few upgrades, on their way).
+const (
+	dumpBufLarge = 64 << 10
+	dumpBufSmall = 8 << 10
+)
+
 // diagDump sends one inet_diag_req_v2 dump request for family and the TCP
-// states in the mask states, and calls each with every inet_diag_msg of the
-// answer.
-func diagDump(fd int, family uint8, states uint32, each func(msg []byte)) error {
+// states in the mask states, reads the answer into a buffer of bufSize
+// (dumpBufLarge or dumpBufSmall), and calls each with every
+// inet_diag_msg of it.
+func diagDump(fd int, family uint8, states uint32, bufSize int, each func(msg []byte)) error {
 	const (
 		hdrLen = unix.SizeofNlMsghdr
 		reqLen = 56 // struct inet_diag_req_v2
@@ -64,7 +78,7 @@ func diagDump(fd int, family uint8, states uint32, each func(msg []byte)) error 
 	if err := unix.Sendto(fd, req, 0, &unix.SockaddrNetlink{Family: unix.AF_NETLINK}); err != nil {
 		return fmt.Errorf("sock_diag request: %w", err)
 	}
-	buf := make([]byte, 16*os.Getpagesize())
+	buf := make([]byte, max(bufSize, os.Getpagesize()))
 	for {
 		n, _, err := unix.Recvfrom(fd, buf, 0)
 		if err != nil {
@@ -129,7 +143,7 @@ func ListeningTCP(sa unix.Sockaddr) (map[uint64]struct{}, error) {
 	}
 	defer unix.Close(fd)
 	out := map[uint64]struct{}{}
-	err = diagDump(fd, family, 1<<tcpListen, func(m []byte) {
+	err = diagDump(fd, family, 1<<tcpListen, dumpBufSmall, func(m []byte) {
 		if int(binary.BigEndian.Uint16(m[msgSport:])) == port && string(m[msgSrc:msgSrc+len(addr)]) == string(addr) {
 			out[uint64(binary.NativeEndian.Uint32(m[msgInode:]))] = struct{}{}
 		}

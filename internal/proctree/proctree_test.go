@@ -164,3 +164,55 @@ func TestReadFileWhole(t *testing.T) {
 		t.Fatalf("readFile of a missing file: %v, want fs.ErrNotExist", err)
 	}
 }
+
+// HoldsFile finds a socket of ours at the fd a child got it at, and not
+// one the child never got, nor one at an fd past the limit; a child gone
+// is an error, not a "no".
+func TestHoldsFile(t *testing.T) {
+	given, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer given.Close()
+	other, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer other.Close()
+	gf, _ := given.(*net.TCPListener).File()
+	defer gf.Close()
+	of, _ := other.(*net.TCPListener).File()
+	defer of.Close()
+	// The child's fd 3 is /dev/null, the listener its fd 9.
+	devnull, err := os.Open(os.DevNull)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer devnull.Close()
+	cmd := exec.Command("sleep", "30")
+	cmd.ExtraFiles = []*os.File{devnull, devnull, devnull, devnull, devnull, devnull, gf}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	pid := cmd.Process.Pid
+	for _, c := range []struct {
+		ours  []int
+		limit int
+		want  bool
+	}{
+		{[]int{int(gf.Fd())}, 64, true},
+		{[]int{int(of.Fd()), int(gf.Fd())}, 64, true},
+		{[]int{int(of.Fd())}, 64, false},
+		{[]int{int(gf.Fd())}, 9, false},
+	} {
+		found, err := HoldsFile(pid, c.ours, c.limit)
+		if err != nil || found != c.want {
+			t.Errorf("HoldsFile(%d, %v, %d) = %v, %v; want %v", pid, c.ours, c.limit, found, err, c.want)
+		}
+	}
+	cmd.Process.Kill()
+	cmd.Wait()
+	if found, err := HoldsFile(pid, []int{int(gf.Fd())}, 64); err == nil {
+		t.Errorf("HoldsFile of exited pid %d = %v, no error", pid, found)
+	}
+}

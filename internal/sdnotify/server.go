@@ -21,6 +21,9 @@ type Server struct {
 	conn   *net.UnixConn
 	path   string
 	maxFDs int
+	// buf and oob are Recv's, kept: a few datagrams come at every
+	// upgrade, and new buffers for each (5 KiB) were garbage on its way.
+	buf, oob []byte
 }
 
 // Datagram is one message received by a Server.
@@ -79,14 +82,18 @@ func (s *Server) Path() string { return s.path }
 // Recv blocks until a datagram arrives. A malformed payload is returned as a
 // Datagram with Err set, not as an error, so that the caller can name the
 // sender. The error is non-nil only when the socket fails or was closed
-// (then it wraps net.ErrClosed).
+// (then it wraps net.ErrClosed). It reads into buffers of s, so it must
+// not be called from two goroutines at once; nothing it returns refers to
+// them.
 func (s *Server) Recv() (Datagram, error) {
-	buf := make([]byte, MaxMessageSize+1)
-	oobn := unix.CmsgSpace(unix.SizeofUcred)
-	if s.maxFDs > 0 {
-		oobn += unix.CmsgSpace(4 * s.maxFDs)
+	if s.buf == nil {
+		oobn := unix.CmsgSpace(unix.SizeofUcred)
+		if s.maxFDs > 0 {
+			oobn += unix.CmsgSpace(4 * s.maxFDs)
+		}
+		s.buf, s.oob = make([]byte, MaxMessageSize+1), make([]byte, oobn)
 	}
-	oob := make([]byte, oobn)
+	buf, oob := s.buf, s.oob
 	n, oobn, flags, _, err := s.conn.ReadMsgUnix(buf, oob)
 	if err != nil {
 		return Datagram{}, fmt.Errorf("notify socket %s: %w", s.path, err)

@@ -1,6 +1,7 @@
 package spawn
 
 import (
+	"strconv"
 	"syscall"
 	"unsafe"
 
@@ -10,7 +11,7 @@ import (
 )
 
 // A spare is a shim started before it is needed
-// (`/proc/self/exe __upgrader-exec-shim --spare idle|usual`), waiting on a
+// (`/proc/self/exe __upgrader-exec-shim --spare idle|usual SLOTS`), waiting on a
 // SOCK_SEQPACKET socket (unix(7)) for the request that makes it a worker:
 // the command, its environment and its fds, passed with SCM_RIGHTS. The
 // fork and the shim's own start, a Go runtime's, are then off the path of
@@ -23,26 +24,37 @@ type spare struct {
 	pid   int
 	pidfd int // CLONE_PIDFD's (clone(2)): signalled and waited for without a pid race
 	sock  int // our end of its socket
-	// pdeathsig is its parent-death signal, which only a request with the
-	// same Spec.Pdeathsig may use; idle: it starts under SCHED_IDLE.
-	pdeathsig syscall.Signal
-	idle      bool
+	spec SpareSpec // what it was started with
+}
+
+// SpareSpec is what spares are started with (Prestart).
+type SpareSpec struct {
+	// Pdeathsig is their parent-death signal: only a Spec with the same
+	// Pdeathsig may use one.
+	Pdeathsig syscall.Signal
+	// Idle starts them under SCHED_IDLE (sched(7)), where the usual
+	// policy can be had back (CanUnidle): each takes it back once
+	// started, and their start takes only CPU the serving workers leave.
+	Idle bool
+	// FDTable, in slots, is the fd table each grows to as it starts, for
+	// the command it becomes (execve(2) keeps the table): that of a
+	// worker that grows its own at start (workerenv.HandoffFDTable), so
+	// that its growth does not wait for an RCU grace period
+	// (execshim's runSpare says why). 0: as a fork leaves it (64).
+	FDTable int
 }
 
 // MaxSpares bounds Prestart's n.
 const MaxSpares = 8
 
-// Prestart keeps n spare shims (at most MaxSpares) waiting for the next
-// Starts, with parent-death signal pdeathsig, under SCHED_IDLE when idle
-// (sched(7); only where the usual policy can be had back, CanUnidle: each
-// spare takes it back once started): their start then takes only CPU that
-// the serving workers leave. Spares of another signal are ended first. It
-// returns once they are forked. A spare that cannot start (no pidfd:
-// Linux before 5.3) leaves Start as it was, a shim of its own per worker.
-// After Close it does nothing.
-func (s *Spawner) Prestart(pdeathsig syscall.Signal, idle bool, n int) {
+// Prestart keeps n spare shims (at most MaxSpares) of spec waiting for
+// the next Starts; spares of another spec are ended first. It returns
+// once they are forked. A spare that cannot start (no pidfd: Linux before
+// 5.3) leaves Start as it was, a shim of its own per worker. After Close
+// it does nothing.
+func (s *Spawner) Prestart(spec SpareSpec, n int) {
 	s.onThread(func() (int, error) {
-		s.prestartOnThread(pdeathsig, idle, min(n, MaxSpares))
+		s.prestartOnThread(spec, min(n, MaxSpares))
 		return 0, nil
 	})
 }
@@ -66,7 +78,7 @@ func (s *Spawner) SparePids() []int {
 
 // prestartOnThread is Prestart on the forking thread, where every child
 // is forked.
-func (s *Spawner) prestartOnThread(pdeathsig syscall.Signal, idle bool, n int) {
+func (s *Spawner) prestartOnThread(spec SpareSpec, n int) {
 	s.mu.Lock()
 	if s.closed {
 		s.mu.Unlock()
@@ -75,7 +87,7 @@ func (s *Spawner) prestartOnThread(pdeathsig syscall.Signal, idle bool, n int) {
 	var stale []*spare
 	kept := s.spares[:0]
 	for _, sp := range s.spares {
-		if sp.pdeathsig == pdeathsig && !sp.exited() {
+		if sp.spec == spec && !sp.exited() {
 			kept = append(kept, sp)
 		} else {
 			stale = append(stale, sp)
@@ -90,7 +102,7 @@ func (s *Spawner) prestartOnThread(pdeathsig syscall.Signal, idle bool, n int) {
 	}
 	var forked []*spare
 	for range max(missing, 0) {
-		sp := s.forkSpare(pdeathsig, idle)
+		sp := s.forkSpare(spec)
 		if sp == nil {
 			break
 		}
@@ -109,22 +121,22 @@ func (s *Spawner) prestartOnThread(pdeathsig syscall.Signal, idle bool, n int) {
 }
 
 // forkSpare starts one spare, or returns nil.
-func (s *Spawner) forkSpare(pdeathsig syscall.Signal, idle bool) *spare {
+func (s *Spawner) forkSpare(spec SpareSpec) *spare {
 	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
 		return nil
 	}
 	mode := execshim.SpareUsual
-	if idle {
+	if spec.Idle {
 		mode = execshim.SpareIdle
 	}
 	pidfd := -1
 	closed := ^uintptr(0)
 	// Its fds 0 and 1 stay closed and its environment empty: the request
 	// brings the worker's.
-	pid, _, err := syscall.StartProcess(s.self, []string{s.self, ShimArg, execshim.SpareArg, mode}, &syscall.ProcAttr{
+	pid, _, err := syscall.StartProcess(s.self, []string{s.self, ShimArg, execshim.SpareArg, mode, strconv.Itoa(max(spec.FDTable, 0))}, &syscall.ProcAttr{
 		Files: []uintptr{closed, closed, 2, uintptr(fds[1])},
-		Sys:   &syscall.SysProcAttr{Setpgid: true, Pdeathsig: pdeathsig, PidFD: &pidfd},
+		Sys:   &syscall.SysProcAttr{Setpgid: true, Pdeathsig: spec.Pdeathsig, PidFD: &pidfd},
 	})
 	unix.Close(fds[1])
 	if err != nil {
@@ -142,13 +154,13 @@ func (s *Spawner) forkSpare(pdeathsig syscall.Signal, idle bool) *spare {
 		unix.Close(fds[0])
 		return nil
 	}
-	if idle {
+	if spec.Idle {
 		// Its main thread, from which the runtime makes the others (they
 		// inherit it); the spare asks itself too, for any made before.
 		var param [1]int32
 		unix.RawSyscall(unix.SYS_SCHED_SETSCHEDULER, uintptr(pid), unix.SCHED_IDLE, uintptr(unsafe.Pointer(&param[0])))
 	}
-	return &spare{pid: pid, pidfd: pidfd, sock: fds[0], pdeathsig: pdeathsig, idle: idle}
+	return &spare{pid: pid, pidfd: pidfd, sock: fds[0], spec: spec}
 }
 
 func (s *Spawner) publishSparesLocked() {
@@ -205,7 +217,7 @@ func (s *Spawner) startOnSpare(spec Spec) (pid int, ok bool) {
 		if sp == nil {
 			return 0, false
 		}
-		if sp.idle && !spec.Idle {
+		if sp.spec.Idle && !spec.Idle {
 			// Best effort, before it reads the request: it takes the usual
 			// policy back itself once started, but may be starting still,
 			// and under load an idle thread gets next to nothing.
@@ -228,7 +240,7 @@ func (s *Spawner) takeSpare(pdeathsig syscall.Signal) *spare {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	n := len(s.spares)
-	if n == 0 || s.spares[n-1].pdeathsig != pdeathsig {
+	if n == 0 || s.spares[n-1].spec.Pdeathsig != pdeathsig {
 		return nil
 	}
 	sp := s.spares[n-1]

@@ -26,13 +26,14 @@ func TestMain(m *testing.M) {
 }
 
 // reporter prints, one per line, what a command was given: its pid,
-// LISTEN_PID, its scheduling policy (sched(7)) and its open fds
-// (ls -l /proc/PID/fd: the shell's own, not ls's).
-const reporter = `echo pid $$; echo LISTEN_PID $LISTEN_PID; sed -n 's/^policy *: */policy /p' /proc/$$/sched; ls -l /proc/$$/fd | sed -n 's/.* \([0-9]*\) -> \(.*\)/fd \1 \2/p'`
+// LISTEN_PID, its scheduling policy (sched(7)), the slots of its fd table
+// (FDSize, proc(5)) and its open fds (ls -l /proc/PID/fd: the shell's
+// own, not ls's).
+const reporter = `echo pid $$; echo LISTEN_PID $LISTEN_PID; sed -n 's/^policy *: */policy /p' /proc/$$/sched; sed -n 's/^FDSize:[[:space:]]*/fdsize /p' /proc/$$/status; ls -l /proc/$$/fd | sed -n 's/.* \([0-9]*\) -> \(.*\)/fd \1 \2/p'`
 
 type reported struct {
 	pid, listenPid string
-	policy         int
+	policy, fdSize int
 	fds            map[int]string
 }
 
@@ -68,6 +69,8 @@ func run(t *testing.T, s *Spawner, idle bool, env []string, files ...int) (int, 
 			got.listenPid = f[1]
 		case "policy":
 			got.policy, _ = strconv.Atoi(f[1])
+		case "fdsize":
+			got.fdSize, _ = strconv.Atoi(f[1])
 		case "fd":
 			fd, _ := strconv.Atoi(f[1])
 			got.fds[fd] = f[2]
@@ -125,7 +128,7 @@ func TestSpareStartsAsTheShimDoes(t *testing.T) {
 			s := newSpawner(t)
 			var sparePid int
 			if spare {
-				s.Prestart(syscall.SIGTERM, false, 1)
+				s.Prestart(SpareSpec{Pdeathsig: syscall.SIGTERM, FDTable: 1024}, 1)
 				sparePid = waitWaiting(t, s, 1)[0]
 			}
 			pid, got := run(t, s, false, nil, -1, sock, -1, sock)
@@ -159,6 +162,21 @@ func TestSpareStartsAsTheShimDoes(t *testing.T) {
 	}
 }
 
+// A spare grows its fd table to SpareSpec.FDTable before it waits, and
+// the command it becomes has that table (execve(2) keeps it); without, the
+// command has the table a fork leaves, as through a shim.
+func TestSpareGrowsFDTable(t *testing.T) {
+	for _, table := range []int{0, 16384} {
+		s := newSpawner(t)
+		s.Prestart(SpareSpec{Pdeathsig: syscall.SIGTERM, FDTable: table}, 1)
+		waitWaiting(t, s, 1)
+		_, got := run(t, s, false, nil)
+		if table > 0 && got.fdSize < table || table == 0 && got.fdSize >= 1024 {
+			t.Errorf("FDTable %d: the command's FDSize is %d", table, got.fdSize)
+		}
+	}
+}
+
 // A spare started idle waits, once started, with the usual policy; the
 // command it becomes runs under SCHED_IDLE only if asked.
 func TestSpareIdlePolicy(t *testing.T) {
@@ -167,7 +185,7 @@ func TestSpareIdlePolicy(t *testing.T) {
 	}
 	s := newSpawner(t)
 	for _, idle := range []bool{false, true} {
-		s.Prestart(syscall.SIGTERM, true, 1)
+		s.Prestart(SpareSpec{Pdeathsig: syscall.SIGTERM, Idle: true}, 1)
 		pid := waitWaiting(t, s, 1)[0]
 		ents, err := os.ReadDir(fmt.Sprintf("/proc/%d/task", pid))
 		if err != nil {
@@ -194,7 +212,7 @@ func TestSpareIdlePolicy(t *testing.T) {
 // waiting.
 func TestSpareGoneOrTooSmall(t *testing.T) {
 	s := newSpawner(t)
-	s.Prestart(syscall.SIGTERM, false, 1)
+	s.Prestart(SpareSpec{Pdeathsig: syscall.SIGTERM}, 1)
 	dead := waitWaiting(t, s, 1)[0]
 	if err := unix.Kill(dead, unix.SIGKILL); err != nil {
 		t.Fatal(err)
@@ -208,7 +226,7 @@ func TestSpareGoneOrTooSmall(t *testing.T) {
 		t.Errorf("dead spare %d not reaped", dead)
 	}
 
-	s.Prestart(syscall.SIGTERM, false, 1)
+	s.Prestart(SpareSpec{Pdeathsig: syscall.SIGTERM}, 1)
 	spare := waitWaiting(t, s, 1)[0]
 	big := "BIG=" + strings.Repeat("x", 70<<10)
 	pid, got = run(t, s, false, []string{big}, 2)
@@ -223,7 +241,7 @@ func TestSpareGoneOrTooSmall(t *testing.T) {
 // Close ends and reaps the spares; Prestart starts none after it.
 func TestSpareClose(t *testing.T) {
 	s := newSpawner(t)
-	s.Prestart(syscall.SIGTERM, false, 2)
+	s.Prestart(SpareSpec{Pdeathsig: syscall.SIGTERM}, 2)
 	pids := waitWaiting(t, s, 2)
 	s.Close()
 	for _, pid := range pids {
@@ -231,7 +249,7 @@ func TestSpareClose(t *testing.T) {
 			t.Errorf("spare %d still there after Close", pid)
 		}
 	}
-	s.Prestart(syscall.SIGTERM, false, 1)
+	s.Prestart(SpareSpec{Pdeathsig: syscall.SIGTERM}, 1)
 	if p := s.SparePids(); len(p) != 0 {
 		t.Errorf("spares %v started after Close", p)
 	}
@@ -241,13 +259,13 @@ func TestSpareClose(t *testing.T) {
 // Prestart.
 func TestSpareDeadIsReplaced(t *testing.T) {
 	s := newSpawner(t)
-	s.Prestart(syscall.SIGTERM, false, 1)
+	s.Prestart(SpareSpec{Pdeathsig: syscall.SIGTERM}, 1)
 	dead := waitWaiting(t, s, 1)[0]
 	if err := unix.Kill(dead, unix.SIGKILL); err != nil {
 		t.Fatal(err)
 	}
 	waitExited(t, dead)
-	s.Prestart(syscall.SIGTERM, false, 1)
+	s.Prestart(SpareSpec{Pdeathsig: syscall.SIGTERM}, 1)
 	if got := waitWaiting(t, s, 1)[0]; got == dead {
 		t.Fatalf("dead spare %d kept", dead)
 	}

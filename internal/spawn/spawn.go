@@ -182,7 +182,7 @@ func (s *Spawner) Exec(path string, argv, env []string) error {
 		}
 		err := unix.Exec(path, argv, env)
 		if len(had) > 0 {
-			s.prestartOnThread(had[0].pdeathsig, had[0].idle, len(had))
+			s.prestartOnThread(had[0].spec, len(had))
 		}
 		return 0, err
 	})

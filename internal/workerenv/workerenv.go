@@ -32,6 +32,13 @@ const (
 	HandoffFD = "UPGRADER_HANDOFF_FD"
 )
 
+// HandoffFDTable is the fd table, in slots, that a worker's handoff
+// channel reserves as it opens (inherit): room for a handoff of 10,000
+// connections with no growth on its way (128 KiB of kernel memory). The
+// supervisor's spare shims grow theirs to it before they become workers,
+// since execve(2) keeps the table (internal/execshim).
+const HandoffFDTable = 16384
+
 // Node.js's IPC channel (docs/reference/node-ipc.md), as
 // child_process.fork() sets it.
 const (
