@@ -22,9 +22,9 @@ import (
 // the forking thread; a request is sent from the caller's goroutine.
 type spare struct {
 	pid   int
-	pidfd int // CLONE_PIDFD's (clone(2)): signalled and waited for without a pid race
-	sock  int // our end of its socket
-	spec SpareSpec // what it was started with
+	pidfd int       // CLONE_PIDFD's (clone(2)): signalled and waited for without a pid race
+	sock  int       // our end of its socket
+	spec  SpareSpec // what it was started with
 }
 
 // SpareSpec is what spares are started with (Prestart).
