@@ -42,8 +42,10 @@ type env interface {
 	afterFunc(d time.Duration, f func()) stopper
 	// processes reads the process table (nil when there is none to read).
 	processes() (proctree.Table, error)
-	// ownChildren lists the supervisor's own children, zombies included
-	// (proctree.ChildrenOf); an error when that cannot be told cheaply.
+	// ownChildren lists the supervisor's own children, zombies included,
+	// that a worker's tree can leave (proctree.ChildrenOfThreads): the
+	// workers and spares, and the orphans of their trees; an error when
+	// that cannot be told cheaply.
 	ownChildren() ([]int, error)
 	// environ reads a process's initial environment (nil if unreadable);
 	// ownEnviron is the supervisor's own, as os.Environ.
@@ -528,7 +530,16 @@ func (e *osEnv) canUnidle() bool { return spawn.CanUnidle() }
 
 func (e *osEnv) unidle(pid int) error { return spawn.Unidle("/proc", pid) }
 
-func (e *osEnv) ownChildren() ([]int, error) { return proctree.ChildrenOf("/proc", os.Getpid()) }
+// ownChildren reads two of the supervisor's threads: a child's parent is
+// the thread that forked it, and the spawner forks every worker and spare
+// on its thread, while an orphan is reparented to the subreaper's first
+// live thread, its leader (find_new_reaper, kernel/exit.c), which a Go
+// process keeps. Children that other threads fork (an embedding program's
+// own) are not the supervisor's business here.
+func (e *osEnv) ownChildren() ([]int, error) {
+	pid := os.Getpid()
+	return proctree.ChildrenOfThreads("/proc", pid, []int{pid, e.spawner.ForkingThread()})
+}
 
 func (e *osEnv) fdSockets(pid int) (map[string]int, error) { return proctree.Sockets("/proc", pid) }
 

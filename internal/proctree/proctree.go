@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"io/fs"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -100,6 +101,31 @@ func ParseStat(b []byte) (Proc, error) {
 		}
 	}
 	return p, nil
+}
+
+// ChildrenOfThreads returns the children of pid's threads tids, from
+// root/PID/task/TID/children, as ChildrenOf does for every thread: where
+// the caller knows which of its threads can have children, a file or two
+// instead of one per thread. A tid listed twice is read once.
+func ChildrenOfThreads(root string, pid int, tids []int) ([]int, error) {
+	var out []int
+	buf := make([]byte, 0, 128)
+	for i, tid := range tids {
+		if slices.Contains(tids[:i], tid) {
+			continue
+		}
+		b, err := readFile(fmt.Sprintf("%s/%d/task/%d/children", root, pid, tid), buf)
+		if err != nil {
+			return nil, fmt.Errorf("children of %d thread %d: %w", pid, tid, err)
+		}
+		buf = b
+		for _, f := range strings.Fields(string(b)) {
+			if c, err := strconv.Atoi(f); err == nil {
+				out = append(out, c)
+			}
+		}
+	}
+	return out, nil
 }
 
 // ChildrenOf returns the children of pid from root/PID/task/*/children

@@ -7,9 +7,13 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"runtime"
 	"slices"
+	"syscall"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 func TestParseStat(t *testing.T) {
@@ -214,5 +218,33 @@ func TestHoldsFile(t *testing.T) {
 	cmd.Wait()
 	if found, err := HoldsFile(pid, []int{int(gf.Fd())}, 64); err == nil {
 		t.Errorf("HoldsFile of exited pid %d = %v, no error", pid, found)
+	}
+}
+
+// ChildrenOfThreads lists the children of the thread that forked them,
+// once for a thread named twice, and none for a thread that forked none.
+func TestChildrenOfThreads(t *testing.T) {
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	tid := unix.Gettid()
+	// Forked from this thread: its parent, as the children files tell.
+	pid, err := syscall.ForkExec("/bin/sleep", []string{"sleep", "30"}, &syscall.ProcAttr{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		syscall.Kill(pid, syscall.SIGKILL)
+		var ws syscall.WaitStatus
+		syscall.Wait4(pid, &ws, 0, nil)
+	}()
+	kids, err := ChildrenOfThreads("/proc", os.Getpid(), []int{tid, tid})
+	if err != nil || len(kids) != 1 || kids[0] != pid {
+		t.Errorf("ChildrenOfThreads(self, forking thread twice) = %v, %v; want [%d]", kids, err, pid)
+	}
+	if kids, err := ChildrenOfThreads("/proc", pid, []int{pid}); err != nil || len(kids) != 0 {
+		t.Errorf("ChildrenOfThreads(sleep) = %v, %v; want none", kids, err)
+	}
+	if _, err := ChildrenOfThreads("/proc", os.Getpid(), []int{1 << 30}); err == nil {
+		t.Error("ChildrenOfThreads of a thread that is not there: no error")
 	}
 }

@@ -80,6 +80,7 @@ type Spawner struct {
 	spares    []*spare
 	closed    bool
 	sparePids atomic.Value
+	tid       atomic.Int64 // the forking thread's, once ForkingThread asked
 }
 
 type request struct {
@@ -165,6 +166,18 @@ func (s *Spawner) onThread(fn func() (int, error)) (int, error) {
 	s.reqs <- request{fn, reply}
 	r := <-reply
 	return r.pid, r.err
+}
+
+// ForkingThread returns the thread id of the thread that forks every
+// child of s: their parent, as /proc/PID/task/TID/children lists them
+// (proc(5)). Safe from any goroutine.
+func (s *Spawner) ForkingThread() int {
+	if tid := s.tid.Load(); tid != 0 {
+		return int(tid)
+	}
+	tid, _ := s.onThread(func() (int, error) { return unix.Gettid(), nil })
+	s.tid.Store(int64(tid))
+	return tid
 }
 
 // Exec replaces the process image with path (execve(2)) from the thread
