@@ -12,6 +12,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/seed6cb0314a/upgrader/internal/proctree"
 )
 
 func TestMain(m *testing.M) {
@@ -287,5 +289,17 @@ func waitExited(t *testing.T, pid int) {
 			return
 		}
 		time.Sleep(time.Millisecond) // polling interval
+	}
+}
+
+// Every child of a Spawner, a spare's and a shim's command alike, is a
+// child of its ForkingThread, as the children files tell.
+func TestForkingThreadIsTheParent(t *testing.T) {
+	s := newSpawner(t)
+	s.Prestart(SpareSpec{Pdeathsig: syscall.SIGTERM}, 1)
+	spare := waitWaiting(t, s, 1)[0]
+	kids, err := proctree.ChildrenOfThreads("/proc", os.Getpid(), []int{s.ForkingThread()})
+	if err != nil || !slices.Contains(kids, spare) {
+		t.Errorf("children of the forking thread %d: %v, %v; want spare %d among them", s.ForkingThread(), kids, err, spare)
 	}
 }

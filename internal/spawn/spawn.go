@@ -80,7 +80,7 @@ type Spawner struct {
 	spares    []*spare
 	closed    bool
 	sparePids atomic.Value
-	tid       atomic.Int64 // the forking thread's, once ForkingThread asked
+	tid       int // the forking thread's (ForkingThread)
 }
 
 type request struct {
@@ -95,7 +95,10 @@ type result struct {
 
 // MainThread carries forks and execs to the process's main thread
 // (RunOnMainThread).
-type MainThread struct{ reqs chan request }
+type MainThread struct {
+	reqs chan request
+	tid  int
+}
 
 // RunOnMainThread runs run in a goroutine and serves the forks and execs of
 // every Spawner made with its MainThread
@@ -107,7 +110,7 @@ type MainThread struct{ reqs chan request }
 // their parent thread, and their parent-death signal does not fire, in
 // every later image.
 func RunOnMainThread(run func(*MainThread) int) {
-	m := &MainThread{reqs: make(chan request)}
+	m := &MainThread{reqs: make(chan request), tid: unix.Gettid()}
 	done := make(chan int, 1)
 	go func() { done <- run(m) }()
 	for {
@@ -126,16 +129,19 @@ func RunOnMainThread(run func(*MainThread) int) {
 // was replaced.
 func NewSpawner(self string, m *MainThread) *Spawner {
 	if m != nil {
-		return &Spawner{self: self, reqs: m.reqs}
+		return &Spawner{self: self, reqs: m.reqs, tid: m.tid}
 	}
 	s := &Spawner{self: self, reqs: make(chan request)}
-	go s.loop()
+	tid := make(chan int)
+	go s.loop(tid)
+	s.tid = <-tid
 	return s
 }
 
-func (s *Spawner) loop() {
+func (s *Spawner) loop(tid chan<- int) {
 	// Never unlocked: the thread must outlive every child it forks.
 	runtime.LockOSThread()
+	tid <- unix.Gettid()
 	for r := range s.reqs {
 		r.run()
 	}
@@ -171,14 +177,7 @@ func (s *Spawner) onThread(fn func() (int, error)) (int, error) {
 // ForkingThread returns the thread id of the thread that forks every
 // child of s: their parent, as /proc/PID/task/TID/children lists them
 // (proc(5)). Safe from any goroutine.
-func (s *Spawner) ForkingThread() int {
-	if tid := s.tid.Load(); tid != 0 {
-		return int(tid)
-	}
-	tid, _ := s.onThread(func() (int, error) { return unix.Gettid(), nil })
-	s.tid.Store(int64(tid))
-	return tid
-}
+func (s *Spawner) ForkingThread() int { return s.tid }
 
 // Exec replaces the process image with path (execve(2)) from the thread
 // that forked every worker: execve ends every other thread of the process,
