@@ -119,13 +119,19 @@ func ChildrenOfThreads(root string, pid int, tids []int) ([]int, error) {
 			return nil, fmt.Errorf("children of %d thread %d: %w", pid, tid, err)
 		}
 		buf = b
-		for _, f := range strings.Fields(string(b)) {
-			if c, err := strconv.Atoi(f); err == nil {
-				out = append(out, c)
-			}
-		}
+		out = appendPids(out, b)
 	}
 	return out, nil
+}
+
+// appendPids appends the pids of a children file, space-separated.
+func appendPids(out []int, b []byte) []int {
+	for _, f := range strings.Fields(string(b)) {
+		if c, err := strconv.Atoi(f); err == nil {
+			out = append(out, c)
+		}
+	}
+	return out
 }
 
 // ChildrenOf returns the children of pid from root/PID/task/*/children
@@ -149,11 +155,7 @@ func ChildrenOf(root string, pid int) ([]int, error) {
 			return nil, fmt.Errorf("children of %d: %w", pid, err)
 		}
 		buf = b
-		for _, f := range strings.Fields(string(b)) {
-			if c, err := strconv.Atoi(f); err == nil {
-				out = append(out, c)
-			}
-		}
+		out = appendPids(out, b)
 	}
 	return out, nil
 }
