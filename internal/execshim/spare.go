@@ -122,6 +122,8 @@ func runSpare(idle bool, table int) {
 // kernel waits for an RCU grace period only to grow a table that another
 // thread shares, and the Go runtime's threads share this one. The spare's
 // locked thread does all its fd work from then on, and execs with it.
+// It is handoff.ReserveFDTable's dup and close, written again here since
+// the shim's package imports only os and syscall (execshim.go says why).
 func growFDTable(n int) {
 	var rl syscall.Rlimit
 	if syscall.Getrlimit(syscall.RLIMIT_NOFILE, &rl) == nil && uint64(n) > rl.Cur {

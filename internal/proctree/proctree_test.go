@@ -9,6 +9,7 @@ import (
 	"os/exec"
 	"runtime"
 	"slices"
+	"strconv"
 	"syscall"
 	"testing"
 	"time"
@@ -247,4 +248,50 @@ func TestChildrenOfThreads(t *testing.T) {
 	if _, err := ChildrenOfThreads("/proc", os.Getpid(), []int{1 << 30}); err == nil {
 		t.Error("ChildrenOfThreads of a thread that is not there: no error")
 	}
+}
+
+// BenchmarkHoldsFile times the check that a child holds a listener of
+// ours (supervise's holdsListener) both ways, on a child with a dozen
+// fds, the listener at its 10th: kcmp(2) until the match, and the read of
+// its fd table. Both are warm after the first run; the first read of a
+// new process's /proc/PID/fd also makes its dentries.
+//
+//	go test -run '^$' -bench HoldsFile ./internal/proctree
+func BenchmarkHoldsFile(b *testing.B) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer l.Close()
+	f, _ := l.(*net.TCPListener).File()
+	defer f.Close()
+	devnull, err := os.Open(os.DevNull)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer devnull.Close()
+	cmd := exec.Command("sleep", "30")
+	cmd.ExtraFiles = []*os.File{devnull, devnull, devnull, devnull, devnull, devnull, f, devnull, devnull}
+	if err := cmd.Start(); err != nil {
+		b.Fatal(err)
+	}
+	defer func() { cmd.Process.Kill(); cmd.Wait() }()
+	pid, ours := cmd.Process.Pid, []int{int(f.Fd())}
+	st, _ := f.Stat()
+	inode := strconv.FormatUint(st.Sys().(*syscall.Stat_t).Ino, 10)
+	b.Run("kcmp", func(b *testing.B) {
+		for b.Loop() {
+			if found, err := HoldsFile(pid, ours, 64); !found || err != nil {
+				b.Fatalf("HoldsFile: %v, %v", found, err)
+			}
+		}
+	})
+	b.Run("fd-table", func(b *testing.B) {
+		for b.Loop() {
+			socks, err := Sockets("/proc", pid)
+			if _, ok := socks[inode]; !ok || err != nil {
+				b.Fatalf("Sockets: %v, %v", socks, err)
+			}
+		}
+	})
 }

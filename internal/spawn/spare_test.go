@@ -214,12 +214,7 @@ func TestSpareIdlePolicy(t *testing.T) {
 // waiting.
 func TestSpareGoneOrTooSmall(t *testing.T) {
 	s := newSpawner(t)
-	s.Prestart(SpareSpec{Pdeathsig: syscall.SIGTERM}, 1)
-	dead := waitWaiting(t, s, 1)[0]
-	if err := unix.Kill(dead, unix.SIGKILL); err != nil {
-		t.Fatal(err)
-	}
-	waitExited(t, dead) // its end of the socket closed with its last thread
+	dead := killedSpare(t, s)
 	pid, got := run(t, s, false, nil, 2)
 	if pid == dead || got.listenPid != strconv.Itoa(pid) {
 		t.Errorf("command pid %d (LISTEN_PID %s) after spare %d died", pid, got.listenPid, dead)
@@ -261,12 +256,7 @@ func TestSpareClose(t *testing.T) {
 // Prestart.
 func TestSpareDeadIsReplaced(t *testing.T) {
 	s := newSpawner(t)
-	s.Prestart(SpareSpec{Pdeathsig: syscall.SIGTERM}, 1)
-	dead := waitWaiting(t, s, 1)[0]
-	if err := unix.Kill(dead, unix.SIGKILL); err != nil {
-		t.Fatal(err)
-	}
-	waitExited(t, dead)
+	dead := killedSpare(t, s)
 	s.Prestart(SpareSpec{Pdeathsig: syscall.SIGTERM}, 1)
 	if got := waitWaiting(t, s, 1)[0]; got == dead {
 		t.Fatalf("dead spare %d kept", dead)
@@ -274,6 +264,20 @@ func TestSpareDeadIsReplaced(t *testing.T) {
 	if _, err := os.Stat(fmt.Sprintf("/proc/%d", dead)); err == nil {
 		t.Errorf("dead spare %d not reaped", dead)
 	}
+}
+
+// killedSpare starts a spare of s, kills it once it waits, and returns
+// its pid once it has exited, its end of the socket closed with its last
+// thread, and before anything reaps it.
+func killedSpare(t *testing.T, s *Spawner) int {
+	t.Helper()
+	s.Prestart(SpareSpec{Pdeathsig: syscall.SIGTERM}, 1)
+	pid := waitWaiting(t, s, 1)[0]
+	if err := unix.Kill(pid, unix.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	waitExited(t, pid)
+	return pid
 }
 
 // waitExited waits until pid, a child of ours, has exited, its last
