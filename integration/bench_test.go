@@ -17,7 +17,10 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/seed6cb0314a/upgrader/integration/loadgen"
+	"github.com/seed6cb0314a/upgrader/supervise"
 )
 
 // BenchmarkUpgrade measures one upgrade: from the request on the control
@@ -44,35 +47,46 @@ import (
 // on the heels of the last, finds them.
 //
 //	go test -run '^$' -bench 'Upgrade$' -benchtime 50x ./integration
+//
+// The usr2 case is the upgrade an operator's kill -USR2 makes, timed
+// from the signal until the old
+// generation is gone, that is until its worker's exit (its pidfd polls
+// readable, pidfd_open(2)), with no one following the upgrade on the
+// control socket, so no progress events and no count of connections for
+// them; the hold is 0. Its ms-beyond-own-start and
+// ms-beyond-own-start-exit are as above; the narrower figures need the
+// events and are not reported.
 func BenchmarkUpgrade(b *testing.B) {
+	// At the log level upgrader ships with, not the harness's debug: an
+	// upgrade's debug lines are a diagnosis's cost.
+	base := []string{"--log-level", "info", "-l", "127.0.0.1:0"}
 	for _, hold := range []string{"0", "default"} {
 		b.Run("ready-hold="+hold, func(b *testing.B) {
-			// At the log level upgrader ships with, not the harness's
-			// debug: an upgrade's debug lines are a diagnosis's cost.
-			args := []string{"--log-level", "info", "-l", "127.0.0.1:0"}
+			args := base
 			if hold != "default" {
 				args = append(args, "--ready-hold", hold)
 			}
 			benchmarkUpgrade(b, append(args, "--", helloBin)...)
 		})
 	}
+	b.Run("usr2", func(b *testing.B) {
+		benchmarkUpgradeSignal(b, append(base, "--ready-hold", "0", "--", helloBin)...)
+	})
 }
 
 func benchmarkUpgrade(b *testing.B, args ...string) {
 	p := startUpgrader(b, args...)
 	p.waitReady(1)
+	var u upgradeTimes
 	bare := newBareStart(b)
-	var total, startup, afterReady, own, ownExit time.Duration
+	var startup, afterReady time.Duration
 	b.ResetTimer()
 	for i := 0; i < b.N; i++ {
-		b.StopTimer()
-		start, exit := bare.time(b)
-		own, ownExit = own+start, ownExit+exit
-		waitSparesWaiting(b, p)
+		u.before(b, bare, p)
 		b.StartTimer()
 		t0 := time.Now()
 		evs, at := p.upgrade(30 * time.Second)
-		total += time.Since(t0)
+		u.total += time.Since(t0)
 		for j, e := range evs {
 			switch e.Event {
 			case "ready":
@@ -84,15 +98,98 @@ func benchmarkUpgrade(b *testing.B, args ...string) {
 		}
 	}
 	b.StopTimer()
-	b.ReportMetric(float64(total.Microseconds())/float64(b.N)/1000, "ms/upgrade")
-	b.ReportMetric(float64(startup.Microseconds())/float64(b.N)/1000, "ms-worker-startup/op")
-	b.ReportMetric(float64((total-startup).Microseconds())/float64(b.N)/1000, "ms-upgrader/op")
-	b.ReportMetric(float64(afterReady.Microseconds())/float64(b.N)/1000, "ms-ready-to-done/op")
-	b.ReportMetric(float64(own.Microseconds())/float64(b.N)/1000, "ms-worker-own-start/op")
-	b.ReportMetric(float64((total-own).Microseconds())/float64(b.N)/1000, "ms-beyond-own-start/op")
-	b.ReportMetric(float64(ownExit.Microseconds())/float64(b.N)/1000, "ms-worker-own-exit/op")
-	b.ReportMetric(float64((total-own-ownExit).Microseconds())/float64(b.N)/1000, "ms-beyond-own-start-exit/op")
+	b.ReportMetric(perUpgradeMS(b, startup), "ms-worker-startup/op")
+	b.ReportMetric(perUpgradeMS(b, u.total-startup), "ms-upgrader/op")
+	b.ReportMetric(perUpgradeMS(b, afterReady), "ms-ready-to-done/op")
+	u.report(b, p)
+}
+
+func benchmarkUpgradeSignal(b *testing.B, args ...string) {
+	p := startUpgrader(b, args...)
+	p.waitReady(1)
+	var u upgradeTimes
+	bare := newBareStart(b)
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		u.before(b, bare, p)
+		old := theWorker(b, p)
+		pidfd, err := unix.PidfdOpen(old, 0)
+		if err != nil {
+			b.Fatalf("pidfd_open %d: %v", old, err)
+		}
+		b.StartTimer()
+		t0 := time.Now()
+		p.signal(syscall.SIGUSR2)
+		fds := []unix.PollFd{{Fd: int32(pidfd), Events: unix.POLLIN}}
+		for {
+			n, err := unix.Poll(fds, 30_000)
+			if err == unix.EINTR {
+				continue
+			}
+			if err != nil || n == 0 {
+				b.Fatalf("old worker %d not gone 30s after SIGUSR2: %v", old, err)
+			}
+			break
+		}
+		u.total += time.Since(t0)
+		b.StopTimer()
+		unix.Close(pidfd)
+		// Gone because it was replaced, not because it failed: a new
+		// worker, and the upgrade's spare back once the loop is done.
+		waitSparesWaiting(b, p)
+		if w := theWorker(b, p); w == old {
+			b.Fatalf("worker %d still upgrader's after the upgrade", old)
+		}
+	}
+	b.StopTimer()
+	if st := p.status(); len(st.Generations) != 1 || st.Generations[0].N != b.N+1 || st.Generations[0].State != supervise.GenActive {
+		b.Fatalf("after %d upgrades by SIGUSR2: generations %+v", b.N, st.Generations)
+	}
+	u.report(b, p)
+}
+
+// upgradeTimes sums, over a benchmark's upgrades, the timed upgrades
+// (total) and the bare hello's own start and exit measured before each.
+type upgradeTimes struct{ total, own, ownExit time.Duration }
+
+// before times the bare hello, off the timer, and waits for the spares,
+// which leaves the timer stopped.
+func (u *upgradeTimes) before(b *testing.B, bare *bareStart, p *proc) {
+	b.StopTimer()
+	start, exit := bare.time(b)
+	u.own, u.ownExit = u.own+start, u.ownExit+exit
+	waitSparesWaiting(b, p)
+}
+
+// report prints the figures both cases share (BenchmarkUpgrade says
+// which) and upgrader's RSS.
+func (u *upgradeTimes) report(b *testing.B, p *proc) {
+	b.ReportMetric(perUpgradeMS(b, u.total), "ms/upgrade")
+	b.ReportMetric(perUpgradeMS(b, u.own), "ms-worker-own-start/op")
+	b.ReportMetric(perUpgradeMS(b, u.total-u.own), "ms-beyond-own-start/op")
+	b.ReportMetric(perUpgradeMS(b, u.ownExit), "ms-worker-own-exit/op")
+	b.ReportMetric(perUpgradeMS(b, u.total-u.own-u.ownExit), "ms-beyond-own-start-exit/op")
 	b.ReportMetric(float64(rssKiB(b, p.pid)), "KiB-supervisor-RSS")
+}
+
+// perUpgradeMS is d over the benchmark's b.N upgrades, in milliseconds.
+func perUpgradeMS(b *testing.B, d time.Duration) float64 {
+	return float64(d.Microseconds()) / float64(b.N) / 1000
+}
+
+// theWorker is the pid of upgrader's one live worker, by the process
+// table: its child that is neither a spare shim nor a zombie.
+func theWorker(b testing.TB, p *proc) int {
+	var got []int
+	for pid, state := range allChildren(b, p.pid) {
+		if state != "Z" && !isSpare(pid) {
+			got = append(got, pid)
+		}
+	}
+	if len(got) != 1 {
+		b.Fatalf("upgrader %d has workers %v, want one", p.pid, got)
+	}
+	return got[0]
 }
 
 // bareStart times hello's own start and exit, bare: from its fork
