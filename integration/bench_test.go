@@ -48,12 +48,11 @@ import (
 //
 //	go test -run '^$' -bench 'Upgrade$' -benchtime 50x ./integration
 //
-// The usr2 case is the upgrade an operator's kill -USR2 makes, timed
-// from the signal until the old
-// generation is gone, that is until its worker's exit (its pidfd polls
-// readable, pidfd_open(2)), with no one following the upgrade on the
-// control socket, so no progress events and no count of connections for
-// them; the hold is 0. Its ms-beyond-own-start and
+// The usr2 case is the upgrade an operator's kill -USR2 makes, timed from
+// the signal until the old generation is gone, that is until its worker's
+// exit (its pidfd polls readable, pidfd_open(2)), with no one following
+// the upgrade on the control socket, so no progress events and no count
+// of connections for them; the hold is 0. Its ms-beyond-own-start and
 // ms-beyond-own-start-exit are as above; the narrower figures need the
 // events and are not reported.
 func BenchmarkUpgrade(b *testing.B) {
