@@ -3,6 +3,7 @@ package integration
 import (
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"syscall"
@@ -83,4 +84,35 @@ func schedPolicy(t *testing.T, pid, tid string) int {
 	var pol int
 	fmt.Sscan(f[41-3], &pol)
 	return pol
+}
+
+// TestUpgradeKeepsBatchPolicy: under SCHED_BATCH (systemd's
+// CPUSchedulingPolicy=batch), upgrader does not start workers idle, since
+// it could only give them SCHED_OTHER back: every thread of the first
+// generation's worker and of the upgrade's runs under SCHED_BATCH, as
+// upgrader does.
+func TestUpgradeKeepsBatchPolicy(t *testing.T) {
+	dir := t.TempDir()
+	control := filepath.Join(dir, "control.sock")
+	cmd := exec.Command("chrt", "--batch", "0", upgraderBin, "run", "--log-format", "json", "--log-level", "debug",
+		"--control", control, "-l", "127.0.0.1:0", "--ready-hold", "0", "--", helloBin)
+	cmd.Dir = dir
+	p := startProc(t, cmd, control)
+	for gen := 1; gen <= 2; gen++ {
+		if gen == 2 {
+			p.signal(syscall.SIGUSR2)
+		}
+		p.waitReady(gen)
+		for _, pid := range append([]int{p.pid}, p.workerPids(gen)...) {
+			tasks, err := os.ReadDir(fmt.Sprintf("/proc/%d/task", pid))
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, task := range tasks {
+				if pol := schedPolicy(t, fmt.Sprint(pid), task.Name()); pol != 3 { // SCHED_BATCH
+					t.Errorf("generation %d: pid %d thread %s under policy %d, want 3 (SCHED_BATCH)", gen, pid, task.Name(), pol)
+				}
+			}
+		}
+	}
 }

@@ -162,7 +162,8 @@ type Config struct {
 	// only CPU that the serving generation leaves idle and does not show
 	// in its requests' latency. Under full load a start then waits for
 	// idle CPU, for those 500 ms at most. It needs CAP_SYS_NICE or an
-	// RLIMIT_NICE of 20 to undo (spawn.CanUnidle); without, New turns it
+	// RLIMIT_NICE of 20 to undo, and a supervisor under SCHED_OTHER, the
+	// policy it gives back (spawn.CanStartIdle); without, New turns it
 	// off and logs why. The first generation and the replacement of a
 	// crashed worker start as usual.
 	StartIdle bool

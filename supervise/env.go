@@ -62,10 +62,11 @@ type env interface {
 	prestart(spec spawn.SpareSpec, n int)
 	spares() []int
 	closeSpares()
-	// canUnidle tells whether unidle can work (spawn.CanUnidle); unidle
-	// gives pid's threads, and its descendants', the usual policy back
-	// from SCHED_IDLE (spawn.Unidle).
-	canUnidle() bool
+	// canStartIdle says why workers may not start under SCHED_IDLE, nil
+	// when they may (spawn.CanStartIdle); unidle gives pid's threads, and
+	// its descendants', the usual policy back from SCHED_IDLE
+	// (spawn.Unidle).
+	canStartIdle() error
 	unidle(pid int) error
 	// kill sends sig to pid (a negative pid: its process group), kill(2).
 	kill(pid int, sig syscall.Signal) error
@@ -526,7 +527,7 @@ func (e *osEnv) kill(pid int, sig syscall.Signal) error {
 
 func (e *osEnv) processes() (proctree.Table, error) { return proctree.Read("/proc") }
 
-func (e *osEnv) canUnidle() bool { return spawn.CanUnidle() }
+func (e *osEnv) canStartIdle() error { return spawn.CanStartIdle() }
 
 func (e *osEnv) unidle(pid int) error { return spawn.Unidle("/proc", pid) }
 

@@ -199,9 +199,11 @@ func newSupervisor(cfg Config, e env) (*Supervisor, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	if cfg.StartIdle && !e.canUnidle() {
-		cfg.StartIdle = false
-		log.Info("new generations start at the usual CPU priority: returning a worker from SCHED_IDLE needs CAP_SYS_NICE or RLIMIT_NICE 20")
+	if cfg.StartIdle {
+		if err := e.canStartIdle(); err != nil {
+			cfg.StartIdle = false
+			log.Info("new generations start as the first one does, not under SCHED_IDLE", slog.String("reason", err.Error()))
+		}
 	}
 	s := &Supervisor{
 		cfg:          cfg,

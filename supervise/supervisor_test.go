@@ -83,7 +83,7 @@ func (f *fakeEnv) processes() (proctree.Table, error) {
 func (f *fakeEnv) ownChildren() ([]int, error) {
 	return nil, errors.New("no children files in the fake env")
 }
-func (f *fakeEnv) canUnidle() bool { return true }
+func (f *fakeEnv) canStartIdle() error { return nil }
 
 func (f *fakeEnv) prestart(spawn.SpareSpec, int) {}
 

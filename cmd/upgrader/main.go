@@ -174,7 +174,7 @@ func parseRunFlags(args []string) (runFlags, error) {
 	fs.IntVar(&f.maxDraining, "max-draining", d.MaxDraining, fmt.Sprintf("generations that may drain at once; beyond it the oldest is sent --drain-signal again to close what is idle, and killed %s later if still running", d.HurryGrace))
 	fs.BoolVar(&f.perGen, "listener-per-generation", d.ListenerPerGeneration, "give each generation its own socket for each TCP --listen (SO_REUSEPORT), steer new connections to the newest ready one, and drain the old one once its queue is empty (false: one socket shared by every generation)")
 	fs.DurationVar(&f.steerGrace, "steer-grace", d.SteerGrace, "with --listener-per-generation, how long a replaced generation's accept queue of a server that takes no handoffs must stay empty before it is asked to drain")
-	fs.BoolVar(&f.startIdle, "start-idle", d.StartIdle, "start an upgrade's workers under SCHED_IDLE until they are ready, so that their start-up takes only CPU the serving generation leaves idle (needs CAP_SYS_NICE to undo; off without)")
+	fs.BoolVar(&f.startIdle, "start-idle", d.StartIdle, "start an upgrade's workers under SCHED_IDLE until they are ready, so that their start-up takes only CPU the serving generation leaves idle (needs CAP_SYS_NICE to undo, and upgrader under SCHED_OTHER, the policy given back; off otherwise)")
 	fs.BoolVar(&f.noHandoff, "no-handoff", d.NoHandoff, "do not offer live-connection handoff (UPGRADER_HANDOFF_FD) to workers")
 	fs.StringVar(&f.ipc, "ipc", string(d.IPC), "also give workers this `CHANNEL`: node (Node.js's IPC channel at NODE_CHANNEL_FD: ready and handoffs with process.send)")
 	fs.StringVar(&f.logFormat, "log-format", "console", "log format: console or json")

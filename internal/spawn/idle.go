@@ -18,6 +18,47 @@ import (
 // its start does not show in the latency of the requests being served. At
 // its READY=1 the supervisor gives it the usual policy back (Unidle).
 
+// CanStartIdle tells whether the workers this process starts may start
+// under SCHED_IDLE: nil when the calling thread is under SCHED_OTHER and
+// CanUnidle, otherwise why not. Unidle, and a spare shim that waits, give
+// SCHED_OTHER back, which is the policy a worker would otherwise inherit
+// only when this process has it: under SCHED_BATCH, SCHED_FIFO, SCHED_RR
+// or SCHED_DEADLINE (sched(7); systemd.exec(5) CPUSchedulingPolicy=) an
+// idle start would leave the upgraded workers under another policy than
+// the first generation's, so they start as it did.
+func CanStartIdle() error {
+	attr, err := unix.SchedGetAttr(0, 0)
+	if err != nil {
+		return fmt.Errorf("sched_getattr: %w", err)
+	}
+	if attr.Policy != unix.SCHED_NORMAL {
+		return fmt.Errorf("this process runs under %s, not SCHED_OTHER, and its workers inherit it", policyName(attr.Policy))
+	}
+	if !CanUnidle() {
+		return errors.New("returning a worker from SCHED_IDLE needs CAP_SYS_NICE or RLIMIT_NICE 20")
+	}
+	return nil
+}
+
+// policyName is a policy's name in <linux/sched.h>.
+func policyName(p uint32) string {
+	switch p {
+	case unix.SCHED_NORMAL:
+		return "SCHED_OTHER"
+	case unix.SCHED_FIFO:
+		return "SCHED_FIFO"
+	case unix.SCHED_RR:
+		return "SCHED_RR"
+	case unix.SCHED_BATCH:
+		return "SCHED_BATCH"
+	case unix.SCHED_IDLE:
+		return "SCHED_IDLE"
+	case unix.SCHED_DEADLINE:
+		return "SCHED_DEADLINE"
+	}
+	return fmt.Sprintf("policy %d", p)
+}
+
 // CanUnidle tells whether this process may move a thread of its own user
 // out of SCHED_IDLE: sched(7) allows that only with CAP_SYS_NICE or an
 // RLIMIT_NICE that permits nice 0 (20 or more), since SCHED_IDLE counts as

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"runtime"
 	"strconv"
 	"strings"
 	"testing"
@@ -93,5 +94,44 @@ func TestUnidleThreadsStartedMeanwhile(t *testing.T) {
 	}
 	if len(ents) < 401 || len(idle) > 0 {
 		t.Fatalf("after Unidle, %d of %d threads still idle: %s", len(idle), len(ents), strings.Join(idle[:min(len(idle), 10)], " "))
+	}
+}
+
+// Workers start idle only from a supervisor under SCHED_OTHER, the policy
+// they are given back: from one under SCHED_BATCH they would come back
+// under another policy than the first generation's.
+func TestCanStartIdlePolicy(t *testing.T) {
+	if !CanUnidle() {
+		t.Fatal("needs CAP_SYS_NICE or an RLIMIT_NICE of 20 (run as root, as .ci/run does)")
+	}
+	// other, batch: CanStartIdle under each; setup: setting SCHED_BATCH.
+	var other, batch, setup error
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		// Never unlocked: the thread, whose policy this changes, ends
+		// with the goroutine.
+		runtime.LockOSThread()
+		other = CanStartIdle()
+		attr, err := unix.SchedGetAttr(0, 0)
+		if err == nil {
+			attr.Policy = unix.SCHED_BATCH
+			err = unix.SchedSetAttr(0, attr, 0)
+		}
+		if err != nil {
+			setup = err
+			return
+		}
+		batch = CanStartIdle()
+	}()
+	<-done
+	if setup != nil {
+		t.Fatalf("setting SCHED_BATCH: %v", setup)
+	}
+	if other != nil {
+		t.Errorf("under SCHED_OTHER: %v", other)
+	}
+	if batch == nil || !strings.Contains(batch.Error(), "SCHED_BATCH") {
+		t.Errorf("under SCHED_BATCH: %v, want an error that names it", batch)
 	}
 }
