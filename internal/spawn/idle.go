@@ -40,11 +40,10 @@ func CanStartIdle() error {
 	return nil
 }
 
-// policyName is a policy's name in <linux/sched.h>.
+// policyName is the name in <linux/sched.h> of a policy other than
+// SCHED_OTHER.
 func policyName(p uint32) string {
 	switch p {
-	case unix.SCHED_NORMAL:
-		return "SCHED_OTHER"
 	case unix.SCHED_FIFO:
 		return "SCHED_FIFO"
 	case unix.SCHED_RR:
